@@ -1,0 +1,174 @@
+"""Communicators: how flat buffers are averaged within a level's groups.
+
+Both runtimes speak the same interface. A call passes one flat buffer per worker held by this
+process: one under torch.distributed (``DistCommunicator``), K in the in-process simulator
+(``SimCommunicator``). Everything above this module is the same code in both runtimes.
+"""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+
+from localsgd.schedule import Level
+
+Wait = Callable[[], None]
+
+
+def _check_blocks(workers: int, workers_per_block: int | None) -> None:
+    if workers_per_block is None:
+        return
+    if isinstance(workers_per_block, bool) or not isinstance(workers_per_block, int) or workers_per_block < 1:
+        raise ValueError(f"workers_per_block (K') must be an integer >= 1, got {workers_per_block!r}")
+    if workers % workers_per_block:
+        raise ValueError(
+            f"workers_per_block (K') = {workers_per_block} must divide the number of workers K = {workers}"
+        )
+
+
+class Communicator(ABC):
+    """Averages per-worker flat buffers within the groups of a level.
+
+    Attributes:
+        workers: K, the number of workers in all.
+        workers_per_block: K', the workers per block (``None`` if there is no block level).
+        local_workers: global indices of the workers this process holds, in order.
+    """
+
+    workers: int
+    workers_per_block: int | None
+    local_workers: list[int]
+
+    def group_size(self, level: Level) -> int:
+        if level is Level.GLOBAL:
+            return self.workers
+        if self.workers_per_block is None:
+            raise ValueError(
+                "the schedule has a block level (block_steps, H_b) but no block size is known: "
+                "pass workers_per_block (K') or run under torchrun, which sets LOCAL_WORLD_SIZE"
+            )
+        return self.workers_per_block
+
+    @abstractmethod
+    def all_reduce_mean_(self, level: Level, flats: list[torch.Tensor]) -> Wait:
+        """Start replacing each worker's buffer by the mean over its group; the result is ready
+        once the returned function has been called."""
+
+    @abstractmethod
+    def broadcast_(self, flats: list[torch.Tensor]) -> Wait:
+        """Start copying worker 0's buffer into every worker's buffer."""
+
+    @abstractmethod
+    def all_gather_bytes(self, data: list[bytes]) -> list[bytes]:
+        """Every worker's bytes, in worker order (used for cross-worker checks, not training)."""
+
+
+class SimCommunicator(Communicator):
+    """K workers inside one process: a level's mean is a mean over rows of a stacked buffer."""
+
+    def __init__(self, workers: int, workers_per_block: int | None = None) -> None:
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+            raise ValueError(f"workers (K) must be an integer >= 1, got {workers!r}")
+        _check_blocks(workers, workers_per_block)
+        self.workers = workers
+        self.workers_per_block = workers_per_block
+        self.local_workers = list(range(workers))
+
+    def all_reduce_mean_(self, level: Level, flats: list[torch.Tensor]) -> Wait:
+        n = self.group_size(level)
+        if n > 1:
+            stacked = torch.stack(flats)
+            means = stacked.view(self.workers // n, n, -1).sum(1).div_(n)
+            for k, flat in enumerate(flats):
+                flat.copy_(means[k // n])
+        return _done
+
+    def broadcast_(self, flats: list[torch.Tensor]) -> Wait:
+        for flat in flats[1:]:
+            flat.copy_(flats[0])
+        return _done
+
+    def all_gather_bytes(self, data: list[bytes]) -> list[bytes]:
+        return list(data)
+
+
+def _done() -> None:
+    return None
+
+
+class DistCommunicator(Communicator):
+    """One worker per process over torch.distributed (gloo on CPU, NCCL on GPU).
+
+    Args:
+        group: the process group of all K workers (default: the whole world).
+        workers_per_block: K'. Blocks are consecutive ranks of ``group``. Default: torchrun's
+            ``LOCAL_WORLD_SIZE`` (the workers of one node), if set.
+    """
+
+    def __init__(self, group: dist.ProcessGroup | None = None, workers_per_block: int | None = None) -> None:
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError(
+                "torch.distributed is not initialized: call dist.init_process_group() first "
+                "(or use localsgd.Simulator to run K workers in one process)"
+            )
+        self.group = group if group is not None else dist.group.WORLD
+        self.workers = dist.get_world_size(self.group)
+        self.rank = dist.get_rank(self.group)
+        self.local_workers = [self.rank]
+        if workers_per_block is None and "LOCAL_WORLD_SIZE" in os.environ:
+            workers_per_block = int(os.environ["LOCAL_WORLD_SIZE"])
+        _check_blocks(self.workers, workers_per_block)
+        self.workers_per_block = workers_per_block
+        self._block_group: dist.ProcessGroup | None = None
+
+    def process_group(self, level: Level) -> dist.ProcessGroup:
+        if level is Level.GLOBAL:
+            return self.group
+        if self._block_group is None:
+            n = self.group_size(level)
+            ranks = dist.get_process_group_ranks(self.group)
+            blocks = [ranks[i : i + n] for i in range(0, self.workers, n)]
+            # Every rank must create every subgroup, in the same order.
+            self._block_group, _ = dist.new_subgroups_by_enumeration(blocks)
+        return self._block_group
+
+    def all_reduce_mean_(self, level: Level, flats: list[torch.Tensor]) -> Wait:
+        (flat,) = flats
+        n = self.group_size(level)
+        if n == 1:
+            return _done
+        work = dist.all_reduce(flat, group=self.process_group(level), async_op=True)
+
+        def wait() -> None:
+            work.wait()
+            flat.div_(n)
+
+        return wait
+
+    def broadcast_(self, flats: list[torch.Tensor]) -> Wait:
+        (flat,) = flats
+        if self.workers == 1:
+            return _done
+        src = dist.get_global_rank(self.group, 0)
+        work = dist.broadcast(flat, src=src, group=self.group, async_op=True)
+        return work.wait
+
+    def all_gather_bytes(self, data: list[bytes]) -> list[bytes]:
+        (mine,) = data
+        nccl = dist.get_backend(self.group) == "nccl"
+        device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+        length = torch.tensor([len(mine)], dtype=torch.int64, device=device)
+        lengths = [torch.zeros_like(length) for _ in range(self.workers)]
+        dist.all_gather(lengths, length, group=self.group)
+        size = int(max(x.item() for x in lengths))
+        buf = torch.zeros(size, dtype=torch.uint8)
+        if mine:
+            buf[: len(mine)] = torch.frombuffer(bytearray(mine), dtype=torch.uint8)
+        buf = buf.to(device)
+        bufs = [torch.empty_like(buf) for _ in range(self.workers)]
+        dist.all_gather(bufs, buf, group=self.group)
+        return [b[: int(n.item())].cpu().numpy().tobytes() for b, n in zip(bufs, lengths, strict=True)]

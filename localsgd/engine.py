@@ -1,0 +1,269 @@
+"""The step logic shared by both runtimes: asks the schedule what step ``t`` communicates, then
+averages gradients (before the optimizer step) or the model (after it) through the averager.
+
+``LocalSGD`` (one worker per process) and ``Simulator`` (K workers in one process) are thin
+subclasses; they differ only in how many (model, optimizer) pairs they hold and in their
+communicator.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from localsgd.averaging import DEFAULT_BUCKET_BYTES, FlatAverager
+from localsgd.checks import check_workers, describe
+from localsgd.comm import Communicator, DistCommunicator
+from localsgd.schedule import Level, Schedule
+
+BUFFER_POLICIES = ("local", "average")
+OPTIMIZER_STATE_POLICIES = ("local", "average", "reset")
+
+
+@dataclass
+class CommStats:
+    """Communication at one level: averaging rounds, payload bytes per worker, seconds spent."""
+
+    rounds: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+
+
+def _check_choice(name: str, value: object, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+
+
+class Engine:
+    """Drives K' local workers (1 under torch.distributed, K in the simulator) through a schedule.
+
+    Args:
+        models: the workers' models held by this process (``DistributedDataParallel`` allowed).
+        optimizers: one optimizer per model, over (a subset of) that model's parameters.
+        comm: averages flat buffers between workers.
+        schedule: when to communicate.
+        buffers: floating-point buffers (BatchNorm statistics) at averaging rounds: ``"local"``
+            keeps each worker's own (the paper), ``"average"`` averages them. Integer buffers
+            (``num_batches_tracked``) are never averaged.
+        optimizer_state: at parameter averages, ``"local"`` keeps each worker's optimizer state
+            (the paper), ``"average"`` averages its floating tensors (e.g. momentum), ``"reset"``
+            clears it.
+        bucket_bytes: largest flat buffer per collective.
+        sync_initial: copy worker 0's parameters and buffers to all workers at construction.
+    """
+
+    def __init__(
+        self,
+        models: Sequence[nn.Module],
+        optimizers: Sequence[torch.optim.Optimizer],
+        comm: Communicator,
+        schedule: Schedule,
+        *,
+        buffers: str = "local",
+        optimizer_state: str = "local",
+        bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+        sync_initial: bool = True,
+    ) -> None:
+        if not isinstance(schedule, Schedule):
+            raise TypeError(f"schedule must be a localsgd.Schedule, got {type(schedule).__name__}")
+        _check_choice("buffers", buffers, BUFFER_POLICIES)
+        _check_choice("optimizer_state", optimizer_state, OPTIMIZER_STATE_POLICIES)
+        self.schedule = schedule
+        self.comm = comm
+        self.buffers = buffers
+        self.optimizer_state = optimizer_state
+        self._ddp = [m if isinstance(m, DistributedDataParallel) else None for m in models]
+        self.models = [m.module if isinstance(m, DistributedDataParallel) else m for m in models]
+        self.optimizers = list(optimizers)
+        for model, opt in zip(self.models, self.optimizers, strict=True):
+            owned = {id(p) for p in model.parameters()}
+            for group in opt.param_groups:
+                for p in group["params"]:
+                    if id(p) not in owned:
+                        raise ValueError(
+                            f"the optimizer holds a parameter of shape {tuple(p.shape)} that is not "
+                            "a parameter of the model; pass the model whose parameters it optimizes"
+                        )
+        for level in schedule.levels():
+            comm.group_size(level)  # raises if the block size K' is unknown
+        self._ddp_group_matches = [self._check_ddp(d) for d in self._ddp]
+        self._averager = FlatAverager(comm, bucket_bytes)
+        self.t = 0
+        self.stats = {level.value: CommStats() for level in schedule.levels()}
+        check_workers(
+            comm, [describe(m, self._settings(o)) for m, o in zip(self.models, self.optimizers, strict=True)]
+        )
+        if isinstance(comm, DistCommunicator):
+            for level in schedule.levels():
+                comm.process_group(level)  # create the block groups now, on every rank together
+        if sync_initial:
+            self._averager.broadcast_([[*m.parameters(), *m.buffers()] for m in self.models])
+        self._arm_ddp()
+
+    # --- configuration -----------------------------------------------------------------------
+
+    def _settings(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        return {
+            "schedule": self.schedule.to_dict(),
+            "workers": self.comm.workers,
+            "workers_per_block": self.comm.workers_per_block,
+            "buffers": self.buffers,
+            "optimizer_state": self.optimizer_state,
+            "bucket_bytes": self._averager.bucket_bytes,
+            "optimizer": type(optimizer).__name__,
+            "param_groups": [len(g["params"]) for g in optimizer.param_groups],
+        }
+
+    def _check_ddp(self, ddp: DistributedDataParallel | None) -> bool:
+        if ddp is None:
+            return False
+        if not isinstance(self.comm, DistCommunicator):
+            raise ValueError("DistributedDataParallel models need torch.distributed, not the simulator")
+        if ddp.broadcast_buffers and self.buffers == "local":
+            raise ValueError(
+                "DistributedDataParallel(broadcast_buffers=True) overwrites every worker's buffers "
+                "(BatchNorm statistics) with rank 0's at each forward, which contradicts "
+                "buffers='local'; construct it with broadcast_buffers=False"
+            )
+        ranks = dist.get_process_group_ranks
+        return ranks(ddp.process_group) == ranks(self.comm.group)
+
+    def _ddp_syncs(self, level: Level | None) -> bool:
+        """Whether DistributedDataParallel's own gradient all-reduce does this level's averaging."""
+        return level is Level.GLOBAL and all(self._ddp_group_matches) and self._ddp[0] is not None
+
+    def _arm_ddp(self) -> None:
+        """Switch DDP's gradient sync on for the next step only if it should average gradients."""
+        on = self._ddp_syncs(self.schedule.sync_at(self.t).gradients)
+        for ddp in self._ddp:
+            if ddp is not None:
+                ddp.require_backward_grad_sync = on
+
+    # --- the step ----------------------------------------------------------------------------
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One optimizer step of every local worker, with the communication the schedule names.
+
+        A ``closure`` is evaluated once, before gradients are averaged (optimizers that evaluate
+        the closure several times per step, like LBFGS, are not supported).
+        """
+        sync = self.schedule.sync_at(self.t)
+        loss = None
+        if closure is not None:
+            if len(self.optimizers) != 1:
+                raise ValueError("a closure needs a single worker; the simulator holds several")
+            with torch.enable_grad():
+                loss = closure()
+        if sync.gradients is not None:
+            self._average_gradients(sync.gradients)
+        for opt in self.optimizers:
+            opt.step()
+        self.t += 1
+        if sync.parameters is not None:
+            self._average_model(sync.parameters)
+        self._arm_ddp()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def average_now(self, level: Level | str = Level.GLOBAL) -> None:
+        """Average the models now (e.g. before evaluation or saving), with the same policies."""
+        self._average_model(Level(level))
+
+    def _float_buffers(self, model: nn.Module) -> list[torch.Tensor]:
+        if self.buffers == "local":
+            return []
+        return [b for b in model.buffers() if b.is_floating_point()]
+
+    def _timed(self, level: Level, fn: Callable[[], int]) -> None:
+        if self.comm.group_size(level) == 1:
+            return  # a lone worker has nothing to average
+        start = time.perf_counter()
+        nbytes = fn()
+        stats = self.stats[level.value]
+        stats.seconds += time.perf_counter() - start
+        stats.bytes += nbytes
+        stats.rounds += 1
+
+    def _average_gradients(self, level: Level) -> None:
+        ddp_syncs = self._ddp_syncs(level)
+        per_worker, filled = [], []
+        for model in self.models:
+            tensors = self._float_buffers(model)
+            params = [p for p in model.parameters() if p.requires_grad]
+            if params and not ddp_syncs:
+                grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+                # One flag per parameter: after averaging it is > 0 iff some worker had a gradient.
+                used = torch.tensor([p.grad is not None for p in params], dtype=torch.float32)
+                used = used.to(params[0].device)
+                filled.append((params, grads, used))
+                tensors = [*grads, used, *tensors]
+            per_worker.append(tensors)
+
+        def run() -> int:
+            nbytes = self._averager.average_(level, per_worker)
+            if ddp_syncs:  # DDP averaged the gradients inside backward(); count its payload too
+                params = self.models[0].parameters()
+                nbytes += sum(p.numel() * p.element_size() for p in params if p.requires_grad)
+            for params, grads, used in filled:
+                for p, g, u in zip(params, grads, used.tolist(), strict=True):
+                    p.grad = g if u > 0 else None
+            return nbytes
+
+        self._timed(level, run)
+
+    def _optimizer_tensors(self, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+        if self.optimizer_state != "average":
+            return []
+        tensors = []
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                state = optimizer.state.get(p, {})
+                for key in sorted(state):
+                    value = state[key]
+                    if key != "step" and torch.is_tensor(value) and value.is_floating_point():
+                        tensors.append(value)
+        return tensors
+
+    def _average_model(self, level: Level) -> None:
+        per_worker = [
+            [*m.parameters(), *self._float_buffers(m), *self._optimizer_tensors(o)]
+            for m, o in zip(self.models, self.optimizers, strict=True)
+        ]
+        self._timed(level, lambda: self._averager.average_(level, per_worker))
+        if self.optimizer_state == "reset":
+            for opt in self.optimizers:
+                opt.state.clear()
+
+    # --- state -------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Step, schedule, policies and counters (subclasses add optimizer and model state)."""
+        return {
+            "t": self.t,
+            "schedule": self.schedule.to_dict(),
+            "buffers": self.buffers,
+            "optimizer_state": self.optimizer_state,
+            "stats": {level: asdict(s) for level, s in self.stats.items()},
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        for key in ("schedule", "buffers", "optimizer_state"):
+            mine = self.schedule.to_dict() if key == "schedule" else getattr(self, key)
+            if state_dict[key] != mine:
+                raise ValueError(
+                    f"the checkpoint was written with {key}={state_dict[key]!r}, "
+                    f"but this run has {key}={mine!r}"
+                )
+        self.t = int(state_dict["t"])
+        self.stats = {level: CommStats(**s) for level, s in state_dict["stats"].items()}
+        self._arm_ddp()

@@ -1,0 +1,113 @@
+"""``LocalSGD``: the optimizer wrapper a user puts into their own training loop (one worker per
+process, under torchrun)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from localsgd.averaging import DEFAULT_BUCKET_BYTES
+from localsgd.comm import Communicator, DistCommunicator, SimCommunicator
+from localsgd.engine import Engine
+from localsgd.schedule import Schedule
+
+
+def default_communicator(workers_per_block: int | None = None) -> Communicator:
+    """torch.distributed's world if it is initialized; a lone worker (K = 1) if this process was
+    not started as one of several workers."""
+    if dist.is_available() and dist.is_initialized():
+        return DistCommunicator(workers_per_block=workers_per_block)
+    world = os.environ.get("WORLD_SIZE", "1")
+    if world != "1":
+        raise RuntimeError(
+            f"WORLD_SIZE={world}: this process is one of several workers, but torch.distributed "
+            "is not initialized; call torch.distributed.init_process_group() before LocalSGD"
+        )
+    return SimCommunicator(1, workers_per_block)
+
+
+class LocalSGD(Engine, torch.optim.Optimizer):
+    """Local SGD around any optimizer: call it exactly like the optimizer it wraps.
+
+    >>> opt = LocalSGD(torch.optim.SGD(model.parameters(), lr=0.1), model, Schedule.local(16))
+    >>> loss_fn(model(x), y).backward(); opt.step(); opt.zero_grad()
+
+    It shares ``param_groups`` and ``state`` with the wrapped optimizer, so learning-rate
+    schedulers and ``GradScaler`` can be given the wrapper. See ``Engine`` for the policies.
+
+    Args:
+        optimizer: the local optimizer of this worker.
+        model: this worker's model (plain or ``DistributedDataParallel``); all of its parameters
+            are averaged, whether or not they have a gradient.
+        schedule: when to average (``Schedule.local``, ``.post_local``, ``.hierarchical``).
+        comm: default: all ranks of torch.distributed's world, or a single worker if there is none.
+        workers_per_block: K' for hierarchical schedules (default: torchrun's LOCAL_WORLD_SIZE).
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        model: nn.Module,
+        schedule: Schedule,
+        *,
+        comm: Communicator | None = None,
+        workers_per_block: int | None = None,
+        buffers: str = "local",
+        optimizer_state: str = "local",
+        bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+        sync_initial: bool = True,
+    ) -> None:
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if comm is None:
+            comm = default_communicator(workers_per_block)
+        elif workers_per_block is not None:
+            raise ValueError("pass workers_per_block to the communicator, not next to it")
+        if len(comm.local_workers) != 1:
+            raise ValueError("LocalSGD holds one worker; use localsgd.Simulator for K in one process")
+        self.optimizer = optimizer
+        # The torch.optim.Optimizer interface, shared with the wrapped optimizer (no copy).
+        self.defaults = optimizer.defaults
+        self.param_groups = optimizer.param_groups
+        self._optimizer_step_pre_hooks: dict = {}
+        self._optimizer_step_post_hooks: dict = {}
+        self._optimizer_state_dict_pre_hooks: dict = {}
+        self._optimizer_state_dict_post_hooks: dict = {}
+        self._optimizer_load_state_dict_pre_hooks: dict = {}
+        self._optimizer_load_state_dict_post_hooks: dict = {}
+        Engine.__init__(
+            self,
+            [model],
+            [optimizer],
+            comm,
+            schedule,
+            buffers=buffers,
+            optimizer_state=optimizer_state,
+            bucket_bytes=bucket_bytes,
+            sync_initial=sync_initial,
+        )
+
+    @property
+    def state(self) -> Any:  # type: ignore[override]
+        return self.optimizer.state
+
+    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+        return Engine.step(self, closure)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+        """The wrapped optimizer's state and the wrapper's own (step, schedule, policies, counters)."""
+        return {**Engine.state_dict(self), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+        Engine.load_state_dict(self, state_dict)
+        self.optimizer.load_state_dict(state_dict["optimizer"])
+
+    def __repr__(self) -> str:
+        return f"LocalSGD({self.schedule}, K={self.comm.workers}, t={self.t}, {self.optimizer!r})"

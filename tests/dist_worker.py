@@ -1,0 +1,173 @@
+"""One worker of a multi-process test, started by torchrun (see helpers.torchrun).
+
+Usage: dist_worker.py SCENARIO OUT_DIR [ARGS...]; each rank writes OUT_DIR/rank{r}.pt.
+"""
+
+from __future__ import annotations
+
+import io
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn import functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+from localsgd import LocalSGD, Schedule
+from tests.helpers import Toy, batch, mlp, sgd
+
+SCHEDULES = {
+    "local": (Schedule.local(3), None),
+    "post_local": (Schedule.post_local(3, switch_step=4), None),
+    "hierarchical": (Schedule.hierarchical(2, 2, switch_step=1), 2),
+    "sim_local": (Schedule.local(3), None),
+    "sim_post_local": (Schedule.post_local(3, switch_step=2), None),
+}
+
+
+def rank_values(rank: int, name: str, buffers: str) -> dict:
+    """Rank-valued parameters; SGD(lr=1) adds rank+1 per step. Records every step's values."""
+    schedule, block = SCHEDULES[name]
+    model = Toy(float(rank))
+    opt = LocalSGD(
+        torch.optim.SGD(model.parameters(), lr=1.0),
+        model,
+        schedule,
+        workers_per_block=block,
+        buffers=buffers,
+        sync_initial=False,
+        bucket_bytes=16,  # several buckets and dtypes
+    )
+    rows = []
+    for _ in range(12):
+        model.local_update(rank)
+        opt.step()
+        rows.append(model.values())
+    return {"values": torch.stack(rows), "stats": {k: v.rounds for k, v in opt.stats.items()}}
+
+
+def train(rank: int, schedule: Schedule, steps: int, ddp: bool = False) -> tuple[nn.Module, LocalSGD, list]:
+    model = mlp(seed=1)
+    net: nn.Module = DistributedDataParallel(model, broadcast_buffers=False) if ddp else model
+    opt = LocalSGD(sgd(model), net, schedule)
+    trajectory = []
+    for t in range(steps):
+        x, y = batch(seed=2, worker=rank, t=t)
+        opt.zero_grad()
+        F.cross_entropy(net(x), y).backward()
+        opt.step()
+        trajectory.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    return model, opt, trajectory
+
+
+def count_all_reduce() -> list[int]:
+    """Count Python-level all_reduce calls (ours; DDP's reducer does not go through here)."""
+    calls = [0]
+    original = dist.all_reduce
+
+    def counting(*args, **kwargs):
+        calls[0] += 1
+        return original(*args, **kwargs)
+
+    dist.all_reduce = counting
+    return calls
+
+
+def minibatch(rank: int, ddp: bool) -> dict:
+    """H = 1 against mini-batch SGD over all workers' batches (computed on every rank)."""
+    calls = count_all_reduce()
+    model, opt, _ = train(rank, Schedule.local(1), steps=20, ddp=ddp)
+    world = dist.get_world_size()
+    ref = mlp(seed=1)
+    ref_opt = sgd(ref)
+    for t in range(20):
+        ref_opt.zero_grad()
+        loss = sum(F.cross_entropy(ref(x), y) for x, y in (batch(2, k, t) for k in range(world)))
+        (loss / world).backward()  # BN statistics per worker batch, as on the workers
+        ref_opt.step()
+    return {
+        "params": [p.detach() for p in model.parameters()],
+        "reference": [p.detach() for p in ref.parameters()],
+        "running_mean": model[1].running_mean.clone(),
+        "python_all_reduces": calls[0],
+        "rounds": opt.stats["global"].rounds,
+    }
+
+
+def ddp_local(rank: int) -> dict:
+    """Post-local SGD with and without DistributedDataParallel: the same trajectory."""
+    schedule = Schedule.post_local(3, switch_step=2)
+    _, _, with_ddp = train(rank, schedule, steps=8, ddp=True)
+    _, _, without = train(rank, schedule, steps=8, ddp=False)
+    return {"ddp": torch.stack(with_ddp), "plain": torch.stack(without)}
+
+
+def sim_vs_dist(rank: int, name: str) -> dict:
+    model, opt, _ = train(rank, SCHEDULES[name][0], steps=9)
+    return {"params": [p.detach() for p in model.parameters()], "stats": opt.state_dict()["stats"]}
+
+
+def resume(rank: int) -> dict:
+    """Stop mid-period, save, rebuild everything from scratch, load, continue: bitwise equal."""
+    schedule = Schedule.post_local(4, switch_step=2)
+    full, _, _ = train(rank, schedule, steps=12)
+    model, opt, _ = train(rank, schedule, steps=7)  # u = 5: one step into the second period
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    model = mlp(seed=99)  # different weights: the checkpoint must restore everything
+    opt = LocalSGD(sgd(model, lr=0.5), model, schedule)
+    model.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["opt"])
+    for t in range(opt.t, 12):
+        x, y = batch(seed=2, worker=rank, t=t)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    return {
+        "full": [p.detach() for p in full.state_dict().values()],
+        "resumed": [p.detach() for p in model.state_dict().values()],
+        "t": opt.t,
+    }
+
+
+def mismatch(rank: int) -> dict:
+    """Rank 1 has one more layer than the others."""
+    model = mlp(seed=1, extra=rank == 1)
+    start = time.perf_counter()
+    try:
+        LocalSGD(sgd(model), model, Schedule.local(4))
+        error = ""
+    except ValueError as e:
+        error = str(e)
+    return {"error": error, "seconds": time.perf_counter() - start}
+
+
+def main() -> None:
+    scenario, out, *args = sys.argv[1:]
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    if scenario == "rank_values":
+        result = rank_values(rank, *args)
+    elif scenario == "minibatch":
+        result = minibatch(rank, ddp=args[0] == "ddp")
+    elif scenario == "ddp_local":
+        result = ddp_local(rank)
+    elif scenario == "sim_vs_dist":
+        result = sim_vs_dist(rank, *args)
+    elif scenario == "resume":
+        result = resume(rank)
+    elif scenario == "mismatch":
+        result = mismatch(rank)
+    else:
+        raise SystemExit(f"unknown scenario {scenario!r}")
+    torch.save(result, Path(out) / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""Shared by the tests and by the torchrun worker script (tests/dist_worker.py)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+HERE = Path(__file__).resolve().parent
+
+
+def mlp(seed: int, extra: bool = False) -> nn.Module:
+    """A small model with BatchNorm (per-worker statistics matter)."""
+    torch.manual_seed(seed)
+    layers = [nn.Linear(6, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3)]
+    if extra:
+        layers.append(nn.Linear(3, 3))
+    return nn.Sequential(*layers)
+
+
+def sgd(model: nn.Module, lr: float = 0.05) -> torch.optim.Optimizer:
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=1e-4)
+
+
+def batch(seed: int, worker: int, t: int, size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Worker ``worker``'s mini-batch at step ``t``: the same in every runtime."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + worker * 10_007 + t)
+    x = torch.randn(size, 6, generator=g)
+    y = torch.randint(0, 3, (size,), generator=g)
+    return x, y
+
+
+class Toy(nn.Module):
+    """Parameters of two dtypes, a float buffer and an integer buffer, all set to a worker value."""
+
+    def __init__(self, value: float) -> None:
+        super().__init__()
+        self.a = nn.Parameter(torch.full((3,), value))
+        self.b = nn.Parameter(torch.full((2,), value, dtype=torch.float64))
+        self.register_buffer("running", torch.full((2,), value))
+        self.register_buffer("count", torch.tensor(0, dtype=torch.int64))
+
+    def local_update(self, worker: int) -> None:
+        """Gradients that make SGD(lr=1) add worker+1; buffers change as BN statistics would."""
+        self.a.grad = torch.full_like(self.a, -(worker + 1.0))
+        self.b.grad = torch.full_like(self.b, -(worker + 1.0))
+        with torch.no_grad():
+            self.running += worker + 1.0
+            self.count += 1
+
+    def values(self) -> torch.Tensor:
+        return torch.cat([self.a.detach(), self.b.detach().float(), self.running, self.count.float()[None]])
+
+
+def torchrun(nproc: int, scenario: str, out: Path, *args: str, timeout: float = 180) -> float:
+    """Run tests/dist_worker.py under torchrun with real gloo processes; returns the seconds taken."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent)}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        str(HERE / "dist_worker.py"),
+        scenario,
+        str(out),
+        *args,
+    ]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"torchrun failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return time.perf_counter() - start
