@@ -17,7 +17,7 @@ from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from localsgd import LocalSGD, Schedule
-from tests.helpers import Toy, batch, mlp, sgd
+from tests.helpers import Toy, batch, minibatch_reference, mlp, sgd
 
 SCHEDULES = {
     "local": (Schedule.local(3), None),
@@ -80,14 +80,7 @@ def minibatch(rank: int, ddp: bool) -> dict:
     """H = 1 against mini-batch SGD over all workers' batches (computed on every rank)."""
     calls = count_all_reduce()
     model, opt, _ = train(rank, Schedule.local(1), steps=20, ddp=ddp)
-    world = dist.get_world_size()
-    ref = mlp(seed=1)
-    ref_opt = sgd(ref)
-    for t in range(20):
-        ref_opt.zero_grad()
-        loss = sum(F.cross_entropy(ref(x), y) for x, y in (batch(2, k, t) for k in range(world)))
-        (loss / world).backward()  # BN statistics per worker batch, as on the workers
-        ref_opt.step()
+    ref = minibatch_reference(dist.get_world_size(), steps=20)
     return {
         "params": [p.detach() for p in model.parameters()],
         "reference": [p.detach() for p in ref.parameters()],

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 HERE = Path(__file__).resolve().parent
 
@@ -33,6 +34,18 @@ def batch(seed: int, worker: int, t: int, size: int = 8) -> tuple[torch.Tensor, 
     x = torch.randn(size, 6, generator=g)
     y = torch.randint(0, 3, (size,), generator=g)
     return x, y
+
+
+def minibatch_reference(workers: int, steps: int) -> nn.Module:
+    """Mini-batch SGD on one model over all workers' batches, BatchNorm statistics per worker batch."""
+    model = mlp(seed=1)
+    opt = sgd(model)
+    for t in range(steps):
+        opt.zero_grad()
+        loss = sum(F.cross_entropy(model(x), y) for x, y in (batch(2, k, t) for k in range(workers)))
+        (loss / workers).backward()
+        opt.step()
+    return model
 
 
 class Toy(nn.Module):
