@@ -175,12 +175,13 @@ class Engine:
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=set_to_none)
 
-    def average_now(self, level: Level | str = Level.GLOBAL) -> None:
-        """Average the models now (e.g. before evaluation or saving), with the same policies."""
-        self._average_model(Level(level))
+    def average_now(self, level: Level | str = Level.GLOBAL, buffers: bool | None = None) -> None:
+        """Average the models now (e.g. before evaluation or saving). ``buffers`` overrides the
+        buffer policy for this average (``True``: average BatchNorm statistics too)."""
+        self._average_model(Level(level), buffers)
 
-    def _float_buffers(self, model: nn.Module) -> list[torch.Tensor]:
-        if self.buffers == "local":
+    def _float_buffers(self, model: nn.Module, average: bool | None = None) -> list[torch.Tensor]:
+        if not (self.buffers == "average" if average is None else average):
             return []
         return [b for b in model.buffers() if b.is_floating_point()]
 
@@ -234,9 +235,9 @@ class Engine:
                         tensors.append(value)
         return tensors
 
-    def _average_model(self, level: Level) -> None:
+    def _average_model(self, level: Level, buffers: bool | None = None) -> None:
         per_worker = [
-            [*m.parameters(), *self._float_buffers(m), *self._optimizer_tensors(o)]
+            [*m.parameters(), *self._float_buffers(m, buffers), *self._optimizer_tensors(o)]
             for m, o in zip(self.models, self.optimizers, strict=True)
         ]
         self._timed(level, lambda: self._averager.average_(level, per_worker))

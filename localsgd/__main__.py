@@ -1,0 +1,5 @@
+import sys
+
+from localsgd.cli import main
+
+sys.exit(main())
