@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
             demo.main(args.workers, args.epochs, args.local_steps, args.local_batch_size, args.seed)
         finally:
             if dist.is_initialized():
+                dist.barrier()
                 dist.destroy_process_group()
     return 0
 
