@@ -47,9 +47,10 @@ def main(argv: list[str] | None = None) -> int:
             dist.init_process_group("gloo")
         try:
             demo.main(args.workers, args.epochs, args.local_steps, args.local_batch_size, args.seed)
+            if dist.is_initialized():
+                dist.barrier()  # no rank tears its connections down while a peer still uses them
         finally:
             if dist.is_initialized():
-                dist.barrier()
                 dist.destroy_process_group()
     return 0
 
