@@ -57,6 +57,9 @@ class Engine:
             clears it.
         bucket_bytes: largest flat buffer per collective.
         sync_initial: copy worker 0's parameters and buffers to all workers at construction.
+        grad_scalers: one ``torch.amp.GradScaler`` per optimizer, or ``None``. The engine then
+            calls ``scaler.step(optimizer)`` itself and keeps to the schedule when a scaler skips
+            a step for inf/NaN gradients (the caller still calls ``scaler.update()``).
     """
 
     def __init__(
@@ -70,6 +73,7 @@ class Engine:
         optimizer_state: str = "local",
         bucket_bytes: int = DEFAULT_BUCKET_BYTES,
         sync_initial: bool = True,
+        grad_scalers: Sequence[torch.amp.GradScaler] | None = None,
     ) -> None:
         if not isinstance(schedule, Schedule):
             raise TypeError(f"schedule must be a localsgd.Schedule, got {type(schedule).__name__}")
@@ -82,6 +86,12 @@ class Engine:
         self._ddp = [m if isinstance(m, DistributedDataParallel) else None for m in models]
         self.models = [m.module if isinstance(m, DistributedDataParallel) else m for m in models]
         self.optimizers = list(optimizers)
+        self.grad_scalers = list(grad_scalers) if grad_scalers is not None else None
+        if self.grad_scalers is not None and len(self.grad_scalers) != len(self.optimizers):
+            raise ValueError(
+                f"need one GradScaler per optimizer: {len(self.optimizers)} optimizers, "
+                f"{len(self.grad_scalers)} scalers"
+            )
         for model, opt in zip(self.models, self.optimizers, strict=True):
             owned = {id(p) for p in model.parameters()}
             for group in opt.param_groups:
@@ -163,8 +173,13 @@ class Engine:
                 loss = closure()
         if sync.gradients is not None:
             self._average_gradients(sync.gradients)
-        for opt in self.optimizers:
-            opt.step()
+        # Every worker counts the step even if its GradScaler skips the update (inf/NaN gradients):
+        # the schedule, and so every collective, stays in lockstep across workers.
+        for k, opt in enumerate(self.optimizers):
+            if self.grad_scalers is None:
+                opt.step()
+            else:
+                self.grad_scalers[k].step(opt)
         self.t += 1
         if sync.parameters is not None:
             self._average_model(sync.parameters)

@@ -46,6 +46,9 @@ class LocalSGD(Engine, torch.optim.Optimizer):
         schedule: when to average (``Schedule.local``, ``.post_local``, ``.hierarchical``).
         comm: default: all ranks of torch.distributed's world, or a single worker if there is none.
         workers_per_block: K' for hierarchical schedules (default: torchrun's LOCAL_WORLD_SIZE).
+        grad_scaler: with mixed precision, pass the ``GradScaler`` here and call ``opt.step()``
+            (not ``scaler.step(opt)``): a step the scaler skips on one worker must still count,
+            or the workers' schedules would drift apart.
     """
 
     def __init__(
@@ -60,6 +63,7 @@ class LocalSGD(Engine, torch.optim.Optimizer):
         optimizer_state: str = "local",
         bucket_bytes: int = DEFAULT_BUCKET_BYTES,
         sync_initial: bool = True,
+        grad_scaler: torch.amp.GradScaler | None = None,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
@@ -89,6 +93,7 @@ class LocalSGD(Engine, torch.optim.Optimizer):
             optimizer_state=optimizer_state,
             bucket_bytes=bucket_bytes,
             sync_initial=sync_initial,
+            grad_scalers=None if grad_scaler is None else [grad_scaler],
         )
 
     @property

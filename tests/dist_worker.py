@@ -23,6 +23,8 @@ SCHEDULES = {
     "local": (Schedule.local(3), None),
     "post_local": (Schedule.post_local(3, switch_step=4), None),
     "hierarchical": (Schedule.hierarchical(2, 2, switch_step=1), 2),
+    # K' from torchrun's LOCAL_WORLD_SIZE: the processes of one node form a block
+    "hierarchical_nodes": (Schedule.hierarchical(2, 2, switch_step=1), None),
     "sim_local": (Schedule.local(3), None),
     "sim_post_local": (Schedule.post_local(3, switch_step=2), None),
 }
@@ -128,6 +130,24 @@ def resume(rank: int) -> dict:
     }
 
 
+def grad_scaler(rank: int) -> dict:
+    """Rank 1's gradients overflow at t = 1 (mini-batch phase) and t = 3 (local phase)."""
+    model = mlp(seed=1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    opt = LocalSGD(sgd(model), model, Schedule.post_local(3, switch_step=2), grad_scaler=scaler)
+    trajectory = []
+    for t in range(8):
+        x, y = batch(seed=2, worker=rank, t=t)
+        opt.zero_grad()
+        scaler.scale(F.cross_entropy(model(x), y)).backward()
+        if rank == 1 and t in (1, 3):
+            model[0].weight.grad[0, 0] = float("inf")
+        opt.step()
+        scaler.update()
+        trajectory.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    return {"trajectory": torch.stack(trajectory), "t": opt.t, "scale": scaler.get_scale()}
+
+
 def mismatch(rank: int) -> dict:
     """Rank 1 has one more layer than the others."""
     model = mlp(seed=1, extra=rank == 1)
@@ -154,6 +174,8 @@ def main() -> None:
         result = sim_vs_dist(rank, *args)
     elif scenario == "resume":
         result = resume(rank)
+    elif scenario == "grad_scaler":
+        result = grad_scaler(rank)
     elif scenario == "mismatch":
         result = mismatch(rank)
     else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -70,22 +71,44 @@ class Toy(nn.Module):
         return torch.cat([self.a.detach(), self.b.detach().float(), self.running, self.count.float()[None]])
 
 
-def torchrun(nproc: int, scenario: str, out: Path, *args: str, timeout: float = 180) -> float:
-    """Run tests/dist_worker.py under torchrun with real gloo processes; returns the seconds taken."""
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(nproc: int, scenario: str, out: Path, *args: str, nodes: int = 1, timeout: float = 180) -> float:
+    """Run tests/dist_worker.py under torchrun with real gloo processes; returns the seconds taken.
+
+    With ``nodes > 1``, starts that many torchrun agents (each with ``nproc`` workers) that meet
+    through a c10d rendezvous on localhost, as separate machines would.
+    """
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent)}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={nproc}",
-        str(HERE / "dist_worker.py"),
-        scenario,
-        str(out),
-        *args,
-    ]
+    if nodes == 1:
+        launch = [["--standalone"]]
+    else:
+        endpoint = f"127.0.0.1:{free_port()}"
+        launch = [
+            [f"--nnodes={nodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", "--rdzv-id=test"]
+        ] * nodes
+    worker = [str(HERE / "dist_worker.py"), scenario, str(out), *args]
     start = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        raise AssertionError(f"torchrun failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", *opts, f"--nproc-per-node={nproc}", *worker],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for opts in launch
+    ]
+    try:
+        logs = [p.communicate(timeout=timeout)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, log in zip(procs, logs, strict=True):
+        if p.returncode != 0:
+            raise AssertionError(f"torchrun failed ({p.returncode}):\n{log}")
     return time.perf_counter() - start

@@ -27,6 +27,7 @@ EXPECTED = {
     # K' = 2, H = 2, H_b = 2, t' = 1: blocks after u = 2, 6, 10 local steps, all after u = 4, 8.
     "hierarchical": ({1}, {3: 2, 5: 4, 7: 2, 9: 4, 11: 2}),
 }
+EXPECTED["hierarchical_nodes"] = EXPECTED["hierarchical"]
 
 
 def expected_values(name: str, buffers: str, workers: int = 4, steps: int = 12) -> torch.Tensor:
@@ -66,6 +67,28 @@ def test_rank_values_become_exact_means_at_scheduled_steps(tmp_path: Path, name:
     got = torch.stack([r["values"] for r in results(tmp_path, 4)])
     expected = expected_values(name, buffers)
     assert torch.equal(got, expected), (got - expected).abs().amax(-1)
+
+
+def test_blocks_are_torchrun_nodes(tmp_path: Path) -> None:
+    """Two torchrun agents of 2 processes each (two "nodes" meeting by c10d rendezvous): without an
+    explicit K', the blocks are the nodes (LOCAL_WORLD_SIZE = 2)."""
+    torchrun(2, "rank_values", tmp_path, "hierarchical_nodes", "local", nodes=2)
+    got = torch.stack([r["values"] for r in results(tmp_path, 4)])
+    assert torch.equal(got, expected_values("hierarchical_nodes", "local"))
+
+
+def test_grad_scaler_skips_keep_workers_in_step(tmp_path: Path) -> None:
+    """A GradScaler that skips an update on one worker does not derail the schedule: overflow in
+    the mini-batch phase skips the step on every worker; in the local phase only on that worker,
+    and the next scheduled average still happens everywhere."""
+    torchrun(2, "grad_scaler", tmp_path)
+    r0, r1 = results(tmp_path, 2)
+    a, b = r0["trajectory"], r1["trajectory"]
+    assert r0["t"] == r1["t"] == 8
+    assert [torch.equal(a[i], b[i]) for i in range(8)] == [True, True, False, False, True, False, False, True]
+    assert torch.equal(a[0], a[1]) and torch.equal(b[0], b[1])  # t = 1 skipped on both
+    assert torch.equal(b[2], b[3]) and not torch.equal(a[2], a[3])  # t = 3 skipped on rank 1 only
+    assert r0["scale"] == 2.0**7 and r1["scale"] == 2.0**6  # rank 1 backed off twice
 
 
 def test_minibatch_equals_minibatch_sgd_with_bn(tmp_path: Path) -> None:
