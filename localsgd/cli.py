@@ -1,10 +1,11 @@
-"""The ``localsgd`` command."""
+"""The ``localsgd`` command: train, plot, download, demo."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+from pathlib import Path
 
 
 def positive_int(text: str) -> int:
@@ -18,8 +19,40 @@ def positive_int(text: str) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="localsgd", description=__doc__)
+    from localsgd.harness.config import PRESETS, Config, field_docs
+
+    p = argparse.ArgumentParser(
+        prog="localsgd", description="Local SGD, post-local SGD and hierarchical local SGD."
+    )
     sub = p.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser(
+        "train",
+        help="train a model (simulator, or one worker per process under torchrun)",
+        description="Settings come from a preset, then a TOML file, then --key value flags. Under torchrun "
+        "each process is one worker; otherwise --workers K workers run in the simulator.",
+    )
+    train.add_argument("--preset", choices=sorted(PRESETS), help="start from a named preset")
+    train.add_argument("--config", metavar="FILE", help="TOML file of settings (keys as below, with _ or -)")
+    docs = field_docs()
+    for name in Config.__dataclass_fields__:
+        train.add_argument(
+            f"--{name.replace('_', '-')}",
+            dest=name,
+            metavar="VALUE",
+            default=argparse.SUPPRESS,
+            help=docs.get(name),
+        )
+
+    plot = sub.add_parser("plot", help="plot runs against each other (PNG)")
+    plot.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    plot.add_argument("--out", default="runs.png", help="output PNG (default runs.png)")
+
+    download = sub.add_parser("download", help="download a dataset and verify its official checksums")
+    download.add_argument("dataset")
+    download.add_argument("--data-dir", help="destination (default: the cache that `train` looks in)")
+    download.add_argument("--base-url", help="mirror to download from instead of the official server")
+
     demo = sub.add_parser(
         "demo",
         help="compare mini-batch, local, post-local and hierarchical local SGD on a synthetic task",
@@ -34,24 +67,91 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def train_config(args: argparse.Namespace):
+    from localsgd.harness.config import Config, load_toml, parse_value, preset
+
+    cfg = preset(args.preset) if args.preset else Config()
+    if args.config:
+        cfg = load_toml(args.config, base=cfg)
+    for name in Config.__dataclass_fields__:
+        if name in vars(args):
+            setattr(cfg, name, parse_value(name, getattr(args, name)))
+    return cfg
+
+
+def run_train(args: argparse.Namespace) -> int:
+    import torch.distributed as dist
+
+    from localsgd.harness.train import table, train
+
+    cfg = train_config(args)
+    cfg.validate()
+    name = (
+        f"{args.preset or 'train'}-{cfg.dataset}-{cfg.model}-K{cfg.workers}-H{cfg.local_steps}-seed{cfg.seed}"
+    )
+    out = Path(cfg.out or f"runs/{name}")
+    try:
+        result = train(cfg, out)
+        if result.main:
+            print(table(result.history))
+            s = result.summary
+            line = f"final test accuracy (averaged model) {s['final_test_acc']:.2%}"
+            line += f", best {s['best_test_acc']:.2%}"
+            if "final_local_test_acc" in s:
+                line += f"; mean of local models {s['final_local_test_acc']:.2%}"
+            rounds = ", ".join(f"{level} {n}" for level, n in s["rounds"].items())
+            print(line)
+            print(
+                f"rounds: {rounds}; wall {s['wall_seconds']:.0f} s (communication {s['comm_seconds']:.1f} s)"
+            )
+            print(f"run directory: {out}")
+        if dist.is_initialized():
+            dist.barrier()  # no rank tears its connections down while a peer still uses them
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    import torch
+    import torch.distributed as dist
+
+    from localsgd.harness import demo
+
+    if "WORLD_SIZE" in os.environ:
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo")
+    try:
+        demo.main(args.workers, args.epochs, args.local_steps, args.local_batch_size, args.seed)
+        if dist.is_initialized():
+            dist.barrier()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    if args.command == "demo":
-        import torch
-        import torch.distributed as dist
+    try:
+        if args.command == "train":
+            return run_train(args)
+        if args.command == "demo":
+            return run_demo(args)
+        if args.command == "plot":
+            from localsgd.harness.plot import plot_runs
 
-        from localsgd.harness import demo
+            print(plot_runs([Path(r) for r in args.runs], Path(args.out)))
+            return 0
+        if args.command == "download":
+            from localsgd.harness.data import default_data_dir, download
 
-        torch.set_num_threads(1 if "WORLD_SIZE" in os.environ else torch.get_num_threads())
-        if "WORLD_SIZE" in os.environ:
-            dist.init_process_group("gloo")
-        try:
-            demo.main(args.workers, args.epochs, args.local_steps, args.local_batch_size, args.seed)
-            if dist.is_initialized():
-                dist.barrier()  # no rank tears its connections down while a peer still uses them
-        finally:
-            if dist.is_initialized():
-                dist.destroy_process_group()
+            print(download(args.dataset, args.data_dir or default_data_dir(args.dataset), args.base_url))
+            return 0
+    except ValueError as e:  # bad config, bad data, the library's own checks: one line, no traceback
+        print(f"localsgd: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -8,6 +8,7 @@ communicator.
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -194,6 +195,20 @@ class Engine:
         """Average the models now (e.g. before evaluation or saving). ``buffers`` overrides the
         buffer policy for this average (``True``: average BatchNorm statistics too)."""
         self._average_model(Level(level), buffers)
+
+    @torch.no_grad()
+    def averaged_model(self) -> nn.Module:
+        """A new model holding the mean of all K workers' parameters and floating buffers; the
+        workers are left as they are (for evaluation; not counted in ``stats``)."""
+        clones = [
+            [t.detach().clone() for t in (*m.parameters(), *self._float_buffers(m, True))]
+            for m in self.models
+        ]
+        self._averager.average_(Level.GLOBAL, clones)
+        model = copy.deepcopy(self.models[0])
+        for t, mean in zip((*model.parameters(), *self._float_buffers(model, True)), clones[0], strict=True):
+            t.copy_(mean)
+        return model
 
     def _float_buffers(self, model: nn.Module, average: bool | None = None) -> list[torch.Tensor]:
         if not (self.buffers == "average" if average is None else average):

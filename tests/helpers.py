@@ -77,8 +77,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(nproc: int, scenario: str, out: Path, *args: str, nodes: int = 1, timeout: float = 180) -> float:
-    """Run tests/dist_worker.py under torchrun with real gloo processes; returns the seconds taken.
+def launch(nproc: int, program: list[str], nodes: int = 1, timeout: float = 180) -> tuple[float, str]:
+    """Start ``program`` (a script path or ``-m module``, with its arguments) under torchrun with
+    real gloo processes; returns the seconds taken and the output.
 
     With ``nodes > 1``, starts that many torchrun agents (each with ``nproc`` workers) that meet
     through a c10d rendezvous on localhost, as separate machines would.
@@ -91,11 +92,10 @@ def torchrun(nproc: int, scenario: str, out: Path, *args: str, nodes: int = 1, t
         launch = [
             [f"--nnodes={nodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", "--rdzv-id=test"]
         ] * nodes
-    worker = [str(HERE / "dist_worker.py"), scenario, str(out), *args]
     start = time.perf_counter()
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "torch.distributed.run", *opts, f"--nproc-per-node={nproc}", *worker],
+            [sys.executable, "-m", "torch.distributed.run", *opts, f"--nproc-per-node={nproc}", *program],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -111,4 +111,9 @@ def torchrun(nproc: int, scenario: str, out: Path, *args: str, nodes: int = 1, t
     for p, log in zip(procs, logs, strict=True):
         if p.returncode != 0:
             raise AssertionError(f"torchrun failed ({p.returncode}):\n{log}")
-    return time.perf_counter() - start
+    return time.perf_counter() - start, "".join(logs)
+
+
+def torchrun(nproc: int, scenario: str, out: Path, *args: str, nodes: int = 1) -> float:
+    """Run a scenario of tests/dist_worker.py; each rank writes out/rank{r}.pt."""
+    return launch(nproc, [str(HERE / "dist_worker.py"), scenario, str(out), *args], nodes=nodes)[0]

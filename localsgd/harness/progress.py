@@ -28,7 +28,9 @@ class Progress:
         self.total, self.label, self.unit = total, label, unit
         self.stream = stream or sys.stderr
         self.enabled = enabled
-        self.min_interval = min_interval
+        self.tty = self.stream.isatty()
+        # Not a terminal (a log file, CI): a line every 30 s instead of redrawing one line.
+        self.min_interval = min_interval if self.tty else 30.0
         self.done = 0
         self.start = self._last = time.perf_counter()
         self.postfix = ""
@@ -50,15 +52,17 @@ class Progress:
         eta = (self.total - self.done) / rate if rate > 0 else 0.0
         frac = self.done / self.total if self.total else 1.0
         bar = "#" * int(20 * frac)
+        start = "\r" if self.tty else ""
         line = (
-            f"\r{self.label} [{bar:<20}] {self.done}/{self.total} {self.unit}s "
+            f"{start}{self.label} [{bar:<20}] {self.done}/{self.total} {self.unit}s "
             f"{rate:.1f} {self.unit}/s ETA {_clock(eta)} {self.postfix}"
         )
-        self.stream.write(line.rstrip() + " ")
+        self.stream.write(line.rstrip() + (" " if self.tty else "\n"))
         self.stream.flush()
 
     def close(self) -> None:
         if self.enabled:
             self._draw(time.perf_counter())
-            self.stream.write("\n")
+            if self.tty:
+                self.stream.write("\n")
             self.stream.flush()

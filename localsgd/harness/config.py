@@ -1,0 +1,293 @@
+"""The training configuration: one typed dataclass, named presets, TOML files and ``--key value``
+overrides (preset < file < flags). Field names are the glossary names of docs/design.md."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+FIRST_DECAY = "first-decay"
+
+
+class ConfigError(ValueError):
+    """A bad configuration value: one line naming the key, the value and what is allowed."""
+
+
+@dataclass
+class Config:
+    # --- workload ---
+    dataset: str = "cifar10"
+    """cifar10, cifar100, mnist or fashion-mnist"""
+    data_dir: str | None = None
+    """folder holding the dataset files (default: the cache `localsgd download` writes to)"""
+    model: str = "resnet20"
+    """resnet20, resnet32, resnet56, densenet40 or wrn28_10"""
+    train_subset: int | None = None
+    """train on a fixed random subset of N training images (quick runs)"""
+    test_subset: int | None = None
+    """evaluate on a fixed random subset of N test images (quick runs)"""
+
+    # --- workers and communication (paper symbols) ---
+    workers: int = 16
+    """K: workers (simulated in one process unless started by torchrun)"""
+    local_batch_size: int = 128
+    """B_loc: mini-batch per worker"""
+    local_steps: int = 1
+    """H: local steps between averages (1 = mini-batch SGD)"""
+    switch_epoch: float | str | None = None
+    """t': epoch of the switch from mini-batch to local SGD ("first-decay": the first LR decay)"""
+    workers_per_block: int | None = None
+    """K': workers per block for hierarchical local SGD (under torchrun default: the processes of a node)"""
+    block_steps: int | None = None
+    """H_b: block averages between two global averages (hierarchical local SGD)"""
+    buffers: str = "local"
+    """BatchNorm statistics at averages: local (paper) or average"""
+    optimizer_state: str = "local"
+    """momentum at averages: local (paper), average or reset"""
+    ordered_averaging: bool = False
+    """under torchrun, average by all-gather and a sum in worker order: bitwise the simulator's result"""
+
+    # --- optimisation (the paper's protocol) ---
+    epochs: float = 300
+    """training epochs"""
+    lr_per_64: float = 0.1
+    """learning rate per 64 samples; peak LR = lr_per_64 * B_loc/64 * K (linear scaling)"""
+    peak_lr: float | None = None
+    """set the peak LR directly instead of the linear-scaling rule"""
+    warmup_epochs: float = 5
+    """linear per-step warm-up from lr_per_64 to the peak LR over this many epochs"""
+    decay_at: list[float] = field(default_factory=lambda: [0.5, 0.75])
+    """LR decays at these fractions of training"""
+    decay_factor: float = 0.1
+    """factor of each LR decay"""
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 1e-4
+    """L2 weight decay, not applied to BatchNorm parameters"""
+
+    # --- run ---
+    seed: int = 6
+    out: str | None = None
+    """run directory (default: runs/<preset or model>-<dataset>-K<K>-H<H>-seed<seed>)"""
+    eval_every: int = 1
+    """evaluate every this many epochs (and always at the end)"""
+    eval_local: bool = True
+    """also evaluate each worker's own model (the paper's code reports their mean accuracy)"""
+    channels_last: bool = True
+    """channels_last memory format (faster on CPU, same numerics)"""
+    threads: int | None = None
+    """torch threads per process (default: all cores, 1 under torchrun with several processes per node)"""
+    tensorboard: bool = False
+    """also log to TensorBoard (needs the tensorboard package)"""
+    progress: bool = True
+    """progress bar on stderr (rank 0)"""
+
+    def validate(self) -> None:
+        """Raise ConfigError on the first bad value, before any work."""
+        from localsgd.harness.data import DATASETS
+        from localsgd.harness.models import MODELS
+
+        choice(self, "dataset", DATASETS)
+        choice(self, "model", MODELS)
+        choice(self, "buffers", ("local", "average"))
+        choice(self, "optimizer_state", ("local", "average", "reset"))
+        for name in ("workers", "local_batch_size", "local_steps", "eval_every"):
+            integer(self, name, 1)
+        for name in ("train_subset", "test_subset", "workers_per_block", "block_steps", "threads"):
+            if getattr(self, name) is not None:
+                integer(self, name, 1)
+        integer(self, "seed", 0)
+        number(self, "epochs", 0, strict=True)
+        number(self, "lr_per_64", 0, strict=True)
+        if self.peak_lr is not None:
+            number(self, "peak_lr", 0, strict=True)
+        number(self, "warmup_epochs", 0)
+        number(self, "decay_factor", 0, strict=True)
+        number(self, "momentum", 0)
+        number(self, "weight_decay", 0)
+        if not isinstance(self.decay_at, list) or not all(
+            isinstance(f, int | float) and not isinstance(f, bool) and 0 < f < 1 for f in self.decay_at
+        ):
+            raise ConfigError(
+                f"decay_at must be a list of fractions of training in (0, 1), got {self.decay_at!r}"
+            )
+        if self.decay_at != sorted(self.decay_at):
+            raise ConfigError(f"decay_at must be increasing, got {self.decay_at!r}")
+        for name in (
+            "nesterov",
+            "eval_local",
+            "channels_last",
+            "tensorboard",
+            "progress",
+            "ordered_averaging",
+        ):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        s = self.switch_epoch
+        is_epoch = isinstance(s, int | float) and not isinstance(s, bool) and 0 <= s <= self.epochs
+        if s is not None and s != FIRST_DECAY and not is_epoch:
+            allowed = f"an epoch in [0, epochs={self.epochs:g}] or {FIRST_DECAY!r}"
+            raise ConfigError(f"switch_epoch (t') must be {allowed}, got {s!r}")
+        if s == FIRST_DECAY and not self.decay_at:
+            raise ConfigError("switch_epoch (t') is 'first-decay' but decay_at is empty")
+        if (self.block_steps is None) != (self.workers_per_block is None) and self.block_steps is None:
+            raise ConfigError(
+                f"workers_per_block (K') = {self.workers_per_block} needs block_steps (H_b) for "
+                "hierarchical local SGD"
+            )
+        if self.workers_per_block is not None and self.workers % self.workers_per_block:
+            raise ConfigError(
+                f"workers_per_block (K') = {self.workers_per_block} must divide workers (K) = {self.workers}"
+            )
+        if self.nesterov and self.momentum == 0:
+            raise ConfigError("nesterov needs momentum > 0, got momentum = 0")
+
+    def switch_epoch_value(self) -> float:
+        """t' in epochs (0: local SGD from the start)."""
+        if self.switch_epoch is None:
+            return 0.0
+        if self.switch_epoch == FIRST_DECAY:
+            return self.decay_at[0] * self.epochs
+        return float(self.switch_epoch)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def choice(cfg: Config, name: str, allowed: tuple[str, ...]) -> None:
+    value = getattr(cfg, name)
+    if value not in allowed:
+        raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+def integer(cfg: Config, name: str, minimum: int) -> None:
+    value = getattr(cfg, name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def number(cfg: Config, name: str, minimum: float, strict: bool = False) -> None:
+    value = getattr(cfg, name)
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < minimum or (strict and value == minimum):
+        op = ">" if strict else ">="
+        raise ConfigError(f"{name} must be a number {op} {minimum:g}, got {value!r}")
+
+
+# --- presets ----------------------------------------------------------------------------------
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # The paper's protocol (ResNet-20, CIFAR-10, K=16, B_loc=128, 300 epochs, post-local SGD with
+    # H=16 from the first LR decay). About 6 CPU-hours here.
+    "paper": {"local_steps": 16, "switch_epoch": FIRST_DECAY},
+    "paper-h32": {"local_steps": 32, "switch_epoch": FIRST_DECAY},
+    # Baselines of the same protocol: large-batch mini-batch SGD (K*B_loc = 2048) and small-batch
+    # mini-batch SGD (one worker, B = 128).
+    "paper-minibatch": {"local_steps": 1},
+    "paper-small-batch": {"workers": 1, "local_steps": 1},
+    # A 3-minute look at the machinery on real CIFAR-10: post-local SGD, K=4.
+    "demo": {
+        "workers": 4,
+        "local_batch_size": 64,
+        "local_steps": 8,
+        "switch_epoch": 1,
+        "epochs": 3,
+        "warmup_epochs": 0.5,
+        "decay_at": [0.67],
+        "train_subset": 25000,
+        "eval_local": False,
+        "eval_every": 3,
+    },
+}
+
+
+def field_docs() -> dict[str, str]:
+    """Each field's docstring (the string literal under it in the class body), for --help."""
+    import ast
+    import inspect
+    import itertools
+
+    body = ast.parse(inspect.getsource(Config)).body[0].body  # type: ignore[attr-defined]
+    docs = {}
+    for node, nxt in itertools.pairwise(body):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+        ):
+            docs[node.target.id] = nxt.value.value  # type: ignore[union-attr]
+    return docs
+
+
+def field_types() -> dict[str, Any]:
+    return {f.name: f.type for f in fields(Config)}
+
+
+def from_mapping(values: dict[str, Any], source: str, base: Config | None = None) -> Config:
+    """Apply ``values`` (TOML or preset) over ``base``; unknown keys are errors."""
+    known = field_types()
+    cfg = dataclasses.replace(base) if base is not None else Config()
+    for key, value in values.items():
+        name = key.replace("-", "_")
+        if name not in known:
+            raise ConfigError(f"{source}: unknown key {key!r}; known keys: {', '.join(sorted(known))}")
+        if isinstance(value, int) and not isinstance(value, bool) and known[name].startswith("float"):
+            value = float(value)
+        setattr(cfg, name, value)
+    return cfg
+
+
+def load_toml(path: str | Path, base: Config | None = None) -> Config:
+    path = Path(path)
+    try:
+        values = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {str(path)!r} does not exist") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {str(path)!r} is not valid TOML: {e}") from None
+    return from_mapping(values, str(path), base)
+
+
+def preset(name: str) -> Config:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
+    return from_mapping(PRESETS[name], f"preset {name!r}")
+
+
+def parse_value(name: str, text: str) -> Any:
+    """A ``--key value`` flag's text as the field's type."""
+    kind = field_types()[name]
+    if text.lower() in ("none", "null") and "None" in kind:
+        return None
+    if name == "switch_epoch" and text == FIRST_DECAY:
+        return text
+    if name == "decay_at":
+        return [_number(name, t, float) for t in text.split(",") if t.strip()] if text.strip() else []
+    if kind.startswith("bool"):
+        if text.lower() in ("true", "1", "yes", "on"):
+            return True
+        if text.lower() in ("false", "0", "no", "off"):
+            return False
+        raise ConfigError(f"--{name.replace('_', '-')} must be true or false, got {text!r}")
+    if kind.startswith("int"):
+        return _number(name, text, int)
+    if kind.startswith("float"):
+        return _number(name, text, float)
+    return text
+
+
+def _number(name: str, text: str, kind: type) -> Any:
+    try:
+        return kind(text)
+    except ValueError:
+        what = "an integer" if kind is int else "a number"
+        raise ConfigError(f"--{name.replace('_', '-')} must be {what}, got {text!r}") from None

@@ -1,0 +1,202 @@
+"""The training harness: config, optimisation rules, the train command in both runtimes, plots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from localsgd.cli import main
+from localsgd.harness import optim
+from localsgd.harness.config import Config, ConfigError, load_toml, preset
+from localsgd.harness.models import build_model
+from localsgd.harness.train import make_plan
+from tests.helpers import launch
+from tests.test_data import write_cifar100
+
+CIFAR10 = Path(__file__).resolve().parents[2] / "shared/data/cifar-10-batches-py"
+needs_cifar10 = pytest.mark.skipif(not CIFAR10.is_dir(), reason=f"CIFAR-10 not found at {CIFAR10}")
+TINY = [
+    "--dataset", "cifar10", "--data-dir", str(CIFAR10), "--model", "resnet20",
+    "--train-subset", "256", "--test-subset", "200", "--workers", "4", "--local-batch-size", "16",
+    "--epochs", "2", "--local-steps", "2", "--switch-epoch", "1", "--warmup-epochs", "0.5", "--seed", "3",
+    # Bitwise agreement of the runtimes: the same thread count (convolution results depend on it)
+    # and averages summed in worker order under torchrun, as in the simulator.
+    "--threads", "1", "--ordered-averaging", "true",
+]  # fmt: skip
+
+
+def test_paper_lr_rule_warmup_and_decays() -> None:
+    """The paper preset: peak 0.1 * 128/64 * 16 = 3.2, per-step warm-up from 0.1 over 5 epochs,
+    x0.1 at epochs 150 and 225; t' is the first decay (25 steps per epoch at K=16, B_loc=128)."""
+    cfg = preset("paper")
+    plan = make_plan(cfg, 50_000)
+    assert (plan.steps_per_epoch, plan.total_steps, plan.switch_step) == (25, 7500, 3750)
+    assert plan.peak_lr == pytest.approx(3.2)
+
+    def lr(step: int) -> float:
+        return optim.lr_at(step / 25, plan.peak_lr, cfg.lr_per_64, 5, plan.decay_epochs, 0.1)
+
+    assert lr(0) == pytest.approx(0.1)
+    assert lr(1) == pytest.approx(0.1 + 3.1 / 125)
+    assert lr(62) == pytest.approx(0.1 + 3.1 * 62 / 125)
+    assert lr(125) == pytest.approx(3.2)
+    assert lr(3749) == pytest.approx(3.2)
+    assert lr(3750) == pytest.approx(0.32)
+    assert lr(5625) == pytest.approx(0.032)
+    assert lr(7499) == pytest.approx(0.032)
+    assert make_plan(preset("paper-small-batch"), 50_000).peak_lr == pytest.approx(0.2)
+
+
+def test_steps_per_epoch_keep_the_short_last_batch() -> None:
+    cfg = Config(workers=16, local_batch_size=128, epochs=1.5)
+    plan = make_plan(cfg, 50_000)  # 3125 images per worker: 24 full batches and one of 53
+    assert plan.steps_per_epoch == 25
+    assert plan.total_steps == 38  # fractional epochs round to whole steps
+
+
+def test_no_weight_decay_on_batchnorm_parameters() -> None:
+    """All BatchNorm weights and biases (the shortcut projections' too) are spared; a step with zero
+    gradients shrinks every other parameter by lr * wd and leaves BatchNorm parameters alone."""
+    model = build_model("resnet20", 10)
+    opt = optim.sgd(model, lr=0.5, momentum=0.0, nesterov=False, weight_decay=1e-2)
+    bn = {id(p) for m in model.modules() if isinstance(m, nn.BatchNorm2d) for p in m.parameters()}
+    assert len(bn) == 2 * 21  # 19 in the blocks and stem + 2 shortcut projections
+    assert {id(p) for p in opt.param_groups[1]["params"]} == bn
+    assert opt.param_groups[1]["weight_decay"] == 0.0
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    for name, p in model.named_parameters():
+        factor = 1.0 if id(p) in bn else 1 - 0.5 * 1e-2
+        assert torch.allclose(p, before[name] * factor), name
+
+
+def test_presets_toml_and_flags_in_order(tmp_path: Path) -> None:
+    toml = tmp_path / "run.toml"
+    toml.write_text('local-steps = 8\nswitch_epoch = "first-decay"\nepochs = 40\ndecay_at = [0.6]\n')
+    cfg = load_toml(toml, base=preset("demo"))
+    assert (cfg.workers, cfg.local_steps, cfg.epochs, cfg.switch_epoch_value()) == (4, 8, 40.0, 24.0)
+    assert isinstance(cfg.epochs, float)
+    cfg.validate()
+
+
+BAD_CONFIGS = [
+    (["--workers", "0"], "workers must be an integer >= 1, got 0"),
+    (["--workers", "four"], "--workers must be an integer, got 'four'"),
+    (["--local-steps", "-2"], "local_steps must be an integer >= 1, got -2"),
+    (["--local-batch-size", "0"], "local_batch_size must be an integer >= 1, got 0"),
+    (["--epochs", "0"], "epochs must be a number > 0, got 0.0"),
+    (["--switch-epoch", "400"], "switch_epoch (t') must be an epoch in [0, epochs=300] or 'first-decay', got 400.0"),
+    (["--switch-epoch", "soon"], "--switch-epoch must be a number, got 'soon'"),
+    (["--model", "resnet18"], "model must be one of resnet20, resnet32, resnet56, densenet40, wrn28_10; got 'resnet18'"),
+    (["--dataset", "imagenet"], "dataset must be one of cifar10, cifar100, mnist, fashion-mnist; got 'imagenet'"),
+    (["--buffers", "sync"], "buffers must be one of local, average; got 'sync'"),
+    (["--workers", "4", "--workers-per-block", "3", "--block-steps", "2"], "workers_per_block (K') = 3 must divide workers (K) = 4"),
+    (["--workers-per-block", "4"], "workers_per_block (K') = 4 needs block_steps (H_b)"),
+    (["--decay-at", "0.8,0.5"], "decay_at must be increasing, got [0.8, 0.5]"),
+    (["--decay-at", "1.5"], "decay_at must be a list of fractions of training in (0, 1), got [1.5]"),
+    (["--nesterov", "maybe"], "--nesterov must be true or false, got 'maybe'"),
+    (["--preset", "paper", "--config", "missing.toml"], "config file 'missing.toml' does not exist"),
+    (["--train-subset", "60000", "--data-dir", str(CIFAR10)], "train_subset = 60000 exceeds the 50000 train images"),
+    (["--data-dir", "/nonexistent/cifar"], "/nonexistent/cifar"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("flags,message", BAD_CONFIGS, ids=[" ".join(f) for f, _ in BAD_CONFIGS])
+def test_bad_config_is_one_line_before_training(
+    flags: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    if str(CIFAR10) in flags and not CIFAR10.is_dir():
+        pytest.skip("needs CIFAR-10")
+    out = tmp_path / "run"
+    assert main(["train", *flags, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("localsgd: error: ") and err.count("\n") == 1, err
+    assert message in err
+    assert not out.exists()  # nothing ran
+
+
+def test_unknown_toml_key_is_named(tmp_path: Path) -> None:
+    toml = tmp_path / "bad.toml"
+    toml.write_text("local_step = 4\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'local_step'; known keys: .*local_steps"):
+        load_toml(toml)
+
+
+@needs_cifar10
+def test_simulator_and_torchrun_train_the_same_model(tmp_path: Path) -> None:
+    """The same config and seed: `localsgd train --workers 4` and 4 torchrun processes end with the
+    same model (max abs difference <= 1e-5; in fact bitwise equal) and the same metrics."""
+    assert main(["train", *TINY, "--out", str(tmp_path / "sim"), "--progress", "false"]) == 0
+    launch(4, ["-m", "localsgd", "train", *TINY, "--out", str(tmp_path / "dist"), "--progress", "false"])
+    sim = torch.load(tmp_path / "sim/model.pt", weights_only=True)
+    dist = torch.load(tmp_path / "dist/model.pt", weights_only=True)
+    diff = max(
+        (a.double() - b.double()).abs().max().item()
+        for a, b in zip(sim["model"].values(), dist["model"].values(), strict=True)
+    )
+    assert diff <= 1e-5
+    rows = [
+        [json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        for run in ("sim", "dist")
+    ]
+    assert len(rows[0]) == len(rows[1]) == 2
+    for a, b in zip(*rows, strict=True):
+        assert (a["epoch"], a["step"], a["rounds"], a["bytes"]) == (
+            b["epoch"],
+            b["step"],
+            b["rounds"],
+            b["bytes"],
+        )
+        for key in (
+            "lr",
+            "train_loss",
+            "train_acc",
+            "test_loss",
+            "test_acc",
+            "local_test_loss",
+            "local_test_acc",
+        ):
+            assert a[key] == pytest.approx(b[key], abs=1e-5), key
+    assert rows[0][-1]["rounds"] == {"global": 4 + 2}  # 4 mini-batch steps, then H = 2 for 4 steps
+
+
+@needs_cifar10
+def test_train_writes_the_run_directory_and_prints_a_table(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    assert main(["train", *TINY, "--workers", "2", "--epochs", "1", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "test acc" in printed and "final test accuracy (averaged model)" in printed
+    resolved = json.loads((out / "config.json").read_text())
+    assert resolved["config"]["workers"] == 2 and resolved["derived"]["steps_per_epoch"] == 8
+    ckpt = torch.load(out / "model.pt", weights_only=True)
+    model = build_model("resnet20", 10)
+    model.load_state_dict(ckpt["model"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert 0 <= summary["final_test_acc"] <= 1 and summary["rounds"]["global"] == 8
+
+
+def test_cifar100_trains_from_the_same_code(tmp_path: Path) -> None:
+    """CIFAR-100 in its official layout (a small fixture) goes through the same pipeline."""
+    data = write_cifar100(tmp_path / "data", n_train=64, n_test=32)
+    out = tmp_path / "run"
+    flags = ["--dataset", "cifar100", "--data-dir", str(data), "--workers", "2", "--local-batch-size", "8"]
+    assert main(["train", *flags, "--epochs", "1", "--local-steps", "2", "--out", str(out)]) == 0
+    assert torch.load(out / "model.pt", weights_only=True)["model"]["head.fc.weight"].shape[0] == 100
+
+
+@needs_cifar10
+def test_plot_compares_runs(tmp_path: Path) -> None:
+    for h in ("1", "2"):
+        flags = [*TINY, "--workers", "2", "--epochs", "1", "--local-steps", h, "--eval-local", "false"]
+        assert main(["train", *flags, "--out", str(tmp_path / f"h{h}"), "--progress", "false"]) == 0
+    png = tmp_path / "cmp.png"
+    assert main(["plot", str(tmp_path / "h1"), str(tmp_path / "h2"), "--out", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
