@@ -132,13 +132,24 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def finish(code: int) -> int:
+    """Leave a torchrun worker without C++ teardown: torch 2.13's gloo backend sometimes aborts in
+    static destructors after Python has finished ("terminate called without an active exception"),
+    which torchrun would report as a failed run (or restart) although everything was written."""
+    if "WORLD_SIZE" in os.environ and "TORCHELASTIC_RUN_ID" in os.environ:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         if args.command == "train":
-            return run_train(args)
+            return finish(run_train(args))
         if args.command == "demo":
-            return run_demo(args)
+            return finish(run_demo(args))
         if args.command == "plot":
             from localsgd.harness.plot import plot_runs
 

@@ -117,7 +117,7 @@ class DistCommunicator(Communicator):
         workers_per_block: K'. Blocks are consecutive ranks of ``group``. Default: torchrun's
             ``LOCAL_WORLD_SIZE`` (the workers of one node), if set.
         ordered: average by all-gather and a sum in worker order, as the simulator does, instead
-            of the backend's all-reduce: bitwise the simulator's result, for (n-1)/2 times the
+            of the backend's all-reduce: bitwise the simulator's result, for n/2 times the
             traffic of a ring all-reduce. Training amplifies rounding differences quickly, so this
             is what makes a torchrun run reproduce a simulator run beyond the first few steps.
     """

@@ -6,6 +6,7 @@ Usage: dist_worker.py SCENARIO OUT_DIR [ARGS...]; each rank writes OUT_DIR/rank{
 from __future__ import annotations
 
 import io
+import os
 import sys
 import time
 from pathlib import Path
@@ -183,6 +184,10 @@ def main() -> None:
     torch.save(result, Path(out) / f"rank{rank}.pt")
     dist.barrier()  # no rank tears its connections down while a peer still uses them
     dist.destroy_process_group()
+    # torch 2.13's gloo backend sometimes aborts in C++ static destructors after Python has
+    # finished ("terminate called without an active exception"); everything is written by now.
+    sys.stdout.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

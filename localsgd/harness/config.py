@@ -203,7 +203,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "epochs": 3,
         "warmup_epochs": 0.5,
         "decay_at": [0.67],
-        "train_subset": 25000,
+        "train_subset": 20000,
         "eval_local": False,
         "eval_every": 3,
     },
