@@ -90,6 +90,9 @@ def run_train(args: argparse.Namespace) -> int:
         f"{args.preset or 'train'}-{cfg.dataset}-{cfg.model}-K{cfg.workers}-H{cfg.local_steps}-seed{cfg.seed}"
     )
     out = Path(cfg.out or f"runs/{name}")
+    if cfg.resume and (out / "summary.json").is_file():
+        print(f"{out} holds a finished run; not running it again (see {out / 'summary.json'})")
+        return 0
     try:
         result = train(cfg, out)
         if result.main:

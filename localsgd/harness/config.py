@@ -80,6 +80,10 @@ class Config:
     """run directory (default: runs/<preset or model>-<dataset>-K<K>-H<H>-seed<seed>)"""
     eval_every: int = 1
     """evaluate every this many epochs (and always at the end)"""
+    checkpoint_every: int = 1
+    """write a resumable checkpoint every this many epochs"""
+    resume: bool = False
+    """continue from the run directory's last checkpoint (a finished run is not run again)"""
     eval_local: bool = True
     """also evaluate each worker's own model (the paper's code reports their mean accuracy)"""
     channels_last: bool = True
@@ -100,7 +104,7 @@ class Config:
         choice(self, "model", MODELS)
         choice(self, "buffers", ("local", "average"))
         choice(self, "optimizer_state", ("local", "average", "reset"))
-        for name in ("workers", "local_batch_size", "local_steps", "eval_every"):
+        for name in ("workers", "local_batch_size", "local_steps", "eval_every", "checkpoint_every"):
             integer(self, name, 1)
         for name in ("train_subset", "test_subset", "workers_per_block", "block_steps", "threads"):
             if getattr(self, name) is not None:
@@ -129,6 +133,7 @@ class Config:
             "tensorboard",
             "progress",
             "ordered_averaging",
+            "resume",
         ):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")

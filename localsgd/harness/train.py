@@ -3,6 +3,7 @@ workers in the simulator, with the same results for the same seed. Read top to b
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -19,7 +20,7 @@ from torch.nn import functional as F
 
 import localsgd
 from localsgd import DistCommunicator, Engine, LocalSGD, Schedule, Simulator
-from localsgd.harness import optim
+from localsgd.harness import checkpoint, optim
 from localsgd.harness.config import Config, ConfigError
 from localsgd.harness.data import Dataset, augment, default_data_dir, epoch_shards, load_dataset, normalize
 from localsgd.harness.models import build_model
@@ -113,22 +114,8 @@ def evaluate(
     return [loss, correct, float(len(x))]
 
 
-def atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_text(text: str, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def write_text(text: str, path: Path) -> None:
+    checkpoint.atomic_write_bytes(text.encode(), path)
 
 
 @dataclass
@@ -210,22 +197,39 @@ def train(cfg: Config, out: Path) -> Result:
                 "machine": platform.machine(),
             },
         }
-        atomic_write_text(json.dumps(resolved, indent=2) + "\n", out / "config.json")
-        (out / "metrics.jsonl").write_text("")
+        write_text(json.dumps(resolved, indent=2) + "\n", out / "config.json")
         if cfg.tensorboard:
             writer = SummaryWriter(str(out / "tensorboard"))
 
+    # --- resume: everything an uninterrupted run would hold at the checkpoint's step ---
+    ckpt_root = out / "checkpoints"
+    history: list[dict[str, Any]] = []
+    eval_seconds = wall_offset = 0.0
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+    state = checkpoint.read_state(ckpt_root, runtime.rank) if cfg.resume or restarted else None
+    if state is not None:
+        checkpoint.check_same_config(state["config"], cfg.to_dict(), ckpt_root)
+        engine.load_state_dict(state["engine"])
+        if runtime.distributed:
+            model.load_state_dict(state["model"])
+        for k, g in generators.items():
+            g.set_state(state["generators"][k])
+        history, eval_seconds, wall_offset = state["history"], state["eval_seconds"], state["wall_seconds"]
+    start_t = engine.t
+    if runtime.all_sum([float(start_t)])[0] != start_t * (cfg.workers if runtime.distributed else 1):
+        raise checkpoint.CheckpointError(f"{ckpt_root}: the processes found checkpoints of different steps")
+    if main:
+        write_text("".join(json.dumps(row) + "\n" for row in history), out / "metrics.jsonl")
+
     # --- training ---
     B = cfg.local_batch_size
-    progress = Progress(plan.total_steps, "train", enabled=main and cfg.progress)
-    start = time.perf_counter()
-    eval_seconds = 0.0
-    history: list[dict[str, Any]] = []
+    progress = Progress(plan.total_steps - start_t, "train", enabled=main and cfg.progress)
+    start = time.perf_counter() - wall_offset
     sums = [0.0, 0.0, 0.0]  # loss sum, correct, samples (this epoch, this process's workers)
     shards: list[torch.Tensor] = []
-    for t in range(plan.total_steps):
+    for t in range(start_t, plan.total_steps):
         epoch, i = divmod(t, plan.steps_per_epoch)
-        if i == 0:  # a fresh random disjoint shard per worker every epoch
+        if i == 0 or t == start_t:  # a fresh random disjoint shard per worker every epoch
             shards = epoch_shards(len(train_x), cfg.workers, epoch, cfg.seed)
         lr = optim.lr_at(
             t / plan.steps_per_epoch, plan.peak_lr, cfg.lr_per_64, cfg.warmup_epochs, plan.decay_epochs,
@@ -302,14 +306,33 @@ def train(cfg: Config, out: Path) -> Result:
                 for key, value in row.items():
                     if isinstance(value, float | int) and key not in ("epoch", "step"):
                         writer.add_scalar(key, value, t + 1)
+        if (epoch + 1) % cfg.checkpoint_every == 0 and t + 1 < plan.total_steps:
+            state = {
+                "config": cfg.to_dict(),
+                "engine": engine.state_dict(),
+                "generators": {k: g.get_state() for k, g in generators.items()},
+                "history": history,
+                "eval_seconds": eval_seconds,
+                "wall_seconds": time.perf_counter() - start,
+            }
+            if runtime.distributed:
+                state["model"] = model.state_dict()
+            digest = checkpoint.write_state(ckpt_root, t + 1, runtime.rank, state)
+            digests = [digest]
+            if runtime.distributed:  # also waits until every process has written
+                digests = [d.decode() for d in engine.comm.all_gather_bytes([digest.encode()])]
+            if main:
+                checkpoint.commit(ckpt_root, t + 1, digests)
     progress.close()
 
     # --- final model and summary ---
     final = engine.averaged_model()
     summary = summarize(cfg, plan, history)
     if main:
-        atomic_save({"model": final.state_dict(), "config": cfg.to_dict()}, out / "model.pt")
-        atomic_write_text(json.dumps(summary, indent=2) + "\n", out / "summary.json")
+        buf = io.BytesIO()
+        torch.save({"model": final.state_dict(), "config": cfg.to_dict()}, buf)
+        checkpoint.atomic_write_bytes(buf.getvalue(), out / "model.pt")
+        write_text(json.dumps(summary, indent=2) + "\n", out / "summary.json")
         if writer is not None:
             writer.close()
     return Result(summary, history, final, engine, main)

@@ -1,0 +1,118 @@
+"""Run checkpoints: every process writes its state for step ``t`` into ``checkpoints/step-<t>/``,
+then rank 0 atomically replaces the ``latest`` pointer (JSON: step, files, sha256 of each). A crash
+at any moment leaves the previous complete checkpoint in place; older steps are deleted only after
+the pointer names the new one."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from localsgd.harness.config import ConfigError
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: one line naming the file and the problem."""
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(data: bytes, path: Path) -> None:
+    """Write to a temporary file, fsync, rename over ``path``, fsync the folder."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def step_dir(root: Path, t: int) -> Path:
+    return root / f"step-{t:09d}"
+
+
+def write_state(root: Path, t: int, process: int, state: dict[str, Any]) -> str:
+    """Write this process's state for step ``t``; returns its sha256 (for the pointer)."""
+    folder = step_dir(root, t)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"process-{process}.pt"
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(folder)
+    return sha256(path)
+
+
+def commit(root: Path, t: int, digests: list[str]) -> None:
+    """Point ``latest`` at step ``t`` (called by rank 0 once every process has written), then
+    delete older steps."""
+    pointer = {"step": t, "files": {f"process-{p}.pt": d for p, d in enumerate(digests)}}
+    atomic_write_bytes((json.dumps(pointer) + "\n").encode(), root / "latest")
+    for old in root.glob("step-*"):
+        if old != step_dir(root, t):
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def read_state(root: Path, process: int) -> dict[str, Any] | None:
+    """This process's state from the latest committed checkpoint, or ``None`` if there is none."""
+    pointer_path = root / "latest"
+    if not pointer_path.exists():
+        return None
+    try:
+        pointer = json.loads(pointer_path.read_text())
+        step, digest = int(pointer["step"]), pointer["files"][f"process-{process}.pt"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(
+            f"{pointer_path}: unreadable checkpoint pointer ({type(e).__name__}: {e})"
+        ) from None
+    path = step_dir(root, step) / f"process-{process}.pt"
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing, although {pointer_path} names it")
+    actual = sha256(path)
+    if actual != digest:
+        raise CheckpointError(
+            f"{path}: checksum mismatch (expected sha256 {digest[:16]}..., got {actual[:16]}...)"
+        )
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as e:  # a file with the right checksum that torch cannot read
+        raise CheckpointError(f"{path}: unreadable checkpoint ({type(e).__name__})") from None
+
+
+# Settings that may change between a run and its resumption without changing the result.
+RUN_CONTROL = {"out", "progress", "tensorboard", "threads", "resume", "checkpoint_every"}
+
+
+def check_same_config(saved: dict[str, Any], current: dict[str, Any], where: Path) -> None:
+    for key in sorted(saved.keys() | current.keys()):
+        if key in RUN_CONTROL:
+            continue
+        if saved.get(key) != current.get(key):
+            raise ConfigError(
+                f"the checkpoint in {where} was written with {key} = {saved.get(key)!r}, "
+                f"but this run has {key} = {current.get(key)!r}"
+            )

@@ -1,0 +1,98 @@
+"""Resumable runs: a run killed at any moment continues from its last checkpoint to exactly the
+model an uninterrupted run gives."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from localsgd.cli import main
+from tests.helpers import HERE, launch
+from tests.test_train import TINY, needs_cifar10
+
+FLAGS = [*TINY, "--workers", "2", "--epochs", "4", "--eval-local", "false", "--progress", "false"]
+TIMING = ("comm_seconds", "eval_seconds", "compute_seconds", "wall_seconds")
+
+
+def kill_after_first_checkpoint(args: list[str], out: Path) -> int:
+    """Start `localsgd train` and SIGKILL it as soon as a checkpoint is committed; returns its step."""
+    env = {**os.environ, "PYTHONPATH": str(HERE.parent)}
+    proc = subprocess.Popen([sys.executable, "-m", "localsgd", "train", *args, "--out", str(out)], env=env)
+    pointer = out / "checkpoints" / "latest"
+    try:
+        deadline = time.monotonic() + 120
+        while not pointer.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    return json.loads(pointer.read_text())["step"]
+
+
+def same_run(a: Path, b: Path) -> None:
+    ma = torch.load(a / "model.pt", weights_only=True)["model"]
+    mb = torch.load(b / "model.pt", weights_only=True)["model"]
+    assert all(torch.equal(ma[k], mb[k]) for k in ma)  # bit for bit
+    rows = [[json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()] for d in (a, b)]
+    assert len(rows[0]) == len(rows[1])
+    for ra, rb in zip(*rows, strict=True):
+        assert {k: v for k, v in ra.items() if k not in TIMING} == {
+            k: v for k, v in rb.items() if k not in TIMING
+        }
+
+
+@needs_cifar10
+def test_killed_simulator_run_resumes_bit_for_bit(tmp_path: Path) -> None:
+    assert main(["train", *FLAGS, "--out", str(tmp_path / "full")]) == 0
+    step = kill_after_first_checkpoint(FLAGS, tmp_path / "killed")
+    assert step % 8 == 0 and step < 32  # an epoch boundary (8 steps per epoch) before the end
+    assert main(["train", *FLAGS, "--out", str(tmp_path / "killed"), "--resume", "true"]) == 0
+    same_run(tmp_path / "full", tmp_path / "killed")
+    # A finished run is not run again.
+    before = (tmp_path / "killed" / "model.pt").stat().st_mtime_ns
+    assert main(["train", *FLAGS, "--out", str(tmp_path / "killed"), "--resume", "true"]) == 0
+    assert (tmp_path / "killed" / "model.pt").stat().st_mtime_ns == before
+
+
+@needs_cifar10
+def test_torchrun_run_resumes_bit_for_bit(tmp_path: Path) -> None:
+    """Two gloo processes: killed after a checkpoint, resumed with --resume: the same model as an
+    uninterrupted torchrun run."""
+    cmd = ["-m", "localsgd", "train", *FLAGS]
+    launch(2, [*cmd, "--out", str(tmp_path / "full")])
+    launch(2, [*cmd, "--out", str(tmp_path / "resumed"), "--checkpoint-every", "2"])
+    # Cut the finished run back to its checkpoint, as a crash after epoch 2 would have left it.
+    for name in ("model.pt", "summary.json"):
+        (tmp_path / "resumed" / name).unlink()
+    launch(2, [*cmd, "--out", str(tmp_path / "resumed"), "--checkpoint-every", "2", "--resume", "true"])
+    same_run(tmp_path / "full", tmp_path / "resumed")
+
+
+@needs_cifar10
+def test_corrupt_or_foreign_checkpoints_are_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    flags = [*FLAGS, "--epochs", "2", "--out", str(out)]
+    assert main(["train", *flags]) == 0
+    (out / "summary.json").unlink()  # pretend it was interrupted after the epoch-1 checkpoint
+    state = next((out / "checkpoints").glob("step-*/process-0.pt"))
+    data = bytearray(state.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one flipped bit
+    state.write_bytes(bytes(data))
+    assert main(["train", *flags, "--resume", "true"]) == 2
+    assert "checksum mismatch" in capsys.readouterr().err
+    data[len(data) // 2] ^= 0x01
+    state.write_bytes(bytes(data))
+    assert main(["train", *flags, "--resume", "true", "--local-steps", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "written with local_steps = 2, but this run has local_steps = 4" in err and err.count("\n") == 1
