@@ -148,6 +148,8 @@ def finish(code: int) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    from localsgd.harness.train import TrainingError
+
     try:
         if args.command == "train":
             return finish(run_train(args))
@@ -163,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
 
             print(download(args.dataset, args.data_dir or default_data_dir(args.dataset), args.base_url))
             return 0
-    except ValueError as e:  # bad config, bad data, the library's own checks: one line, no traceback
+    except (ValueError, TrainingError) as e:  # bad config or data, failed checks: one line, no traceback
         print(f"localsgd: error: {e}", file=sys.stderr)
         return 2
     return 0

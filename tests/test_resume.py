@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from localsgd.cli import main
+from localsgd.harness import checkpoint
 from tests.helpers import HERE, launch
 from tests.test_train import TINY, needs_cifar10
 
@@ -96,3 +97,22 @@ def test_corrupt_or_foreign_checkpoints_are_refused(
     assert main(["train", *flags, "--resume", "true", "--local-steps", "4"]) == 2
     err = capsys.readouterr().err
     assert "written with local_steps = 2, but this run has local_steps = 4" in err and err.count("\n") == 1
+
+
+@needs_cifar10
+def test_non_finite_loss_stops_with_step_and_worker(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    flags = [*FLAGS, "--peak-lr", "40", "--warmup-epochs", "0", "--out", str(out)]
+    assert main(["train", *flags]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err
+        == f"localsgd: error: loss is nan at step 12 (epoch 2) on worker 0; the last good checkpoint is in {out / 'checkpoints'}\n"
+    )
+    state = checkpoint.read_state(out / "checkpoints", 0)  # intact, and finite
+    assert state is not None and state["engine"]["t"] == 8
+    for replica in state["engine"]["replicas"]:
+        assert all(torch.isfinite(v).all() for v in replica["model"].values() if v.is_floating_point())
+    assert not (out / "model.pt").exists()

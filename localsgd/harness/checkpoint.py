@@ -104,7 +104,7 @@ def read_state(root: Path, process: int) -> dict[str, Any] | None:
 
 
 # Settings that may change between a run and its resumption without changing the result.
-RUN_CONTROL = {"out", "progress", "tensorboard", "threads", "resume", "checkpoint_every"}
+RUN_CONTROL = {"out", "progress", "tensorboard", "threads", "resume", "checkpoint_every", "timeout"}
 
 
 def check_same_config(saved: dict[str, Any], current: dict[str, Any], where: Path) -> None:

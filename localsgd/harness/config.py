@@ -88,6 +88,8 @@ class Config:
     """also evaluate each worker's own model (the paper's code reports their mean accuracy)"""
     channels_last: bool = True
     """channels_last memory format (faster on CPU, same numerics)"""
+    timeout: float = 600
+    """seconds a collective may wait for a peer before the run stops with an error (torchrun)"""
     threads: int | None = None
     """torch threads per process (default: all cores, 1 under torchrun with several processes per node)"""
     tensorboard: bool = False
@@ -118,6 +120,7 @@ class Config:
         number(self, "decay_factor", 0, strict=True)
         number(self, "momentum", 0)
         number(self, "weight_decay", 0)
+        number(self, "timeout", 0, strict=True)
         if not isinstance(self.decay_at, list) or not all(
             isinstance(f, int | float) and not isinstance(f, bool) and 0 < f < 1 for f in self.decay_at
         ):

@@ -10,6 +10,7 @@ import os
 import platform
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,10 @@ from localsgd.harness.models import build_model
 from localsgd.harness.progress import Progress
 
 EVAL_BATCH = 1000
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. a non-finite loss): one line naming step and worker."""
 
 
 @dataclass
@@ -80,7 +85,8 @@ class Runtime:
                 self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
                 torch.cuda.set_device(self.device)
             if not dist.is_initialized():
-                dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+                backend = "nccl" if self.device.type == "cuda" else "gloo"
+                dist.init_process_group(backend, timeout=timedelta(seconds=cfg.timeout))
         self.rank = dist.get_rank() if self.distributed else 0
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         threads = cfg.threads or max(1, (os.cpu_count() or 1) // local)
@@ -112,6 +118,21 @@ def evaluate(
         correct += (out.argmax(1) == yb).sum().item()
     model.train()
     return [loss, correct, float(len(x))]
+
+
+def check_finite(workers: list[tuple[int, nn.Module]], t: int, ckpt_root: Path) -> None:
+    for k, m in workers:
+        for name, value in m.state_dict().items():
+            if value.is_floating_point() and not torch.isfinite(value).all():
+                raise TrainingError(
+                    f"{name} is not finite after step {t} on worker {k}; {last_good(ckpt_root)}"
+                )
+
+
+def last_good(ckpt_root: Path) -> str:
+    if (ckpt_root / "latest").exists():
+        return f"the last good checkpoint is in {ckpt_root}"
+    return "no checkpoint was written before"
 
 
 def write_text(text: str, path: Path) -> None:
@@ -246,8 +267,13 @@ def train(cfg: Config, out: Path) -> Result:
             y = train_y[idx]
             logits = m(x)
             loss = F.cross_entropy(logits, y)
+            value = loss.item()
+            if not math.isfinite(value):  # stop before the bad values reach any average or checkpoint
+                raise TrainingError(
+                    f"loss is {value} at step {t} (epoch {epoch + 1}) on worker {k}; {last_good(ckpt_root)}"
+                )
             loss.backward()
-            sums[0] += loss.item() * len(y)
+            sums[0] += value * len(y)
             sums[1] += (logits.argmax(1) == y).sum().item()
             sums[2] += len(y)
         engine.step()
@@ -307,6 +333,7 @@ def train(cfg: Config, out: Path) -> Result:
                     if isinstance(value, float | int) and key not in ("epoch", "step"):
                         writer.add_scalar(key, value, t + 1)
         if (epoch + 1) % cfg.checkpoint_every == 0 and t + 1 < plan.total_steps:
+            check_finite(workers, t, ckpt_root)  # never replace a good checkpoint by a broken one
             state = {
                 "config": cfg.to_dict(),
                 "engine": engine.state_dict(),
@@ -326,6 +353,7 @@ def train(cfg: Config, out: Path) -> Result:
     progress.close()
 
     # --- final model and summary ---
+    check_finite(workers, plan.total_steps - 1, ckpt_root)
     final = engine.averaged_model()
     summary = summarize(cfg, plan, history)
     if main:
