@@ -42,6 +42,7 @@ class Communicator(ABC):
     workers: int
     workers_per_block: int | None
     local_workers: list[int]
+    ordered: bool = True  # sums in worker order (the simulator always does)
 
     def group_size(self, level: Level) -> int:
         if level is Level.GLOBAL:
@@ -52,6 +53,12 @@ class Communicator(ABC):
                 "pass workers_per_block (K') or run under torchrun, which sets LOCAL_WORLD_SIZE"
             )
         return self.workers_per_block
+
+    def prepare(self, levels: tuple[Level, ...], collective: bool) -> None:
+        """Check that every level can be served; with ``collective``, also set up what all
+        workers must create together (process groups). Called by every worker at the same point."""
+        for level in levels:
+            self.group_size(level)
 
     @abstractmethod
     def all_reduce_mean_(self, level: Level, flats: list[torch.Tensor]) -> Wait:
@@ -143,6 +150,12 @@ class DistCommunicator(Communicator):
         self.workers_per_block = workers_per_block
         self._block_group: dist.ProcessGroup | None = None
         self.ordered = ordered
+
+    def prepare(self, levels: tuple[Level, ...], collective: bool) -> None:
+        super().prepare(levels, collective)
+        if collective:
+            for level in levels:
+                self.process_group(level)
 
     def process_group(self, level: Level) -> dist.ProcessGroup:
         if level is Level.GLOBAL:

@@ -102,8 +102,7 @@ class Engine:
                             f"the optimizer holds a parameter of shape {tuple(p.shape)} that is not "
                             "a parameter of the model; pass the model whose parameters it optimizes"
                         )
-        for level in schedule.levels():
-            comm.group_size(level)  # raises if the block size K' is unknown
+        comm.prepare(schedule.levels(), collective=False)  # raises if the block size K' is unknown
         self._ddp_group_matches = [self._check_ddp(d) for d in self._ddp]
         self._averager = FlatAverager(comm, bucket_bytes)
         self.t = 0
@@ -111,9 +110,7 @@ class Engine:
         check_workers(
             comm, [describe(m, self._settings(o)) for m, o in zip(self.models, self.optimizers, strict=True)]
         )
-        if isinstance(comm, DistCommunicator):
-            for level in schedule.levels():
-                comm.process_group(level)  # create the block groups now, on every rank together
+        comm.prepare(schedule.levels(), collective=True)
         if sync_initial:
             self._averager.broadcast_([[*m.parameters(), *m.buffers()] for m in self.models])
         self._arm_ddp()
@@ -125,6 +122,7 @@ class Engine:
             "schedule": self.schedule.to_dict(),
             "workers": self.comm.workers,
             "workers_per_block": self.comm.workers_per_block,
+            "ordered": self.comm.ordered,
             "buffers": self.buffers,
             "optimizer_state": self.optimizer_state,
             "bucket_bytes": self._averager.bucket_bytes,
