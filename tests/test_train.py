@@ -200,3 +200,18 @@ def test_plot_compares_runs(tmp_path: Path) -> None:
     png = tmp_path / "cmp.png"
     assert main(["plot", str(tmp_path / "h1"), str(tmp_path / "h2"), "--out", str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_tensorboard_without_the_package_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    try:
+        import tensorboard  # noqa: F401
+
+        pytest.skip("tensorboard is installed")
+    except ImportError:
+        pass
+    out = tmp_path / "run"
+    assert main(["train", "--tensorboard", "true", "--data-dir", str(tmp_path), "--out", str(out)]) == 2
+    assert capsys.readouterr().err == (
+        "localsgd: error: tensorboard = true needs the tensorboard package: pip install tensorboard\n"
+    )
+    assert not out.exists()

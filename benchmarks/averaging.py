@@ -1,0 +1,149 @@
+"""Averaging cost: one model average with localsgd against a raw all_reduce of one flat buffer of
+the same bytes (the limit), PyTorch's model averagers and a per-tensor loop, over real gloo ranks.
+
+    python benchmarks/averaging.py --workers 2 4 8 --out benchmarks/results/averaging.json
+
+Starts one torchrun per K (K processes on this machine), times each method side by side in the
+same processes (barrier before every repetition), and prints min/median/max per method and the
+ratio of medians to the raw all_reduce.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def many_tensor_model() -> nn.Module:
+    """About 25M parameters in 160 tensors (ResNet-50 has 25.6M in 161)."""
+    return nn.Sequential(*[nn.Linear(560, 560) for _ in range(80)])
+
+
+def models() -> dict[str, nn.Module]:
+    from localsgd.harness.models import build_model
+
+    torch.manual_seed(0)
+    return {"resnet20": build_model("resnet20", 10), "25M/160 tensors": many_tensor_model()}
+
+
+def methods(model: nn.Module) -> dict:
+    from torch.distributed.algorithms.model_averaging.averagers import PeriodicModelAverager
+    from torch.distributed.algorithms.model_averaging.utils import average_parameters
+
+    from localsgd import DistCommunicator, FlatAverager, Level
+
+    params = list(model.parameters())
+    for p in params:  # PyTorch's averagers skip parameters without a gradient
+        p.grad = torch.zeros_like(p)
+    world = dist.get_world_size()
+    flat = torch.zeros(sum(p.numel() for p in params))
+    averager = FlatAverager(DistCommunicator())
+    periodic = PeriodicModelAverager(period=1, warmup_steps=0)
+
+    def per_tensor() -> None:
+        with torch.no_grad():
+            for p in params:
+                dist.all_reduce(p)
+                p.div_(world)
+
+    return {
+        "raw all_reduce (flat buffer)": lambda: dist.all_reduce(flat),
+        "localsgd FlatAverager": lambda: averager.average_(Level.GLOBAL, [params]),
+        "torch average_parameters": lambda: average_parameters(iter(params), dist.group.WORLD),
+        "torch PeriodicModelAverager": lambda: periodic.average_parameters(iter(params)),
+        "per-tensor all_reduce": per_tensor,
+    }
+
+
+def worker(out: Path, repeats: int) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rows = []
+    for name, model in models().items():
+        nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        n = repeats if nbytes < 10e6 else max(3, repeats // 3)
+        for method, fn in methods(model).items():
+            for _ in range(2):  # warm-up (connections, buffers)
+                fn()
+            times = []
+            for _ in range(n):
+                dist.barrier()
+                start = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - start)
+            # Every rank's time counts: a collective is as slow as its slowest participant.
+            t = torch.tensor(times, dtype=torch.float64)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            ms = [1000 * x for x in t.tolist()]
+            rows.append(
+                {
+                    "workers": dist.get_world_size(),
+                    "model": name,
+                    "bytes": nbytes,
+                    "tensors": len(list(model.parameters())),
+                    "method": method,
+                    "repeats": n,
+                    "min_ms": min(ms),
+                    "median_ms": statistics.median(ms),
+                    "max_ms": max(ms),
+                }
+            )
+    if dist.get_rank() == 0:
+        out.write_text(json.dumps(rows))
+    dist.barrier()
+    dist.destroy_process_group()
+    os._exit(0)  # skip gloo's C++ teardown (see localsgd/cli.py: finish)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--workers", type=int, nargs="+", default=[2, 4, 8])
+    p.add_argument("--repeats", type=int, default=21)
+    p.add_argument("--out", default="benchmarks/results/averaging.json")
+    p.add_argument("--worker-out", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker_out:
+        worker(Path(args.worker_out), args.repeats)
+        return
+    rows = []
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    for k in args.workers:
+        part = Path(args.out).with_suffix(f".K{k}.tmp")
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={k}",
+               __file__, "--repeats", str(args.repeats), "--worker-out", str(part)]  # fmt: skip
+        print(f"K={k}: {' '.join(cmd[1:4])} ...", file=sys.stderr)
+        subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
+        rows += json.loads(part.read_text())
+        part.unlink()
+    raw = {(r["workers"], r["model"]): r["median_ms"] for r in rows if r["method"].startswith("raw")}
+    print(f"{'K':>2} {'model':<16} {'method':<30} {'min ms':>9} {'median ms':>9} {'max ms':>9} {'/raw':>6}")
+    for r in rows:
+        r["ratio_to_raw"] = r["median_ms"] / raw[(r["workers"], r["model"])]
+        print(
+            f"{r['workers']:>2} {r['model']:<16} {r['method']:<30} {r['min_ms']:>9.2f} "
+            f"{r['median_ms']:>9.2f} {r['max_ms']:>9.2f} {r['ratio_to_raw']:>6.2f}"
+        )
+    result = {
+        "command": "python benchmarks/averaging.py " + " ".join(sys.argv[1:]),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__},
+        "rows": rows,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {args.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
