@@ -139,7 +139,7 @@ def finish(code: int) -> int:
     """Leave a torchrun worker without C++ teardown: torch 2.13's gloo backend sometimes aborts in
     static destructors after Python has finished ("terminate called without an active exception"),
     which torchrun would report as a failed run (or restart) although everything was written."""
-    if "WORLD_SIZE" in os.environ and "TORCHELASTIC_RUN_ID" in os.environ:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
@@ -148,6 +148,7 @@ def finish(code: int) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    from localsgd.engine import CommunicationError
     from localsgd.harness.train import TrainingError
 
     try:
@@ -165,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
 
             print(download(args.dataset, args.data_dir or default_data_dir(args.dataset), args.base_url))
             return 0
-    except (ValueError, TrainingError) as e:  # bad config or data, failed checks: one line, no traceback
+    except (ValueError, TrainingError, CommunicationError) as e:  # one line, no traceback
         print(f"localsgd: error: {e}", file=sys.stderr)
         return 2
     return 0

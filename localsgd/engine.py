@@ -28,6 +28,15 @@ BUFFER_POLICIES = ("local", "average")
 OPTIMIZER_STATE_POLICIES = ("local", "average", "reset")
 
 
+class CommunicationError(RuntimeError):
+    """A collective failed: a peer died, hung past the timeout, or the network broke."""
+
+
+def first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
+
+
 @dataclass
 class CommStats:
     """Communication at one level: averaging rounds, payload bytes per worker, seconds spent."""
@@ -198,6 +207,13 @@ class Engine:
     def averaged_model(self) -> nn.Module:
         """A new model holding the mean of all K workers' parameters and floating buffers; the
         workers are left as they are (for evaluation; not counted in ``stats``)."""
+        try:
+            return self._averaged_model()
+        except RuntimeError as e:
+            raise CommunicationError(f"averaging the models for evaluation failed ({first_line(e)})") from e
+
+    @torch.no_grad()
+    def _averaged_model(self) -> nn.Module:
         clones = [
             [t.detach().clone() for t in (*m.parameters(), *self._float_buffers(m, True))]
             for m in self.models
@@ -217,7 +233,13 @@ class Engine:
         if self.comm.group_size(level) == 1:
             return  # a lone worker has nothing to average
         start = time.perf_counter()
-        nbytes = fn()
+        try:
+            nbytes = fn()
+        except RuntimeError as e:  # one clear line instead of a backend traceback on every survivor
+            raise CommunicationError(
+                f"averaging at step {self.t} ({level.value} level) failed; a worker is gone, stuck or "
+                f"unreachable ({first_line(e)})"
+            ) from e
         stats = self.stats[level.value]
         stats.seconds += time.perf_counter() - start
         stats.bytes += nbytes

@@ -21,6 +21,7 @@ from torch.nn import functional as F
 
 import localsgd
 from localsgd import DistCommunicator, Engine, LocalSGD, Schedule, Simulator
+from localsgd.engine import CommunicationError, first_line
 from localsgd.harness import checkpoint, optim
 from localsgd.harness.config import Config, ConfigError
 from localsgd.harness.data import Dataset, augment, default_data_dir, epoch_shards, load_dataset, normalize
@@ -97,7 +98,10 @@ class Runtime:
         if not self.distributed:
             return values
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
-        dist.all_reduce(t)
+        try:
+            dist.all_reduce(t)
+        except RuntimeError as e:
+            raise CommunicationError(f"summing metrics across workers failed ({first_line(e)})") from e
         return t.tolist()
 
 
