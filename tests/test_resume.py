@@ -116,3 +116,54 @@ def test_non_finite_loss_stops_with_step_and_worker(
     for replica in state["engine"]["replicas"]:
         assert all(torch.isfinite(v).all() for v in replica["model"].values() if v.is_floating_point())
     assert not (out / "model.pt").exists()
+
+
+class Exploit:
+    """Unpickling this would run a shell command (if anything ever unpickled it unrestricted)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@needs_cifar10
+def test_truncated_malicious_and_half_written_checkpoints(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A truncated state file fails its checksum; a state file that would run code is refused by
+    the weights-only loader (and runs nothing); a step that was being written when the run died
+    (no pointer to it) is ignored."""
+    out = tmp_path / "run"
+    flags = [*FLAGS, "--epochs", "2", "--out", str(out)]
+    assert main(["train", *flags]) == 0
+    (out / "summary.json").unlink()
+    pointer = out / "checkpoints" / "latest"
+    state = out / "checkpoints" / f"step-{json.loads(pointer.read_text())['step']:09d}" / "process-0.pt"
+    good = state.read_bytes()
+
+    state.write_bytes(good[: len(good) // 3])
+    assert main(["train", *flags, "--resume", "true"]) == 2
+    assert "checksum mismatch" in capsys.readouterr().err
+
+    marker = tmp_path / "pwned"
+    import pickle
+
+    state.write_bytes(pickle.dumps({"engine": Exploit(marker)}, protocol=2))
+    p = json.loads(pointer.read_text())
+    p["files"]["process-0.pt"] = checkpoint.sha256(state)
+    pointer.write_text(json.dumps(p))
+    assert main(["train", *flags, "--resume", "true"]) == 2
+    err = capsys.readouterr().err
+    assert "unreadable checkpoint" in err and err.count("\n") == 1, err
+    assert not marker.exists()
+
+    state.write_bytes(good)
+    p["files"]["process-0.pt"] = checkpoint.sha256(state)
+    pointer.write_text(json.dumps(p))
+    half = out / "checkpoints" / "step-999999999"
+    half.mkdir()
+    (half / "process-0.pt.tmp").write_bytes(good[:100])
+    assert main(["train", *flags, "--resume", "true"]) == 0
+    assert (out / "model.pt").exists()
