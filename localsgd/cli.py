@@ -48,6 +48,18 @@ def parser() -> argparse.ArgumentParser:
     plot.add_argument("runs", nargs="+", metavar="RUN_DIR")
     plot.add_argument("--out", default="runs.png", help="output PNG (default runs.png)")
 
+    study = sub.add_parser(
+        "study",
+        help="run a named study (methods x seeds) as resumable pieces, then print its table",
+        description="A finished run is skipped and an interrupted one resumes, so the same command can "
+        "be repeated across sittings.",
+    )
+    study.add_argument("name", help="the study (see localsgd.harness.study.STUDIES)")
+    study.add_argument("--out", help="study directory (default runs/study-NAME)")
+    study.add_argument("--data-dir", help="dataset folder for every run")
+    study.add_argument("--max-hours", type=float, help="start no new run after this many hours")
+    study.add_argument("--summary", action="store_true", help="only print the table of finished runs")
+
     download = sub.add_parser("download", help="download a dataset and verify its official checksums")
     download.add_argument("dataset")
     download.add_argument("--data-dir", help="destination (default: the cache that `train` looks in)")
@@ -156,6 +168,16 @@ def main(argv: list[str] | None = None) -> int:
             return finish(run_train(args))
         if args.command == "demo":
             return finish(run_demo(args))
+        if args.command == "study":
+            from localsgd.harness import study
+
+            root = Path(args.out or f"runs/study-{args.name}")
+            if args.summary:
+                rows = study.summarize(args.name, root)
+            else:
+                rows = study.run_study(args.name, root, args.data_dir, args.max_hours)
+            print(study.table(rows))
+            return 0
         if args.command == "plot":
             from localsgd.harness.plot import plot_runs
 

@@ -235,3 +235,26 @@ def test_tensorboard_without_the_package_is_a_clear_error(
         "localsgd: error: tensorboard = true needs the tensorboard package: pip install tensorboard\n"
     )
     assert not out.exists()
+
+
+@needs_cifar10
+def test_study_runs_pieces_skips_finished_ones_and_reproduces(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`localsgd study smoke`: every (method, seed) piece runs once; a second call skips them all;
+    a study run from scratch elsewhere gives the same table."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(["study", "smoke", "--out", str(a), "--data-dir", str(CIFAR10)]) == 0
+    first = capsys.readouterr().out
+    assert first.count("seed ") == 4 and "mini-batch" in first and "post-local H=4" in first
+    model = a / "mini-batch" / "seed-1" / "model.pt"
+    stamp = model.stat().st_mtime_ns
+    assert main(["study", "smoke", "--out", str(a), "--data-dir", str(CIFAR10)]) == 0
+    assert "seed " not in capsys.readouterr().out and model.stat().st_mtime_ns == stamp
+    assert main(["study", "smoke", "--out", str(b), "--data-dir", str(CIFAR10)]) == 0
+    rows = [json.loads((d / "study.json").read_text())["rows"] for d in (a, b)]
+    for ra, rb in zip(*rows, strict=True):
+        assert ra["final_test_acc"] == rb["final_test_acc"] and ra["global_rounds"] == rb["global_rounds"]
+    post_local = rows[0][1]
+    assert post_local["seeds_done"] == 2 and post_local["global_rounds"] == [8 + 2, 8 + 2]
+    assert main(["study", "nope"]) == 2
