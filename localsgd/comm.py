@@ -76,7 +76,8 @@ class Communicator(ABC):
 
 def _mean_in_order_(out: torch.Tensor, rows: list[torch.Tensor]) -> None:
     """``out`` = the mean of ``rows``, summed strictly in worker order (rows[0] + rows[1] + ...)."""
-    out.copy_(rows[0])
+    if out is not rows[0]:
+        out.copy_(rows[0])
     for row in rows[1:]:
         out.add_(row)
     out.div_(len(rows))
@@ -96,11 +97,11 @@ class SimCommunicator(Communicator):
     def all_reduce_mean_(self, level: Level, flats: list[torch.Tensor]) -> Wait:
         n = self.group_size(level)
         if n > 1:
-            mean = torch.empty_like(flats[0])
             for start in range(0, self.workers, n):
-                _mean_in_order_(mean, flats[start : start + n])
-                for flat in flats[start : start + n]:
-                    flat.copy_(mean)
+                group = flats[start : start + n]
+                _mean_in_order_(group[0], group)  # in place in the first row, then copied out
+                for flat in group[1:]:
+                    flat.copy_(group[0])
         return _done
 
     def broadcast_(self, flats: list[torch.Tensor]) -> Wait:

@@ -251,6 +251,7 @@ def train(cfg: Config, out: Path) -> Result:
     progress = Progress(plan.total_steps - start_t, "train", enabled=main and cfg.progress)
     start = time.perf_counter() - wall_offset
     sums = [0.0, 0.0, 0.0]  # loss sum, correct, samples (this epoch, this process's workers)
+    averaged: nn.Module | None = None  # the last evaluated average of the workers' models
     shards: list[torch.Tensor] = []
     for t in range(start_t, plan.total_steps):
         epoch, i = divmod(t, plan.steps_per_epoch)
@@ -358,7 +359,7 @@ def train(cfg: Config, out: Path) -> Result:
 
     # --- final model and summary ---
     check_finite(workers, plan.total_steps - 1, ckpt_root)
-    final = engine.averaged_model()
+    final = averaged if averaged is not None else engine.averaged_model()  # the last step evaluates it
     summary = summarize(cfg, plan, history)
     if main:
         buf = io.BytesIO()
