@@ -1,7 +1,7 @@
 """localsgd: local SGD, post-local SGD and hierarchical local SGD for PyTorch (Lin et al., ICLR 2020)."""
 
 from localsgd.averaging import FlatAverager
-from localsgd.comm import Communicator, DistCommunicator, SimCommunicator
+from localsgd.comm import Communicator, DistCommunicator, SimCommunicator, init_process_group
 from localsgd.engine import CommStats, Engine
 from localsgd.schedule import Level, Schedule, Sync
 from localsgd.simulator import Replica, Simulator
@@ -20,5 +20,6 @@ __all__ = [
     "SimCommunicator",
     "Simulator",
     "Sync",
+    "init_process_group",
 ]
 __version__ = "0.1.0"

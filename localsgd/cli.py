@@ -1,8 +1,9 @@
-"""The ``localsgd`` command: train, plot, download, demo."""
+"""The ``localsgd`` command: train, study, plot, sharpness, interpolate, plan, download, demo."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -59,6 +60,46 @@ def parser() -> argparse.ArgumentParser:
     study.add_argument("--data-dir", help="dataset folder for every run")
     study.add_argument("--max-hours", type=float, help="start no new run after this many hours")
     study.add_argument("--summary", action="store_true", help="only print the table of finished runs")
+    study.add_argument("--plot", action="store_true", help="also write the study's figure to OUT/study.png")
+    study.add_argument(
+        "--export", metavar="DIR", help="copy the small raw results (JSON/JSONL, PNG; no checkpoints) to DIR"
+    )
+
+    sharp = sub.add_parser(
+        "sharpness",
+        help="top Hessian eigenvalue of the training loss at each run's final model",
+        description="Power iteration with Hessian-vector products on a fixed random subset of the training "
+        "set (no augmentation, BN in eval mode, no weight decay). Writes RUN_DIR/sharpness.json.",
+    )
+    sharp.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    sharp.add_argument("--samples", type=positive_int, default=2048, help="training images (default 2048)")
+    sharp.add_argument("--tol", type=float, default=1e-3, help="relative change to stop at (default 1e-3)")
+    sharp.add_argument("--max-iters", type=positive_int, default=100, help="power iterations (default 100)")
+    sharp.add_argument("--seed", type=int, default=0, help="subset and start vector (default 0)")
+    sharp.add_argument("--data-dir", help="dataset folder (default: the one the run used)")
+
+    interp = sub.add_parser(
+        "interpolate",
+        help="loss and accuracy along the line between two runs' final models (JSON + PNG)",
+        description="Evaluates (1 - alpha) * A + alpha * B, re-estimating BN statistics at every point.",
+    )
+    interp.add_argument("run_a", metavar="RUN_A")
+    interp.add_argument("run_b", metavar="RUN_B")
+    interp.add_argument("--alphas", default="-0.5:1.5:21", help="START:STOP:POINTS (default -0.5:1.5:21)")
+    interp.add_argument("--samples", type=positive_int, default=2048, help="training images (default 2048)")
+    interp.add_argument("--seed", type=int, default=0)
+    interp.add_argument("--data-dir", help="dataset folder (default: the one run A used)")
+    interp.add_argument("--out", default="interpolation", help="output stem: .json and .png")
+
+    from localsgd import plan as cost
+
+    plan = sub.add_parser(
+        "plan",
+        help="predict seconds per epoch and the speed-up of each H over mini-batch SGD on a network",
+        description="A cost model of gloo's ring all-reduce (latency d, bandwidth, K) plus measured compute "
+        "time per step; benchmarks/network.py checks it on emulated networks.",
+    )
+    cost.add_arguments(plan)
 
     download = sub.add_parser("download", help="download a dataset and verify its official checksums")
     download.add_argument("dataset")
@@ -147,6 +188,39 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def alphas(text: str) -> list[float]:
+    from localsgd.harness.config import ConfigError
+
+    try:
+        start, stop, points = text.split(":")
+        n = int(points)
+        lo, hi = float(start), float(stop)
+    except ValueError:
+        raise ConfigError(f"--alphas must be START:STOP:POINTS, e.g. -0.5:1.5:21; got {text!r}") from None
+    if n < 2 or not lo < hi:
+        raise ConfigError(f"--alphas needs START < STOP and POINTS >= 2; got {text!r}")
+    return [round(lo + (hi - lo) * i / (n - 1), 6) for i in range(n)]
+
+
+def run_interpolate(args: argparse.Namespace) -> int:
+    from localsgd.harness import sharpness
+
+    points = alphas(args.alphas)
+    a, b = Path(args.run_a), Path(args.run_b)
+    rows = sharpness.interpolate_runs(a, b, args.data_dir, points, args.samples, args.seed)
+    out = Path(args.out)
+    record = {"run_a": str(a), "run_b": str(b), "samples": args.samples, "seed": args.seed, "points": rows}
+    out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
+    print(f"{'alpha':>6} {'train loss':>10} {'train acc':>9} {'test loss':>9} {'test acc':>8}")
+    for r in rows:
+        print(
+            f"{r['alpha']:6.2f} {r['train_loss']:10.4f} {100 * r['train_acc']:8.2f}% "
+            f"{r['test_loss']:9.4f} {100 * r['test_acc']:7.2f}%"
+        )
+    print(sharpness.plot_interpolation(rows, (a.name, b.name), out.with_suffix(".png")))
+    return 0
+
+
 def finish(code: int) -> int:
     """Leave a torchrun worker without C++ teardown: torch 2.13's gloo backend sometimes aborts in
     static destructors after Python has finished ("terminate called without an active exception"),
@@ -177,12 +251,42 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 rows = study.run_study(args.name, root, args.data_dir, args.max_hours)
             print(study.table(rows))
+            if args.plot:
+                from localsgd.harness.plot import plot_study
+
+                runs = {
+                    m: [study.run_dir(root, m, s) for s in study.STUDIES[args.name].seeds]
+                    for m in study.STUDIES[args.name].methods
+                }
+                print(plot_study(rows, runs, root / "study.png"))
+            if args.export:
+                copied = study.export(args.name, root, Path(args.export))
+                print(f"{len(copied)} files copied to {args.export}")
             return 0
         if args.command == "plot":
             from localsgd.harness.plot import plot_runs
 
             print(plot_runs([Path(r) for r in args.runs], Path(args.out)))
             return 0
+        if args.command == "sharpness":
+            from localsgd.harness import sharpness
+
+            for run in args.runs:
+                r = sharpness.sharpness(
+                    Path(run), args.data_dir, args.samples, args.tol, args.max_iters, args.seed
+                )
+                state = "converged" if r["converged"] else "NOT converged"
+                print(
+                    f"{run}: top Hessian eigenvalue {r['eigenvalue']:.4g} ({state}: relative change "
+                    f"{r['relative_change']:.1e} after {r['iterations']} iterations, {r['samples']} images)"
+                )
+            return 0
+        if args.command == "plan":
+            from localsgd import plan as cost
+
+            return cost.run(args)
+        if args.command == "interpolate":
+            return run_interpolate(args)
         if args.command == "download":
             from localsgd.harness.data import default_data_dir, download
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -215,3 +216,23 @@ class DistCommunicator(Communicator):
         bufs = [torch.empty_like(buf) for _ in range(self.workers)]
         dist.all_gather(bufs, buf, group=self.group)
         return [b[: int(n.item())].cpu().numpy().tobytes() for b, n in zip(bufs, lengths, strict=True)]
+
+
+def init_process_group(backend: str | None = None, timeout: timedelta | None = None) -> None:
+    """``torch.distributed.init_process_group`` from torchrun's environment, safe across restarts.
+
+    When torchrun restarts a failed worker group (``--max-restarts``), the new workers can meet in a
+    rendezvous store that still holds the previous attempt's keys, and gloo may then connect to the
+    address of a dead process ("Connection refused"). Here every restart attempt
+    (``TORCHELASTIC_RESTART_COUNT``) uses its own key prefix in the store.
+    """
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    kwargs = {} if timeout is None else {"timeout": timeout}
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if attempt == 0:
+        dist.init_process_group(backend, **kwargs)
+        return
+    store, rank, world = next(dist.rendezvous("env://", **kwargs))
+    store = dist.PrefixStore(f"localsgd/attempt-{attempt}/", store)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world, **kwargs)

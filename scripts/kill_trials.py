@@ -3,9 +3,12 @@ that its final model equals an uninterrupted run's bit for bit.
 
     python scripts/kill_trials.py --runtime simulator --trials 10
     python scripts/kill_trials.py --runtime torchrun --trials 10
+    python scripts/kill_trials.py --runtime torchrun-restart --trials 10
 
 Under torchrun one worker process is killed (torchrun then stops the others) and the run is
-started again with --resume. Prints one row per trial and writes JSON next to --out.
+started again with --resume. With torchrun-restart nobody starts it again: torchrun
+--max-restarts 1 restarts the worker group, which resumes from the last checkpoint by itself.
+Prints one row per trial and writes JSON next to --out.
 """
 
 from __future__ import annotations
@@ -27,14 +30,17 @@ CONFIG = [
     "--dataset", "cifar10", "--data-dir", str(ROOT.parent / "shared/data/cifar-10-batches-py"),
     "--train-subset", "512", "--test-subset", "200", "--workers", "2", "--local-batch-size", "16",
     "--epochs", "6", "--local-steps", "4", "--switch-epoch", "2", "--warmup-epochs", "1", "--seed", "5",
-    "--threads", "1", "--ordered-averaging", "true", "--eval-local", "false", "--progress", "false",
+    "--threads", "1", "--ordered-averaging", "true", "--eval-local", "never", "--progress", "false",
 ]  # fmt: skip
 
 
 def command(runtime: str, out: Path, resume: bool) -> list[str]:
     run = ["-m", "localsgd", "train", *CONFIG, "--out", str(out), "--resume", str(resume).lower()]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
     if runtime == "torchrun":
-        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", *run]
+        return [*torchrun, *run]
+    if runtime == "torchrun-restart":
+        return [*torchrun, "--max-restarts=1", *run]
     return [sys.executable, *run]
 
 
@@ -53,6 +59,13 @@ def children(pid: int) -> list[int]:
     return kids
 
 
+def cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
 def run_to_end(runtime: str, out: Path, resume: bool) -> None:
     subprocess.run(command(runtime, out, resume), env=env(), check=True, stdout=subprocess.DEVNULL)
 
@@ -62,14 +75,24 @@ def trial(runtime: str, out: Path, delay: float) -> dict:
         command(runtime, out, False), env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     time.sleep(delay)
+    victim = proc.pid
+    if runtime.startswith("torchrun"):  # a worker, never the torchrun agent (wait until one exists)
+        workers: list[int] = []
+        while not workers and proc.poll() is None:
+            workers = [c for c in children(proc.pid) if b"localsgd" in cmdline(c)]
+            time.sleep(0.01)
+        victim = workers[-1] if workers else victim
     killed = proc.poll() is None
     if killed:
-        victims = children(proc.pid) if runtime == "torchrun" else [proc.pid]
-        os.kill(victims[-1] if victims else proc.pid, signal.SIGKILL)
-    proc.wait()
+        os.kill(victim, signal.SIGKILL)
     pointer = out / "checkpoints" / "latest"
     step = json.loads(pointer.read_text())["step"] if pointer.exists() else 0
-    run_to_end(runtime, out, resume=True)
+    if runtime == "torchrun-restart":  # torchrun restarts the group; it must finish by itself
+        if proc.wait() != 0:
+            raise RuntimeError(f"the restarted run failed (exit code {proc.returncode}) in {out}")
+    else:
+        proc.wait()
+        run_to_end(runtime, out, resume=True)
     return {"delay_s": round(delay, 2), "killed": killed, "resumed_from_step": step}
 
 
@@ -81,7 +104,7 @@ def same_model(a: Path, b: Path) -> bool:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--runtime", choices=["simulator", "torchrun"], default="simulator")
+    p.add_argument("--runtime", choices=["simulator", "torchrun", "torchrun-restart"], default="simulator")
     p.add_argument("--trials", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="/tmp/localsgd-kill-trials")
@@ -89,10 +112,11 @@ def main() -> None:
     root = Path(args.out) / args.runtime
     rng = random.Random(args.seed)
     reference = root / "reference"
-    start = time.perf_counter()
     if not (reference / "model.pt").exists():
+        start = time.perf_counter()
         run_to_end(args.runtime, reference, resume=False)
-    duration = time.perf_counter() - start
+        (reference / "duration_s").write_text(str(time.perf_counter() - start))
+    duration = float((reference / "duration_s").read_text())  # kills fall in 10-100% of it
     rows = []
     print(f"{'trial':>5} {'kill after s':>12} {'killed':>6} {'resumed from step':>17} {'bitwise equal':>13}")
     for i in range(args.trials):

@@ -77,14 +77,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(nproc: int, program: list[str], nodes: int = 1, timeout: float = 180) -> tuple[float, str]:
+def launch(
+    nproc: int,
+    program: list[str],
+    nodes: int = 1,
+    timeout: float = 180,
+    options: tuple[str, ...] = (),
+    env: dict[str, str] | None = None,
+) -> tuple[float, str]:
     """Start ``program`` (a script path or ``-m module``, with its arguments) under torchrun with
     real gloo processes; returns the seconds taken and the output.
 
     With ``nodes > 1``, starts that many torchrun agents (each with ``nproc`` workers) that meet
-    through a c10d rendezvous on localhost, as separate machines would.
+    through a c10d rendezvous on localhost, as separate machines would. ``options`` go to torchrun,
+    ``env`` is added to the workers' environment.
     """
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent), **(env or {})}
     if nodes == 1:
         launch = [["--standalone"]]
     else:
@@ -95,7 +103,15 @@ def launch(nproc: int, program: list[str], nodes: int = 1, timeout: float = 180)
     start = time.perf_counter()
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "torch.distributed.run", *opts, f"--nproc-per-node={nproc}", *program],
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                *opts,
+                *options,
+                f"--nproc-per-node={nproc}",
+                *program,
+            ],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,

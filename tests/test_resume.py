@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from localsgd.harness import checkpoint
 from tests.helpers import HERE, launch
 from tests.test_train import TINY, needs_cifar10
 
-FLAGS = [*TINY, "--workers", "2", "--epochs", "4", "--eval-local", "false", "--progress", "false"]
+FLAGS = [*TINY, "--workers", "2", "--epochs", "4", "--eval-local", "never", "--progress", "false"]
 TIMING = ("comm_seconds", "eval_seconds", "compute_seconds", "wall_seconds")
 
 
@@ -76,6 +77,24 @@ def test_torchrun_run_resumes_bit_for_bit(tmp_path: Path) -> None:
         (tmp_path / "resumed" / name).unlink()
     launch(2, [*cmd, "--out", str(tmp_path / "resumed"), "--checkpoint-every", "2", "--resume", "true"])
     same_run(tmp_path / "full", tmp_path / "resumed")
+
+
+@needs_cifar10
+def test_torchrun_restart_after_sigkill_at_a_random_step_resumes_bit_for_bit(tmp_path: Path) -> None:
+    """torchrun --max-restarts 1: one worker is SIGKILLed before a random step of the first attempt;
+    the restarted group resumes from the last checkpoint on its own (TORCHELASTIC_RESTART_COUNT) and
+    ends with the model of an uninterrupted run."""
+    step = random.randrange(32)  # 4 epochs of 8 steps, a checkpoint after each epoch
+    cmd = ["-m", "localsgd", "train", *FLAGS]
+    launch(2, [*cmd, "--out", str(tmp_path / "full")])
+    _, log = launch(
+        2,
+        [str(HERE / "restart_worker.py"), "train", *FLAGS, "--out", str(tmp_path / "restarted")],
+        options=("--max-restarts", "1"),
+        env={"KILL_RANK": "1", "KILL_AT_STEP": str(step)},
+    )
+    assert "exitcode: -9" in log, f"no worker was killed (step {step}):\n{log}"
+    same_run(tmp_path / "full", tmp_path / "restarted")
 
 
 @needs_cifar10

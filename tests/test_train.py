@@ -213,7 +213,7 @@ def test_cifar100_trains_from_the_same_code(tmp_path: Path) -> None:
 @needs_cifar10
 def test_plot_compares_runs(tmp_path: Path) -> None:
     for h in ("1", "2"):
-        flags = [*TINY, "--workers", "2", "--epochs", "1", "--local-steps", h, "--eval-local", "false"]
+        flags = [*TINY, "--workers", "2", "--epochs", "1", "--local-steps", h, "--eval-local", "never"]
         assert main(["train", *flags, "--out", str(tmp_path / f"h{h}"), "--progress", "false"]) == 0
     png = tmp_path / "cmp.png"
     assert main(["plot", str(tmp_path / "h1"), str(tmp_path / "h2"), "--out", str(png)]) == 0
@@ -257,4 +257,22 @@ def test_study_runs_pieces_skips_finished_ones_and_reproduces(
         assert ra["final_test_acc"] == rb["final_test_acc"] and ra["global_rounds"] == rb["global_rounds"]
     post_local = rows[0][1]
     assert post_local["seeds_done"] == 2 and post_local["global_rounds"] == [8 + 2, 8 + 2]
+    # counted in the local phase (after the first decay, epoch 1 of 2): 1/H of mini-batch SGD's rounds
+    assert rows[0][0]["global_rounds_after_first_decay"] == [8, 8]
+    assert post_local["global_rounds_after_first_decay"] == [2, 2]
+    assert len(post_local["runs"]) == 2 and post_local["runs"][0]["seed"] == 1
+    exported = tmp_path / "exported"
+    assert main(["study", "smoke", "--out", str(a), "--summary", "--plot", "--export", str(exported)]) == 0
+    assert (a / "study.png").stat().st_size > 0 and "post-local H=4" in capsys.readouterr().out
+    files = sorted(str(p.relative_to(exported)) for p in exported.rglob("*") if p.is_file())
+    assert len(files) == 2 + 4 * 3 and "post-local_H4/seed-2/metrics.jsonl" in files  # no checkpoints
     assert main(["study", "nope"]) == 2
+    # a finished run is reused only if it was run with the piece's settings
+    config = a / "mini-batch" / "seed-2" / "config.json"
+    saved = json.loads(config.read_text())
+    saved["config"]["epochs"] = 3.0
+    config.write_text(json.dumps(saved))
+    capsys.readouterr()
+    assert main(["study", "smoke", "--out", str(a), "--data-dir", str(CIFAR10)]) == 2
+    err = capsys.readouterr().err
+    assert "the finished run in" in err and "epochs = 3.0, but this run has epochs = 2" in err

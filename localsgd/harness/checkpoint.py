@@ -104,15 +104,26 @@ def read_state(root: Path, process: int) -> dict[str, Any] | None:
 
 
 # Settings that may change between a run and its resumption without changing the result.
-RUN_CONTROL = {"out", "progress", "tensorboard", "threads", "resume", "checkpoint_every", "timeout"}
+RUN_CONTROL = {
+    "out",
+    "data_dir",
+    "progress",
+    "tensorboard",
+    "threads",
+    "resume",
+    "checkpoint_every",
+    "timeout",
+}
 
 
-def check_same_config(saved: dict[str, Any], current: dict[str, Any], where: Path) -> None:
+def check_same_config(
+    saved: dict[str, Any], current: dict[str, Any], where: Path, what: str = "the checkpoint"
+) -> None:
     for key in sorted(saved.keys() | current.keys()):
         if key in RUN_CONTROL:
             continue
         if saved.get(key) != current.get(key):
             raise ConfigError(
-                f"the checkpoint in {where} was written with {key} = {saved.get(key)!r}, "
+                f"{what} in {where} was written with {key} = {saved.get(key)!r}, "
                 f"but this run has {key} = {current.get(key)!r}"
             )

@@ -16,6 +16,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 FIRST_DECAY = "first-decay"
+EVAL_LOCAL = ("every", "final", "never")
 
 
 class ConfigError(ValueError):
@@ -30,7 +31,7 @@ class Config:
     data_dir: str | None = None
     """folder holding the dataset files (default: the cache `localsgd download` writes to)"""
     model: str = "resnet20"
-    """resnet20, resnet32, resnet56, densenet40 or wrn28_10"""
+    """resnet8, resnet14, resnet20, resnet32, resnet56, densenet40 or wrn28_10"""
     train_subset: int | None = None
     """train on a fixed random subset of N training images (quick runs)"""
     test_subset: int | None = None
@@ -84,8 +85,9 @@ class Config:
     """write a resumable checkpoint every this many epochs"""
     resume: bool = False
     """continue from the run directory's last checkpoint (a finished run is not run again)"""
-    eval_local: bool = True
-    """also evaluate each worker's own model (the paper's code reports their mean accuracy)"""
+    eval_local: str = "final"
+    """when to also evaluate each worker's own model, whose mean accuracy the paper's code reports:
+    every, final or never"""
     channels_last: bool = True
     """channels_last memory format (faster on CPU, same numerics)"""
     timeout: float = 600
@@ -106,6 +108,7 @@ class Config:
         choice(self, "model", MODELS)
         choice(self, "buffers", ("local", "average"))
         choice(self, "optimizer_state", ("local", "average", "reset"))
+        choice(self, "eval_local", EVAL_LOCAL)
         for name in ("workers", "local_batch_size", "local_steps", "eval_every", "checkpoint_every"):
             integer(self, name, 1)
         for name in ("train_subset", "test_subset", "workers_per_block", "block_steps", "threads"):
@@ -131,7 +134,6 @@ class Config:
             raise ConfigError(f"decay_at must be increasing, got {self.decay_at!r}")
         for name in (
             "nesterov",
-            "eval_local",
             "channels_last",
             "tensorboard",
             "progress",
@@ -212,7 +214,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "warmup_epochs": 0.5,
         "decay_at": [0.67],
         "train_subset": 20000,
-        "eval_local": False,
+        "eval_local": "never",
         "eval_every": 3,
     },
 }

@@ -2,6 +2,7 @@
 
 * ``resnet20`` / ``resnet32`` / ``resnet56``: the CIFAR ResNets of He et al. (2016), with 1x1 conv + BN
   projection shortcuts where the shape changes ("option B"), as in the code of Lin et al. (ICLR 2020).
+  ``resnet8`` and ``resnet14`` are the same family with 1 and 2 blocks per stage (for short studies).
 * ``densenet40``: DenseNet-40 with growth rate 12 (Huang et al., 2017), no bottleneck, compression 1.0.
 * ``wrn28_10``: the pre-activation WideResNet-28-10 (Zagoruyko & Komodakis, 2016), dropout 0.
 
@@ -14,7 +15,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-MODELS: tuple[str, ...] = ("resnet20", "resnet32", "resnet56", "densenet40", "wrn28_10")
+MODELS: tuple[str, ...] = (
+    "resnet8",
+    "resnet14",
+    "resnet20",
+    "resnet32",
+    "resnet56",
+    "densenet40",
+    "wrn28_10",
+)
 
 
 def _conv3x3(c_in: int, c_out: int, stride: int = 1) -> nn.Conv2d:
@@ -196,7 +205,7 @@ def build_model(name: str, num_classes: int, in_channels: int = 3) -> nn.Module:
     """Build one of ``MODELS`` with initialised weights (seed ``torch.manual_seed`` for determinism)."""
     if num_classes < 2:
         raise ValueError(f"num_classes must be at least 2, got {num_classes}")
-    if name in ("resnet20", "resnet32", "resnet56"):
+    if name in ("resnet8", "resnet14", "resnet20", "resnet32", "resnet56"):
         model: nn.Module = CifarResNet(int(name[len("resnet") :]), num_classes, in_channels)
     elif name == "densenet40":
         model = DenseNet(40, 12, num_classes, in_channels, compression=1.0)

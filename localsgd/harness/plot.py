@@ -10,6 +10,17 @@ from typing import Any
 from localsgd.harness.config import ConfigError
 
 
+def pyplot() -> Any:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ConfigError("plotting needs matplotlib: pip install 'localsgd[plot]'") from None
+    return plt
+
+
 def read_run(run: Path) -> tuple[str, list[dict[str, Any]]]:
     metrics = run / "metrics.jsonl"
     if not metrics.is_file():
@@ -32,13 +43,7 @@ def read_run(run: Path) -> tuple[str, list[dict[str, Any]]]:
 
 def plot_runs(runs: list[Path], out: Path) -> Path:
     """Write the comparison figure to ``out`` and return its path."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise ConfigError("plotting needs matplotlib: pip install 'localsgd[plot]'") from None
+    plt = pyplot()
     data = [read_run(r) for r in runs]
     fig, axes = plt.subplots(2, 2, figsize=(12, 8))
     (acc_epoch, acc_rounds), (loss_ax, lr_ax) = axes
@@ -65,6 +70,56 @@ def plot_runs(runs: list[Path], out: Path) -> Path:
     loss_ax.set(xlabel="epoch", ylabel="training loss", title="training loss (workers' mini-batches)")
     loss_ax.set_yscale("log")
     lr_ax.set(xlabel="epoch", ylabel="learning rate", title="learning rate (end of epoch)")
+    for ax in axes.flat:
+        ax.grid(alpha=0.3)
+    acc_epoch.legend(fontsize=8)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def plot_study(rows: list[dict[str, Any]], runs: dict[str, list[Path]], out: Path) -> Path:
+    """A study in one PNG: per method, the mean over seeds (band: min to max) of test accuracy vs epoch
+    and vs global rounds, training loss, and every seed's final accuracy with the mean ± std."""
+    plt = pyplot()
+    fig, axes = plt.subplots(2, 2, figsize=(13, 9))
+    (acc_epoch, acc_rounds), (loss_ax, final_ax) = axes
+    for i, (method, dirs) in enumerate(runs.items()):
+        curves = [read_run(d)[1] for d in dirs if (d / "summary.json").is_file()]
+        if not curves:
+            continue
+        color = f"C{i}"
+        evals = [[r for r in rows_ if "test_acc" in r] for rows_ in curves]
+        n = min(len(e) for e in evals)
+        epochs = [r["epoch"] for r in evals[0][:n]]
+        acc = [[100 * e[j]["test_acc"] for e in evals] for j in range(n)]
+        mean = [sum(a) / len(a) for a in acc]
+        label = f"{method} ({len(curves)} seeds)"
+        acc_epoch.plot(epochs, mean, color=color, label=label)
+        acc_epoch.fill_between(epochs, [min(a) for a in acc], [max(a) for a in acc], color=color, alpha=0.2)
+        acc_rounds.plot([evals[0][j]["rounds"].get("global", 0) for j in range(n)], mean, color=color)
+        m = min(len(c) for c in curves)
+        loss = [sum(c[j]["train_loss"] for c in curves) / len(curves) for j in range(m)]
+        loss_ax.plot([curves[0][j]["epoch"] for j in range(m)], loss, color=color)
+        finals = [100 * e[-1]["test_acc"] for e in evals]
+        final_ax.scatter([i] * len(finals), finals, color=color, s=14)
+        row = next(r for r in rows if r["method"] == method)
+        if row["final_test_acc"] is not None:
+            mu, sd = row["final_test_acc"]
+            final_ax.errorbar([i + 0.15], [100 * mu], yerr=[100 * sd], fmt="o", color=color, capsize=4)
+    final_ax.set_xticks(range(len(runs)), list(runs), rotation=20, fontsize=8)
+    acc_epoch.set(
+        xlabel="epoch", ylabel="test accuracy (%)", title="averaged model: mean over seeds, band min-max"
+    )
+    acc_rounds.set(
+        xlabel="global communication rounds", ylabel="test accuracy (%)", title="accuracy vs communication"
+    )
+    acc_rounds.set_xscale("log")
+    loss_ax.set(xlabel="epoch", ylabel="training loss", title="training loss (mean over seeds)")
+    loss_ax.set_yscale("log")
+    final_ax.set(ylabel="final test accuracy (%)", title="final accuracy: each seed (dots), mean ± std")
     for ax in axes.flat:
         ax.grid(alpha=0.3)
     acc_epoch.legend(fontsize=8)

@@ -5,12 +5,14 @@ several sittings (``--max-hours`` stops starting new runs once the budget is spe
 from __future__ import annotations
 
 import json
+import shutil
 import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from localsgd.harness.checkpoint import check_same_config
 from localsgd.harness.config import Config, ConfigError, from_mapping
 
 
@@ -42,11 +44,42 @@ STUDIES: dict[str, Study] = {
             "local_batch_size": 16,
             "epochs": 2,
             "warmup_epochs": 0.5,
-            "eval_local": False,
+            "eval_local": "never",
             "progress": False,
         },
         methods={"mini-batch": {"local_steps": 1}, "post-local H=4": {"local_steps": 4, "switch_epoch": 1}},
         seeds=(1, 2),
+    ),
+    # The scaled reproduction of the paper's CIFAR-10 comparison (docs/results/cifar10-resnet8.md says
+    # why each number was chosen and what the pilot showed).
+    "cifar10-resnet8": Study(
+        base={
+            "dataset": "cifar10",
+            "model": "resnet8",
+            "workers": 16,
+            "local_batch_size": 32,
+            "epochs": 16,
+            "warmup_epochs": 2,
+            "decay_at": [0.5, 0.75],
+            "eval_local": "final",
+            "progress": False,
+        },
+        methods={
+            "small-batch": {"workers": 4},
+            "large-batch": {},
+            "local H=16": {"local_steps": 16},
+            "post-local H=16": {"local_steps": 16, "switch_epoch": "first-decay"},
+            "post-local H=32": {"local_steps": 32, "switch_epoch": "first-decay"},
+            "hierarchical": {
+                "workers_per_block": 4,
+                "local_steps": 4,
+                "block_steps": 4,
+                "switch_epoch": "first-decay",
+            },
+        },
+        notes="ResNet-8 on CIFAR-10, K=16 workers x B_loc=32 (global batch 512; small-batch: K=4, 128), "
+        "16 epochs, paper LR rule (0.1 per 64 samples, linear warm-up from 0.1 over 2 epochs, x0.1 at "
+        "epochs 8 and 12), switch t' at the first decay; hierarchical: K'=4, H=4, H_b=4.",
     ),
 }
 
@@ -64,14 +97,17 @@ def run_study(name: str, root: Path, data_dir: str | None, max_hours: float | No
     if max_hours is not None and max_hours <= 0:
         raise ConfigError(f"max_hours must be > 0, got {max_hours}")
     study = STUDIES[name]
-    pieces = [(m, s) for m in study.methods for s in study.seeds]
+    # seed-major: an interrupted study has every method at its first seeds, not some methods complete
+    pieces = [(m, s) for s in study.seeds for m in study.methods]
     configs = {(m, s): study.config(m, s, data_dir) for m, s in pieces}
     for cfg in configs.values():
         cfg.validate()  # every piece is checked before the first one starts
     start = time.monotonic()
     for i, (method, seed) in enumerate(pieces):
         out = run_dir(root, method, seed)
-        if (out / "summary.json").is_file():
+        if (out / "summary.json").is_file():  # finished: reused only if run with this piece's settings
+            saved = json.loads((out / "config.json").read_text())["config"]
+            check_same_config(saved, configs[method, seed].to_dict(), out, "the finished run")
             continue
         if max_hours is not None and time.monotonic() - start > max_hours * 3600:
             print(f"time budget spent; {len(pieces) - i} pieces left, run the same command again to go on")
@@ -81,25 +117,57 @@ def run_study(name: str, root: Path, data_dir: str | None, max_hours: float | No
     return summarize(name, root)
 
 
+# Per-run values the summary collects; each becomes a mean ± std over seeds.
+METRICS = (
+    "final_test_acc",
+    "best_test_acc",
+    "final_local_test_acc",
+    "final_train_loss",
+    "wall_seconds",
+    "eigenvalue",
+)
+
+
+def run_record(run: Path, seed: int) -> dict[str, Any]:
+    """One finished run: its summary, the rounds after the first LR decay (the local phase of post-local
+    SGD, counted from the metrics, not computed), and its top Hessian eigenvalue if measured."""
+    summary = json.loads((run / "summary.json").read_text())
+    config = json.loads((run / "config.json").read_text())["config"]
+    record: dict[str, Any] = {"seed": seed, **{k: summary.get(k) for k in METRICS if k in summary}}
+    record.update(rounds=summary["rounds"], bytes=summary["bytes"])
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    first_decay = config["decay_at"][0] * config["epochs"] if config["decay_at"] else None
+    at = [r for r in rows if first_decay is not None and abs(r["epoch"] - first_decay) < 1e-6]
+    if at:
+        record["rounds_after_first_decay"] = {
+            level: n - at[0]["rounds"].get(level, 0) for level, n in summary["rounds"].items()
+        }
+    if (run / "sharpness.json").is_file():
+        record["eigenvalue"] = json.loads((run / "sharpness.json").read_text())["eigenvalue"]
+    return record
+
+
 def summarize(name: str, root: Path) -> list[dict[str, Any]]:
-    """Mean and standard deviation over the finished seeds of each method."""
+    """Per method: every finished seed's record, and mean and standard deviation over seeds."""
     study = STUDIES[name]
     rows = []
     for method in study.methods:
-        done = [
-            json.loads((run_dir(root, method, s) / "summary.json").read_text())
-            for s in study.seeds
-            if (run_dir(root, method, s) / "summary.json").is_file()
-        ]
+        runs = [(s, run_dir(root, method, s)) for s in study.seeds]
+        done = [run_record(run, s) for s, run in runs if (run / "summary.json").is_file()]
         row: dict[str, Any] = {"method": method, "seeds_done": len(done), "seeds": len(study.seeds)}
-        for key in ("final_test_acc", "best_test_acc", "wall_seconds"):
-            values = [d[key] for d in done]
+        for key in METRICS:
+            values = [d[key] for d in done if d.get(key) is not None]
             row[key] = (
                 (statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
                 if values
                 else None
             )
         row["global_rounds"] = [d["rounds"].get("global", 0) for d in done]
+        row["block_rounds"] = [d["rounds"].get("block", 0) for d in done]
+        row["global_rounds_after_first_decay"] = [
+            d["rounds_after_first_decay"].get("global", 0) for d in done if "rounds_after_first_decay" in d
+        ]
+        row["runs"] = done
         rows.append(row)
     root.mkdir(parents=True, exist_ok=True)
     (root / "study.json").write_text(json.dumps({"study": name, "rows": rows}, indent=1) + "\n")
@@ -107,15 +175,44 @@ def summarize(name: str, root: Path) -> list[dict[str, Any]]:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    def pm(v: tuple[float, float] | None, scale: float = 100, unit: str = "%") -> str:
-        return "-" if v is None else f"{v[0] * scale:.2f} ± {v[1] * scale:.2f}{unit}"
+    def pm(v: tuple[float, float] | None, scale: float = 100, digits: int = 2) -> str:
+        return "-" if v is None else f"{v[0] * scale:.{digits}f} ± {v[1] * scale:.{digits}f}"
 
-    head = f"{'method':<20} {'seeds':>5} {'final test acc':>18} {'best test acc':>18} {'global rounds':>14}"
+    def counts(values: list[int]) -> str:
+        return "/".join(str(n) for n in sorted(set(values))) or "-"
+
+    head = (
+        f"{'method':<18} {'seeds':>5} {'final test %':>14} {'best test %':>14} {'local models %':>14} "
+        f"{'global rounds':>13} {'after decay':>11} {'block rounds':>12} {'eigenvalue':>13} {'wall min':>10}"
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
-        rounds = "/".join(str(n) for n in sorted(set(r["global_rounds"]))) or "-"
         lines.append(
-            f"{r['method']:<20} {r['seeds_done']:>2}/{r['seeds']:<2} {pm(r['final_test_acc']):>18} "
-            f"{pm(r['best_test_acc']):>18} {rounds:>14}"
+            f"{r['method']:<18} {r['seeds_done']:>2}/{r['seeds']:<2} {pm(r['final_test_acc']):>14} "
+            f"{pm(r['best_test_acc']):>14} {pm(r['final_local_test_acc']):>14} "
+            f"{counts(r['global_rounds']):>13} {counts(r['global_rounds_after_first_decay']):>11} "
+            f"{counts(r['block_rounds']):>12} {pm(r['eigenvalue'], 1, 1):>13} "
+            f"{pm(r['wall_seconds'], 1 / 60, 1):>10}"
         )
     return "\n".join(lines)
+
+
+SMALL_FILES = ("config.json", "metrics.jsonl", "summary.json", "sharpness.json")
+
+
+def export(name: str, root: Path, dest: Path) -> list[Path]:
+    """Copy the study's small raw results (per run: config, metrics, summary, sharpness; and study.json,
+    study.png) from ``root`` to ``dest``, leaving checkpoints and model files behind."""
+    study = STUDIES[name]
+    copied = []
+    pairs = [(root / f, dest / f) for f in ("study.json", "study.png")]
+    for method in study.methods:
+        for seed in study.seeds:
+            src, dst = run_dir(root, method, seed), run_dir(dest, method, seed)
+            pairs += [(src / f, dst / f) for f in SMALL_FILES]
+    for src, dst in pairs:
+        if src.is_file():
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, dst)
+            copied.append(dst)
+    return copied

@@ -21,6 +21,7 @@ from torch.nn import functional as F
 
 import localsgd
 from localsgd import DistCommunicator, Engine, LocalSGD, Schedule, Simulator
+from localsgd.comm import init_process_group
 from localsgd.engine import CommunicationError, first_line
 from localsgd.harness import checkpoint, optim
 from localsgd.harness.config import Config, ConfigError
@@ -87,7 +88,7 @@ class Runtime:
                 torch.cuda.set_device(self.device)
             if not dist.is_initialized():
                 backend = "nccl" if self.device.type == "cuda" else "gloo"
-                dist.init_process_group(backend, timeout=timedelta(seconds=cfg.timeout))
+                init_process_group(backend, timeout=timedelta(seconds=cfg.timeout))
         self.rank = dist.get_rank() if self.distributed else 0
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         threads = cfg.threads or max(1, (os.cpu_count() or 1) // local)
@@ -307,7 +308,9 @@ def train(cfg: Config, out: Path) -> Result:
             else:
                 ev = evaluate(averaged, test_x, test_y, data, cfg.channels_last)
             row.update(test_loss=ev[0] / ev[2], test_acc=ev[1] / ev[2])
-            if cfg.eval_local:  # each worker's own model on the whole test set, then the mean
+            final = t == plan.total_steps - 1
+            if cfg.eval_local == "every" or (cfg.eval_local == "final" and final):
+                # each worker's own model on the whole test set, then the mean
                 local = [0.0, 0.0, 0.0]
                 for _, m in workers:
                     local = [
@@ -387,8 +390,9 @@ def summarize(cfg: Config, plan: Plan, history: list[dict[str, Any]]) -> dict[st
         "compute_seconds": last["compute_seconds"],
         "wall_seconds": last["wall_seconds"],
     }
-    if cfg.eval_local:
+    if "local_test_acc" in evals[-1]:
         summary["final_local_test_acc"] = evals[-1]["local_test_acc"]
+    if cfg.eval_local == "every":
         summary["best_local_test_acc"] = max(r["local_test_acc"] for r in evals)
     return summary
 

@@ -1,0 +1,464 @@
+"""Local SGD over an emulated network: K real gloo ranks, one per network namespace, on links of a
+given rate and latency (benchmarks/netem.py), against the cost model of ``localsgd.plan``.
+
+    python benchmarks/network.py --out benchmarks/results/network.json     # root; about 2 hours
+    python benchmarks/network.py --quick                                    # development, 1-2 min
+
+For every K and network it starts K processes with
+``ip netns exec NS env RANK=.. WORLD_SIZE=.. MASTER_ADDR=.. MASTER_PORT=.. GLOO_SOCKET_IFNAME=..
+OMP_NUM_THREADS=1 python network.py --worker ...`` (torch.distributed's env:// rendezvous, gloo),
+which measure
+
+a. one raw all_reduce of a flat fp32 buffer for a few sizes, and one model average of ResNet-20
+   with localsgd's ``FlatAverager`` over a ``DistCommunicator`` (what ``LocalSGD`` runs), each
+   after a barrier;
+b. training steps of ResNet-20 (B_loc samples of random CIFAR-sized data, fp32 channels_last,
+   SGD with Nesterov momentum) with ``LocalSGD`` for H = 1 (mini-batch SGD), 4, 16, 64, post-local
+   SGD (H = 16 from t' = half the steps), and without any averaging (compute only).
+
+Every time is the slowest rank's. Repeats are interleaved (all methods, then again), and the table
+shows min/median/max over them. The first network is the unshaped link ("unlimited, d=0"): it
+calibrates the model's per-call overhead, the machine's own transfer rate and localsgd's copy
+overhead, at the smallest K (see ``scaled()`` for larger K). The model then predicts every other
+network from its nominal rate and latency and the compute time measured in the same run, and the
+tables show the relative error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import timedelta
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from netem import Link, Network  # noqa: E402
+
+from localsgd import plan  # noqa: E402
+
+SAMPLES = plan.CIFAR10_TRAIN_SAMPLES
+UNSHAPED = Link()
+
+
+# --- inside one rank ---------------------------------------------------------------------------
+
+
+def _slowest(times: list[float]) -> list[float]:
+    """Each repeat's time on the slowest rank."""
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor(times, dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
+def _resnet20():
+    import torch
+
+    from localsgd.harness.models import build_model
+
+    torch.manual_seed(0)
+    return build_model("resnet20", 10).to(memory_format=torch.channels_last)
+
+
+def measure_allreduce(cfg: dict) -> list[dict]:
+    import torch
+    import torch.distributed as dist
+
+    from localsgd import DistCommunicator, FlatAverager, Level
+
+    params = list(_resnet20().parameters())
+    model_bytes = sum(p.numel() * p.element_size() for p in params)
+    averager = FlatAverager(DistCommunicator())
+    methods = []
+    for size in [*cfg["sizes"], model_bytes]:
+        buf = torch.zeros(size // 4)
+        methods.append(("raw all_reduce", size, lambda b=buf: dist.all_reduce(b)))
+    methods.append(("localsgd average", model_bytes, lambda: averager.average_(Level.GLOBAL, [params])))
+    for _, _, fn in methods:  # warm-up: connections, buffers, TCP windows
+        for _ in range(2):
+            fn()
+    times: list[list[float]] = [[] for _ in methods]
+    for _ in range(cfg["ar_repeats"]):
+        for i, (_, _, fn) in enumerate(methods):
+            dist.barrier()
+            start = time.perf_counter()
+            fn()
+            times[i].append(time.perf_counter() - start)
+    return [
+        {"method": name, "bytes": size, "model": size == model_bytes, "seconds": _slowest(t)}
+        for (name, size, _), t in zip(methods, times, strict=True)
+    ]
+
+
+def schedules(cfg: dict) -> list[tuple[str, dict | None]]:
+    """(label, Schedule fields) of the training runs; None is compute only."""
+    runs: list[tuple[str, dict | None]] = [("compute only", None)]
+    for h in cfg["local_steps"]:
+        runs.append(("mini-batch SGD (H=1)" if h == 1 else f"local SGD H={h}", {"local_steps": h}))
+    if cfg["post_local"]:
+        h, t_switch = cfg["post_local"], cfg["steps"] // 2
+        runs.append((f"post-local H={h}, t'={t_switch}", {"local_steps": h, "switch_step": t_switch}))
+    return runs
+
+
+def measure_training(cfg: dict) -> list[dict]:
+    import torch
+    import torch.distributed as dist
+    from torch.nn import functional as F
+
+    from localsgd import DistCommunicator, LocalSGD, Schedule
+    from localsgd.harness.optim import sgd
+
+    torch.manual_seed(1000 + dist.get_rank())
+    batch, steps = cfg["local_batch_size"], cfg["steps"]
+    x = torch.randn(batch, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (batch,))
+
+    def run(fields: dict | None, n: int) -> tuple[float, float, int]:
+        model = _resnet20()
+        opt = sgd(model, lr=0.01, momentum=0.9, nesterov=True, weight_decay=1e-4)
+        engine = opt if fields is None else LocalSGD(opt, model, Schedule(**fields), comm=DistCommunicator())
+        dist.barrier()
+        start = time.perf_counter()
+        for _ in range(n):
+            engine.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            engine.step()
+        elapsed = time.perf_counter() - start
+        if fields is None:
+            return elapsed, 0.0, 0
+        stats = engine.stats["global"]
+        return elapsed, stats.seconds, stats.rounds
+
+    run(None, 3)  # warm-up (allocator, oneDNN primitives)
+    runs = schedules(cfg)
+    results: list[list[tuple[float, float, int]]] = [[] for _ in runs]
+    for rep in range(cfg["repeats"]):
+        for i, (label, fields) in enumerate(runs):
+            results[i].append(run(fields, steps))
+            if dist.get_rank() == 0:
+                print(f"    repeat {rep + 1}/{cfg['repeats']}: {label}", file=sys.stderr, flush=True)
+    rows = []
+    for (label, fields), res in zip(runs, results, strict=True):
+        elapsed = _slowest([r[0] for r in res])
+        comm = _slowest([r[1] for r in res])
+        rows.append(
+            {
+                "schedule": label,
+                "fields": fields,
+                "steps": steps,
+                "seconds_per_step": [e / steps for e in elapsed],
+                "comm_seconds_per_step": [c / steps for c in comm],
+                "averages": res[0][2],
+            }
+        )
+    return rows
+
+
+def worker(cfg_path: Path, out: Path) -> None:
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    cfg = json.loads(cfg_path.read_text())
+    dist.init_process_group("gloo", timeout=timedelta(minutes=15))
+    result = {"allreduce": measure_allreduce(cfg)}
+    result["training"] = measure_training(cfg) if cfg["train"] else []
+    if dist.get_rank() == 0:
+        out.write_text(json.dumps(result))
+    dist.barrier()
+    dist.destroy_process_group()
+    os._exit(0)  # skip gloo's C++ teardown
+
+
+# --- the driver ---------------------------------------------------------------------------------
+
+
+def launch(net: Network, cfg: dict, port: int, tmp: Path) -> dict:
+    """Run the K ranks in their namespaces; return rank 0's results. Any failure ends all ranks."""
+    cfg_path, out = tmp / "cfg.json", tmp / "out.json"
+    cfg_path.write_text(json.dumps(cfg))
+    out.unlink(missing_ok=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LOCAL_", "TORCHELASTIC", "GROUP_"))}
+    procs = []
+    try:
+        for i in range(net.workers):
+            cmd = [*net.exec(i), "env", f"RANK={i}", f"WORLD_SIZE={net.workers}",
+                   f"MASTER_ADDR={net.address(0)}", f"MASTER_PORT={port}",
+                   f"GLOO_SOCKET_IFNAME={net.interface(i)}", "OMP_NUM_THREADS=1",
+                   "TORCH_CPP_LOG_LEVEL=ERROR", f"PYTHONPATH={ROOT}",
+                   sys.executable, __file__, "--worker", str(cfg_path), str(out)]  # fmt: skip
+            procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL))
+        while any(p.poll() is None for p in procs):
+            failed = [i for i, p in enumerate(procs) if p.poll() not in (None, 0)]
+            if failed:
+                raise RuntimeError(f"rank {failed[0]} failed with exit code {procs[failed[0]].returncode}")
+            if not net.delayers_alive():
+                raise RuntimeError("a delayer process died; the latency is no longer emulated")
+            time.sleep(0.2)
+        if any(p.returncode for p in procs):
+            raise RuntimeError(f"ranks failed with exit codes {[p.returncode for p in procs]}")
+        return json.loads(out.read_text())
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def _med(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def calibrate(allreduce: list[dict], workers: int) -> dict:
+    """From the unshaped link: the fixed cost of one all_reduce call (intercept), the machine's
+    own transfer rate (slope, over the ring's bytes per worker) and localsgd's copy overhead. Uses
+    the fastest repeat of each: the software's cost without the scheduler's hiccups."""
+    raw = [r for r in allreduce if r["method"] == "raw all_reduce"]
+    xs = [2 * (workers - 1) / workers * r["bytes"] for r in raw]
+    ys = [min(r["seconds"]) for r in raw]
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum((x - mx) ** 2 for x in xs)
+    intercept = my - slope * mx
+    model_raw = next(min(r["seconds"]) for r in raw if r["model"])
+    average = next(min(r["seconds"]) for r in allreduce if r["method"] == "localsgd average")
+    return {
+        "overhead": max(0.0, intercept),
+        "host_bandwidth": 1 / slope if slope > 0 else math.inf,
+        "average_overhead": max(0.0, average - model_raw),
+    }
+
+
+def scaled(cal: dict, calibrated_at: int, workers: int) -> dict:
+    """The software costs measured at K0 = ``calibrated_at`` ranks, for K = ``workers``.
+
+    With more ranks than CPUs the unshaped link is CPU-bound, and its calibration would overstate
+    them, so they are measured at the smallest K. They are CPU work every rank does at the same
+    time, which takes max(1, K / CPUs) times as long when the K ranks share the machine's CPUs.
+    """
+    cpus = os.cpu_count() or 1
+    factor = max(1.0, workers / cpus) / max(1.0, calibrated_at / cpus)
+    return {**cal, "overhead": factor * cal["overhead"], "average_overhead": factor * cal["average_overhead"]}
+
+
+def model_network(link: Link, cal: dict) -> plan.Network:
+    rate = math.inf if link.rate is None else plan.parse_rate(link.rate)
+    return plan.Network(link.delay_ms / 1e3, min(rate, cal["host_bandwidth"]), cal["overhead"])
+
+
+def predict_rows(entry: dict, cal: dict, cfg: dict) -> None:
+    """Add the model's prediction and relative error to every measured row of one (K, network)."""
+    k, link = entry["workers"], Link(entry["rate"], entry["delay_ms"])
+    net = model_network(link, cal)
+    for r in entry["allreduce"]:
+        pred = plan.allreduce_seconds(r["bytes"], k, net)
+        if r["method"] == "localsgd average":
+            pred += cal["average_overhead"]
+        r["model_seconds"] = pred
+        r["error"] = pred / _med(r["seconds"]) - 1
+    if not entry["training"]:
+        return
+    rows = {r["schedule"]: r for r in entry["training"]}
+    compute = _med(rows["compute only"]["seconds_per_step"])
+    model_bytes = next(r["bytes"] for r in entry["allreduce"] if r["model"])
+    steps = cfg["steps"]
+    preds = plan.predict(compute, model_bytes, k, net, steps_per_epoch=steps, local_steps=cfg["local_steps"],
+                         post_local=cfg["post_local"] or None, switch_epoch=(steps // 2) / steps, epochs=1,
+                         average_overhead=cal["average_overhead"])  # fmt: skip
+    by_h = {p.local_steps: p for p in preds if p.switch_epochs == 0}
+    n = plan.steps_per_epoch(SAMPLES, k, cfg["local_batch_size"])
+    minibatch = _med(rows["mini-batch SGD (H=1)"]["seconds_per_step"]) if 1 in cfg["local_steps"] else None
+    for r in entry["training"]:
+        fields = r["fields"]
+        if fields is None:
+            p = by_h[None]
+        elif fields.get("switch_step"):
+            p = next(p for p in preds if p.switch_epochs > 0)
+        else:
+            p = by_h[fields["local_steps"]]
+        med = _med(r["seconds_per_step"])
+        r["epoch_seconds"] = n * med
+        r["model_seconds_per_step"] = p.seconds_per_step
+        r["error"] = p.seconds_per_step / med - 1
+        if minibatch is not None:
+            r["speedup"] = minibatch / med
+            r["model_speedup"] = p.speedup
+            r["speedup_error"] = p.speedup / r["speedup"] - 1
+
+
+def _row(cells: list[tuple[object, str]]) -> str:
+    return " ".join(format(value, spec) for value, spec in cells)
+
+
+def print_tables(entries: list[dict]) -> None:
+    print("One all-reduce / model average, ms (slowest rank; min/median/max over repeats) and the cost model")
+    head = ["K", "network", "what", "bytes", "min", "median", "max", "model", "error"]
+    widths = [">2", "<20", "<28", ">9", ">8", ">8", ">8", ">8", ">7"]
+    specs = [*widths[:4], ">8.2f", ">8.2f", ">8.2f", ">8.2f", ">+7.1%"]
+    print(_row(list(zip(head, widths, strict=True))))
+    for e in entries:
+        for r in e["allreduce"]:
+            ms = [1e3 * s for s in r["seconds"]]
+            what = r["method"] + (" (ResNet-20)" if r["model"] else "")
+            values = [e["workers"], e["network"], what, r["bytes"], min(ms), _med(ms), max(ms)]
+            values += [1e3 * r["model_seconds"], r["error"]]
+            print(_row(list(zip(values, specs, strict=True))))
+    trained = [e for e in entries if e["training"]]
+    if not trained:
+        return
+    print()
+    print("Training ResNet-20 with LocalSGD: ms per step (slowest rank; min/median/max), ms per step spent")
+    print("averaging, projected s per CIFAR-10 epoch, speed-up over H=1; the cost model's ms per step and")
+    print("speed-up (from the compute-only time of the same run), and their relative errors")
+    head = [
+        "K",
+        "network",
+        "schedule",
+        "min",
+        "median",
+        "max",
+        "comm",
+        "s/epoch",
+        "speedup",
+        "model",
+        "error",
+    ]
+    head += ["model su", "error"]
+    widths = [">2", "<20", "<24", ">7", ">7", ">7", ">6", ">8", ">7", ">7", ">7", ">8", ">7"]
+    specs = [*widths[:3], ">7.1f", ">7.1f", ">7.1f", ">6.1f", ">8.1f", ">7.2f", ">7.1f", ">+7.1%"]
+    specs += [">8.2f", ">+7.1%"]
+    print(_row(list(zip(head, widths, strict=True))))
+    for e in trained:
+        for r in e["training"]:
+            ms = [1e3 * s for s in r["seconds_per_step"]]
+            values = [e["workers"], e["network"], r["schedule"], min(ms), _med(ms), max(ms)]
+            values += [1e3 * _med(r["comm_seconds_per_step"]), r["epoch_seconds"]]
+            if "speedup" in r:
+                values += [r["speedup"], 1e3 * r["model_seconds_per_step"], r["error"]]
+                values += [r["model_speedup"], r["speedup_error"]]
+            print(_row(list(zip(values, specs[: len(values)], strict=True))))
+
+
+def summary(entries: list[dict]) -> dict:
+    """Largest relative errors of the model on the shaped networks (the calibration link excluded)."""
+    shaped = [e for e in entries if e["rate"] is not None or e["delay_ms"] > 0]
+    err = {
+        "allreduce_model_size": [abs(r["error"]) for e in shaped for r in e["allreduce"] if r["model"]],
+        "allreduce_all_sizes": [abs(r["error"]) for e in shaped for r in e["allreduce"]],
+        "step_time": [abs(r["error"]) for e in shaped for r in e["training"] if "error" in r],
+        "speedup": [abs(r["speedup_error"]) for e in shaped for r in e["training"] if "speedup_error" in r],
+    }
+    return {k: {"max": max(v), "median": _med(v)} for k, v in err.items() if v}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--workers", type=int, nargs="+", default=[2, 4], metavar="K")
+    p.add_argument("--rates", nargs="+", default=["1gbit", "100mbit"], help="link rates (tc notation)")
+    p.add_argument("--delays-ms", type=float, nargs="+", default=[1.0, 5.0], help="one-way delays d")
+    p.add_argument("--sizes", type=int, nargs="+", default=[2**16, 2**20, 2**22], help="all_reduce bytes")
+    p.add_argument("--ar-repeats", type=int, default=11, help="repeats of each all_reduce")
+    p.add_argument("--local-batch-size", type=int, default=32)
+    p.add_argument("--local-steps", type=int, nargs="+", default=[1, 4, 16, 64], metavar="H")
+    p.add_argument("--post-local", type=int, default=16, metavar="H", help="H after t' (0: none)")
+    p.add_argument("--steps", type=int, default=192, help="steps per training run (a multiple of every H)")
+    p.add_argument("--repeats", type=int, default=3, help="repeats of each training run")
+    p.add_argument("--no-train", action="store_true", help="all-reduce measurements only")
+    p.add_argument("--quick", action="store_true", help="development: K=2, one network, short runs")
+    p.add_argument("--mtu", type=int, help="fixed MTU (default: per link, see netem.py)")
+    p.add_argument("--prefix", default="lsgd", help="namespace name prefix")
+    p.add_argument("--out", help="write JSON here (default: none)")
+    p.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        worker(Path(args.worker[0]), Path(args.worker[1]))
+        return
+    if args.quick:
+        args.workers, args.rates, args.delays_ms = [2], ["100mbit"], [1.0]
+        args.sizes, args.ar_repeats, args.steps, args.repeats = [2**16, 2**20], 5, 32, 1
+        args.local_steps = [1, 4, 16]
+    if 1 not in args.local_steps:
+        p.error("--local-steps must include 1 (mini-batch SGD, the speed-up baseline)")
+    bad = [h for h in args.local_steps if args.steps % h]
+    if args.post_local and (args.steps - args.steps // 2) % args.post_local:
+        bad.append(args.post_local)
+    if bad:
+        p.error(f"--steps {args.steps}: every H (and steps/2 for --post-local) must divide it, not H={bad}")
+    for rate in args.rates:
+        plan.parse_rate(rate)
+    cfg = {
+        "sizes": args.sizes, "ar_repeats": args.ar_repeats, "local_batch_size": args.local_batch_size,
+        "local_steps": args.local_steps, "post_local": args.post_local, "steps": args.steps,
+        "repeats": args.repeats,
+    }  # fmt: skip
+    links = [UNSHAPED] + [Link(r, d) for r in args.rates for d in args.delays_ms]
+    entries: list[dict] = []
+    started = time.time()
+    port = 29500
+    calibrations: dict[int, dict] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for k in sorted(args.workers):
+            with Network(k, args.prefix, args.mtu) as net:
+                for link in links:
+                    net.shape(link)
+                    train = not args.no_train and link != UNSHAPED
+                    note = "" if train else " (all-reduce only)"
+                    print(f"K={k}, {link}, MTU {net.mtu}{note} ...", file=sys.stderr, flush=True)
+                    port += 1
+                    res = launch(net, {**cfg, "train": train}, port, Path(tmp))
+                    entry = {"workers": k, "network": str(link), "rate": link.rate, "delay_ms": link.delay_ms}
+                    entry.update(mtu=net.mtu, qdisc_drops=net.drops(), **res)
+                    if entry["qdisc_drops"]:
+                        print(f"  warning: the link dropped {entry['qdisc_drops']} packets", file=sys.stderr)
+                    if k not in calibrations:  # the first link is the unshaped one
+                        calibrations[k] = calibrate(entry["allreduce"], k)
+                    entry["calibration"] = scaled(calibrations[min(args.workers)], min(args.workers), k)
+                    predict_rows(entry, entry["calibration"], cfg)
+                    entries.append(entry)
+                    if args.out:  # after every network, so that a failure later loses nothing
+                        write_json(Path(args.out), cfg, args, entries, calibrations)
+    print_tables(entries)
+    print()
+    for k, cal in calibrations.items():
+        used = " (used, scaled by max(1, K/CPUs))" if k == min(args.workers) else " (not used)"
+        print(f"calibration K={k}{used}: overhead {1e3 * cal['overhead']:.2f} ms per all_reduce, "
+              f"host rate {cal['host_bandwidth'] * 8 / 1e9:.2f} Gbit/s, "
+              f"localsgd copy overhead {1e3 * cal['average_overhead']:.2f} ms per average")  # fmt: skip
+    for what, e in summary(entries).items():
+        print(f"model error on shaped links, {what}: median {e['median']:.1%}, max {e['max']:.1%}")
+    print(f"took {(time.time() - started) / 60:.1f} min", file=sys.stderr)
+    if args.out:
+        print(f"wrote {args.out}", file=sys.stderr)
+
+
+def write_json(
+    path: Path, cfg: dict, args: argparse.Namespace, entries: list[dict], calibrations: dict[int, dict]
+) -> None:
+    import torch
+
+    result = {
+        "command": "python benchmarks/network.py " + " ".join(sys.argv[1:]),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__},
+        "settings": {**cfg, "workers": args.workers, "mtu": args.mtu, "train_samples": SAMPLES},
+        "calibrations": calibrations,
+        "entries": entries,
+        "model_errors": summary(entries),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

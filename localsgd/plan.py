@@ -1,0 +1,319 @@
+"""Cost model: seconds per epoch of local SGD on a given network, and the speed-up of averaging
+every H steps over mini-batch SGD (H = 1).
+
+A step of one worker costs its compute time c (forward, backward and optimizer step on B_loc
+samples) plus, every H-th step, one average over the K workers (nothing overlaps: LocalSGD waits
+for each average). With A the time of one average and N steps per epoch,
+
+    epoch(H) = N * c + (N / H) * A,        speed-up(H) = epoch(1) / epoch(H) <= 1 + A / c.
+
+Post-local SGD runs the first t' steps with H = 1 and the rest with H. H = 1 averages gradients
+and H > 1 parameters; both are one flat buffer of the model's size S, so both cost A.
+
+One average is one all-reduce of S bytes plus a local overhead (flattening the tensors into the
+buffer, copying the mean back). The all-reduce is modelled as gloo runs it on CPU (the ring
+algorithm of ``gloo/allreduce.cc`` over its TCP transport):
+
+* The buffer is cut into n = roundup(max(ceil(S / 1 MiB), 2K), K) segments of s = S / n bytes,
+  m = n / K per worker. A reduce-scatter and then an all-gather each send (K - 1) * m segments per
+  worker to its ring neighbour, two in flight at a time: (K - 1) * m / 2 rounds per phase.
+* gloo's transport sends a segment only once the receiver has announced the matching receive,
+  and a worker posts a round's receives only after the previous round's segments arrived. A
+  round therefore takes a = 2d (the announcement, then the data; d the one-way latency) plus the
+  transmission time x = s / beta of a segment, unless the link is the bottleneck: rounds start
+  x + max(a, x) apart, and a phase of R rounds takes R (x + max(a, x)) + a + x - max(a, x).
+* Without latency this is the classic ring bound 2 (K - 1) / K * S / beta; without bandwidth
+  limit it is 4 (K - 1) d for m = 2 (S up to 2K MiB, which includes ResNet-20).
+
+A fixed per-call ``overhead`` (software cost of one collective, measured on loopback) is added.
+The model ignores TCP slow start, packet loss and competing traffic.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+GLOO_MAX_SEGMENT_BYTES = 2**20  # gloo's AllreduceOptions::kMaxSegmentSize
+CIFAR10_TRAIN_SAMPLES = 50_000
+
+_RATE_UNITS = {"bit": 1, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9, "tbit": 1e12}
+_SIZE_UNITS = {"b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def _finite(name: str, value: float) -> float:
+    """``value`` as a finite float >= 0; ValueError otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < math.inf:
+        raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+    return float(value)
+
+
+def _int(name: str, value: int, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def parse_rate(text: str) -> float:
+    """A link rate in tc's notation (``100mbit``, ``1gbit``, ``inf``) as bytes per second."""
+    if str(text).strip().lower() in ("inf", "unlimited"):
+        return math.inf
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-z]*)\s*", str(text).lower())
+    if match is None or match.group(2) not in _RATE_UNITS or float(match.group(1)) <= 0:
+        raise ValueError(
+            f"bandwidth must be a positive rate such as 100mbit, 1gbit or inf "
+            f"(units: {', '.join(_RATE_UNITS)}), got {text!r}"
+        )
+    return float(match.group(1)) * _RATE_UNITS[match.group(2)] / 8
+
+
+def parse_size(text: str) -> int:
+    """A size in bytes: ``1089896``, ``1.09MB`` (10^6), ``1.04MiB`` (2^20)."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-z]*)\s*", str(text).lower())
+    if match is None or (match.group(2) or "b") not in _SIZE_UNITS or float(match.group(1)) <= 0:
+        raise ValueError(
+            f"model size must be a positive number of bytes such as 1089896, 1.09MB or 1.04MiB "
+            f"(units: {', '.join(_SIZE_UNITS)}), got {text!r}"
+        )
+    return round(float(match.group(1)) * _SIZE_UNITS[match.group(2) or "b"])
+
+
+def steps_per_epoch(train_samples: int, workers: int, local_batch_size: int) -> int:
+    """N: steps per epoch when K workers share ``train_samples`` in batches of B_loc (the training
+    harness's rule: ceil((samples // K) / B_loc), the last batch may be short)."""
+    _int("train_samples", train_samples, 1)
+    _int("workers (K)", workers, 1)
+    _int("local_batch_size (B_loc)", local_batch_size, 1)
+    if train_samples < workers:
+        raise ValueError(f"train_samples must be at least workers (K) = {workers}, got {train_samples}")
+    return math.ceil(train_samples // workers / local_batch_size)
+
+
+@dataclass(frozen=True)
+class Network:
+    """The link of every worker to the others (all alike; full duplex).
+
+    Args:
+        latency: d, one-way latency in seconds (a round trip is 2d).
+        bandwidth: beta, bytes per second in each direction (``math.inf``: no limit).
+        overhead: fixed seconds per all-reduce call (software cost; measured on loopback).
+    """
+
+    latency: float = 0.0
+    bandwidth: float = math.inf
+    overhead: float = 0.0
+
+    def __post_init__(self) -> None:
+        _finite("latency", self.latency)
+        if isinstance(self.bandwidth, bool) or not (
+            isinstance(self.bandwidth, int | float) and self.bandwidth > 0
+        ):
+            raise ValueError(f"bandwidth must be a number of bytes/s > 0 or inf, got {self.bandwidth!r}")
+        _finite("overhead", self.overhead)
+
+
+def ring_segments(nbytes: int, workers: int) -> int:
+    """n: how many segments gloo's ring all-reduce cuts ``nbytes`` into for K workers."""
+    n = max(math.ceil(nbytes / GLOO_MAX_SEGMENT_BYTES), 2 * workers)
+    return math.ceil(n / workers) * workers
+
+
+def allreduce_seconds(nbytes: int, workers: int, network: Network) -> float:
+    """Seconds of one gloo ring all-reduce of ``nbytes`` (S) over K = ``workers`` (see the module
+    docstring for the model)."""
+    _int("nbytes (S)", nbytes, 0)
+    _int("workers (K)", workers, 1)
+    if workers == 1 or nbytes == 0:
+        return 0.0
+    n = ring_segments(nbytes, workers)
+    rounds = (workers - 1) * (n // workers) / 2  # per phase; two segments in flight
+    x = nbytes / n / network.bandwidth  # transmission time of one segment
+    a = 2 * network.latency  # receive announcement, then the data
+    gap = max(a, x)  # the latency chain, or the link, whichever is slower
+    phase = rounds * (x + gap) + a + x - gap
+    return 2 * phase + network.overhead
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One schedule's predicted cost. ``local_steps`` is None for the compute-only bound (H = inf)."""
+
+    label: str
+    local_steps: int | None
+    switch_epochs: float
+    seconds_per_step: float
+    seconds_per_epoch: float
+    communication_share: float
+    speedup: float
+
+
+def predict(
+    compute_seconds: float,
+    model_bytes: int,
+    workers: int,
+    network: Network,
+    steps_per_epoch: int,
+    local_steps: Sequence[int] = (1, 4, 16, 64),
+    post_local: int | None = None,
+    switch_epoch: float = 0.0,
+    epochs: float = 1.0,
+    average_overhead: float = 0.0,
+) -> list[Prediction]:
+    """Predicted seconds per epoch of each schedule and its speed-up over mini-batch SGD (H = 1).
+
+    Args:
+        compute_seconds: c, seconds of one local step (B_loc samples) without any averaging.
+        model_bytes: S, bytes of one model average (the parameters, fp32: 4 bytes each).
+        workers: K.
+        network: latency d, bandwidth beta and per-call overhead.
+        steps_per_epoch: N (see ``steps_per_epoch()``).
+        local_steps: the H values of local SGD (averaging every H steps from the start).
+        post_local: H of post-local SGD after the switch (None: no post-local row).
+        switch_epoch: t' in epochs (t' = switch_epoch * N steps) for post-local SGD.
+        epochs: length of the run; post-local's seconds per epoch are the mean over it.
+        average_overhead: seconds per average spent outside the all-reduce (flatten, copy back).
+
+    The last row is the compute-only bound (H = inf).
+    """
+    c = _finite("compute_seconds (c)", compute_seconds)
+    s = _int("model_bytes (S)", model_bytes, 1)
+    k = _int("workers (K)", workers, 1)
+    n = _int("steps_per_epoch (N)", steps_per_epoch, 1)
+    if not isinstance(network, Network):
+        raise ValueError(f"network must be a localsgd.plan.Network, got {type(network).__name__}")
+    if isinstance(local_steps, int | str) or not local_steps:
+        raise ValueError(f"local_steps must be a non-empty list of integers H >= 1, got {local_steps!r}")
+    hs = [_int("local_steps (H)", h, 1) for h in local_steps]
+    if post_local is not None:
+        _int("post_local (H after the switch)", post_local, 1)
+    total_epochs = _finite("epochs", epochs)
+    if total_epochs == 0:
+        raise ValueError("epochs must be a number > 0, got 0")
+    switch = _finite("switch_epoch (t' in epochs)", switch_epoch)
+    if switch > total_epochs:
+        raise ValueError(f"switch_epoch (t') must be at most epochs = {total_epochs:g}, got {switch:g}")
+    local = _finite("average_overhead", average_overhead)
+    average = allreduce_seconds(s, k, network) + local if k > 1 else 0.0  # a lone worker never averages
+
+    def epoch(h: int) -> float:
+        return n * c + n / h * average
+
+    minibatch = epoch(1)
+
+    def row(label: str, h: int | None, seconds: float, switch_epochs: float = 0.0) -> Prediction:
+        comm = (seconds - n * c) / seconds if seconds > 0 else 0.0
+        speedup = minibatch / seconds if seconds > 0 else 1.0 if minibatch == 0 else math.inf
+        return Prediction(label, h, switch_epochs, seconds / n, seconds, comm, speedup)
+
+    rows = [row("mini-batch SGD" if h == 1 else f"local SGD H={h}", h, epoch(h)) for h in hs]
+    if post_local is not None:
+        # Exact counts over the run: t' mini-batch steps, then one average per H local steps.
+        total_steps = round(total_epochs * n)
+        t_switch = round(switch * n)
+        averages = t_switch + (total_steps - t_switch) // post_local
+        seconds = (total_steps * c + averages * average) / total_epochs
+        label = f"post-local H={post_local}, t'={switch:g}/{total_epochs:g} ep"
+        rows.append(row(label, post_local, seconds, switch))
+    rows.append(row("compute only (H=inf)", None, n * c))
+    return rows
+
+
+def table(rows: Sequence[Prediction]) -> str:
+    """The predictions as a text table."""
+    lines = [f"{'schedule':<34} {'s/step':>8} {'s/epoch':>9} {'comm':>6} {'speed-up':>8}"]
+    for r in rows:
+        lines.append(
+            f"{r.label:<34} {r.seconds_per_step:>8.4f} {r.seconds_per_epoch:>9.1f} "
+            f"{100 * r.communication_share:>5.1f}% {r.speedup:>7.2f}x"
+        )
+    return "\n".join(lines)
+
+
+# --- command line (``localsgd plan``) -----------------------------------------------------------
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of ``localsgd plan`` (shared by ``main`` and the ``localsgd`` command)."""
+    add = p.add_argument
+    add("--compute-ms", type=float, required=True, metavar="C",
+        help="measured compute time of one local step of one worker (B_loc samples), ms")  # fmt: skip
+    add("--workers", type=int, required=True, metavar="K", help="number of workers K")
+    add("--model-bytes", default="1089896", metavar="S",
+        help="bytes per average: 1089896, 1.09MB, 1.04MiB (default: ResNet-20, fp32)")  # fmt: skip
+    add("--latency-ms", type=float, default=0.0, metavar="D",
+        help="one-way latency d, ms (a round trip is 2d; default 0)")  # fmt: skip
+    add("--bandwidth", default="inf", metavar="RATE",
+        help="each worker's link rate per direction: 100mbit, 1gbit, inf (default inf)")  # fmt: skip
+    add("--local-steps", type=int, nargs="+", default=[1, 4, 16, 64], metavar="H",
+        help="averaging periods H of local SGD to compare (default 1 4 16 64)")  # fmt: skip
+    add("--post-local", type=int, metavar="H", help="also post-local SGD with this H after t'")
+    add("--epochs", type=float, default=300.0, help="run length in epochs (default 300)")
+    add("--switch-epoch", type=float, metavar="EPOCH",
+        help="t' of post-local SGD in epochs (default: half of --epochs)")  # fmt: skip
+    add("--local-batch-size", type=int, default=128, metavar="B_LOC",
+        help="samples per worker and step (default 128)")  # fmt: skip
+    add("--train-samples", type=int, default=CIFAR10_TRAIN_SAMPLES,
+        help="training set size (default 50000, CIFAR-10)")  # fmt: skip
+    add("--overhead-ms", type=float, default=0.0,
+        help="fixed cost of one all-reduce call, ms (measured on loopback; default 0)")  # fmt: skip
+    add("--average-overhead-ms", type=float, default=0.0,
+        help="cost of one average besides the all-reduce (flatten, copy back), ms (default 0)")  # fmt: skip
+    add("--json", action="store_true", help="print JSON instead of a table")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``localsgd plan`` on parsed arguments; a bad value prints one line and returns 2."""
+    try:
+        n = steps_per_epoch(args.train_samples, args.workers, args.local_batch_size)
+        network = Network(
+            latency=_finite("--latency-ms", args.latency_ms) / 1e3,
+            bandwidth=parse_rate(args.bandwidth),
+            overhead=_finite("--overhead-ms", args.overhead_ms) / 1e3,
+        )
+        switch = args.epochs / 2 if args.switch_epoch is None else args.switch_epoch
+        rows = predict(
+            compute_seconds=_finite("--compute-ms", args.compute_ms) / 1e3,
+            model_bytes=parse_size(args.model_bytes),
+            workers=args.workers,
+            network=network,
+            steps_per_epoch=n,
+            local_steps=args.local_steps,
+            post_local=args.post_local,
+            switch_epoch=switch if args.post_local is not None else 0.0,
+            epochs=args.epochs,
+            average_overhead=_finite("--average-overhead-ms", args.average_overhead_ms) / 1e3,
+        )
+    except ValueError as e:
+        print(f"localsgd plan: error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        rows_json = [asdict(r) for r in rows]
+        print(json.dumps({"steps_per_epoch": n, "network": asdict(network), "rows": rows_json}))
+    else:
+        bits = network.bandwidth * 8
+        bw = f"{bits / 1e9:g} Gbit/s" if bits >= 1e9 else f"{bits / 1e6:g} Mbit/s"
+        bw = "unlimited" if math.isinf(bits) else bw
+        print(
+            f"K={args.workers}, B_loc={args.local_batch_size}, N={n} steps/epoch, c={args.compute_ms:g} ms, "
+            f"S={parse_size(args.model_bytes)} B, d={args.latency_ms:g} ms, {bw}"
+        )
+        print(table(rows))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="localsgd plan",
+        description="Predict seconds per epoch and the speed-up of local SGD (H) over mini-batch SGD.",
+    )
+    add_arguments(p)
+    return run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

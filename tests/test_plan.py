@@ -1,0 +1,209 @@
+"""The cost model (localsgd.plan): bounds, limits, monotonicity, post-local mixing, bad inputs."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+
+import pytest
+
+from localsgd import plan
+from localsgd.plan import Network, allreduce_seconds, predict
+
+RESNET20 = 1_089_896  # bytes of ResNet-20's parameters in fp32
+MBIT100 = plan.parse_rate("100mbit")
+
+
+def by_label(rows: list[plan.Prediction]) -> dict[str, plan.Prediction]:
+    return {r.label: r for r in rows}
+
+
+def epochs(rows: list[plan.Prediction]) -> list[float]:
+    return [r.seconds_per_epoch for r in rows]
+
+
+@pytest.fixture
+def slow_net() -> Network:
+    return Network(latency=1e-3, bandwidth=MBIT100, overhead=0.5e-3)
+
+
+def test_rates_and_sizes_parse() -> None:
+    assert plan.parse_rate("100mbit") == 12.5e6
+    assert plan.parse_rate("1gbit") == plan.parse_rate("1000mbit") == 125e6
+    assert plan.parse_rate("inf") == math.inf
+    assert plan.parse_size("1089896") == RESNET20
+    assert plan.parse_size("1.5MB") == 1_500_000
+    assert plan.parse_size("1MiB") == 2**20
+
+
+def test_ring_segments_follow_gloo() -> None:
+    assert plan.ring_segments(RESNET20, 2) == 4  # 2K segments below 2K MiB
+    assert plan.ring_segments(RESNET20, 16) == 32
+    assert plan.ring_segments(5 * 2**20, 2) == 6  # 5 segments of 1 MiB, rounded up to a multiple of K
+    assert plan.ring_segments(100 * 2**20, 4) == 100
+
+
+def test_allreduce_without_latency_is_the_ring_bandwidth_bound() -> None:
+    for k in (2, 4, 16):
+        for size in (2**16, RESNET20, 50 * 2**20):
+            expected = 2 * (k - 1) / k * size / MBIT100
+            assert allreduce_seconds(size, k, Network(bandwidth=MBIT100)) == pytest.approx(expected)
+
+
+def test_allreduce_without_bandwidth_limit_costs_two_latencies_per_round() -> None:
+    # m = 2 segments per worker: (K-1) rounds per phase, each an announcement and the data (2d).
+    for k in (2, 4, 8):
+        assert allreduce_seconds(RESNET20, k, Network(latency=1e-3)) == pytest.approx(4 * (k - 1) * 1e-3)
+
+
+def test_allreduce_latency_bound_and_link_bound_regimes(slow_net: Network) -> None:
+    # K=2, ResNet-20 at 100 Mbit/s: segments of S/4 take 21.8 ms > 2d, so the link is the bottleneck.
+    x = RESNET20 / 4 / MBIT100
+    assert allreduce_seconds(RESNET20, 2, slow_net) == pytest.approx(2 * (2 * x + 2e-3) + 0.5e-3)
+    # Faster link than latency: each phase is 2d + x, then the second segment x later.
+    fast = Network(latency=5e-3, bandwidth=plan.parse_rate("1gbit"))
+    x = RESNET20 / 4 / fast.bandwidth
+    assert allreduce_seconds(RESNET20, 2, fast) == pytest.approx(2 * (2 * 5e-3 + 2 * x))
+
+
+def test_allreduce_grows_with_size_workers_latency_and_falls_with_bandwidth(slow_net: Network) -> None:
+    base = allreduce_seconds(RESNET20, 4, slow_net)
+    assert allreduce_seconds(2 * RESNET20, 4, slow_net) > base
+    assert allreduce_seconds(RESNET20, 8, slow_net) > base
+    assert allreduce_seconds(RESNET20, 4, Network(2e-3, MBIT100, 0.5e-3)) > base
+    assert allreduce_seconds(RESNET20, 4, Network(1e-3, 10 * MBIT100, 0.5e-3)) < base
+
+
+def test_lone_worker_and_empty_buffer_cost_nothing(slow_net: Network) -> None:
+    assert allreduce_seconds(RESNET20, 1, slow_net) == 0.0
+    assert allreduce_seconds(0, 4, slow_net) == 0.0
+    rows = predict(0.1, RESNET20, 1, slow_net, steps_per_epoch=100, average_overhead=1e-3)
+    assert epochs(rows) == pytest.approx([10.0] * len(rows))
+
+
+def test_ideal_network_gives_compute_time() -> None:
+    rows = predict(0.13, RESNET20, 16, Network(0.0, math.inf), steps_per_epoch=25, local_steps=[1, 4, 64])
+    for r in rows:
+        assert r.seconds_per_epoch == pytest.approx(25 * 0.13)
+        assert r.speedup == pytest.approx(1.0)
+        assert r.communication_share == pytest.approx(0.0)
+
+
+def test_every_h_lies_between_minibatch_and_compute_only(slow_net: Network) -> None:
+    rows = predict(0.13, RESNET20, 4, slow_net, steps_per_epoch=391, local_steps=[1, 2, 4, 16, 64, 1000])
+    minibatch, bound = rows[0], rows[-1]
+    assert minibatch.local_steps == 1 and minibatch.speedup == 1.0
+    assert bound.local_steps is None and bound.seconds_per_epoch == pytest.approx(391 * 0.13)
+    average = allreduce_seconds(RESNET20, 4, slow_net)
+    assert bound.speedup == pytest.approx(1 + average / 0.13)  # the most any H can gain
+    for r in rows:
+        assert bound.seconds_per_epoch <= r.seconds_per_epoch <= minibatch.seconds_per_epoch
+        assert 1.0 <= r.speedup <= bound.speedup
+
+
+def test_monotonic_in_h(slow_net: Network) -> None:
+    rows = predict(0.05, RESNET20, 8, slow_net, steps_per_epoch=100, local_steps=list(range(1, 70)))[:-1]
+    times = epochs(rows)
+    assert times == sorted(times, reverse=True)
+    assert all(a.speedup < b.speedup for a, b in itertools.pairwise(rows))
+
+
+def test_epoch_is_compute_plus_one_average_per_h_steps(slow_net: Network) -> None:
+    average = allreduce_seconds(RESNET20, 4, slow_net) + 2e-3
+    rows = by_label(predict(0.1, RESNET20, 4, slow_net, 200, [1, 16], average_overhead=2e-3))
+    assert rows["mini-batch SGD"].seconds_per_epoch == pytest.approx(200 * (0.1 + average))
+    assert rows["local SGD H=16"].seconds_per_epoch == pytest.approx(200 * 0.1 + 200 / 16 * average)
+    assert rows["local SGD H=16"].seconds_per_step == pytest.approx(0.1 + average / 16)
+
+
+def test_post_local_mixes_the_two_phases(slow_net: Network) -> None:
+    def post(switch: float) -> plan.Prediction:
+        rows = predict(
+            0.1, RESNET20, 4, slow_net, 160, [1, 16], post_local=16, switch_epoch=switch, epochs=300
+        )
+        return next(r for r in rows if r.label.startswith("post-local"))
+
+    rows = by_label(predict(0.1, RESNET20, 4, slow_net, 160, [1, 16]))
+    minibatch, local = rows["mini-batch SGD"].seconds_per_epoch, rows["local SGD H=16"].seconds_per_epoch
+    assert post(0).seconds_per_epoch == pytest.approx(local)
+    assert post(300).seconds_per_epoch == pytest.approx(minibatch)
+    assert post(150).seconds_per_epoch == pytest.approx((minibatch + local) / 2)
+    assert post(75).seconds_per_epoch == pytest.approx((minibatch + 3 * local) / 4)
+    assert post(150).switch_epochs == 150 and post(150).local_steps == 16
+
+
+def test_post_local_counts_whole_periods_after_the_switch() -> None:
+    net = Network(latency=1.0)  # one average costs 4 s at K=2; no compute
+    rows = predict(0.0, 1000, 2, net, steps_per_epoch=10, local_steps=[1], post_local=4, switch_epoch=0.3)
+    post = next(r for r in rows if r.label.startswith("post-local"))
+    assert post.seconds_per_epoch == pytest.approx((3 + 7 // 4) * 4.0)  # 3 gradient averages, then 1
+
+
+@pytest.mark.parametrize(
+    ("call", "named"),
+    [
+        (lambda n: predict(-0.1, RESNET20, 4, n, 100), "compute_seconds (c)"),
+        (lambda n: predict(math.nan, RESNET20, 4, n, 100), "compute_seconds (c)"),
+        (lambda n: predict(0.1, 0, 4, n, 100), "model_bytes (S)"),
+        (lambda n: predict(0.1, RESNET20, 0, n, 100), "workers (K)"),
+        (lambda n: predict(0.1, RESNET20, True, n, 100), "workers (K)"),
+        (lambda n: predict(0.1, RESNET20, 4, n, 0), "steps_per_epoch (N)"),
+        (lambda n: predict(0.1, RESNET20, 4, n, 100, local_steps=[1, 0]), "local_steps (H)"),
+        (lambda n: predict(0.1, RESNET20, 4, n, 100, local_steps=[2.5]), "local_steps (H)"),
+        (lambda n: predict(0.1, RESNET20, 4, n, 100, local_steps=[]), "local_steps"),
+        (lambda n: predict(0.1, RESNET20, 4, n, 100, local_steps=4), "local_steps"),
+        (lambda n: predict(0.1, RESNET20, 4, n, 100, post_local=0), "post_local"),
+        (
+            lambda n: predict(0.1, RESNET20, 4, n, 100, post_local=16, switch_epoch=400, epochs=300),
+            "switch_epoch",
+        ),
+        (lambda n: predict(0.1, RESNET20, 4, n, 100, epochs=0), "epochs"),
+        (lambda n: predict(0.1, RESNET20, 4, n, 100, average_overhead=-1), "average_overhead"),
+        (lambda n: predict(0.1, RESNET20, 4, "fast", 100), "network"),
+        (lambda n: Network(latency=-1e-3), "latency"),
+        (lambda n: Network(bandwidth=0), "bandwidth"),
+        (lambda n: Network(overhead=math.inf), "overhead"),
+        (lambda n: plan.parse_rate("fast"), "bandwidth"),
+        (lambda n: plan.parse_rate("-100mbit"), "bandwidth"),
+        (lambda n: plan.parse_rate("100mbps"), "bandwidth"),
+        (lambda n: plan.parse_size("1.09 parsecs"), "model size"),
+        (lambda n: plan.steps_per_epoch(50_000, 4, 0), "local_batch_size (B_loc)"),
+        (lambda n: plan.steps_per_epoch(3, 4, 32), "train_samples"),
+    ],
+)
+def test_bad_input_is_one_clear_line(call, named: str, slow_net: Network) -> None:
+    with pytest.raises(ValueError) as info:
+        call(slow_net)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(named)
+    assert "got" in message or "must be" in message
+
+
+def test_steps_per_epoch_matches_the_training_harness() -> None:
+    from localsgd.harness.config import Config
+    from localsgd.harness.train import make_plan
+
+    for k, b in [(2, 32), (4, 64), (16, 128), (3, 100)]:
+        harness = make_plan(Config(workers=k, local_batch_size=b), 50_000).steps_per_epoch
+        assert plan.steps_per_epoch(50_000, k, b) == harness
+
+
+def test_command_line_table_and_json(capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["--compute-ms", "130", "--workers", "4", "--local-batch-size", "32", "--latency-ms", "1"]
+    args += ["--bandwidth", "100mbit", "--post-local", "16", "--epochs", "300"]
+    assert plan.main(args) == 0
+    out = capsys.readouterr().out
+    assert "N=391 steps/epoch" in out and "local SGD H=64" in out and "post-local H=16, t'=150/300" in out
+    assert plan.main([*args, "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["steps_per_epoch"] == 391
+    assert [r["local_steps"] for r in data["rows"]] == [1, 4, 16, 64, 16, None]
+
+
+def test_command_line_bad_value_prints_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    assert plan.main(["--compute-ms", "130", "--workers", "4", "--bandwidth", "fast"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "bandwidth" in err and "'fast'" in err
+    assert plan.main(["--compute-ms", "-1", "--workers", "4"]) == 2
+    assert "--compute-ms" in capsys.readouterr().err
