@@ -93,7 +93,7 @@ BAD_CONFIGS = [
     (["--epochs", "0"], "epochs must be a number > 0, got 0.0"),
     (["--switch-epoch", "400"], "switch_epoch (t') must be an epoch in [0, epochs=300] or 'first-decay', got 400.0"),
     (["--switch-epoch", "soon"], "--switch-epoch must be a number, got 'soon'"),
-    (["--model", "resnet18"], "model must be one of resnet20, resnet32, resnet56, densenet40, wrn28_10; got 'resnet18'"),
+    (["--model", "resnet18"], "model must be one of resnet8, resnet14, resnet20, resnet32, resnet56, densenet40, wrn28_10; got 'resnet18'"),
     (["--dataset", "imagenet"], "dataset must be one of cifar10, cifar100, mnist, fashion-mnist; got 'imagenet'"),
     (["--buffers", "sync"], "buffers must be one of local, average; got 'sync'"),
     (["--workers", "4", "--workers-per-block", "3", "--block-steps", "2"], "workers_per_block (K') = 3 must divide workers (K) = 4"),
@@ -122,6 +122,8 @@ BAD_CONFIGS = [
     (["--switch-epoch", "first-decay", "--decay-at", ""], "switch_epoch (t') is 'first-decay' but decay_at is empty"),
     (["--momentum", "0"], "nesterov needs momentum > 0, got momentum = 0"),
     (["--ordered-averaging", "perhaps"], "--ordered-averaging must be true or false, got 'perhaps'"),
+    (["--eval-local", "false"], "eval_local must be one of every, final, never; got 'false'"),
+    (["--precision", "fp16"], "precision must be one of fp32, bf16; got 'fp16'"),
 ]  # fmt: skip
 
 
@@ -137,6 +139,24 @@ def test_bad_config_is_one_line_before_training(
     assert err.startswith("localsgd: error: ") and err.count("\n") == 1, err
     assert message in err
     assert not out.exists()  # nothing ran
+
+
+@needs_cifar10
+def test_bf16_speed_mode_trains_or_is_refused_where_it_would_be_slow(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """precision = bf16 trains (finite loss, a model) on hardware with native bf16; elsewhere it is a
+    one-line error before any work, since the fallback kernels are several times slower than fp32."""
+    from localsgd.harness.train import bf16_supported
+
+    out = tmp_path / "run"
+    code = main(["train", *TINY, "--epochs", "1", "--precision", "bf16", "--out", str(out)])
+    if bf16_supported(torch.device("cpu")):
+        assert code == 0 and (out / "model.pt").is_file()
+        assert json.loads((out / "summary.json").read_text())["final_train_loss"] < 10
+    else:
+        assert code == 2 and not out.exists()
+        assert "precision = bf16 needs native bfloat16" in capsys.readouterr().err
 
 
 def test_unknown_toml_key_is_named(tmp_path: Path) -> None:

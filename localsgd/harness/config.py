@@ -90,6 +90,9 @@ class Config:
     every, final or never"""
     channels_last: bool = True
     """channels_last memory format (faster on CPU, same numerics)"""
+    precision: str = "fp32"
+    """fp32, or bf16: bfloat16 autocast of forward and loss (a speed mode that changes the numerics;
+    needs native bf16: a GPU or a CPU with AVX-512 BF16/AMX)"""
     timeout: float = 600
     """seconds a collective may wait for a peer before the run stops with an error (torchrun)"""
     threads: int | None = None
@@ -109,6 +112,7 @@ class Config:
         choice(self, "buffers", ("local", "average"))
         choice(self, "optimizer_state", ("local", "average", "reset"))
         choice(self, "eval_local", EVAL_LOCAL)
+        choice(self, "precision", ("fp32", "bf16"))
         for name in ("workers", "local_batch_size", "local_steps", "eval_every", "checkpoint_every"):
             integer(self, name, 1)
         for name in ("train_subset", "test_subset", "workers_per_block", "block_steps", "threads"):

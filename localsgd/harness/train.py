@@ -70,6 +70,13 @@ def subset(x: torch.Tensor, y: torch.Tensor, n: int | None, seed: int, what: str
     return x[idx], y[idx]
 
 
+def bf16_supported(device: torch.device) -> bool:
+    """Whether bfloat16 autocast runs on native kernels (on CPU: oneDNN with AVX-512 BF16 or AMX)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 class Runtime:
     """This process's place among the K workers: simulator (all K here) or one torchrun rank."""
 
@@ -89,6 +96,12 @@ class Runtime:
             if not dist.is_initialized():
                 backend = "nccl" if self.device.type == "cuda" else "gloo"
                 init_process_group(backend, timeout=timedelta(seconds=cfg.timeout))
+        if cfg.precision == "bf16" and not bf16_supported(self.device):
+            raise ConfigError(
+                f"precision = bf16 needs native bfloat16, which this {self.device.type} lacks (torch CPU "
+                f"capability {torch.backends.cpu.get_cpu_capability()}; bf16 would run several times slower "
+                "than fp32 here); use precision = fp32"
+            )
         self.rank = dist.get_rank() if self.distributed else 0
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         threads = cfg.threads or max(1, (os.cpu_count() or 1) // local)
@@ -271,8 +284,9 @@ def train(cfg: Config, out: Path) -> Result:
             if cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             y = train_y[idx]
-            logits = m(x)
-            loss = F.cross_entropy(logits, y)
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+                logits = m(x)
+                loss = F.cross_entropy(logits, y)
             value = loss.item()
             if not math.isfinite(value):  # stop before the bad values reach any average or checkpoint
                 raise TrainingError(
