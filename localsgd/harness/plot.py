@@ -21,6 +21,17 @@ def pyplot() -> Any:
     return plt
 
 
+def save(fig: Any, axes: Any, legend_ax: Any, out: Path) -> Path:
+    for ax in axes.flat:
+        ax.grid(alpha=0.3)
+    legend_ax.legend(fontsize=8)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    pyplot().close(fig)
+    return out
+
+
 def read_run(run: Path) -> tuple[str, list[dict[str, Any]]]:
     metrics = run / "metrics.jsonl"
     if not metrics.is_file():
@@ -70,14 +81,7 @@ def plot_runs(runs: list[Path], out: Path) -> Path:
     loss_ax.set(xlabel="epoch", ylabel="training loss", title="training loss (workers' mini-batches)")
     loss_ax.set_yscale("log")
     lr_ax.set(xlabel="epoch", ylabel="learning rate", title="learning rate (end of epoch)")
-    for ax in axes.flat:
-        ax.grid(alpha=0.3)
-    acc_epoch.legend(fontsize=8)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return save(fig, axes, acc_epoch, out)
 
 
 def plot_study(rows: list[dict[str, Any]], runs: dict[str, list[Path]], out: Path) -> Path:
@@ -120,11 +124,4 @@ def plot_study(rows: list[dict[str, Any]], runs: dict[str, list[Path]], out: Pat
     loss_ax.set(xlabel="epoch", ylabel="training loss", title="training loss (mean over seeds)")
     loss_ax.set_yscale("log")
     final_ax.set(ylabel="final test accuracy (%)", title="final accuracy: each seed (dots), mean ± std")
-    for ax in axes.flat:
-        ax.grid(alpha=0.3)
-    acc_epoch.legend(fontsize=8)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return save(fig, axes, acc_epoch, out)
