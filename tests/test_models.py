@@ -10,6 +10,8 @@ from localsgd.harness.models import MODELS, build_model
 
 # Exact trainable-parameter counts for 10 classes and 3 input channels.
 PARAM_COUNTS = {
+    "resnet8": 78_042,  # 1 block per stage
+    "resnet14": 175_258,  # 2 blocks per stage
     "resnet20": 272_474,  # 269,722 with option-A shortcuts + 2,752 for the two 1x1 conv + BN projections
     "resnet32": 466_906,  # 464,154 + 2,752
     "resnet56": 855_770,  # 853,018 + 2,752
@@ -125,7 +127,7 @@ def test_deterministic(name: str) -> None:
 
 def test_unknown_name() -> None:
     """An unknown model name raises ValueError naming the bad value and the allowed ones."""
-    with pytest.raises(ValueError, match=r"unknown model 'resnet18'; choose one of resnet20, .*wrn28_10"):
+    with pytest.raises(ValueError, match=r"unknown model 'resnet18'; choose one of resnet8, resnet14, resnet20, .*wrn28_10"):
         build_model("resnet18", 10)
 
 

@@ -170,8 +170,9 @@ def test_unknown_toml_key_is_named(tmp_path: Path) -> None:
 def test_simulator_and_torchrun_train_the_same_model(tmp_path: Path) -> None:
     """The same config and seed: `localsgd train --workers 4` and 4 torchrun processes end with the
     same model (max abs difference <= 1e-5; in fact bitwise equal) and the same metrics."""
-    assert main(["train", *TINY, "--out", str(tmp_path / "sim"), "--progress", "false"]) == 0
-    launch(4, ["-m", "localsgd", "train", *TINY, "--out", str(tmp_path / "dist"), "--progress", "false"])
+    flags = [*TINY, "--progress", "false", "--eval-local", "every"]
+    assert main(["train", *flags, "--out", str(tmp_path / "sim")]) == 0
+    launch(4, ["-m", "localsgd", "train", *flags, "--out", str(tmp_path / "dist")])
     sim = torch.load(tmp_path / "sim/model.pt", weights_only=True)
     dist = torch.load(tmp_path / "dist/model.pt", weights_only=True)
     diff = max(

@@ -4,7 +4,8 @@
   with Hessian-vector products (double backward), on a fixed set of batches with BatchNorm in eval mode,
   so the loss is a fixed function of the parameters.
 * ``interpolate``: loss and accuracy along the line ``(1 - alpha) * theta_A + alpha * theta_B`` between
-  two runs' final models, with BatchNorm statistics re-estimated at every point.
+  two runs' final models, with BatchNorm statistics re-estimated at every point (on the training
+  subset with the training augmentation, which is what BatchNorm saw during training).
 
 ``localsgd sharpness RUN_DIR...`` and ``localsgd interpolate RUN_A RUN_B`` wrap them for run
 directories; the loss is the training cross-entropy without weight decay, on un-augmented images.
@@ -27,7 +28,7 @@ from torch import nn
 
 from localsgd.engine import first_line
 from localsgd.harness.config import Config, ConfigError, from_mapping
-from localsgd.harness.data import MEAN_STD, Dataset, default_data_dir, load_dataset, normalize
+from localsgd.harness.data import MEAN_STD, Dataset, augment, default_data_dir, load_dataset, normalize
 from localsgd.harness.models import build_model
 from localsgd.harness.plot import pyplot
 
@@ -125,12 +126,17 @@ def loss_acc(model: nn.Module, batches: Batches) -> tuple[float, float]:
 
 
 def interpolate(
-    model_a: nn.Module, model_b: nn.Module, alphas: Sequence[float], train: Batches, test: Batches
+    model_a: nn.Module,
+    model_b: nn.Module,
+    alphas: Sequence[float],
+    train: Batches,
+    test: Batches,
+    bn: Batches | None = None,
 ) -> list[dict[str, float]]:
     """Loss and accuracy of ``(1 - alpha) * A + alpha * B`` for each alpha, on ``train`` and ``test``.
 
-    Parameters are interpolated; BN running statistics are re-estimated on ``train`` at every point
-    (interpolated statistics do not belong to the interpolated weights).
+    Parameters are interpolated; BN running statistics are re-estimated at every point on ``bn``
+    (default ``train``), since interpolated statistics do not belong to the interpolated weights.
     """
     probe = copy.deepcopy(model_a)
     pa, pb = dict(model_a.named_parameters()), dict(model_b.named_parameters())
@@ -139,7 +145,7 @@ def interpolate(
         with torch.no_grad():
             for name, p in probe.named_parameters():
                 p.copy_(pa[name].lerp(pb[name], alpha))
-        reestimate_bn(probe, train)
+        reestimate_bn(probe, train if bn is None else bn)
         train_loss, train_acc = loss_acc(probe, train)
         test_loss, test_acc = loss_acc(probe, test)
         rows.append(
@@ -179,12 +185,26 @@ def _batches(x: torch.Tensor, y: torch.Tensor, data: Dataset, batch: int) -> Bat
     ]
 
 
-def train_probe(cfg: Config, data: Dataset, samples: int, seed: int, batch: int = 512) -> Batches:
-    """A fixed random subset of ``samples`` training images (no augmentation), in batches."""
+def _train_subset(data: Dataset, samples: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     if not 0 < samples <= len(data.train_x):
         raise ConfigError(f"samples must be in 1..{len(data.train_x)}, got {samples}")
     idx = torch.randperm(len(data.train_x), generator=torch.Generator().manual_seed(seed))[:samples]
-    return _batches(data.train_x[idx], data.train_y[idx], data, batch)
+    return data.train_x[idx], data.train_y[idx]
+
+
+def train_probe(cfg: Config, data: Dataset, samples: int, seed: int, batch: int = 512) -> Batches:
+    """A fixed random subset of ``samples`` training images (no augmentation), in batches."""
+    return _batches(*_train_subset(data, samples, seed), data, batch)
+
+
+def augmented_probe(data: Dataset, samples: int, seed: int, batch: int = 512) -> Batches:
+    """The same subset with the training augmentation (seeded): what BatchNorm saw in training."""
+    x, y = _train_subset(data, samples, seed)
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        (augment(x[i : i + batch], gen, data.mean, data.std), y[i : i + batch])
+        for i in range(0, len(x), batch)
+    ]
 
 
 def _data(cfg: Config, data_dir: str | None) -> Dataset:
@@ -218,7 +238,7 @@ def interpolate_runs(
     data = _data(cfg_a, data_dir)
     train = train_probe(cfg_a, data, samples, seed)
     test = _batches(data.test_x, data.test_y, data, 1000)
-    return interpolate(model_a, model_b, alphas, train, test)
+    return interpolate(model_a, model_b, alphas, train, test, bn=augmented_probe(data, samples, seed))
 
 
 def plot_interpolation(rows: list[dict[str, float]], labels: tuple[str, str], out: Path) -> Path:
