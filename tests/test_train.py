@@ -288,9 +288,13 @@ def test_study_runs_pieces_skips_finished_ones_and_reproduces(
     files = sorted(str(p.relative_to(exported)) for p in exported.rglob("*") if p.is_file())
     assert len(files) == 2 + 4 * 3 and "post-local_H4/seed-2/metrics.jsonl" in files  # no checkpoints
     assert main(["study", "nope"]) == 2
-    # a finished run is reused only if it was run with the piece's settings
+    # a finished run is reused only if it was run with the piece's settings; a setting added since
+    # (missing from its config.json) counts as its default
     config = a / "mini-batch" / "seed-2" / "config.json"
     saved = json.loads(config.read_text())
+    del saved["config"]["precision"]
+    config.write_text(json.dumps(saved))
+    assert main(["study", "smoke", "--out", str(a), "--data-dir", str(CIFAR10)]) == 0
     saved["config"]["epochs"] = 3.0
     config.write_text(json.dumps(saved))
     capsys.readouterr()

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from localsgd.harness.config import ConfigError
+from localsgd.harness.config import Config, ConfigError
 
 
 class CheckpointError(ValueError):
@@ -119,10 +119,11 @@ RUN_CONTROL = {
 def check_same_config(
     saved: dict[str, Any], current: dict[str, Any], where: Path, what: str = "the checkpoint"
 ) -> None:
+    defaults = Config().to_dict()  # a key missing from an older file had its default value
     for key in sorted(saved.keys() | current.keys()):
         if key in RUN_CONTROL:
             continue
-        if saved.get(key) != current.get(key):
+        if saved.get(key, defaults.get(key)) != current.get(key, defaults.get(key)):
             raise ConfigError(
                 f"{what} in {where} was written with {key} = {saved.get(key)!r}, "
                 f"but this run has {key} = {current.get(key)!r}"
