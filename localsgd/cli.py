@@ -294,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
     except (ValueError, TrainingError, CommunicationError) as e:  # one line, no traceback
         print(f"localsgd: error: {e}", file=sys.stderr)
-        return 2
+        return finish(2)  # under torchrun also on the error path: no gloo teardown abort
     return 0
 
 
