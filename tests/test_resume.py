@@ -93,7 +93,9 @@ def test_torchrun_restart_after_sigkill_at_a_random_step_resumes_bit_for_bit(tmp
         options=("--max-restarts", "1"),
         env={"KILL_RANK": "1", "KILL_AT_STEP": str(step)},
     )
-    assert "exitcode: -9" in log, f"no worker was killed (step {step}):\n{log}"
+    # the victim (exit -9) or its survivor (a one-line error) is what torchrun reports first
+    killed = "exitcode: -9" in log or "a worker is gone, stuck or unreachable" in log
+    assert killed, f"no worker was killed (step {step}):\n{log}"
     same_run(tmp_path / "full", tmp_path / "restarted")
 
 
