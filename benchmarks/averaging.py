@@ -18,6 +18,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -49,7 +50,12 @@ def methods(model: nn.Module) -> dict:
     world = dist.get_world_size()
     flat = torch.zeros(sum(p.numel() for p in params))
     averager = FlatAverager(DistCommunicator())
-    periodic = PeriodicModelAverager(period=1, warmup_steps=0)
+    averager.pack_([params])  # as the engine does: parameters live in the averager's flat buffers
+    grads = [p.grad for p in params]  # other tensors (gradients, buffers) take the copy path
+    copier = FlatAverager(DistCommunicator())
+    with warnings.catch_warnings():  # "period 1: use DDP instead"; here it times one average
+        warnings.simplefilter("ignore")
+        periodic = PeriodicModelAverager(period=1, warmup_steps=0)
 
     def per_tensor() -> None:
         with torch.no_grad():
@@ -59,7 +65,9 @@ def methods(model: nn.Module) -> dict:
 
     return {
         "raw all_reduce (flat buffer)": lambda: dist.all_reduce(flat),
-        "localsgd FlatAverager": lambda: averager.average_(Level.GLOBAL, [params]),
+        "raw all_reduce + division": lambda: (dist.all_reduce(flat), flat.div_(world)),
+        "localsgd (packed parameters)": lambda: averager.average_(Level.GLOBAL, [params]),
+        "localsgd (copied tensors)": lambda: copier.average_(Level.GLOBAL, [grads]),
         "torch average_parameters": lambda: average_parameters(iter(params), dist.group.WORLD),
         "torch PeriodicModelAverager": lambda: periodic.average_parameters(iter(params)),
         "per-tensor all_reduce": per_tensor,
@@ -109,7 +117,7 @@ def worker(out: Path, repeats: int) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workers", type=int, nargs="+", default=[2, 4, 8])
-    p.add_argument("--repeats", type=int, default=21)
+    p.add_argument("--repeats", type=int, default=31)
     p.add_argument("--out", default="benchmarks/results/averaging.json")
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = p.parse_args()

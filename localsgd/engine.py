@@ -54,6 +54,11 @@ def _check_choice(name: str, value: object, allowed: Sequence[str]) -> None:
 class Engine:
     """Drives K' local workers (1 under torch.distributed, K in the simulator) through a schedule.
 
+    At construction every worker's parameters move into flat buffers (``.data`` becomes a view
+    with the same shape and strides; the ``Parameter`` objects stay the same), so a model average
+    is one in-place collective per bucket. A tensor taken from a parameter's old storage before
+    (e.g. ``w = model.weight.detach()``) no longer follows the parameter.
+
     Args:
         models: the workers' models held by this process (``DistributedDataParallel`` allowed).
         optimizers: one optimizer per model, over (a subset of) that model's parameters.
@@ -120,6 +125,8 @@ class Engine:
             comm, [describe(m, self._settings(o)) for m, o in zip(self.models, self.optimizers, strict=True)]
         )
         comm.prepare(schedule.levels(), collective=True)
+        # Parameters become views into the averager's flat buffers: model averages copy nothing.
+        self._averager.pack_([list(m.parameters()) for m in self.models])
         if sync_initial:
             self._averager.broadcast_([[*m.parameters(), *m.buffers()] for m in self.models])
         self._arm_ddp()

@@ -47,14 +47,92 @@ def test_block_level_averages_within_consecutive_blocks() -> None:
 def test_buckets_split_by_dtype_and_size() -> None:
     averager = FlatAverager(SimCommunicator(2), bucket_bytes=16)
     ts = [torch.zeros(2), torch.zeros(2, dtype=torch.float64), torch.zeros(2), torch.zeros(3), torch.zeros(9)]
-    plan = averager._plan(ts)
+    plan = averager._plan([ts, ts])
     assert [(b.dtype, b.indices) for b in plan] == [
         (torch.float32, [0, 2]),
         (torch.float64, [1]),
         (torch.float32, [3]),
         (torch.float32, [4]),  # larger than a bucket: a bucket of its own
     ]
-    assert averager._plan([torch.ones(2), torch.ones(2, dtype=torch.float64), *ts[2:]]) is plan  # reused
+    again = [torch.ones(2), torch.ones(2, dtype=torch.float64), *ts[2:]]
+    assert averager._plan([again, again]) is plan  # reused
+
+
+def as_parameters(ts: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [torch.nn.Parameter(t.clone(), requires_grad=t.is_floating_point()) for t in ts]
+
+
+@pytest.mark.parametrize("bucket_bytes", [1, 24, 2**20])
+def test_packed_tensors_are_averaged_in_place_with_the_copied_path_result(bucket_bytes: int) -> None:
+    comm = SimCommunicator(4)
+    copied = [worker_tensors(k) for k in range(4)]
+    params = [as_parameters(worker_tensors(k)) for k in range(4)]
+    extra = [[torch.full((3,), float(k))] for k in range(4)]  # after the packed prefix: copied
+    averager = FlatAverager(comm, bucket_bytes)
+    assert averager.pack_(params)
+    objects = [[id(p) for p in ps] for ps in params]
+    addresses = [[p.data_ptr() for p in ps] for ps in params]
+    flats = {b.flats[k].data_ptr(): b.flats[k] for b in averager._pack.plan for k in range(4)}
+    for ps in params:
+        for p in ps:  # a view into one of the flat buffers, on a 64-byte boundary
+            assert p.untyped_storage().data_ptr() in flats
+            assert p.data_ptr() % 64 == 0
+        assert ps[2].is_contiguous()  # one element order on every worker, whatever their strides
+
+    copied_extra = [[torch.full((3,), float(k))] for k in range(4)]
+    FlatAverager(comm, bucket_bytes).average_(
+        Level.GLOBAL, [c + e for c, e in zip(copied, copied_extra, strict=True)]
+    )
+    nbytes = averager.average_(Level.GLOBAL, [p + e for p, e in zip(params, extra, strict=True)])
+
+    assert nbytes == sum(t.numel() * t.element_size() for t in [*params[0], *extra[0]])
+    for k in range(4):
+        assert [id(p) for p in params[k]] == objects[k]
+        assert [p.data_ptr() for p in params[k]] == addresses[k]  # averaged where they live
+        for got, want in zip(params[k], copied[k], strict=True):
+            assert torch.equal(got, want)
+        assert extra[k][0].tolist() == [1.5] * 3
+    assert averager.packed(params)
+
+
+def test_a_replaced_parameter_is_packed_again_at_the_next_average() -> None:
+    comm = SimCommunicator(2)
+    params = [as_parameters(worker_tensors(k)) for k in range(2)]
+    averager = FlatAverager(comm)
+    averager.pack_(params)
+    params[1][2].data = params[1][2].data.contiguous()  # e.g. model.to(memory_format=...)
+    params[0][0].data = params[0][0].data.clone()
+    assert not averager.packed(params)
+    expected = [torch.stack(ts).mean(0) for ts in zip(*[worker_tensors(k) for k in range(2)], strict=True)]
+    averager.average_(Level.GLOBAL, params)
+    assert averager.packed(params)
+    for k in range(2):
+        for got, want in zip(params[k], expected, strict=True):
+            assert torch.equal(got, want)
+
+
+def test_workers_with_different_strides_average_element_by_element() -> None:
+    comm = SimCommunicator(2)
+    tensors = [worker_tensors(k) for k in range(2)]
+    tensors[1][2] = tensors[1][2].contiguous()  # worker 0 channels_last, worker 1 not
+    expected = [torch.stack(ts).mean(0) for ts in zip(*tensors, strict=True)]
+    FlatAverager(comm).average_(Level.GLOBAL, tensors)
+    for k in range(2):
+        for got, want in zip(tensors[k], expected, strict=True):
+            assert torch.equal(got, want)
+
+
+def test_tensors_that_share_storage_or_are_not_dense_are_copied_not_packed() -> None:
+    comm = SimCommunicator(2)
+    for make in (lambda w: [w, w[:2]], lambda w: [w[:, ::2]]):
+        tensors = [make(torch.arange(8.0).view(2, 4) * (k + 1)) for k in range(2)]
+        expected = [torch.stack(ts).mean(0) for ts in zip(*tensors, strict=True)]
+        averager = FlatAverager(comm)
+        assert not averager.pack_(tensors)
+        averager.average_(Level.GLOBAL, tensors)
+        for k in range(2):
+            for got, want in zip(tensors[k], expected, strict=True):
+                assert torch.equal(got, want)
 
 
 def test_broadcast_copies_worker_zero() -> None:

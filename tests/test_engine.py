@@ -182,6 +182,24 @@ def test_average_now_makes_models_equal() -> None:
     assert torch.equal(sim.models[0][1].running_mean, sim.models[2][1].running_mean)
 
 
+def test_parameters_live_in_the_averagers_buffers_and_a_replaced_one_is_averaged_exactly() -> None:
+    sim = Simulator(mlp(seed=1), sgd, Schedule.local(100), workers=3)
+    params = [list(m.parameters()) for m in sim.models]
+    assert sim._averager.packed(params)
+    run(sim, 3)
+    # A user replaces one worker's parameter storage after construction (as model.to(...) does).
+    weight = sim.models[1][0].weight
+    weight.data = weight.data.t().contiguous().t()  # same values, other strides and storage
+    f0, f1, f2 = (flat(m) for m in sim.models)
+    expected = (f0 + f1 + f2) / 3  # the simulator sums in worker order
+    sim.average_now()
+    for model in sim.models:
+        assert torch.equal(flat(model), expected)
+    assert sim._averager.packed(params)  # packed again
+    run(sim, 2)  # and the optimizers still update the very same parameters
+    assert not torch.equal(flat(sim.models[0]), expected)
+
+
 def test_bad_arguments_fail_before_any_work(monkeypatch: pytest.MonkeyPatch) -> None:
     model = mlp(seed=1)
     cases = [

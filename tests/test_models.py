@@ -127,7 +127,9 @@ def test_deterministic(name: str) -> None:
 
 def test_unknown_name() -> None:
     """An unknown model name raises ValueError naming the bad value and the allowed ones."""
-    with pytest.raises(ValueError, match=r"unknown model 'resnet18'; choose one of resnet8, resnet14, resnet20, .*wrn28_10"):
+    with pytest.raises(
+        ValueError, match=r"unknown model 'resnet18'; choose one of resnet8, resnet14, resnet20, .*wrn28_10"
+    ):
         build_model("resnet18", 10)
 
 
