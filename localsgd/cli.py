@@ -251,6 +251,10 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 rows = study.run_study(args.name, root, args.data_dir, args.max_hours)
             print(study.table(rows))
+            comparisons = study.compare(rows, study.STUDIES[args.name].baseline)
+            if comparisons:
+                print()
+                print(study.comparison_table(comparisons))
             if args.plot:
                 from localsgd.harness.plot import plot_study
 

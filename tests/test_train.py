@@ -282,6 +282,14 @@ def test_study_runs_pieces_skips_finished_ones_and_reproduces(
     assert rows[0][0]["global_rounds_after_first_decay"] == [8, 8]
     assert post_local["global_rounds_after_first_decay"] == [2, 2]
     assert len(post_local["runs"]) == 2 and post_local["runs"][0]["seed"] == 1
+    (paired,) = [
+        c
+        for c in json.loads((a / "study.json").read_text())["comparisons"]
+        if c["metric"] == "final_test_acc"
+    ]
+    assert paired["method"] == "post-local H=4" and paired["baseline"] == "mini-batch"
+    by_seed = [(r["runs"][0]["final_test_acc"], r["runs"][1]["final_test_acc"]) for r in rows[0]]
+    assert paired["differences"] == [by_seed[1][0] - by_seed[0][0], by_seed[1][1] - by_seed[0][1]]
     exported = tmp_path / "exported"
     assert main(["study", "smoke", "--out", str(a), "--summary", "--plot", "--export", str(exported)]) == 0
     assert (a / "study.png").stat().st_size > 0 and "post-local H=4" in capsys.readouterr().out
@@ -301,3 +309,22 @@ def test_study_runs_pieces_skips_finished_ones_and_reproduces(
     assert main(["study", "smoke", "--out", str(a), "--data-dir", str(CIFAR10)]) == 2
     err = capsys.readouterr().err
     assert "the finished run in" in err and "epochs = 3.0, but this run has epochs = 2" in err
+
+
+def test_paired_comparison_confidence_interval() -> None:
+    """Differences are paired by seed; the 95% interval uses Student's t with n - 1 degrees of freedom."""
+    from localsgd.harness.study import compare
+
+    def row(method: str, accs: dict[int, float]) -> dict:
+        return {"method": method, "runs": [{"seed": s, "final_test_acc": a} for s, a in accs.items()]}
+
+    rows = [row("base", {1: 0.80, 2: 0.70, 3: 0.90}), row("new", {3: 0.921, 1: 0.82, 2: 0.719})]
+    (c,) = compare(rows, "base")
+    assert c["seeds"] == [1, 2, 3]
+    assert c["differences"] == pytest.approx([0.02, 0.019, 0.021])  # seed by seed, not by position
+    assert c["mean"] == pytest.approx(0.02) and c["std"] == pytest.approx(0.001)
+    half = 4.303 * 0.001 / 3**0.5  # t(0.975, df=2)
+    assert c["ci95"] == pytest.approx([0.02 - half, 0.02 + half]) and c["ci_excludes_zero"] is True
+    rows[1]["runs"][0]["final_test_acc"] = 0.80  # seed 3 now -0.10: the interval spans zero
+    assert compare(rows, "base")[0]["ci_excludes_zero"] is False
+    assert compare(rows, "missing") == [] and compare(rows, None) == []

@@ -5,6 +5,7 @@ several sittings (``--max-hours`` stops starting new runs once the budget is spe
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import statistics
 import time
@@ -24,6 +25,7 @@ class Study:
     methods: dict[str, dict[str, Any]]
     seeds: tuple[int, ...] = (1, 2, 3)
     notes: str = ""
+    baseline: str | None = None  # the method every other one is compared with, seed by seed
 
     def config(self, method: str, seed: int, data_dir: str | None) -> Config:
         values = {**self.base, **self.methods[method], "seed": seed, "resume": True}
@@ -49,6 +51,7 @@ STUDIES: dict[str, Study] = {
         },
         methods={"mini-batch": {"local_steps": 1}, "post-local H=4": {"local_steps": 4, "switch_epoch": 1}},
         seeds=(1, 2),
+        baseline="mini-batch",
     ),
     # The scaled reproduction of the paper's CIFAR-10 comparison (docs/results/cifar10-resnet8.md says
     # why each number was chosen and what the pilot showed).
@@ -80,6 +83,7 @@ STUDIES: dict[str, Study] = {
         notes="ResNet-8 on CIFAR-10, K=16 workers x B_loc=32 (global batch 512; small-batch: K=4, 128), "
         "16 epochs, paper LR rule (0.1 per 64 samples, linear warm-up from 0.1 over 2 epochs, x0.1 at "
         "epochs 8 and 12), switch t' at the first decay; hierarchical: K'=4, H=4, H_b=4.",
+        baseline="large-batch",
     ),
 }
 
@@ -162,6 +166,7 @@ def summarize(name: str, root: Path) -> list[dict[str, Any]]:
                 if values
                 else None
             )
+        row["gigabytes"] = [sum(d["bytes"].values()) / 1e9 for d in done]
         row["global_rounds"] = [d["rounds"].get("global", 0) for d in done]
         row["block_rounds"] = [d["rounds"].get("block", 0) for d in done]
         row["global_rounds_after_first_decay"] = [
@@ -170,8 +175,80 @@ def summarize(name: str, root: Path) -> list[dict[str, Any]]:
         row["runs"] = done
         rows.append(row)
     root.mkdir(parents=True, exist_ok=True)
-    (root / "study.json").write_text(json.dumps({"study": name, "rows": rows}, indent=1) + "\n")
+    result = {"study": name, "rows": rows, "comparisons": compare(rows, study.baseline)}
+    (root / "study.json").write_text(json.dumps(result, indent=1) + "\n")
     return rows
+
+
+# Two-sided 95% quantiles of Student's t for 1..30 degrees of freedom (1.96 beyond).
+T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+       2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+       2.045, 2.042)  # fmt: skip
+COMPARED = ("final_test_acc", "best_test_acc", "eigenvalue")
+
+
+def seed_of(record: dict[str, Any]) -> int:
+    return record["seed"]
+
+
+def compare(rows: list[dict[str, Any]], baseline: str | None) -> list[dict[str, Any]]:
+    """Every method against ``baseline``, paired by seed (the same seed gives the same initial model
+    and data order): per metric, the per-seed differences, their mean and standard deviation, and
+    a 95% confidence interval of the mean difference (Student's t)."""
+    by_method = {r["method"]: r for r in rows}
+    if baseline is None or baseline not in by_method:
+        return []
+    out = []
+    for row in rows:
+        if row["method"] == baseline:
+            continue
+        for key in COMPARED:
+            base = {d["seed"]: d[key] for d in by_method[baseline]["runs"] if d.get(key) is not None}
+            runs = sorted(
+                (d for d in row["runs"] if d.get(key) is not None and d["seed"] in base), key=seed_of
+            )
+            diffs = [d[key] - base[d["seed"]] for d in runs]
+            if not diffs:
+                continue
+            n, mean = len(diffs), statistics.mean(diffs)
+            std = statistics.stdev(diffs) if n > 1 else None
+            half = None if std is None else (T95[n - 2] if n - 1 <= len(T95) else 1.96) * std / math.sqrt(n)
+            out.append(
+                {
+                    "method": row["method"],
+                    "baseline": baseline,
+                    "metric": key,
+                    "seeds": [d["seed"] for d in runs],
+                    "differences": diffs,
+                    "mean": mean,
+                    "std": std,
+                    "ci95": None if half is None else [mean - half, mean + half],
+                    "ci_excludes_zero": None if half is None else abs(mean) > half,
+                }
+            )
+    return out
+
+
+def comparison_table(comparisons: list[dict[str, Any]]) -> str:
+    """The comparisons as text: one line per method and metric."""
+    if not comparisons:
+        return ""
+    scale = {"final_test_acc": 100, "best_test_acc": 100, "eigenvalue": 1}
+    head = (
+        f"{'vs ' + comparisons[0]['baseline'] + ' (paired by seed)':<32} {'metric':<15} {'seeds':>5} "
+        f"{'mean diff ± std':>17} {'95% CI':>18} {'CI excludes 0':>13}"
+    )
+    lines = [head, "-" * len(head)]
+    for c in comparisons:
+        f = scale[c["metric"]]
+        std = "" if c["std"] is None else f" ± {c['std'] * f:.2f}"
+        ci = "-" if c["ci95"] is None else f"[{c['ci95'][0] * f:+.2f}, {c['ci95'][1] * f:+.2f}]"
+        verdict = "-" if c["ci_excludes_zero"] is None else ("yes" if c["ci_excludes_zero"] else "no")
+        mean = f"{c['mean'] * f:>+8.2f}{std:<9}"
+        lines.append(
+            f"{c['method']:<32} {c['metric']:<15} {len(c['seeds']):>5} {mean} {ci:>18} {verdict:>13}"
+        )
+    return "\n".join(lines)
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -181,9 +258,13 @@ def table(rows: list[dict[str, Any]]) -> str:
     def counts(values: list[int]) -> str:
         return "/".join(str(n) for n in sorted(set(values))) or "-"
 
+    def gigabytes(values: list[float]) -> str:
+        return "/".join(f"{v:.2f}" for v in sorted(set(values))) or "-"
+
     head = (
         f"{'method':<18} {'seeds':>5} {'final test %':>14} {'best test %':>14} {'local models %':>14} "
-        f"{'global rounds':>13} {'after decay':>11} {'block rounds':>12} {'eigenvalue':>13} {'wall min':>10}"
+        f"{'global rounds':>13} {'after decay':>11} {'block rounds':>12} {'GB/worker':>10} "
+        f"{'eigenvalue':>13} {'wall min':>10}"
     )
     lines = [head, "-" * len(head)]
     for r in rows:
@@ -191,8 +272,8 @@ def table(rows: list[dict[str, Any]]) -> str:
             f"{r['method']:<18} {r['seeds_done']:>2}/{r['seeds']:<2} {pm(r['final_test_acc']):>14} "
             f"{pm(r['best_test_acc']):>14} {pm(r['final_local_test_acc']):>14} "
             f"{counts(r['global_rounds']):>13} {counts(r['global_rounds_after_first_decay']):>11} "
-            f"{counts(r['block_rounds']):>12} {pm(r['eigenvalue'], 1, 1):>13} "
-            f"{pm(r['wall_seconds'], 1 / 60, 1):>10}"
+            f"{counts(r['block_rounds']):>12} {gigabytes(r['gigabytes']):>10} "
+            f"{pm(r['eigenvalue'], 1, 1):>13} {pm(r['wall_seconds'], 1 / 60, 1):>10}"
         )
     return "\n".join(lines)
 
