@@ -81,6 +81,7 @@ def measure_allreduce(cfg: dict) -> list[dict]:
     params = list(_resnet20().parameters())
     model_bytes = sum(p.numel() * p.element_size() for p in params)
     averager = FlatAverager(DistCommunicator())
+    averager.pack_([params])  # as LocalSGD does: the parameters live in the averager's buffers
     methods = []
     for size in [*cfg["sizes"], model_bytes]:
         buf = torch.zeros(size // 4)
@@ -351,6 +352,37 @@ def print_tables(entries: list[dict]) -> None:
             print(_row(list(zip(values, specs[: len(values)], strict=True))))
 
 
+def plot(entries: list[dict], local_batch_size: int, out: Path) -> Path:
+    """Seconds per CIFAR-10 epoch per schedule, measured (bars: median, whiskers: min-max) and
+    predicted by the cost model (dots), one panel per K and shaped network."""
+    from localsgd.harness.plot import pyplot, save
+
+    plt = pyplot()
+    trained = [e for e in entries if e["training"]]
+    ks = sorted({e["workers"] for e in trained})
+    nets = list(dict.fromkeys(e["network"] for e in trained))
+    fig, axes = plt.subplots(len(ks), len(nets), figsize=(3.2 * len(nets), 3.2 * len(ks)), squeeze=False)
+    for e in trained:
+        ax = axes[ks.index(e["workers"]), nets.index(e["network"])]
+        rows = [r for r in e["training"] if r["schedule"] != "compute only"]
+        n = plan.steps_per_epoch(SAMPLES, e["workers"], local_batch_size)
+        med = [r["epoch_seconds"] for r in rows]
+        lo = [m - n * min(r["seconds_per_step"]) for m, r in zip(med, rows, strict=True)]
+        hi = [n * max(r["seconds_per_step"]) - m for m, r in zip(med, rows, strict=True)]
+        xs = range(len(rows))
+        ax.bar(xs, med, yerr=[lo, hi], color="tab:blue", alpha=0.6, capsize=3, label="measured (median)")
+        ax.plot(xs, [n * r["model_seconds_per_step"] for r in rows], "ko", ms=4, label="cost model")
+        compute = next(r for r in e["training"] if r["schedule"] == "compute only")
+        ax.axhline(n * _med(compute["seconds_per_step"]), color="gray", ls="--", lw=1, label="compute only")
+        labels = [
+            r["schedule"].replace("mini-batch SGD (H=1)", "H=1").replace("local SGD ", "") for r in rows
+        ]
+        ax.set_xticks(list(xs), [lb.split(",")[0] for lb in labels], rotation=45, ha="right", fontsize=8)
+        ax.set_title(f"K={e['workers']}, {e['network']}", fontsize=9)
+        ax.set_ylabel("s per epoch")
+    return save(fig, axes, axes[0, 0], out)
+
+
 def summary(entries: list[dict]) -> dict:
     """Largest relative errors of the model on the shaped networks (the calibration link excluded)."""
     shaped = [e for e in entries if e["rate"] is not None or e["delay_ms"] > 0]
@@ -380,6 +412,8 @@ def main() -> None:
     p.add_argument("--mtu", type=int, help="fixed MTU (default: per link, see netem.py)")
     p.add_argument("--prefix", default="lsgd", help="namespace name prefix")
     p.add_argument("--out", help="write JSON here (default: none)")
+    p.add_argument("--resume", action="store_true", help="keep the networks already in --out, run the rest")
+    p.add_argument("--plot", help="write a PNG of the training results here")
     p.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -408,10 +442,24 @@ def main() -> None:
     started = time.time()
     port = 29500
     calibrations: dict[int, dict] = {}
+    if args.resume:
+        if not args.out:
+            p.error("--resume needs --out (the results to continue)")
+        if Path(args.out).is_file():
+            done = json.loads(Path(args.out).read_text())
+            mine = {**cfg, "workers": args.workers, "mtu": args.mtu, "train_samples": SAMPLES}
+            if done["settings"] != mine:
+                p.error(f"--resume: {args.out} was measured with other settings: {done['settings']}")
+            entries = done["entries"]
+            calibrations = {int(k): v for k, v in done["calibrations"].items()}
+    measured = {(e["workers"], e["network"]) for e in entries}
     with tempfile.TemporaryDirectory() as tmp:
         for k in sorted(args.workers):
+            todo = [link for link in links if (k, str(link)) not in measured]
+            if not todo:
+                continue
             with Network(k, args.prefix, args.mtu) as net:
-                for link in links:
+                for link in todo:
                     net.shape(link)
                     train = not args.no_train and link != UNSHAPED
                     note = "" if train else " (all-reduce only)"
@@ -429,7 +477,10 @@ def main() -> None:
                     entries.append(entry)
                     if args.out:  # after every network, so that a failure later loses nothing
                         write_json(Path(args.out), cfg, args, entries, calibrations)
+    entries.sort(key=lambda e: (e["workers"], [str(link) for link in links].index(e["network"])))
     print_tables(entries)
+    if args.plot:
+        print(f"wrote {plot(entries, args.local_batch_size, Path(args.plot))}", file=sys.stderr)
     print()
     for k, cal in calibrations.items():
         used = " (used, scaled by max(1, K/CPUs))" if k == min(args.workers) else " (not used)"
