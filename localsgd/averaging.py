@@ -26,6 +26,7 @@ from localsgd.schedule import Level
 
 DEFAULT_BUCKET_BYTES = 25 * 2**20  # as DistributedDataParallel's default bucket_cap_mb
 ALIGN_BYTES = 64  # packed tensors start on cache-line boundaries
+PACKED_BUCKET_BYTES = 2**62  # packed tensors: one buffer per (dtype, device)
 
 
 def _is_dense(t: torch.Tensor) -> bool:
@@ -132,7 +133,8 @@ class FlatAverager:
     Tensors are grouped by (dtype, device), in order of appearance, and each group is cut into
     buckets of at most ``bucket_bytes``. Flat buffers are allocated once per tensor layout and
     reused. All buckets are started before the first is waited for, so copying back overlaps with
-    communication. Tensors packed with ``pack_`` are averaged where they live, without copies.
+    communication. Tensors packed with ``pack_`` are averaged where they live, without copies, in
+    one buffer per (dtype, device) (``bucket_bytes`` applies to copied tensors).
     """
 
     def __init__(self, comm: Communicator, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> None:
@@ -161,7 +163,9 @@ class FlatAverager:
         for ts in tensors_per_worker:
             if not all(_is_dense(t) for t in ts) or _overlap(ts):
                 return False
-        plan = _layout(first, self.bucket_bytes, ALIGN_BYTES)
+        # One buffer per (dtype, device): with no copies to overlap, one collective is cheapest
+        # (gloo, 100 MB at K = 4 and 8: 5-7% faster than 25 MB buckets).
+        plan = _layout(first, PACKED_BUCKET_BYTES, ALIGN_BYTES)
         _allocate(plan, tensors_per_worker)
         for b in plan:
             for views, ts in zip(b.views, tensors_per_worker, strict=True):

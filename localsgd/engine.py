@@ -70,7 +70,8 @@ class Engine:
         optimizer_state: at parameter averages, ``"local"`` keeps each worker's optimizer state
             (the paper), ``"average"`` averages its floating tensors (e.g. momentum), ``"reset"``
             clears it.
-        bucket_bytes: largest flat buffer per collective.
+        bucket_bytes: largest flat buffer per collective for copied tensors (gradients, buffers,
+            optimizer state); the packed parameters are one buffer per dtype and device.
         sync_initial: copy worker 0's parameters and buffers to all workers at construction.
         grad_scalers: one ``torch.amp.GradScaler`` per optimizer, or ``None``. The engine then
             calls ``scaler.step(optimizer)`` itself and keeps to the schedule when a scaler skips

@@ -70,6 +70,8 @@ def test_packed_tensors_are_averaged_in_place_with_the_copied_path_result(bucket
     extra = [[torch.full((3,), float(k))] for k in range(4)]  # after the packed prefix: copied
     averager = FlatAverager(comm, bucket_bytes)
     assert averager.pack_(params)
+    # one buffer per dtype whatever bucket_bytes (it applies to copied tensors)
+    assert [b.dtype for b in averager._pack.plan] == [torch.float32, torch.float64, torch.bfloat16]
     objects = [[id(p) for p in ps] for ps in params]
     addresses = [[p.data_ptr() for p in ps] for ps in params]
     flats = {b.flats[k].data_ptr(): b.flats[k] for b in averager._pack.plan for k in range(4)}
