@@ -120,14 +120,16 @@ class Engine:
         comm.prepare(schedule.levels(), collective=False)  # raises if the block size K' is unknown
         self._ddp_group_matches = [self._check_ddp(d) for d in self._ddp]
         self._averager = FlatAverager(comm, bucket_bytes)
+        # Parameters become views into the averager's flat buffers: model averages copy nothing.
+        # Whether that worked is part of the settings every worker must agree on (the packed and
+        # the copied path lay the buffers out differently).
+        self._packed = self._averager.pack_([list(m.parameters()) for m in self.models])
         self.t = 0
         self.stats = {level.value: CommStats() for level in schedule.levels()}
         check_workers(
             comm, [describe(m, self._settings(o)) for m, o in zip(self.models, self.optimizers, strict=True)]
         )
         comm.prepare(schedule.levels(), collective=True)
-        # Parameters become views into the averager's flat buffers: model averages copy nothing.
-        self._averager.pack_([list(m.parameters()) for m in self.models])
         if sync_initial:
             self._averager.broadcast_([[*m.parameters(), *m.buffers()] for m in self.models])
         self._arm_ddp()
@@ -143,6 +145,7 @@ class Engine:
             "buffers": self.buffers,
             "optimizer_state": self.optimizer_state,
             "bucket_bytes": self._averager.bucket_bytes,
+            "packed_parameters": self._packed,
             "optimizer": type(optimizer).__name__,
             "param_groups": [len(g["params"]) for g in optimizer.param_groups],
         }
