@@ -63,6 +63,17 @@ def _slowest(times: list[float]) -> list[float]:
     return t.tolist()
 
 
+def _every_rank(values: list[float]) -> list[list[float]]:
+    """``values`` of every rank, in rank order."""
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64)
+    out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, t)
+    return [o.tolist() for o in out]
+
+
 def _resnet20():
     import torch
 
@@ -127,18 +138,24 @@ def measure_training(cfg: dict) -> list[dict]:
     x = torch.randn(batch, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (batch,))
 
+    traces: list[list[list[float]]] = []  # compute only: per repeat, per rank, every step's seconds
+
     def run(fields: dict | None, n: int) -> tuple[float, float, int]:
         model = _resnet20()
         opt = sgd(model, lr=0.01, momentum=0.9, nesterov=True, weight_decay=1e-4)
         engine = opt if fields is None else LocalSGD(opt, model, Schedule(**fields), comm=DistCommunicator())
         dist.barrier()
         start = time.perf_counter()
+        ends = []
         for _ in range(n):
             engine.zero_grad()
             F.cross_entropy(model(x), y).backward()
             engine.step()
-        elapsed = time.perf_counter() - start
+            ends.append(time.perf_counter())
+        elapsed = ends[-1] - start if ends else 0.0
         if fields is None:
+            if n == steps:
+                traces.append(_every_rank([b - a for a, b in zip([start, *ends], ends, strict=False)]))
             return elapsed, 0.0, 0
         stats = engine.stats["global"]
         return elapsed, stats.seconds, stats.rounds
@@ -165,6 +182,7 @@ def measure_training(cfg: dict) -> list[dict]:
                 "averages": res[0][2],
             }
         )
+    rows[0]["step_seconds_per_rank"] = traces  # the compute-only row: ranks' step-time jitter
     return rows
 
 
@@ -259,6 +277,18 @@ def model_network(link: Link, cal: dict) -> plan.Network:
     return plan.Network(link.delay_ms / 1e3, min(rate, cal["host_bandwidth"]), cal["overhead"])
 
 
+def waited_compute(traces: list[list[list[float]]], h: int, start: int = 0, stop: int | None = None) -> float:
+    """Compute seconds per step when K ranks wait for each other every ``h`` steps: the mean over
+    h-step windows (of steps ``start:stop``) of the slowest rank's time for the window, over h.
+    From the compute-only run's per-rank step times; equal to the plain mean without jitter."""
+    per_step = []
+    for ranks in traces:
+        end = len(ranks[0]) if stop is None else stop
+        for i in range(start, end - h + 1, h):
+            per_step.append(max(sum(steps[i : i + h]) for steps in ranks) / h)
+    return statistics.fmean(per_step)
+
+
 def predict_rows(entry: dict, cal: dict, cfg: dict) -> None:
     """Add the model's prediction and relative error to every measured row of one (K, network)."""
     k, link = entry["workers"], Link(entry["rate"], entry["delay_ms"])
@@ -293,6 +323,14 @@ def predict_rows(entry: dict, cal: dict, cfg: dict) -> None:
         r["epoch_seconds"] = n * med
         r["model_seconds_per_step"] = p.seconds_per_step
         r["error"] = p.seconds_per_step / med - 1
+        traces = rows["compute only"].get("step_seconds_per_rank")
+        if traces and fields is not None:  # the same model, its compute term with the ranks' jitter
+            h, t_switch = fields["local_steps"], fields.get("switch_step", 0)
+            waited = (t_switch * waited_compute(traces, 1, 0, t_switch) if t_switch else 0.0) + (
+                steps - t_switch
+            ) * waited_compute(traces, h, t_switch)
+            r["model_waiting_seconds_per_step"] = p.seconds_per_step - compute + waited / steps
+            r["error_waiting"] = r["model_waiting_seconds_per_step"] / med - 1
         if minibatch is not None:
             r["speedup"] = minibatch / med
             r["model_speedup"] = p.speedup
@@ -322,7 +360,9 @@ def print_tables(entries: list[dict]) -> None:
     print()
     print("Training ResNet-20 with LocalSGD: ms per step (slowest rank; min/median/max), ms per step spent")
     print("averaging, projected s per CIFAR-10 epoch, speed-up over H=1; the cost model's ms per step and")
-    print("speed-up (from the compute-only time of the same run), and their relative errors")
+    print("speed-up (from the compute-only time of the same run), and their relative errors; m+wait: the")
+    print("same model with the compute term the ranks' measured step-time jitter implies when they wait")
+    print("for each other every H steps (see waited_compute)")
     head = [
         "K",
         "network",
@@ -336,10 +376,10 @@ def print_tables(entries: list[dict]) -> None:
         "model",
         "error",
     ]
-    head += ["model su", "error"]
-    widths = [">2", "<20", "<24", ">7", ">7", ">7", ">6", ">8", ">7", ">7", ">7", ">8", ">7"]
+    head += ["model su", "error", "m+wait", "error"]
+    widths = [">2", "<20", "<24", ">7", ">7", ">7", ">6", ">8", ">7", ">7", ">7", ">8", ">7", ">7", ">7"]
     specs = [*widths[:3], ">7.1f", ">7.1f", ">7.1f", ">6.1f", ">8.1f", ">7.2f", ">7.1f", ">+7.1%"]
-    specs += [">8.2f", ">+7.1%"]
+    specs += [">8.2f", ">+7.1%", ">7.1f", ">+7.1%"]
     print(_row(list(zip(head, widths, strict=True))))
     for e in trained:
         for r in e["training"]:
@@ -349,6 +389,8 @@ def print_tables(entries: list[dict]) -> None:
             if "speedup" in r:
                 values += [r["speedup"], 1e3 * r["model_seconds_per_step"], r["error"]]
                 values += [r["model_speedup"], r["speedup_error"]]
+            if "error_waiting" in r:
+                values += [1e3 * r["model_waiting_seconds_per_step"], r["error_waiting"]]
             print(_row(list(zip(values, specs[: len(values)], strict=True))))
 
 
@@ -372,6 +414,9 @@ def plot(entries: list[dict], local_batch_size: int, out: Path) -> Path:
         xs = range(len(rows))
         ax.bar(xs, med, yerr=[lo, hi], color="tab:blue", alpha=0.6, capsize=3, label="measured (median)")
         ax.plot(xs, [n * r["model_seconds_per_step"] for r in rows], "ko", ms=4, label="cost model")
+        if all("model_waiting_seconds_per_step" in r for r in rows):
+            waiting = [n * r["model_waiting_seconds_per_step"] for r in rows]
+            ax.plot(xs, waiting, "rx", ms=6, label="cost model + ranks' jitter")
         compute = next(r for r in e["training"] if r["schedule"] == "compute only")
         ax.axhline(n * _med(compute["seconds_per_step"]), color="gray", ls="--", lw=1, label="compute only")
         labels = [
@@ -390,6 +435,9 @@ def summary(entries: list[dict]) -> dict:
         "allreduce_model_size": [abs(r["error"]) for e in shaped for r in e["allreduce"] if r["model"]],
         "allreduce_all_sizes": [abs(r["error"]) for e in shaped for r in e["allreduce"]],
         "step_time": [abs(r["error"]) for e in shaped for r in e["training"] if "error" in r],
+        "step_time_with_waiting": [
+            abs(r["error_waiting"]) for e in shaped for r in e["training"] if "error_waiting" in r
+        ],
         "speedup": [abs(r["speedup_error"]) for e in shaped for r in e["training"] if "speedup_error" in r],
     }
     return {k: {"max": max(v), "median": _med(v)} for k, v in err.items() if v}
