@@ -54,10 +54,10 @@ def _check_choice(name: str, value: object, allowed: Sequence[str]) -> None:
 class Engine:
     """Drives K' local workers (1 under torch.distributed, K in the simulator) through a schedule.
 
-    At construction every worker's parameters move into flat buffers (``.data`` becomes a view
-    with the same shape and strides; the ``Parameter`` objects stay the same), so a model average
-    is one in-place collective per bucket. A tensor taken from a parameter's old storage before
-    (e.g. ``w = model.weight.detach()``) no longer follows the parameter.
+    At construction every worker's parameters move into one flat buffer per dtype and device
+    (``.data`` becomes a contiguous view of the same shape; the ``Parameter`` objects stay the
+    same), so a model average is one in-place collective per buffer. A tensor taken from a
+    parameter's old storage before (e.g. ``w = model.weight.detach()``) no longer follows it.
 
     Args:
         models: the workers' models held by this process (``DistributedDataParallel`` allowed).
