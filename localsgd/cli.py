@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
                     m: [study.run_dir(root, m, s) for s in study.STUDIES[args.name].seeds]
                     for m in study.STUDIES[args.name].methods
                 }
-                print(plot_study(rows, runs, root / "study.png"))
+                print(plot_study(rows, runs, root / "study.png", comparisons))
             if args.export:
                 copied = study.export(args.name, root, Path(args.export))
                 print(f"{len(copied)} files copied to {args.export}")

@@ -4,6 +4,7 @@ communication rounds, training loss, learning rate)."""
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -84,12 +85,52 @@ def plot_runs(runs: list[Path], out: Path) -> Path:
     return save(fig, axes, acc_epoch, out)
 
 
-def plot_study(rows: list[dict[str, Any]], runs: dict[str, list[Path]], out: Path) -> Path:
+def _dots(
+    ax: Any,
+    groups: list[tuple[str, list[float], tuple[float, float] | None]],
+    clip_below: float | None,
+    colors: dict[str, str],
+) -> None:
+    """Per group: every seed's value (dots) and mean ± half-width (error bar); values below
+    ``clip_below`` are drawn at it as a triangle with their value written next to them, so one
+    far-off method does not flatten the others."""
+    for i, (name, values, bar) in enumerate(groups):
+        color = colors[name]
+        for v in values:
+            if clip_below is not None and v < clip_below:
+                ax.scatter([i], [clip_below], color=color, marker="v", s=30)
+                ax.annotate(
+                    f"{v:.1f}", (i, clip_below), textcoords="offset points", xytext=(6, 2), fontsize=7
+                )
+            else:
+                ax.scatter([i], [v], color=color, s=14)
+        if bar is not None and (clip_below is None or bar[0] >= clip_below):
+            ax.errorbar([i + 0.15], [bar[0]], yerr=[bar[1]], fmt="o", color=color, capsize=4)
+    ax.set_xticks(range(len(groups)), [g[0] for g in groups], rotation=20, fontsize=8)
+
+
+def _floor(values: list[float], spread: float) -> float | None:
+    """A lower axis limit that keeps values within ``spread`` of the median (None: nothing to clip)."""
+    if not values:
+        return None
+    mid = statistics.median(values)
+    kept = [v for v in values if v >= mid - spread]
+    return None if len(kept) == len(values) else min(kept) - 0.1 * spread
+
+
+def plot_study(
+    rows: list[dict[str, Any]],
+    runs: dict[str, list[Path]],
+    out: Path,
+    comparisons: list[dict[str, Any]] | None = None,
+) -> Path:
     """A study in one PNG: per method, the mean over seeds (band: min to max) of test accuracy vs epoch
-    and vs global rounds, training loss, and every seed's final accuracy with the mean ± std."""
+    and vs global rounds, and training loss; every seed's final accuracy with the mean ± std; every
+    seed's difference to the baseline with the mean and its 95% interval; and the top Hessian
+    eigenvalue per seed with the mean ± std."""
     plt = pyplot()
-    fig, axes = plt.subplots(2, 2, figsize=(13, 9))
-    (acc_epoch, acc_rounds), (loss_ax, final_ax) = axes
+    fig, axes = plt.subplots(2, 3, figsize=(19, 9))
+    (acc_epoch, acc_rounds, loss_ax), (final_ax, diff_ax, eig_ax) = axes
     for i, (method, dirs) in enumerate(runs.items()):
         curves = [read_run(d)[1] for d in dirs if (d / "summary.json").is_file()]
         if not curves:
@@ -107,13 +148,40 @@ def plot_study(rows: list[dict[str, Any]], runs: dict[str, list[Path]], out: Pat
         m = min(len(c) for c in curves)
         loss = [sum(c[j]["train_loss"] for c in curves) / len(curves) for j in range(m)]
         loss_ax.plot([curves[0][j]["epoch"] for j in range(m)], loss, color=color)
-        finals = [100 * e[-1]["test_acc"] for e in evals]
-        final_ax.scatter([i] * len(finals), finals, color=color, s=14)
-        row = next(r for r in rows if r["method"] == method)
-        if row["final_test_acc"] is not None:
-            mu, sd = row["final_test_acc"]
-            final_ax.errorbar([i + 0.15], [100 * mu], yerr=[100 * sd], fmt="o", color=color, capsize=4)
-    final_ax.set_xticks(range(len(runs)), list(runs), rotation=20, fontsize=8)
+
+    def scaled(pair: tuple[float, float] | None, f: float) -> tuple[float, float] | None:
+        return None if pair is None else (f * pair[0], f * pair[1])
+
+    by_method = {r["method"]: r for r in rows}
+    finals = [
+        (
+            m,
+            [100 * d["final_test_acc"] for d in by_method[m]["runs"]],
+            scaled(by_method[m]["final_test_acc"], 100),
+        )
+        for m in runs
+    ]
+    colors = {m: f"C{i}" for i, m in enumerate(runs)}
+    _dots(final_ax, finals, _floor([v for _, vs, _ in finals for v in vs], 5.0), colors)
+    eigen = [
+        (m, [d["eigenvalue"] for d in by_method[m]["runs"] if d.get("eigenvalue") is not None],
+         by_method[m]["eigenvalue"])
+        for m in runs
+    ]  # fmt: skip
+    _dots(eig_ax, eigen, None, colors)
+    paired = [c for c in comparisons or [] if c["metric"] == "final_test_acc"]
+    if paired:
+        diffs = [
+            (c["method"], [100 * d for d in c["differences"]],
+             None if c["ci95"] is None else (100 * c["mean"], 100 * (c["ci95"][1] - c["mean"])))
+            for c in paired
+        ]  # fmt: skip
+        _dots(diff_ax, diffs, _floor([v for _, vs, _ in diffs for v in vs], 3.0), colors)
+        diff_ax.axhline(0, color="gray", lw=1)
+        diff_ax.set(
+            ylabel="points",
+            title=f"final test accuracy minus {paired[0]['baseline']}, same seed; mean ± 95% CI",
+        )
     acc_epoch.set(
         xlabel="epoch", ylabel="test accuracy (%)", title="averaged model: mean over seeds, band min-max"
     )
@@ -124,4 +192,5 @@ def plot_study(rows: list[dict[str, Any]], runs: dict[str, list[Path]], out: Pat
     loss_ax.set(xlabel="epoch", ylabel="training loss", title="training loss (mean over seeds)")
     loss_ax.set_yscale("log")
     final_ax.set(ylabel="final test accuracy (%)", title="final accuracy: each seed (dots), mean ± std")
+    eig_ax.set(ylabel="top Hessian eigenvalue", title="sharpness at the final model: each seed, mean ± std")
     return save(fig, axes, acc_epoch, out)
