@@ -1,7 +1,7 @@
 """Local SGD over an emulated network: K real gloo ranks, one per network namespace, on links of a
 given rate and latency (benchmarks/netem.py), against the cost model of ``localsgd.plan``.
 
-    python benchmarks/network.py --out benchmarks/results/network.json     # root; about 2 hours
+    python benchmarks/network.py --resume --out benchmarks/results/network.json   # root; about 2 hours
     python benchmarks/network.py --quick                                    # development, 1-2 min
 
 For every K and network it starts K processes with
@@ -490,6 +490,8 @@ def main() -> None:
     started = time.time()
     port = 29500
     calibrations: dict[int, dict] = {}
+    if args.out and Path(args.out).is_file() and not args.resume:
+        p.error(f"{args.out} exists: pass --resume to continue it, or remove it to measure again")
     if args.resume:
         if not args.out:
             p.error("--resume needs --out (the results to continue)")
