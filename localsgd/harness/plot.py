@@ -96,14 +96,13 @@ def _dots(
     far-off method does not flatten the others."""
     for i, (name, values, bar) in enumerate(groups):
         color = colors[name]
-        for v in values:
-            if clip_below is not None and v < clip_below:
-                ax.scatter([i], [clip_below], color=color, marker="v", s=30)
-                ax.annotate(
-                    f"{v:.1f}", (i, clip_below), textcoords="offset points", xytext=(6, 2), fontsize=7
-                )
-            else:
-                ax.scatter([i], [v], color=color, s=14)
+        kept = [v for v in values if clip_below is None or v >= clip_below]
+        clipped = [v for v in values if clip_below is not None and v < clip_below]
+        ax.scatter([i] * len(kept), kept, color=color, s=14)
+        if clipped:
+            ax.scatter([i], [clip_below], color=color, marker="v", s=30)
+            text = ", ".join(f"{v:.1f}" for v in clipped)
+            ax.annotate(text, (i, clip_below), textcoords="offset points", xytext=(6, 2), fontsize=7)
         if bar is not None and (clip_below is None or bar[0] >= clip_below):
             ax.errorbar([i + 0.15], [bar[0]], yerr=[bar[1]], fmt="o", color=color, capsize=4)
     ax.set_xticks(range(len(groups)), [g[0] for g in groups], rotation=20, fontsize=8)
