@@ -193,8 +193,8 @@ def seed_of(record: dict[str, Any]) -> int:
 
 def compare(rows: list[dict[str, Any]], baseline: str | None) -> list[dict[str, Any]]:
     """Every method against ``baseline``, paired by seed (the same seed gives the same initial model
-    and data order): per metric, the per-seed differences, their mean and standard deviation, and
-    a 95% confidence interval of the mean difference (Student's t)."""
+    and, with the same K, the same data order): per metric, the per-seed differences, their mean
+    and standard deviation, and a 95% confidence interval of the mean difference (Student's t)."""
     by_method = {r["method"]: r for r in rows}
     if baseline is None or baseline not in by_method:
         return []
