@@ -12,6 +12,7 @@ raw all_reduce and to a raw all_reduce followed by the division a mean needs.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -45,7 +46,7 @@ def methods(model: nn.Module) -> dict:
     from torch.distributed.algorithms.model_averaging.averagers import PeriodicModelAverager
     from torch.distributed.algorithms.model_averaging.utils import average_parameters
 
-    from localsgd import DistCommunicator, FlatAverager, Level
+    from localsgd import DistCommunicator, FlatAverager, Level, LocalSGD, Schedule
 
     params = list(model.parameters())
     for p in params:  # PyTorch's averagers skip parameters without a gradient
@@ -54,8 +55,14 @@ def methods(model: nn.Module) -> dict:
     flat = torch.zeros(sum(p.numel() for p in params))
     averager = FlatAverager(DistCommunicator())
     averager.pack_([params])  # as the engine does: parameters live in the averager's flat buffers
-    grads = [p.grad for p in params]  # other tensors (gradients, buffers) take the copy path
+    grads = [p.grad for p in params]  # other tensors (buffers, optimizer state) take the copy path
     copier = FlatAverager(DistCommunicator())
+    # Mini-batch SGD's gradient average as LocalSGD.step() runs it at H = 1, on a copy of the model
+    # (LocalSGD packs its parameters); the optimizer holds one tiny tensor, so step() is the average.
+    replica = copy.deepcopy(model)
+    tiny = min(replica.parameters(), key=lambda p: p.numel())
+    minibatch = LocalSGD(torch.optim.SGD([tiny], lr=0.0), replica, Schedule.local(1), comm=DistCommunicator())
+    sum(p.sum() for p in replica.parameters()).backward()  # every parameter has a gradient
     with warnings.catch_warnings():  # "period 1: use DDP instead"; here it times one average
         warnings.simplefilter("ignore")
         periodic = PeriodicModelAverager(period=1, warmup_steps=0)
@@ -71,6 +78,7 @@ def methods(model: nn.Module) -> dict:
         "raw all_reduce + division": lambda: (dist.all_reduce(flat), flat.div_(world)),
         "localsgd (packed parameters)": lambda: averager.average_(Level.GLOBAL, [params]),
         "localsgd (copied tensors)": lambda: copier.average_(Level.GLOBAL, [grads]),
+        "localsgd gradients (H=1 step)": minibatch.step,
         "torch average_parameters": lambda: average_parameters(iter(params), dist.group.WORLD),
         "torch PeriodicModelAverager": lambda: periodic.average_parameters(iter(params)),
         "per-tensor all_reduce": per_tensor,

@@ -517,6 +517,7 @@ def main() -> None:
                     port += 1
                     res = launch(net, {**cfg, "train": train}, port, Path(tmp))
                     entry = {"workers": k, "network": str(link), "rate": link.rate, "delay_ms": link.delay_ms}
+                    entry["commit"] = commit()  # a resumed run may span several versions of the code
                     entry.update(mtu=net.mtu, qdisc_drops=net.drops(), **res)
                     if entry["qdisc_drops"]:
                         print(f"  warning: the link dropped {entry['qdisc_drops']} packets", file=sys.stderr)
@@ -542,6 +543,16 @@ def main() -> None:
     print(f"took {(time.time() - started) / 60:.1f} min", file=sys.stderr)
     if args.out:
         print(f"wrote {args.out}", file=sys.stderr)
+
+
+def commit() -> str:
+    """The code's git commit, with ``+dirty`` if the work tree differs from it."""
+
+    def git(*cmd: str) -> str:
+        return subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+    head = git("rev-parse", "--short", "HEAD") or "unknown"
+    return head + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
 def write_json(

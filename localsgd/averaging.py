@@ -6,9 +6,10 @@ Two paths, same result:
 - **Packed** (``FlatAverager.pack_``): the tensors' storage is moved into persistent flat buffers,
   each tensor a contiguous view (``.data`` rebound once; the same ``Parameter`` objects, so
   optimizers and hooks are unaffected). Averaging them is then one in-place collective per bucket
-  with no copies. The engine packs every worker's parameters.
-- **Copied**: any other tensors (gradients, optimizer state, buffers) are copied into reusable
-  flat buffers, reduced, and copied back into their own storage.
+  with no copies. The engine packs every worker's parameters, and its gradient windows
+  (``localsgd.gradients``).
+- **Copied**: any other tensors (buffers, optimizer state, gradients that are not windows) are
+  copied into reusable flat buffers, reduced, and copied back into their own storage.
 
 A packed tensor whose ``.data`` was replaced later (``model.to(...)``, a user's ``p.data = ...``)
 is noticed at the next average (by its address) and packed again.

@@ -22,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from localsgd.averaging import DEFAULT_BUCKET_BYTES, FlatAverager
 from localsgd.checks import check_workers, describe
 from localsgd.comm import Communicator, DistCommunicator
+from localsgd.gradients import PackedGradients
 from localsgd.schedule import Level, Schedule
 
 BUFFER_POLICIES = ("local", "average")
@@ -70,8 +71,8 @@ class Engine:
         optimizer_state: at parameter averages, ``"local"`` keeps each worker's optimizer state
             (the paper), ``"average"`` averages its floating tensors (e.g. momentum), ``"reset"``
             clears it.
-        bucket_bytes: largest flat buffer per collective for copied tensors (gradients, buffers,
-            optimizer state); the packed parameters are one buffer per dtype and device.
+        bucket_bytes: largest flat buffer per collective for copied tensors (buffers, optimizer
+            state); the packed parameters and gradient windows are one buffer per dtype and device.
         sync_initial: copy worker 0's parameters and buffers to all workers at construction.
         grad_scalers: one ``torch.amp.GradScaler`` per optimizer, or ``None``. The engine then
             calls ``scaler.step(optimizer)`` itself and keeps to the schedule when a scaler skips
@@ -124,6 +125,10 @@ class Engine:
         # Whether that worked is part of the settings every worker must agree on (the packed and
         # the copied path lay the buffers out differently).
         self._packed = self._averager.pack_([list(m.parameters()) for m in self.models])
+        # Gradients, once averaged, live in flat buffers too (made at the first gradient average;
+        # DistributedDataParallel keeps its own buckets).
+        self._pack_gradients = self._packed and all(d is None for d in self._ddp)
+        self._gradients: PackedGradients | None = None
         self.t = 0
         self.stats = {level.value: CommStats() for level in schedule.levels()}
         check_workers(
@@ -146,6 +151,7 @@ class Engine:
             "optimizer_state": self.optimizer_state,
             "bucket_bytes": self._averager.bucket_bytes,
             "packed_parameters": self._packed,
+            "packed_gradients": self._pack_gradients,
             "optimizer": type(optimizer).__name__,
             "param_groups": [len(g["params"]) for g in optimizer.param_groups],
         }
@@ -190,6 +196,8 @@ class Engine:
                 raise ValueError("a closure needs a single worker; the simulator holds several")
             with torch.enable_grad():
                 loss = closure()
+        if self._gradients is not None:
+            self._gradients.unbind_unreached()
         if sync.gradients is not None:
             self._average_gradients(sync.gradients)
         # Every worker counts the step even if its GradScaler skips the update (inf/NaN gradients):
@@ -206,8 +214,15 @@ class Engine:
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        for opt in self.optimizers:
-            opt.zero_grad(set_to_none=set_to_none)
+        """The optimizers' ``zero_grad``. Once gradients have been averaged, they stay in flat
+        buffers (see ``localsgd.gradients``) and are zeroed in place; ``p.grad`` is then a zero
+        tensor rather than None until the next backward, and None again for the optimizer step
+        if backward did not reach ``p``."""
+        if self._gradients is None:
+            for opt in self.optimizers:
+                opt.zero_grad(set_to_none=set_to_none)
+        else:
+            self._gradients.zero_(set_to_none)
 
     def average_now(self, level: Level | str = Level.GLOBAL, buffers: bool | None = None) -> None:
         """Average the models now (e.g. before evaluation or saving). ``buffers`` overrides the
@@ -257,31 +272,52 @@ class Engine:
         stats.rounds += 1
 
     def _average_gradients(self, level: Level) -> None:
+        if self.comm.group_size(level) == 1:
+            return  # a lone worker has nothing to average
         ddp_syncs = self._ddp_syncs(level)
+        params = [[p for p in m.parameters() if p.requires_grad] for m in self.models]
+        packed = self._packed_gradients(params)
         per_worker, filled = [], []
-        for model in self.models:
+        for k, model in enumerate(self.models):
             tensors = self._float_buffers(model)
-            params = [p for p in model.parameters() if p.requires_grad]
-            if params and not ddp_syncs:
-                grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+            if packed is not None:
+                tensors = [*packed.gather(k), *tensors]
+            elif params[k] and not ddp_syncs:
+                grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params[k]]
                 # One flag per parameter: after averaging it is > 0 iff some worker had a gradient.
-                used = torch.tensor([p.grad is not None for p in params], dtype=torch.float32)
-                used = used.to(params[0].device)
-                filled.append((params, grads, used))
+                used = torch.tensor([p.grad is not None for p in params[k]], dtype=torch.float32)
+                used = used.to(params[k][0].device)
+                filled.append((params[k], grads, used))
                 tensors = [*grads, used, *tensors]
             per_worker.append(tensors)
+        averager = packed.averager if packed is not None else self._averager
 
         def run() -> int:
-            nbytes = self._averager.average_(level, per_worker)
+            nbytes = averager.average_(level, per_worker)
             if ddp_syncs:  # DDP averaged the gradients inside backward(); count its payload too
-                params = self.models[0].parameters()
-                nbytes += sum(p.numel() * p.element_size() for p in params if p.requires_grad)
-            for params, grads, used in filled:
-                for p, g, u in zip(params, grads, used.tolist(), strict=True):
+                nbytes += sum(p.numel() * p.element_size() for p in params[0])
+            if packed is not None:
+                for k in range(len(self.models)):
+                    packed.scatter(k)
+            for ps, grads, used in filled:
+                for p, g, u in zip(ps, grads, used.tolist(), strict=True):
                     p.grad = g if u > 0 else None
             return nbytes
 
         self._timed(level, run)
+
+    def _packed_gradients(self, params: list[list[nn.Parameter]]) -> PackedGradients | None:
+        """The gradient windows for these parameters (made at the first call), or None if the
+        gradients are averaged by copying (DDP, unpacked parameters, ``requires_grad`` changed)."""
+        if not self._pack_gradients or not params[0]:
+            return None
+        if self._gradients is None:
+            optimized = [[p for g in opt.param_groups for p in g["params"]] for opt in self.optimizers]
+            averager = FlatAverager(self.comm, self._averager.bucket_bytes)
+            self._gradients = PackedGradients(averager, params, optimized)
+        if all(self._gradients.holds(k, ps) for k, ps in enumerate(params)):
+            return self._gradients
+        return None
 
     def _optimizer_tensors(self, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
         if self.optimizer_state != "average":

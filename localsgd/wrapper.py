@@ -104,7 +104,7 @@ class LocalSGD(Engine, torch.optim.Optimizer):
         return Engine.step(self, closure)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        self.optimizer.zero_grad(set_to_none=set_to_none)
+        Engine.zero_grad(self, set_to_none)
 
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
         """The wrapped optimizer's state and the wrapper's own (step, schedule, policies, counters)."""
