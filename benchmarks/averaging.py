@@ -15,7 +15,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -26,6 +25,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from common import write_result
 
 CALL_BYTES = 20e6  # a repeat times back-to-back calls of about this many bytes in all
 
@@ -169,13 +170,7 @@ def main() -> None:
             f"{r['median_ms']:>9.2f} {r['max_ms']:>9.2f} {r['ratio_to_raw']:>6.2f} "
             f"{r['ratio_to_raw_mean']:>8.2f}"
         )
-    result = {
-        "command": "python benchmarks/averaging.py " + " ".join(sys.argv[1:]),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__},
-        "rows": rows,
-    }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    write_result(args.out, {"rows": rows})
     print(f"wrote {args.out}", file=sys.stderr)
 
 

@@ -21,8 +21,6 @@ alike). Rows:
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import platform
 import statistics
 import sys
@@ -32,6 +30,8 @@ from pathlib import Path
 
 import torch
 from torch.nn import functional as F
+
+from common import write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -117,27 +117,15 @@ def main() -> None:
         rows.append({"config": c, "img_per_s": rates[c], "median_img_per_s": med, "ratio": med / base,
                      "note": note.strip(" ()")})  # fmt: skip
         print(f"{c:<54} {min(rates[c]):>9.0f} {med:>8.0f} {max(rates[c]):>8.0f} {med / base:>9.2f}{note}")
-    result = {
-        "command": "python benchmarks/compute.py " + " ".join(sys.argv[1:]),
-        "machine": {
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-            "processor": platform.processor(),
-            "torch": torch.__version__,
-            "threads": args.threads,
-            "native_bf16": native_bf16,
-            "cpu_flags_avx512": sorted(
-                {f for f in Path("/proc/cpuinfo").read_text().split() if f.startswith(("avx512", "amx"))}
-            )
-            if Path("/proc/cpuinfo").exists()
-            else None,
-        },
-        "batch": args.batch,
-        "steps_per_repeat": args.steps,
-        "rows": rows,
-    }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    cpuinfo = Path("/proc/cpuinfo")
+    flags = (
+        sorted({f for f in cpuinfo.read_text().split() if f.startswith(("avx512", "amx"))})
+        if cpuinfo.exists()
+        else None
+    )
+    result = {"batch": args.batch, "steps_per_repeat": args.steps, "rows": rows}
+    extra = {"processor": platform.processor(), "threads": args.threads, "native_bf16": native_bf16}
+    write_result(args.out, result, **extra, cpu_flags_avx512=flags)
     print(f"wrote {args.out}", file=sys.stderr)
 
 

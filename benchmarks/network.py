@@ -30,7 +30,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -42,9 +41,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from netem import Link, Network  # noqa: E402
-
 from localsgd import plan  # noqa: E402
+
+from common import commit  # noqa: E402
+from netem import Link, Network  # noqa: E402
 
 SAMPLES = plan.CIFAR10_TRAIN_SAMPLES
 UNSHAPED = Link()
@@ -545,24 +545,10 @@ def main() -> None:
         print(f"wrote {args.out}", file=sys.stderr)
 
 
-def commit() -> str:
-    """The code's git commit, with ``+dirty`` if the work tree differs from it."""
-
-    def git(*cmd: str) -> str:
-        return subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-
-    head = git("rev-parse", "--short", "HEAD") or "unknown"
-    return head + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
-
-
 def write_json(
     path: Path, cfg: dict, args: argparse.Namespace, entries: list[dict], calibrations: dict[int, dict]
 ) -> None:
-    import torch
-
     result = {
-        "command": "python benchmarks/network.py " + " ".join(sys.argv[1:]),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__},
         "settings": {**cfg, "workers": args.workers, "mtu": args.mtu, "train_samples": SAMPLES},
         "calibrations": calibrations,
         "entries": entries,

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -20,6 +19,8 @@ from pathlib import Path
 
 import torch
 from torch.nn import functional as F
+
+from common import write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -108,18 +109,7 @@ def main() -> None:
             f"{r['config']:<16} {min(r['img_per_s']):>9.0f} {r['median_img_per_s']:>8.0f} "
             f"{max(r['img_per_s']):>8.0f} {r['ratio_to_one_model']:>12.3f} {r['peak_rss_mb']:>11.0f}"
         )
-    result = {
-        "command": "python benchmarks/simulator.py " + " ".join(sys.argv[1:]),
-        "machine": {
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-        },
-        "rows": rows,
-    }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    write_result(args.out, {"rows": rows}, threads=torch.get_num_threads())
 
 
 if __name__ == "__main__":

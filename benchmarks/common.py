@@ -1,0 +1,45 @@
+"""What every benchmark stores next to its rows: the command, the machine and the code's commit."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def commit() -> str:
+    """The code's git commit, with ``+dirty`` if tracked files differ from it."""
+
+    def git(*cmd: str) -> str:
+        return subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+    head = git("rev-parse", "--short", "HEAD") or "unknown"
+    return head + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+def machine(**extra: Any) -> dict[str, Any]:
+    import torch
+
+    return {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__, **extra}
+
+
+def write_result(path: str | Path, result: dict[str, Any], **machine_extra: Any) -> None:
+    """Write ``result`` as JSON, after the command that produced it, the machine and the commit
+    (atomically: a file that exists is complete)."""
+    script = Path(sys.argv[0]).name
+    head = {
+        "command": f"python benchmarks/{script} " + " ".join(sys.argv[1:]),
+        "commit": commit(),
+        "machine": machine(**machine_extra),
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({**head, **result}, indent=1) + "\n")
+    tmp.replace(path)
