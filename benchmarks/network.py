@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 
 from localsgd import plan  # noqa: E402
 
-from common import commit  # noqa: E402
+from common import commit, write_result  # noqa: E402
 from netem import Link, Network  # noqa: E402
 
 SAMPLES = plan.CIFAR10_TRAIN_SAMPLES
@@ -497,8 +497,7 @@ def main() -> None:
             p.error("--resume needs --out (the results to continue)")
         if Path(args.out).is_file():
             done = json.loads(Path(args.out).read_text())
-            mine = {**cfg, "workers": args.workers, "mtu": args.mtu, "train_samples": SAMPLES}
-            if done["settings"] != mine:
+            if done["settings"] != settings(cfg, args):
                 p.error(f"--resume: {args.out} was measured with other settings: {done['settings']}")
             entries = done["entries"]
             calibrations = {int(k): v for k, v in done["calibrations"].items()}
@@ -523,7 +522,9 @@ def main() -> None:
                         print(f"  warning: the link dropped {entry['qdisc_drops']} packets", file=sys.stderr)
                     if k not in calibrations:  # the first link is the unshaped one
                         calibrations[k] = calibrate(entry["allreduce"], k)
-                    entry["calibration"] = scaled(calibrations[min(args.workers)], min(args.workers), k)
+                    base = min(calibrations)  # the smallest K measured (see scaled())
+                    entry["calibration"] = scaled(calibrations[base], base, k)
+                    entry["calibrated_at"] = base
                     predict_rows(entry, entry["calibration"], cfg)
                     entries.append(entry)
                     if args.out:  # after every network, so that a failure later loses nothing
@@ -533,8 +534,8 @@ def main() -> None:
     if args.plot:
         print(f"wrote {plot(entries, args.local_batch_size, Path(args.plot))}", file=sys.stderr)
     print()
-    for k, cal in calibrations.items():
-        used = " (used, scaled by max(1, K/CPUs))" if k == min(args.workers) else " (not used)"
+    for k, cal in sorted(calibrations.items()):
+        used = " (used, scaled by max(1, K/CPUs))" if k == min(calibrations) else " (not used)"
         print(f"calibration K={k}{used}: overhead {1e3 * cal['overhead']:.2f} ms per all_reduce, "
               f"host rate {cal['host_bandwidth'] * 8 / 1e9:.2f} Gbit/s, "
               f"localsgd copy overhead {1e3 * cal['average_overhead']:.2f} ms per average")  # fmt: skip
@@ -545,17 +546,29 @@ def main() -> None:
         print(f"wrote {args.out}", file=sys.stderr)
 
 
+def settings(cfg: dict, args: argparse.Namespace) -> dict:
+    """What every network of one results file must share (K may differ: --workers 2, later
+    --workers 4 --resume)."""
+    return {
+        **cfg,
+        "rates": args.rates,
+        "delays_ms": args.delays_ms,
+        "mtu": args.mtu,
+        "train_samples": SAMPLES,
+    }
+
+
 def write_json(
     path: Path, cfg: dict, args: argparse.Namespace, entries: list[dict], calibrations: dict[int, dict]
 ) -> None:
     result = {
-        "settings": {**cfg, "workers": args.workers, "mtu": args.mtu, "train_samples": SAMPLES},
+        "settings": settings(cfg, args),
+        "workers": sorted({e["workers"] for e in entries}),
         "calibrations": calibrations,
         "entries": entries,
         "model_errors": summary(entries),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1) + "\n")
+    write_result(path, result)
 
 
 if __name__ == "__main__":
