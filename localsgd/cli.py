@@ -59,6 +59,10 @@ def parser() -> argparse.ArgumentParser:
     study.add_argument("--out", help="study directory (default runs/study-NAME)")
     study.add_argument("--data-dir", help="dataset folder for every run")
     study.add_argument("--max-hours", type=float, help="start no new run after this many hours")
+    study.add_argument("--methods", nargs="+", metavar="METHOD", help="run only these methods (default: all)")
+    study.add_argument(
+        "--seeds", nargs="+", type=int, metavar="SEED", help="run only these seeds (default: all)"
+    )
     study.add_argument("--summary", action="store_true", help="only print the table of finished runs")
     study.add_argument("--plot", action="store_true", help="also write the study's figure to OUT/study.png")
     study.add_argument(
@@ -249,7 +253,9 @@ def main(argv: list[str] | None = None) -> int:
             if args.summary:
                 rows = study.summarize(args.name, root)
             else:
-                rows = study.run_study(args.name, root, args.data_dir, args.max_hours)
+                rows = study.run_study(
+                    args.name, root, args.data_dir, args.max_hours, args.methods, args.seeds
+                )
             print(study.table(rows))
             comparisons = study.compare(rows, study.STUDIES[args.name].baseline)
             if comparisons:

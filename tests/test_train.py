@@ -296,6 +296,34 @@ def test_study_runs_pieces_skips_finished_ones_and_reproduces(
     files = sorted(str(p.relative_to(exported)) for p in exported.rglob("*") if p.is_file())
     assert len(files) == 2 + 4 * 3 and "post-local_H4/seed-2/metrics.jsonl" in files  # no checkpoints
     assert main(["study", "nope"]) == 2
+    # one piece alone, as a user reproducing one row would run it: the same numbers
+    c = tmp_path / "c"
+    assert (
+        main(
+            [
+                "study",
+                "smoke",
+                "--out",
+                str(c),
+                "--data-dir",
+                str(CIFAR10),
+                "--methods",
+                "post-local H=4",
+                "--seeds",
+                "2",
+            ]
+        )
+        == 0
+    )
+    assert [p.name for p in c.iterdir() if p.is_dir()] == ["post-local_H4"]
+    alone = json.loads((c / "post-local_H4" / "seed-2" / "summary.json").read_text())
+    assert alone["final_test_acc"] == post_local["runs"][1]["final_test_acc"]
+    capsys.readouterr()
+    assert main(["study", "smoke", "--out", str(c), "--methods", "post-local H=8"]) == 2
+    assert (
+        "study 'smoke' has no method 'post-local H=8'; methods: 'mini-batch', 'post-local H=4'"
+        in capsys.readouterr().err
+    )
     # a finished run is reused only if it was run with the piece's settings; a setting added since
     # (missing from its config.json) counts as its default
     config = a / "mini-batch" / "seed-2" / "config.json"

@@ -92,8 +92,16 @@ def run_dir(root: Path, method: str, seed: int) -> Path:
     return root / method.replace(" ", "_").replace("=", "") / f"seed-{seed}"
 
 
-def run_study(name: str, root: Path, data_dir: str | None, max_hours: float | None) -> list[dict[str, Any]]:
-    """Run (or resume, or skip) every piece of study ``name``; returns the summary table rows."""
+def run_study(
+    name: str,
+    root: Path,
+    data_dir: str | None,
+    max_hours: float | None,
+    methods: list[str] | None = None,
+    seeds: list[int] | None = None,
+) -> list[dict[str, Any]]:
+    """Run (or resume, or skip) every piece of study ``name`` (or only those of the given
+    ``methods`` and ``seeds``); returns the summary table rows."""
     from localsgd.harness.train import train
 
     if name not in STUDIES:
@@ -101,8 +109,21 @@ def run_study(name: str, root: Path, data_dir: str | None, max_hours: float | No
     if max_hours is not None and max_hours <= 0:
         raise ConfigError(f"max_hours must be > 0, got {max_hours}")
     study = STUDIES[name]
+    for m in methods or []:
+        if m not in study.methods:
+            raise ConfigError(
+                f"study {name!r} has no method {m!r}; methods: {', '.join(map(repr, study.methods))}"
+            )
+    for s in seeds or []:
+        if s not in study.seeds:
+            raise ConfigError(f"study {name!r} has no seed {s}; seeds: {', '.join(map(str, study.seeds))}")
     # seed-major: an interrupted study has every method at its first seeds, not some methods complete
-    pieces = [(m, s) for s in study.seeds for m in study.methods]
+    pieces = [
+        (m, s)
+        for s in study.seeds
+        for m in study.methods
+        if (methods is None or m in methods) and (seeds is None or s in seeds)
+    ]
     configs = {(m, s): study.config(m, s, data_dir) for m, s in pieces}
     for cfg in configs.values():
         cfg.validate()  # every piece is checked before the first one starts
