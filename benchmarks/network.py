@@ -1,7 +1,8 @@
 """Local SGD over an emulated network: K real gloo ranks, one per network namespace, on links of a
 given rate and latency (benchmarks/netem.py), against the cost model of ``localsgd.plan``.
 
-    python benchmarks/network.py --resume --out benchmarks/results/network.json   # root; about 2 hours
+    python benchmarks/network.py --workers 2 --resume --out benchmarks/results/network.json  # root; 45 min
+    python benchmarks/network.py --workers 4 --resume --out benchmarks/results/network.json  # adds K=4
     python benchmarks/network.py --quick                                    # development, 1-2 min
 
 For every K and network it starts K processes with
