@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -14,13 +13,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def commit() -> str:
-    """The code's git commit, with ``+dirty`` if tracked files differ from it."""
+    """The code's git commit, with ``+dirty`` if the library or the benchmarks differ from it."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))  # this checkout's localsgd, not another installed one
+    from localsgd.harness.train import source_commit
 
-    def git(*cmd: str) -> str:
-        return subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-
-    head = git("rev-parse", "--short", "HEAD") or "unknown"
-    return head + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    return source_commit(("localsgd", "benchmarks/*.py")) or "unknown"
 
 
 def machine(**extra: Any) -> dict[str, Any]:

@@ -166,6 +166,27 @@ class Result:
     main: bool
 
 
+def source_commit(paths: tuple[str, ...] = ("localsgd",)) -> str | None:
+    """The git commit of the localsgd source in use (``+dirty`` if files under ``paths`` differ
+    from it), or None outside a git checkout (an installed package)."""
+    import subprocess
+
+    root = Path(localsgd.__file__).resolve().parents[1]
+    if not (root / ".git").exists():
+        return None
+
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
+
+    try:
+        head, status = git("rev-parse", "--short", "HEAD"), git("status", "--porcelain", "--", *paths)
+    except OSError:
+        return None
+    if head.returncode:
+        return None
+    return head.stdout.strip() + ("+dirty" if status.stdout.strip() else "")
+
+
 def train(cfg: Config, out: Path) -> Result:
     """Train as ``cfg`` says and write the run directory ``out`` (from rank 0)."""
     # --- check everything before any work ---
@@ -231,6 +252,7 @@ def train(cfg: Config, out: Path) -> Result:
             },
             "versions": {
                 "localsgd": localsgd.__version__,
+                "commit": source_commit(),
                 "torch": torch.__version__,
                 "python": platform.python_version(),
                 "machine": platform.machine(),
