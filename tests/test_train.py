@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -17,7 +19,8 @@ from localsgd.harness.train import make_plan
 from tests.helpers import launch
 from tests.test_data import write_cifar100
 
-CIFAR10 = Path(__file__).resolve().parents[2] / "shared/data/cifar-10-batches-py"
+ROOT = Path(__file__).resolve().parents[1]
+CIFAR10 = ROOT.parent / "shared/data/cifar-10-batches-py"
 needs_cifar10 = pytest.mark.skipif(not CIFAR10.is_dir(), reason=f"CIFAR-10 not found at {CIFAR10}")
 TINY = [
     "--dataset", "cifar10", "--data-dir", str(CIFAR10), "--model", "resnet20",
@@ -215,6 +218,9 @@ def test_train_writes_the_run_directory_and_prints_a_table(
     assert "test acc" in printed and "final test accuracy (averaged model)" in printed
     resolved = json.loads((out / "config.json").read_text())
     assert resolved["config"]["workers"] == 2 and resolved["derived"]["steps_per_epoch"] == 8
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    if head.returncode == 0:  # a git checkout (as in CI): the run names the code that made it
+        assert re.fullmatch(re.escape(head.stdout.strip()) + r"(\+dirty)?", resolved["versions"]["commit"])
     ckpt = torch.load(out / "model.pt", weights_only=True)
     model = build_model("resnet20", 10)
     model.load_state_dict(ckpt["model"])
