@@ -28,6 +28,7 @@ tables show the relative error.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -140,33 +141,39 @@ def measure_training(cfg: dict) -> list[dict]:
     y = torch.randint(0, 10, (batch,))
 
     traces: list[list[list[float]]] = []  # compute only: per repeat, per rank, every step's seconds
+    # every run: per repeat, per rank, every step's zero_grad + forward + backward seconds
+    backward: dict[str, list[list[list[float]]]] = {}
 
-    def run(fields: dict | None, n: int) -> tuple[float, float, int]:
+    def run(label: str, fields: dict | None, n: int) -> tuple[float, float, int]:
         model = _resnet20()
         opt = sgd(model, lr=0.01, momentum=0.9, nesterov=True, weight_decay=1e-4)
         engine = opt if fields is None else LocalSGD(opt, model, Schedule(**fields), comm=DistCommunicator())
         dist.barrier()
         start = time.perf_counter()
-        ends = []
+        ends, mids = [], []
         for _ in range(n):
             engine.zero_grad()
             F.cross_entropy(model(x), y).backward()
+            mids.append(time.perf_counter())
             engine.step()
             ends.append(time.perf_counter())
         elapsed = ends[-1] - start if ends else 0.0
-        if fields is None:
-            if n == steps:
+        if n == steps:
+            fb = [round(m - a, 6) for a, m in zip([start, *ends], mids, strict=False)]
+            backward.setdefault(label, []).append(_every_rank(fb))
+            if fields is None:
                 traces.append(_every_rank([b - a for a, b in zip([start, *ends], ends, strict=False)]))
+        if fields is None:
             return elapsed, 0.0, 0
         stats = engine.stats["global"]
         return elapsed, stats.seconds, stats.rounds
 
-    run(None, 3)  # warm-up (allocator, oneDNN primitives)
+    run("warm-up", None, 3)  # allocator, oneDNN primitives
     runs = schedules(cfg)
     results: list[list[tuple[float, float, int]]] = [[] for _ in runs]
     for rep in range(cfg["repeats"]):
         for i, (label, fields) in enumerate(runs):
-            results[i].append(run(fields, steps))
+            results[i].append(run(label, fields, steps))
             if dist.get_rank() == 0:
                 print(f"    repeat {rep + 1}/{cfg['repeats']}: {label}", file=sys.stderr, flush=True)
     rows = []
@@ -181,6 +188,7 @@ def measure_training(cfg: dict) -> list[dict]:
                 "seconds_per_step": [e / steps for e in elapsed],
                 "comm_seconds_per_step": [c / steps for c in comm],
                 "averages": res[0][2],
+                "forward_backward_seconds_per_rank": backward[label],
             }
         )
     rows[0]["step_seconds_per_rank"] = traces  # the compute-only row: ranks' step-time jitter
@@ -322,6 +330,9 @@ def predict_rows(entry: dict, cal: dict, cfg: dict) -> None:
             p = by_h[fields["local_steps"]]
         med = _med(r["seconds_per_step"])
         r["epoch_seconds"] = n * med
+        if "forward_backward_seconds_per_rank" in r:  # per repeat: mean over ranks and steps
+            traces = r["forward_backward_seconds_per_rank"]
+            r["forward_backward_seconds_per_step"] = [statistics.fmean(itertools.chain(*t)) for t in traces]
         r["model_seconds_per_step"] = p.seconds_per_step
         r["error"] = p.seconds_per_step / med - 1
         # The same model from the fastest compute-only repeat, against the fastest repeat: this VM's
@@ -365,7 +376,8 @@ def print_tables(entries: list[dict]) -> None:
         return
     print()
     print("Training ResNet-20 with LocalSGD: ms per step (slowest rank; min/median/max), ms per step spent")
-    print("averaging, projected s per CIFAR-10 epoch, speed-up over H=1; the cost model's ms per step and")
+    print("averaging, ms per step in zero_grad + forward + backward (f+b: mean over ranks, median over")
+    print("repeats), projected s per CIFAR-10 epoch, speed-up over H=1; the cost model's ms per step and")
     print("speed-up (from the compute-only time of the same run), and their relative errors; m+wait: the")
     print("same model with the compute term the ranks' measured step-time jitter implies when they wait")
     print("for each other every H steps (see waited_compute); min err: the model from the fastest")
@@ -378,21 +390,23 @@ def print_tables(entries: list[dict]) -> None:
         "median",
         "max",
         "comm",
+        "f+b",
         "s/epoch",
         "speedup",
         "model",
         "error",
     ]
     head += ["model su", "error", "m+wait", "error", "min err"]
-    widths = [">2", "<20", "<24", *[">7"] * 3, ">6", ">8", *[">7"] * 3, ">8", *[">7"] * 4]
-    specs = [*widths[:3], ">7.1f", ">7.1f", ">7.1f", ">6.1f", ">8.1f", ">7.2f", ">7.1f", ">+7.1%"]
+    widths = [">2", "<20", "<24", *[">7"] * 3, ">6", ">6", ">8", *[">7"] * 3, ">8", *[">7"] * 4]
+    specs = [*widths[:3], ">7.1f", ">7.1f", ">7.1f", ">6.1f", ">6.1f", ">8.1f", ">7.2f", ">7.1f", ">+7.1%"]
     specs += [">8.2f", ">+7.1%", ">7.1f", ">+7.1%", ">+7.1%"]
     print(_row(list(zip(head, widths, strict=True))))
     for e in trained:
         for r in e["training"]:
             ms = [1e3 * s for s in r["seconds_per_step"]]
             values = [e["workers"], e["network"], r["schedule"], min(ms), _med(ms), max(ms)]
-            values += [1e3 * _med(r["comm_seconds_per_step"]), r["epoch_seconds"]]
+            fb = 1e3 * _med(r.get("forward_backward_seconds_per_step", [math.nan]))
+            values += [1e3 * _med(r["comm_seconds_per_step"]), fb, r["epoch_seconds"]]
             if "speedup" in r:
                 values += [r["speedup"], 1e3 * r["model_seconds_per_step"], r["error"]]
                 values += [r["model_speedup"], r["speedup_error"]]
