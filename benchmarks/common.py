@@ -24,7 +24,13 @@ def commit() -> str:
 def machine(**extra: Any) -> dict[str, Any]:
     import torch
 
-    return {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__, **extra}
+    return {
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # AVX2, AVX512, ...: the kernels used
+        **extra,
+    }
 
 
 def write_result(path: str | Path, result: dict[str, Any], **machine_extra: Any) -> None:

@@ -20,7 +20,7 @@ def positive_int(text: str) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    from localsgd.harness.config import PRESETS, Config, field_docs
+    from localsgd.harness.config import PRESETS, Config, field_docs, field_types
 
     p = argparse.ArgumentParser(
         prog="localsgd", description="Local SGD, post-local SGD and hierarchical local SGD."
@@ -31,18 +31,28 @@ def parser() -> argparse.ArgumentParser:
         "train",
         help="train a model (simulator, or one worker per process under torchrun)",
         description="Settings come from a preset, then a TOML file, then --key value flags. Under torchrun "
-        "each process is one worker; otherwise --workers K workers run in the simulator.",
+        "each process is one worker and K is the number of processes, unless a flag, the config file or "
+        "the preset sets --workers (a K that differs from the number of processes is an error); "
+        "otherwise --workers K workers (default 16) run in the simulator. A true/false setting is a flag "
+        "(--resume, --no-resume) that also takes a value (--resume true).",
     )
     train.add_argument("--preset", choices=sorted(PRESETS), help="start from a named preset")
     train.add_argument("--config", metavar="FILE", help="TOML file of settings (keys as below, with _ or -)")
-    docs = field_docs()
+    docs, types = field_docs(), field_types()
     for name in Config.__dataclass_fields__:
+        flag = name.replace("_", "-")
+        if types[name] == "bool":  # --flag, --flag true|false, --no-flag
+            train.add_argument(
+                f"--{flag}", dest=name, nargs="?", const="true", metavar="true|false",
+                default=argparse.SUPPRESS, help=f"{docs.get(name)} [--no-{flag} turns it off]",
+            )  # fmt: skip
+            train.add_argument(
+                f"--no-{flag}", dest=name, action="store_const", const="false",
+                default=argparse.SUPPRESS, help=argparse.SUPPRESS,
+            )  # fmt: skip
+            continue
         train.add_argument(
-            f"--{name.replace('_', '-')}",
-            dest=name,
-            metavar="VALUE",
-            default=argparse.SUPPRESS,
-            help=docs.get(name),
+            f"--{flag}", dest=name, metavar="VALUE", default=argparse.SUPPRESS, help=docs.get(name)
         )
 
     plot = sub.add_parser("plot", help="plot runs against each other (PNG)")
@@ -139,9 +149,10 @@ def train_config(args: argparse.Namespace):
 def run_train(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
+    from localsgd.harness.runtime import resolve_workers
     from localsgd.harness.train import table, train
 
-    cfg = train_config(args)
+    cfg = resolve_workers(train_config(args))
     cfg.validate()
     name = (
         f"{args.preset or 'train'}-{cfg.dataset}-{cfg.model}-K{cfg.workers}-H{cfg.local_steps}-seed{cfg.seed}"
@@ -178,8 +189,9 @@ def run_demo(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
     from localsgd.harness import demo
+    from localsgd.harness.runtime import is_distributed
 
-    if "WORLD_SIZE" in os.environ:
+    if is_distributed():
         torch.set_num_threads(1)
         dist.init_process_group("gloo")
     try:
@@ -225,11 +237,21 @@ def run_interpolate(args: argparse.Namespace) -> int:
     return 0
 
 
+def error_line(e: Exception) -> str:
+    """One line for the user: an OS error names its path and the OS's reason."""
+    if isinstance(e, OSError) and e.strerror:
+        paths = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
+        return f"{paths}: {e.strerror}" if paths else e.strerror
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
 def finish(code: int) -> int:
     """Leave a torchrun worker without C++ teardown: torch 2.13's gloo backend sometimes aborts in
     static destructors after Python has finished ("terminate called without an active exception"),
     which torchrun would report as a failed run (or restart) although everything was written."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    from localsgd.harness.runtime import is_distributed
+
+    if is_distributed():
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
@@ -302,8 +324,8 @@ def main(argv: list[str] | None = None) -> int:
 
             print(download(args.dataset, args.data_dir or default_data_dir(args.dataset), args.base_url))
             return 0
-    except (ValueError, TrainingError, CommunicationError) as e:  # one line, no traceback
-        print(f"localsgd: error: {e}", file=sys.stderr)
+    except (ValueError, TrainingError, CommunicationError, OSError) as e:  # one line, no traceback
+        print(f"localsgd: error: {error_line(e)}", file=sys.stderr)
         return finish(2)  # under torchrun also on the error path: no gloo teardown abort
     return 0
 

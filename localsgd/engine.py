@@ -161,11 +161,15 @@ class Engine:
             return False
         if not isinstance(self.comm, DistCommunicator):
             raise ValueError("DistributedDataParallel models need torch.distributed, not the simulator")
-        if ddp.broadcast_buffers and self.buffers == "local":
+        # torch 2.13 renamed broadcast_buffers (now a deprecated alias) to forward_sync_buffers
+        syncs_buffers = getattr(ddp, "forward_sync_buffers", None)
+        if syncs_buffers is None:
+            syncs_buffers = ddp.broadcast_buffers
+        if syncs_buffers and self.buffers == "local":
             raise ValueError(
-                "DistributedDataParallel(broadcast_buffers=True) overwrites every worker's buffers "
-                "(BatchNorm statistics) with rank 0's at each forward, which contradicts "
-                "buffers='local'; construct it with broadcast_buffers=False"
+                "DistributedDataParallel overwrites every worker's buffers (BatchNorm statistics) with "
+                "rank 0's at each forward, which contradicts buffers='local'; construct it with "
+                "forward_sync_buffers=False (torch >= 2.13) or broadcast_buffers=False (older torch)"
             )
         ranks = dist.get_process_group_ranks
         return ranks(ddp.process_group) == ranks(self.comm.group)
@@ -285,9 +289,12 @@ class Engine:
             elif params[k] and not ddp_syncs:
                 grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params[k]]
                 # One flag per parameter: after averaging it is > 0 iff some worker had a gradient.
-                used = torch.tensor([p.grad is not None for p in params[k]], dtype=torch.float32)
-                used = used.to(params[k][0].device)
-                filled.append((params[k], grads, used))
+                had = [p.grad is not None for p in params[k]]
+                if all(had):  # no copy from the host (a synchronisation on a GPU)
+                    used = torch.ones(len(had), device=params[k][0].device)
+                else:
+                    used = torch.tensor(had, dtype=torch.float32).to(params[k][0].device)
+                filled.append((params[k], grads, used, all(had)))
                 tensors = [*grads, used, *tensors]
             per_worker.append(tensors)
         averager = packed.averager if packed is not None else self._averager
@@ -299,8 +306,9 @@ class Engine:
             if packed is not None:
                 for k in range(len(self.models)):
                     packed.scatter(k)
-            for ps, grads, used in filled:
-                for p, g, u in zip(ps, grads, used.tolist(), strict=True):
+            for ps, grads, used, had_all in filled:
+                # a gradient this worker had is in the mean: read the flags only if it lacked one
+                for p, g, u in zip(ps, grads, [1.0] * len(ps) if had_all else used.tolist(), strict=True):
                     p.grad = g if u > 0 else None
             return nbytes
 

@@ -69,6 +69,7 @@ class PackedGradients:
         pairs = zip(optimized_per_worker, windowed, strict=True)
         self.others = [[p for p in opt if id(p) not in mine] for opt, mine in pairs]
         self.reached = [[False] * len(ps) for ps in self.params]
+        self.used = [False] * len(self.params)  # per worker: whether it had every gradient (last gather)
         ref = weakref.ref(self)  # the hooks must not keep the buffers alive after the engine is gone
         self._hooks = [
             p.register_post_accumulate_grad_hook(lambda param, k=k, i=i: _reached(ref, k, i, param))
@@ -96,15 +97,20 @@ class PackedGradients:
             else:
                 w.copy_(g)
                 used.append(True)
-        self.flags[k].copy_(torch.tensor(used, dtype=torch.float32))
+        if all(used):  # the usual case: no copy from the host (a synchronisation on a GPU)
+            self.flags[k].fill_(1.0)
+        else:
+            self.flags[k].copy_(torch.tensor(used, dtype=torch.float32))
+        self.used[k] = all(used)
         return [*self.windows[k], self.flags[k]]
 
     def scatter(self, k: int) -> None:
         """After the average: each parameter some worker had a gradient for gets its window as
         ``.grad``, the others None."""
-        for i, (p, w, u) in enumerate(
-            zip(self.params[k], self.windows[k], self.flags[k].tolist(), strict=True)
-        ):
+        # A gradient this worker had is in the mean whatever the others had: the flags need to be
+        # read (a host synchronisation) only if this worker lacked one.
+        flags = [1.0] * len(self.params[k]) if self.used[k] else self.flags[k].tolist()
+        for i, (p, w, u) in enumerate(zip(self.params[k], self.windows[k], flags, strict=True)):
             self.reached[k][i] = u > 0
             p.grad = w if u > 0 else None
 

@@ -5,10 +5,12 @@ Usage: dist_worker.py SCENARIO OUT_DIR [ARGS...]; each rank writes OUT_DIR/rank{
 
 from __future__ import annotations
 
+import inspect
 import io
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -54,7 +56,7 @@ def rank_values(rank: int, name: str, buffers: str) -> dict:
 
 def train(rank: int, schedule: Schedule, steps: int, ddp: bool = False) -> tuple[nn.Module, LocalSGD, list]:
     model = mlp(seed=1)
-    net: nn.Module = DistributedDataParallel(model, broadcast_buffers=False) if ddp else model
+    net: nn.Module = ddp_without_buffer_sync(model) if ddp else model
     opt = LocalSGD(sgd(model), net, schedule)
     trajectory = []
     for t in range(steps):
@@ -64,6 +66,18 @@ def train(rank: int, schedule: Schedule, steps: int, ddp: bool = False) -> tuple
         opt.step()
         trajectory.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
     return model, opt, trajectory
+
+
+def ddp_without_buffer_sync(model: nn.Module) -> DistributedDataParallel:
+    """DDP that leaves each worker's BatchNorm statistics alone, as the README tells users to build
+    it: forward_sync_buffers=False from torch 2.13 on, broadcast_buffers=False before. Any deprecation
+    warning from this call is an error."""
+    accepted = inspect.signature(DistributedDataParallel.__init__).parameters
+    option = "forward_sync_buffers" if "forward_sync_buffers" in accepted else "broadcast_buffers"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        warnings.simplefilter("error", DeprecationWarning)
+        return DistributedDataParallel(model, **{option: False})
 
 
 def count_all_reduce() -> list[int]:

@@ -127,6 +127,11 @@ BAD_CONFIGS = [
     (["--ordered-averaging", "perhaps"], "--ordered-averaging must be true or false, got 'perhaps'"),
     (["--eval-local", "false"], "eval_local must be one of every, final, never; got 'false'"),
     (["--precision", "fp16"], "precision must be one of fp32, bf16; got 'fp16'"),
+    (["--device", "tpu"], "device must be one of auto, cpu, cuda; got 'tpu'"),
+    (["--resume", "maybe"], "--resume must be true or false, got 'maybe'"),
+    (["--workers", "2", "--train-subset", "512", "--local-batch-size", "100000", "--data-dir", str(CIFAR10)],
+     "local_batch_size (B_loc) = 100000 exceeds each worker's shard of 256 images (512 training images / workers (K) = 2)"),
+    (["--data-dir", "/etc/hostname"], "/etc/hostname: directory not found"),
 ]  # fmt: skip
 
 
@@ -150,7 +155,7 @@ def test_bf16_speed_mode_trains_or_is_refused_where_it_would_be_slow(
 ) -> None:
     """precision = bf16 trains (finite loss, a model) on hardware with native bf16; elsewhere it is a
     one-line error before any work, since the fallback kernels are several times slower than fp32."""
-    from localsgd.harness.train import bf16_supported
+    from localsgd.harness.runtime import bf16_supported
 
     out = tmp_path / "run"
     code = main(["train", *TINY, "--epochs", "1", "--precision", "bf16", "--out", str(out)])
@@ -162,6 +167,118 @@ def test_bf16_speed_mode_trains_or_is_refused_where_it_would_be_slow(
         assert "precision = bf16 needs native bfloat16" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("where", ["below a file", "in /proc", "checkpoints is a file"])
+def test_unwritable_run_directory_is_one_line_before_training(
+    where: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An output directory that cannot be created or written: one line naming the path and the
+    OS's reason, before any training step (no traceback, no model)."""
+    data = write_cifar100(tmp_path / "data", n_train=64, n_test=32)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    out = {"below a file": blocker / "run", "in /proc": Path("/proc/localsgd-test/run")}.get(where, tmp_path / "run")
+    if where == "checkpoints is a file":
+        out.mkdir()
+        (out / "checkpoints").write_text("")
+    flags = ["--dataset", "cifar100", "--data-dir", str(data), "--workers", "2", "--local-batch-size", "8"]
+    assert main(["train", *flags, "--epochs", "1", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    reason = {"below a file": "Not a directory", "checkpoints is a file": "File exists"}.get(where, "")
+    said = re.fullmatch(rf"localsgd: error: cannot write the run directory {re.escape(str(out))}: ([A-Z].*)\n", err)
+    assert said and reason in said[1], err
+    assert not (out / "model.pt").exists()
+
+
+def test_oserror_anywhere_is_one_line_with_path_and_reason(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An OS error later in a run (here: writing metrics.jsonl fails as on a full disk) ends the
+    command with one line naming the file and the OS's reason, not a traceback."""
+    import errno
+    import os
+
+    from localsgd.harness import train as train_module
+
+    def full_disk(out: Path, *args: object) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(out / "metrics.jsonl"))
+
+    monkeypatch.setattr(train_module, "append_metrics", full_disk)
+    data = write_cifar100(tmp_path / "data", n_train=64, n_test=32)
+    out = tmp_path / "run"
+    flags = ["--dataset", "cifar100", "--data-dir", str(data), "--workers", "2", "--local-batch-size", "8"]
+    assert main(["train", *flags, "--epochs", "1", "--out", str(out)]) == 2
+    err = capsys.readouterr().err  # the progress bar's lines, then the error on a line of its own
+    assert err.endswith(f"\nlocalsgd: error: {out / 'metrics.jsonl'}: No space left on device\n"), err
+    assert "Traceback" not in err and "step/s" in err
+
+
+def test_boolean_settings_are_flags_that_also_take_values(tmp_path: Path) -> None:
+    """--resume alone (also before another flag), --no-resume, --resume true|false and TOML booleans;
+    the last one given wins; --help shows the flag form and the rule for K under torchrun."""
+    from localsgd.cli import parser, train_config
+
+    def cfg(*argv: str) -> Config:
+        return train_config(parser().parse_args(["train", *argv]))
+
+    assert cfg().resume is False and cfg().progress is True
+    assert cfg("--resume").resume is True
+    assert (cfg("--resume", "--workers", "2").resume, cfg("--resume", "--workers", "2").workers) == (True, 2)
+    assert cfg("--no-resume").resume is False
+    assert cfg("--resume", "false").resume is False and cfg("--resume", "TRUE").resume is True
+    assert cfg("--resume", "--no-resume").resume is False and cfg("--no-resume", "--resume").resume is True
+    assert cfg("--no-progress").progress is False and cfg("--progress", "off").progress is False
+    toml = tmp_path / "run.toml"
+    toml.write_text("resume = true\nprogress = false\n")
+    assert (cfg("--config", str(toml)).resume, cfg("--config", str(toml)).progress) == (True, False)
+    assert cfg("--config", str(toml), "--no-resume").resume is False
+    with pytest.raises(SystemExit):
+        parser().parse_args(["train", "--no-resume", "true"])  # the negative form takes no value
+    text = " ".join(parser()._subparsers._group_actions[0].choices["train"].format_help().split())  # type: ignore[union-attr]
+    assert "--resume [true|false]" in text and "--no-resume" in text
+    assert "K is the number of processes" in text
+
+
+def test_workers_follow_torchrun_unless_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under torchrun K is the number of processes unless a flag, file or preset sets it; an explicit
+    K that differs is a one-line error; outside torchrun the default is 16."""
+    from localsgd.harness.runtime import resolve_workers
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert resolve_workers(Config()).workers == 16
+    assert resolve_workers(preset("demo")).workers == 4
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert resolve_workers(Config()).workers == 2
+    assert resolve_workers(Config(workers=2)).workers == 2
+    with pytest.raises(ConfigError, match=r"^workers \(K\) = 4 but torchrun started 2 processes; start 4 processes or pass --workers 2"):
+        resolve_workers(preset("demo"))
+    with pytest.raises(ConfigError, match=r"workers \(K\) = 16 but torchrun started 2"):
+        resolve_workers(preset("paper"))  # the paper's protocol is K = 16
+    monkeypatch.setenv("WORLD_SIZE", "1")  # one process: the simulator may hold any K
+    assert resolve_workers(Config(workers=8)).workers == 8 and resolve_workers(Config()).workers == 1
+
+
+def test_explicit_workers_that_differ_from_torchrun_is_one_line(tmp_path: Path) -> None:
+    """Two real torchrun processes told --workers 3: the first to check stops with the one-line error
+    before any work (torchrun then stops the other), no traceback through localsgd, no run directory."""
+    out = tmp_path / "run"
+    with pytest.raises(AssertionError) as failed:
+        launch(2, ["-m", "localsgd", "train", "--workers", "3", "--data-dir", str(tmp_path), "--out", str(out)])
+    log = str(failed.value)
+    assert "localsgd: error: workers (K) = 3 but torchrun started 2 processes; start 3 processes" in log, log
+    assert "localsgd/" not in log and not out.exists()  # torchrun's own report names no file of ours
+
+
+def test_cuda_device_without_cuda_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    out = tmp_path / "run"
+    assert main(["train", "--device", "cuda", "--data-dir", str(tmp_path), "--out", str(out)]) == 2
+    assert capsys.readouterr().err == (
+        "localsgd: error: device = cuda but torch.cuda.is_available() is False; use device = cpu or auto\n"
+    )
+    assert not out.exists()
+
+
 def test_unknown_toml_key_is_named(tmp_path: Path) -> None:
     toml = tmp_path / "bad.toml"
     toml.write_text("local_step = 4\n")
@@ -171,11 +288,15 @@ def test_unknown_toml_key_is_named(tmp_path: Path) -> None:
 
 @needs_cifar10
 def test_simulator_and_torchrun_train_the_same_model(tmp_path: Path) -> None:
-    """The same config and seed: `localsgd train --workers 4` and 4 torchrun processes end with the
-    same model (max abs difference <= 1e-5; in fact bitwise equal) and the same metrics."""
+    """The same config and seed: `localsgd train --workers 4` and 4 torchrun processes (K taken from
+    the number of processes: no --workers) end with the same model (max abs difference <= 1e-5; in
+    fact bitwise equal) and the same metrics."""
     flags = [*TINY, "--progress", "false", "--eval-local", "every"]
     assert main(["train", *flags, "--out", str(tmp_path / "sim")]) == 0
-    launch(4, ["-m", "localsgd", "train", *flags, "--out", str(tmp_path / "dist")])
+    at = flags.index("--workers")
+    without_k = flags[:at] + flags[at + 2 :]
+    launch(4, ["-m", "localsgd", "train", *without_k, "--out", str(tmp_path / "dist")])
+    assert json.loads((tmp_path / "dist/config.json").read_text())["config"]["workers"] == 4
     sim = torch.load(tmp_path / "sim/model.pt", weights_only=True)
     dist = torch.load(tmp_path / "dist/model.pt", weights_only=True)
     diff = max(
@@ -362,3 +483,49 @@ def test_paired_comparison_confidence_interval() -> None:
     rows[1]["runs"][0]["final_test_acc"] = 0.80  # seed 3 now -0.10: the interval spans zero
     assert compare(rows, "base")[0]["ci_excludes_zero"] is False
     assert compare(rows, "missing") == [] and compare(rows, None) == []
+
+
+HOST_READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__")
+
+
+def count_host_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Record every Python-level read of a tensor's value to the host (on a GPU each one waits for
+    the device to finish everything queued): the name of the method, per call."""
+    reads: list[str] = []
+    for name in HOST_READS:
+        real = getattr(torch.Tensor, name)
+
+        def read(self: torch.Tensor, *args: object, _real=real, _name=name) -> object:
+            reads.append(_name)
+            return _real(self, *args)
+
+        monkeypatch.setattr(torch.Tensor, name, read)
+    return reads
+
+
+@pytest.mark.parametrize("local_steps", [1, 4])
+def test_training_loop_reads_the_device_per_round_not_per_step_and_worker(
+    local_steps: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Host reads in a whole `train()` run: the same for K = 2 and K = 4 workers, and per epoch at
+    most one per averaging round plus a few per epoch (metrics, evaluation, checkpoint), where a
+    `loss.item()` per worker and step would give 2 * K * 8 per epoch."""
+    from localsgd.harness.train import train
+
+    reads: dict[tuple[int, int], int] = {}
+    for workers in (2, 4):
+        data = write_cifar100(tmp_path / f"data{workers}", n_train=64 * workers, n_test=16)
+        for epochs in (1, 3):
+            cfg = Config(
+                dataset="cifar100", data_dir=str(data), model="resnet8", workers=workers, local_batch_size=8,
+                local_steps=local_steps, epochs=epochs, warmup_epochs=0, eval_local="never", progress=False,
+            )  # fmt: skip  (8 steps per epoch)
+            counted = count_host_reads(monkeypatch)
+            result = train(cfg, tmp_path / f"run-{workers}-{epochs}")
+            monkeypatch.undo()
+            reads[workers, epochs] = len(counted)
+            assert result.summary["steps"] == 8 * epochs
+    assert reads[2, 1] == reads[4, 1] and reads[2, 3] == reads[4, 3], reads
+    per_epoch = (reads[4, 3] - reads[4, 1]) / 2
+    rounds_per_epoch = 8 // local_steps
+    assert per_epoch <= rounds_per_epoch + 4, reads

@@ -17,6 +17,7 @@ else:  # pragma: no cover
 
 FIRST_DECAY = "first-decay"
 EVAL_LOCAL = ("every", "final", "never")
+DEFAULT_WORKERS = 16  # K outside torchrun when no preset, file or flag sets it
 
 
 class ConfigError(ValueError):
@@ -38,8 +39,10 @@ class Config:
     """evaluate on a fixed random subset of N test images (quick runs)"""
 
     # --- workers and communication (paper symbols) ---
-    workers: int = 16
-    """K: workers (simulated in one process unless started by torchrun)"""
+    workers: int | None = None
+    """K: workers. Under torchrun, K is the number of processes (one worker each) unless you set it,
+    and a K that differs from it is an error; outside torchrun K workers are simulated in this
+    process (default 16)"""
     local_batch_size: int = 128
     """B_loc: mini-batch per worker"""
     local_steps: int = 1
@@ -97,6 +100,9 @@ class Config:
     """seconds a collective may wait for a peer before the run stops with an error (torchrun)"""
     threads: int | None = None
     """torch threads per process (default: all cores, 1 under torchrun with several processes per node)"""
+    device: str = "auto"
+    """auto (CUDA if available), cpu or cuda: where the workers, the data and the evaluation live
+    (under torchrun each process takes GPU LOCAL_RANK)"""
     tensorboard: bool = False
     """also log to TensorBoard (needs the tensorboard package)"""
     progress: bool = True
@@ -113,9 +119,10 @@ class Config:
         choice(self, "optimizer_state", ("local", "average", "reset"))
         choice(self, "eval_local", EVAL_LOCAL)
         choice(self, "precision", ("fp32", "bf16"))
-        for name in ("workers", "local_batch_size", "local_steps", "eval_every", "checkpoint_every"):
+        choice(self, "device", ("auto", "cpu", "cuda"))
+        for name in ("local_batch_size", "local_steps", "eval_every", "checkpoint_every"):
             integer(self, name, 1)
-        for name in ("train_subset", "test_subset", "workers_per_block", "block_steps", "threads"):
+        for name in ("workers", "train_subset", "test_subset", "workers_per_block", "block_steps", "threads"):
             if getattr(self, name) is not None:
                 integer(self, name, 1)
         integer(self, "seed", 0)
@@ -158,9 +165,10 @@ class Config:
                 f"workers_per_block (K') = {self.workers_per_block} needs block_steps (H_b) for "
                 "hierarchical local SGD"
             )
-        if self.workers_per_block is not None and self.workers % self.workers_per_block:
+        workers = self.workers or DEFAULT_WORKERS
+        if self.workers_per_block is not None and workers % self.workers_per_block:
             raise ConfigError(
-                f"workers_per_block (K') = {self.workers_per_block} must divide workers (K) = {self.workers}"
+                f"workers_per_block (K') = {self.workers_per_block} must divide workers (K) = {workers}"
             )
         if self.nesterov and self.momentum == 0:
             raise ConfigError("nesterov needs momentum > 0, got momentum = 0")
@@ -202,11 +210,11 @@ def number(cfg: Config, name: str, minimum: float, strict: bool = False) -> None
 PRESETS: dict[str, dict[str, Any]] = {
     # The paper's protocol (ResNet-20, CIFAR-10, K=16, B_loc=128, 300 epochs, post-local SGD with
     # H=16 from the first LR decay). About 6 CPU-hours here.
-    "paper": {"local_steps": 16, "switch_epoch": FIRST_DECAY},
-    "paper-h32": {"local_steps": 32, "switch_epoch": FIRST_DECAY},
+    "paper": {"workers": 16, "local_steps": 16, "switch_epoch": FIRST_DECAY},
+    "paper-h32": {"workers": 16, "local_steps": 32, "switch_epoch": FIRST_DECAY},
     # Baselines of the same protocol: large-batch mini-batch SGD (K*B_loc = 2048) and small-batch
     # mini-batch SGD (one worker, B = 128).
-    "paper-minibatch": {"local_steps": 1},
+    "paper-minibatch": {"workers": 16, "local_steps": 1},
     "paper-small-batch": {"workers": 1, "local_steps": 1},
     # A 3-minute look at the machinery on real CIFAR-10: post-local SGD, K=4.
     "demo": {

@@ -11,7 +11,6 @@ import gzip
 import hashlib
 import os
 import pickle
-import sys
 import tarfile
 import tempfile
 import urllib.error
@@ -25,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 try:  # numpy >= 2
     from numpy._core.multiarray import _reconstruct  # type: ignore[attr-defined]
@@ -308,17 +308,13 @@ def _fetch(url: str, dest: Path, md5: str, progress: bool) -> None:
     try:
         digest = hashlib.md5(usedforsecurity=False)
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
-            total = int(response.headers.get("Content-Length") or 0)
-            done = 0
-            while block := response.read(1 << 20):
-                out.write(block)
-                digest.update(block)
-                done += len(block)
-                if progress:
-                    size = f"/{total / 2**20:.1f}" if total else ""
-                    sys.stderr.write(f"\r{dest.name}: {done / 2**20:.1f}{size} MiB")
-        if progress:
-            sys.stderr.write("\n")
+            total = int(response.headers.get("Content-Length") or 0) or None
+            bar = tqdm(total=total, desc=dest.name, unit="B", unit_scale=True, disable=not progress)
+            with bar:
+                while block := response.read(1 << 20):
+                    out.write(block)
+                    digest.update(block)
+                    bar.update(len(block))
         actual = digest.hexdigest()
         if actual != md5:
             raise DataError(f"{url}: md5 mismatch for {dest.name}: expected {md5}, got {actual}")
@@ -425,7 +421,7 @@ def _channel_stats(x: torch.Tensor, mean: Sequence[float], std: Sequence[float])
     if len(mean) != channels or len(std) != channels:
         raise ValueError(f"mean/std have {len(mean)}/{len(std)} entries, expected {channels} (channels)")
     shape = (channels, 1, 1)
-    return torch.tensor(mean).view(shape), torch.tensor(std).view(shape)
+    return torch.tensor(mean, device=x.device).view(shape), torch.tensor(std, device=x.device).view(shape)
 
 
 def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
@@ -453,13 +449,17 @@ def augment(
     b, _, h, w = x.shape
     p = crop_padding
     padded = F.pad(x, (p, p, p, p)) if p else x
-    dy = torch.randint(0, 2 * p + 1, (b, 1), generator=generator)
-    dx = torch.randint(0, 2 * p + 1, (b, 1), generator=generator)
-    rows = dy + torch.arange(h)  # (B, H)
-    cols = dx + torch.arange(w)  # (B, W)
+    dev = x.device  # the generator must live there too
+    dy = torch.randint(0, 2 * p + 1, (b, 1), generator=generator, device=dev)
+    dx = torch.randint(0, 2 * p + 1, (b, 1), generator=generator, device=dev)
+    rows = dy + torch.arange(h, device=dev)  # (B, H)
+    cols = dx + torch.arange(w, device=dev)  # (B, W)
     if flip:
-        flipped = torch.rand(b, 1, generator=generator) < 0.5
+        flipped = torch.rand(b, 1, generator=generator, device=dev) < 0.5
         cols = torch.where(flipped, cols.flip(1), cols)
-    index = torch.arange(b).view(b, 1, 1, 1), torch.arange(x.shape[1]).view(1, -1, 1, 1)
+    index = (
+        torch.arange(b, device=dev).view(b, 1, 1, 1),
+        torch.arange(x.shape[1], device=dev).view(1, -1, 1, 1),
+    )
     crops = padded[index[0], index[1], rows[:, None, :, None], cols[:, None, None, :]]
     return normalize(crops, mean, std)

@@ -15,9 +15,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn import functional as F
+from tqdm import tqdm
 
 from localsgd import Engine, LocalSGD, Schedule, Simulator
-from localsgd.harness.progress import Progress
 
 FEATURES, CLASSES = 32, 10
 
@@ -83,9 +83,10 @@ def run(
         engine = Simulator(model, make_opt, schedule, workers, workers_per_block=workers_per_block)
     per_worker = len(x) // workers
     steps_per_epoch = per_worker // local_batch_size
-    progress = Progress(epochs * steps_per_epoch, f"{method:<13}", enabled=show_progress)
+    total = epochs * steps_per_epoch
+    progress = tqdm(total=total, desc=f"{method:<13}", unit="step", disable=not show_progress)
     start = time.perf_counter()
-    losses: list[float] = []
+    losses: list[torch.Tensor] = []  # read once per epoch, not per step
     for epoch in range(epochs):
         # A fresh random disjoint shard per worker every epoch (the same permutation on all ranks).
         order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed * 1000 + epoch))
@@ -94,10 +95,11 @@ def run(
                 idx = order[k * per_worker + i * local_batch_size :][:local_batch_size]
                 loss = F.cross_entropy(m(x[idx]), y[idx])
                 loss.backward()
-                losses.append(loss.item())
+                losses.append(loss.detach())
             engine.step()
             engine.zero_grad()
-            progress.update(postfix=f"loss {sum(losses[-50:]) / len(losses[-50:]):.3f}")
+            progress.update()
+        progress.set_postfix_str(f"loss {torch.stack(losses[-50:]).mean().item():.3f}")
     progress.close()
     seconds = time.perf_counter() - start
     stats = {level: copy.copy(s) for level, s in engine.stats.items()}  # training communication only
@@ -105,13 +107,14 @@ def run(
     model = engine.models[0].eval()
     with torch.no_grad():
         accuracy = (model(x_test).argmax(1) == y_test).float().mean().item()
-    train_loss = sum(losses[-steps_per_epoch:]) / steps_per_epoch
+    losses_read = torch.stack(losses).tolist()
+    train_loss = sum(losses_read[-steps_per_epoch:]) / steps_per_epoch
     if dist.is_initialized():  # every rank's recent losses, averaged
         t = torch.tensor([train_loss])
         dist.all_reduce(t)
         train_loss = t.item() / dist.get_world_size()
     else:
-        train_loss = sum(losses[-steps_per_epoch * workers :]) / (steps_per_epoch * workers)
+        train_loss = sum(losses_read[-steps_per_epoch * workers :]) / (steps_per_epoch * workers)
     return Result(
         method=method,
         schedule=schedule,

@@ -8,32 +8,35 @@ import json
 import math
 import os
 import platform
+import sys
 import time
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.nn import functional as F
+from tqdm import tqdm
 
 import localsgd
-from localsgd import DistCommunicator, Engine, LocalSGD, Schedule, Simulator
-from localsgd.comm import init_process_group
-from localsgd.engine import CommunicationError, first_line
+from localsgd import DistCommunicator, Engine, LocalSGD, Simulator
 from localsgd.harness import checkpoint, optim
 from localsgd.harness.config import Config, ConfigError
 from localsgd.harness.data import Dataset, augment, default_data_dir, epoch_shards, load_dataset, normalize
 from localsgd.harness.models import build_model
-from localsgd.harness.progress import Progress
+from localsgd.harness.runtime import Runtime, resolve_workers
+from localsgd.schedule import Schedule
 
 EVAL_BATCH = 1000
 
 
 class TrainingError(RuntimeError):
     """Training cannot go on (e.g. a non-finite loss): one line naming step and worker."""
+
+
+class RunDirectoryError(ValueError):
+    """The run directory cannot be created or written: one line naming the path and the OS reason."""
 
 
 @dataclass
@@ -52,6 +55,11 @@ def make_plan(cfg: Config, train_size: int) -> Plan:
     per_worker = train_size // cfg.workers
     if per_worker == 0:
         raise ConfigError(f"{train_size} training images cannot be shared by workers (K) = {cfg.workers}")
+    if cfg.local_batch_size > per_worker:
+        raise ConfigError(
+            f"local_batch_size (B_loc) = {cfg.local_batch_size} exceeds each worker's shard of {per_worker} "
+            f"images ({train_size} training images / workers (K) = {cfg.workers})"
+        )
     steps_per_epoch = math.ceil(per_worker / cfg.local_batch_size)  # the last batch may be short
     total_steps = max(1, round(cfg.epochs * steps_per_epoch))
     switch_step = round(cfg.switch_epoch_value() * steps_per_epoch)
@@ -70,81 +78,106 @@ def subset(x: torch.Tensor, y: torch.Tensor, n: int | None, seed: int, what: str
     return x[idx], y[idx]
 
 
-def bf16_supported(device: torch.device) -> bool:
-    """Whether bfloat16 autocast runs on native kernels (on CPU: oneDNN with AVX-512 BF16 or AMX)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
-class Runtime:
-    """This process's place among the K workers: simulator (all K here) or one torchrun rank."""
-
-    def __init__(self, cfg: Config) -> None:
-        self.distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-        self.device = torch.device("cpu")
-        if self.distributed:
-            world = int(os.environ["WORLD_SIZE"])
-            if world != cfg.workers:
-                raise ConfigError(
-                    f"workers (K) = {cfg.workers} but torchrun started {world} processes; "
-                    f"pass --workers {world} or start {cfg.workers} processes"
-                )
-            if torch.cuda.is_available():
-                self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-                torch.cuda.set_device(self.device)
-            if not dist.is_initialized():
-                backend = "nccl" if self.device.type == "cuda" else "gloo"
-                init_process_group(backend, timeout=timedelta(seconds=cfg.timeout))
-        if cfg.precision == "bf16" and not bf16_supported(self.device):
-            raise ConfigError(
-                f"precision = bf16 needs native bfloat16, which this {self.device.type} lacks (torch CPU "
-                f"capability {torch.backends.cpu.get_cpu_capability()}; bf16 would run several times slower "
-                "than fp32 here); use precision = fp32"
-            )
-        self.rank = dist.get_rank() if self.distributed else 0
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        threads = cfg.threads or max(1, (os.cpu_count() or 1) // local)
-        torch.set_num_threads(threads)
-
-    def all_sum(self, values: list[float]) -> list[float]:
-        """Sums over all processes (identity in the simulator)."""
-        if not self.distributed:
-            return values
-        t = torch.tensor(values, dtype=torch.float64, device=self.device)
-        try:
-            dist.all_reduce(t)
-        except RuntimeError as e:
-            raise CommunicationError(f"summing metrics across workers failed ({first_line(e)})") from e
-        return t.tolist()
-
-
 @torch.no_grad()
 def evaluate(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, data: Dataset, channels_last: bool
-) -> list[float]:
-    """[loss sum, correct, count] of ``model`` on (x, y)."""
+) -> torch.Tensor:
+    """[loss sum, correct, count] of ``model`` on (x, y): float64 on the data's device (not read)."""
     model.eval()
-    loss = correct = 0.0
+    sums = torch.zeros(3, dtype=torch.float64, device=x.device)
     for i in range(0, len(x), EVAL_BATCH):
         xb = normalize(x[i : i + EVAL_BATCH], data.mean, data.std)
         if channels_last:
             xb = xb.contiguous(memory_format=torch.channels_last)
         out = model(xb)
         yb = y[i : i + EVAL_BATCH]
-        loss += F.cross_entropy(out, yb, reduction="sum").item()
-        correct += (out.argmax(1) == yb).sum().item()
+        sums[0] += F.cross_entropy(out, yb, reduction="sum").double()
+        sums[1] += (out.argmax(1) == yb).sum()
+    sums[2] = len(x)
     model.train()
-    return [loss, correct, float(len(x))]
+    return sums
+
+
+class Tally:
+    """The epoch's training sums and every loss since the last check, kept on the device: the loop
+    reads them at averaging rounds, checkpoints and epoch ends, never per step or per worker."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.pending: list[tuple[int, int, torch.Tensor]] = []  # (step, worker, loss)
+        self.new_epoch()
+
+    def new_epoch(self) -> None:
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.correct = torch.zeros((), dtype=torch.int64, device=self.device)
+        self.seen = 0
+
+    def add(self, t: int, k: int, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
+        loss = loss.detach()
+        self.pending.append((t, k, loss))
+        self.loss_sum += loss.double() * len(y)  # as a float64 sum of float32 losses on the host would
+        self.correct += (logits.argmax(1) == y).sum()
+        self.seen += len(y)
+
+    def sums(self) -> torch.Tensor:
+        """[loss sum, correct, samples] of this epoch, float64 on the device."""
+        return torch.stack([self.loss_sum, self.correct.double(), self.loss_sum.new_tensor(self.seen)])
+
+    def check(self, steps_per_epoch: int, ckpt_root: Path) -> None:
+        """Raise TrainingError at the first non-finite loss since the last check (its step and
+        worker); one host read."""
+        if not self.pending:
+            return
+        pending, self.pending = self.pending, []
+        losses = torch.stack([loss for _, _, loss in pending])
+        if bool(torch.isfinite(losses).all()):
+            return
+        for (t, k, _), value in zip(pending, losses.tolist(), strict=True):
+            if not math.isfinite(value):
+                raise TrainingError(
+                    f"loss is {value} at step {t} (epoch {t // steps_per_epoch + 1}) on worker {k}; "
+                    f"{last_good(ckpt_root)}"
+                )
+
+
+def evaluation(
+    averaged: nn.Module,
+    workers: list[tuple[int, nn.Module]],
+    runtime: Runtime,
+    cfg: Config,
+    data: Dataset,
+    x: torch.Tensor,
+    y: torch.Tensor,
+) -> dict[str, float]:
+    """Test loss and accuracy of the averaged model and, if ``workers`` are given, the mean over
+    every worker's own model (each on the whole test set), summed over all processes."""
+    if runtime.distributed:  # each rank evaluates its share of the test set
+        part = slice(runtime.rank, None, cfg.workers)
+        ev = runtime.all_sum(evaluate(averaged, x[part], y[part], data, cfg.channels_last))
+    else:
+        ev = evaluate(averaged, x, y, data, cfg.channels_last).tolist()
+    row = {"test_loss": ev[0] / ev[2], "test_acc": ev[1] / ev[2]}
+    if workers:
+        local = torch.zeros(3, dtype=torch.float64, device=x.device)
+        for _, m in workers:
+            local = local + evaluate(m, x, y, data, cfg.channels_last)
+        loss_sum, correct, seen = runtime.all_sum(local)
+        row.update(local_test_loss=loss_sum / seen, local_test_acc=correct / seen)
+    return row
 
 
 def check_finite(workers: list[tuple[int, nn.Module]], t: int, ckpt_root: Path) -> None:
-    for k, m in workers:
-        for name, value in m.state_dict().items():
-            if value.is_floating_point() and not torch.isfinite(value).all():
-                raise TrainingError(
-                    f"{name} is not finite after step {t} on worker {k}; {last_good(ckpt_root)}"
-                )
+    """Raise TrainingError if a worker's parameter or buffer is not finite (one host read)."""
+    tensors = [
+        (k, name, value)
+        for k, m in workers
+        for name, value in m.state_dict().items()
+        if value.is_floating_point()
+    ]
+    finite = torch.stack([torch.isfinite(v).all() for _, _, v in tensors]).tolist()
+    for (k, name, _), ok in zip(tensors, finite, strict=True):
+        if not ok:
+            raise TrainingError(f"{name} is not finite after step {t} on worker {k}; {last_good(ckpt_root)}")
 
 
 def last_good(ckpt_root: Path) -> str:
@@ -187,9 +220,42 @@ def source_commit(paths: tuple[str, ...] = ("localsgd",)) -> str | None:
     return head.stdout.strip() + ("+dirty" if status.stdout.strip() else "")
 
 
+def write_config(out: Path, cfg: Config, plan: Plan, runtime: Runtime, sizes: tuple[int, int]) -> None:
+    """Create the run directory and write ``config.json`` (the resolved config, derived quantities,
+    versions); an OS error becomes one line naming the path and the reason."""
+    resolved = {
+        "config": cfg.to_dict(),
+        "derived": {
+            "steps_per_epoch": plan.steps_per_epoch,
+            "total_steps": plan.total_steps,
+            "switch_step": plan.switch_step,
+            "peak_lr": plan.peak_lr,
+            "decay_epochs": plan.decay_epochs,
+            "train_images": sizes[0],
+            "test_images": sizes[1],
+            "runtime": "torchrun" if runtime.distributed else "simulator",
+            "device": str(runtime.device),
+        },
+        "versions": {
+            "localsgd": localsgd.__version__,
+            "commit": source_commit(),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "machine": platform.machine(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        },
+    }
+    try:
+        (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+        write_text(json.dumps(resolved, indent=2) + "\n", out / "config.json")
+    except OSError as e:
+        raise RunDirectoryError(f"cannot write the run directory {out}: {e.strerror or e}") from None
+
+
 def train(cfg: Config, out: Path) -> Result:
     """Train as ``cfg`` says and write the run directory ``out`` (from rank 0)."""
     # --- check everything before any work ---
+    cfg = resolve_workers(cfg)
     cfg.validate()
     runtime = Runtime(cfg)
     if cfg.tensorboard:
@@ -203,9 +269,11 @@ def train(cfg: Config, out: Path) -> Result:
     train_x, train_y = subset(data.train_x, data.train_y, cfg.train_subset, cfg.seed, "train")
     test_x, test_y = subset(data.test_x, data.test_y, cfg.test_subset, cfg.seed + 1, "test")
     plan = make_plan(cfg, len(train_x))
+    main = runtime.rank == 0
+    if main:
+        write_config(out, cfg, plan, runtime, (len(train_x), len(test_x)))
     dev = runtime.device
     train_x, train_y, test_x, test_y = (t.to(dev) for t in (train_x, train_y, test_x, test_y))
-    main = runtime.rank == 0
 
     # --- workers: the same initial model everywhere ---
     torch.manual_seed(cfg.seed)
@@ -233,34 +301,7 @@ def train(cfg: Config, out: Path) -> Result:
     workers = list(zip(engine.comm.local_workers, engine.models, strict=True))
     # Each worker's augmentation randomness depends on its index only: the same in both runtimes.
     generators = {k: torch.Generator(device=dev).manual_seed(cfg.seed * 100_003 + k) for k, _ in workers}
-
-    # --- the run directory ---
-    writer = None
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        resolved = {
-            "config": cfg.to_dict(),
-            "derived": {
-                "steps_per_epoch": plan.steps_per_epoch,
-                "total_steps": plan.total_steps,
-                "switch_step": plan.switch_step,
-                "peak_lr": plan.peak_lr,
-                "decay_epochs": plan.decay_epochs,
-                "train_images": len(train_x),
-                "test_images": len(test_x),
-                "runtime": "torchrun" if runtime.distributed else "simulator",
-            },
-            "versions": {
-                "localsgd": localsgd.__version__,
-                "commit": source_commit(),
-                "torch": torch.__version__,
-                "python": platform.python_version(),
-                "machine": platform.machine(),
-            },
-        }
-        write_text(json.dumps(resolved, indent=2) + "\n", out / "config.json")
-        if cfg.tensorboard:
-            writer = SummaryWriter(str(out / "tensorboard"))
+    writer = SummaryWriter(str(out / "tensorboard")) if main and cfg.tensorboard else None
 
     # --- resume: everything an uninterrupted run would hold at the checkpoint's step ---
     ckpt_root = out / "checkpoints"
@@ -277,124 +318,111 @@ def train(cfg: Config, out: Path) -> Result:
             g.set_state(state["generators"][k])
         history, eval_seconds, wall_offset = state["history"], state["eval_seconds"], state["wall_seconds"]
     start_t = engine.t
-    if runtime.all_sum([float(start_t)])[0] != start_t * (cfg.workers if runtime.distributed else 1):
+    steps = runtime.all_sum(torch.tensor([float(start_t)], dtype=torch.float64, device=dev))[0]
+    if steps != start_t * (cfg.workers if runtime.distributed else 1):
         raise checkpoint.CheckpointError(f"{ckpt_root}: the processes found checkpoints of different steps")
     if main:
         write_text("".join(json.dumps(row) + "\n" for row in history), out / "metrics.jsonl")
 
     # --- training ---
     B = cfg.local_batch_size
-    progress = Progress(plan.total_steps - start_t, "train", enabled=main and cfg.progress)
+    progress = tqdm(
+        total=plan.total_steps, initial=start_t, desc="train", unit="step", dynamic_ncols=True,
+        disable=not (main and cfg.progress), mininterval=0.2 if sys.stderr.isatty() else 30.0,
+    )  # fmt: skip
     start = time.perf_counter() - wall_offset
-    sums = [0.0, 0.0, 0.0]  # loss sum, correct, samples (this epoch, this process's workers)
+    tally = Tally(dev)
     averaged: nn.Module | None = None  # the last evaluated average of the workers' models
     shards: list[torch.Tensor] = []
-    for t in range(start_t, plan.total_steps):
-        epoch, i = divmod(t, plan.steps_per_epoch)
-        if i == 0 or t == start_t:  # a fresh random disjoint shard per worker every epoch
-            shards = epoch_shards(len(train_x), cfg.workers, epoch, cfg.seed)
-        lr = optim.lr_at(
-            t / plan.steps_per_epoch, plan.peak_lr, cfg.lr_per_64, cfg.warmup_epochs, plan.decay_epochs,
-            cfg.decay_factor,
-        )  # fmt: skip
-        for opt in engine.optimizers:
-            for group in opt.param_groups:
-                group["lr"] = lr
-        for k, m in workers:
-            idx = shards[k][i * B : (i + 1) * B].to(dev)
-            x = augment(train_x[idx], generators[k], data.mean, data.std)
-            if cfg.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            y = train_y[idx]
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-                logits = m(x)
-                loss = F.cross_entropy(logits, y)
-            value = loss.item()
-            if not math.isfinite(value):  # stop before the bad values reach any average or checkpoint
-                raise TrainingError(
-                    f"loss is {value} at step {t} (epoch {epoch + 1}) on worker {k}; {last_good(ckpt_root)}"
-                )
-            loss.backward()
-            sums[0] += value * len(y)
-            sums[1] += (logits.argmax(1) == y).sum().item()
-            sums[2] += len(y)
-        engine.step()
-        engine.zero_grad()
-        progress.update(postfix=f"epoch {epoch + 1} lr {lr:.3g} loss {sums[0] / sums[2]:.3f}")
+    try:  # the bar ends its line before an error is printed
+        for t in range(start_t, plan.total_steps):
+            epoch, i = divmod(t, plan.steps_per_epoch)
+            if i == 0 or t == start_t:  # a fresh random disjoint shard per worker every epoch
+                shards = [s.to(dev) for s in epoch_shards(len(train_x), cfg.workers, epoch, cfg.seed)]
+            lr = optim.lr_at(
+                t / plan.steps_per_epoch, plan.peak_lr, cfg.lr_per_64, cfg.warmup_epochs, plan.decay_epochs,
+                cfg.decay_factor,
+            )  # fmt: skip
+            for opt in engine.optimizers:
+                for group in opt.param_groups:
+                    group["lr"] = lr
+            for k, m in workers:
+                idx = shards[k][i * B : (i + 1) * B]
+                x = augment(train_x[idx], generators[k], data.mean, data.std)
+                if cfg.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                y = train_y[idx]
+                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+                    logits = m(x)
+                    loss = F.cross_entropy(logits, y)
+                loss.backward()
+                tally.add(t, k, loss, logits, y)
+            sync = engine.schedule.sync_at(engine.t)
+            if sync.gradients is not None or sync.parameters is not None:
+                tally.check(plan.steps_per_epoch, ckpt_root)  # nothing non-finite reaches an average
+            engine.step()
+            engine.zero_grad()
+            progress.set_postfix_str(f"epoch {epoch + 1} lr {lr:.3g}", refresh=False)
+            progress.update()
 
-        last_of_epoch = i == plan.steps_per_epoch - 1 or t == plan.total_steps - 1
-        if not last_of_epoch:
-            continue
-        done_epochs = (t + 1) / plan.steps_per_epoch
-        loss_sum, correct, seen = runtime.all_sum(sums)
-        sums = [0.0, 0.0, 0.0]
-        row: dict[str, Any] = {
-            "epoch": round(done_epochs, 4),
-            "step": t + 1,
-            "lr": lr,
-            "train_loss": loss_sum / seen,
-            "train_acc": correct / seen,
-        }
-        if (epoch + 1) % cfg.eval_every == 0 or t == plan.total_steps - 1:
-            eval_start = time.perf_counter()
-            averaged = engine.averaged_model()
-            if runtime.distributed:  # each rank evaluates its share of the test set
-                part = slice(runtime.rank, None, cfg.workers)
-                ev = runtime.all_sum(evaluate(averaged, test_x[part], test_y[part], data, cfg.channels_last))
-            else:
-                ev = evaluate(averaged, test_x, test_y, data, cfg.channels_last)
-            row.update(test_loss=ev[0] / ev[2], test_acc=ev[1] / ev[2])
-            final = t == plan.total_steps - 1
-            if cfg.eval_local == "every" or (cfg.eval_local == "final" and final):
-                # each worker's own model on the whole test set, then the mean
-                local = [0.0, 0.0, 0.0]
-                for _, m in workers:
-                    local = [
-                        a + b
-                        for a, b in zip(
-                            local, evaluate(m, test_x, test_y, data, cfg.channels_last), strict=True
-                        )
-                    ]
-                local = runtime.all_sum(local)
-                row.update(local_test_loss=local[0] / local[2], local_test_acc=local[1] / local[2])
-            eval_seconds += time.perf_counter() - eval_start
-        comm = sum(s.seconds for s in engine.stats.values())
-        wall = time.perf_counter() - start
-        row.update(
-            rounds={level: s.rounds for level, s in engine.stats.items()},
-            bytes={level: s.bytes for level, s in engine.stats.items()},
-            comm_seconds=comm,
-            eval_seconds=eval_seconds,
-            compute_seconds=wall - comm - eval_seconds,
-            wall_seconds=wall,
-        )
-        history.append(row)
-        if main:
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
-            if writer is not None:
-                for key, value in row.items():
-                    if isinstance(value, float | int) and key not in ("epoch", "step"):
-                        writer.add_scalar(key, value, t + 1)
-        if (epoch + 1) % cfg.checkpoint_every == 0 and t + 1 < plan.total_steps:
-            check_finite(workers, t, ckpt_root)  # never replace a good checkpoint by a broken one
-            state = {
-                "config": cfg.to_dict(),
-                "engine": engine.state_dict(),
-                "generators": {k: g.get_state() for k, g in generators.items()},
-                "history": history,
-                "eval_seconds": eval_seconds,
-                "wall_seconds": time.perf_counter() - start,
+            last_of_epoch = i == plan.steps_per_epoch - 1 or t == plan.total_steps - 1
+            if not last_of_epoch:
+                continue
+            tally.check(plan.steps_per_epoch, ckpt_root)
+            done_epochs = (t + 1) / plan.steps_per_epoch
+            loss_sum, correct, seen = runtime.all_sum(tally.sums())
+            tally.new_epoch()
+            row: dict[str, Any] = {
+                "epoch": round(done_epochs, 4),
+                "step": t + 1,
+                "lr": lr,
+                "train_loss": loss_sum / seen,
+                "train_acc": correct / seen,
             }
-            if runtime.distributed:
-                state["model"] = model.state_dict()
-            digest = checkpoint.write_state(ckpt_root, t + 1, runtime.rank, state)
-            digests = [digest]
-            if runtime.distributed:  # also waits until every process has written
-                digests = [d.decode() for d in engine.comm.all_gather_bytes([digest.encode()])]
+            if (epoch + 1) % cfg.eval_every == 0 or t == plan.total_steps - 1:
+                eval_start = time.perf_counter()
+                averaged = engine.averaged_model()
+                final = t == plan.total_steps - 1
+                local = cfg.eval_local == "every" or (cfg.eval_local == "final" and final)
+                row.update(evaluation(averaged, workers if local else [], runtime, cfg, data, test_x, test_y))
+                eval_seconds += time.perf_counter() - eval_start
+            comm = sum(s.seconds for s in engine.stats.values())
+            wall = time.perf_counter() - start
+            row.update(
+                rounds={level: s.rounds for level, s in engine.stats.items()},
+                bytes={level: s.bytes for level, s in engine.stats.items()},
+                comm_seconds=comm,
+                eval_seconds=eval_seconds,
+                compute_seconds=wall - comm - eval_seconds,
+                wall_seconds=wall,
+            )
+            history.append(row)
+            shown = f"epoch {epoch + 1} lr {lr:.3g} loss {row['train_loss']:.3f}"
+            if "test_acc" in row:
+                shown += f" test {row['test_acc']:.2%}"
+            progress.set_postfix_str(shown)
             if main:
-                checkpoint.commit(ckpt_root, t + 1, digests)
-    progress.close()
+                append_metrics(out, row, writer, t + 1)
+            if (epoch + 1) % cfg.checkpoint_every == 0 and t + 1 < plan.total_steps:
+                check_finite(workers, t, ckpt_root)  # never replace a good checkpoint by a broken one
+                state = {
+                    "config": cfg.to_dict(),
+                    "engine": engine.state_dict(),
+                    "generators": {k: g.get_state() for k, g in generators.items()},
+                    "history": history,
+                    "eval_seconds": eval_seconds,
+                    "wall_seconds": time.perf_counter() - start,
+                }
+                if runtime.distributed:
+                    state["model"] = model.state_dict()
+                digest = checkpoint.write_state(ckpt_root, t + 1, runtime.rank, state)
+                digests = [digest]
+                if runtime.distributed:  # also waits until every process has written
+                    digests = [d.decode() for d in engine.comm.all_gather_bytes([digest.encode()])]
+                if main:
+                    checkpoint.commit(ckpt_root, t + 1, digests)
+    finally:
+        progress.close()
 
     # --- final model and summary ---
     check_finite(workers, plan.total_steps - 1, ckpt_root)
@@ -402,12 +430,22 @@ def train(cfg: Config, out: Path) -> Result:
     summary = summarize(cfg, plan, history)
     if main:
         buf = io.BytesIO()
-        torch.save({"model": final.state_dict(), "config": cfg.to_dict()}, buf)
+        weights = {k: v.cpu() for k, v in final.state_dict().items()}  # loads anywhere
+        torch.save({"model": weights, "config": cfg.to_dict()}, buf)
         checkpoint.atomic_write_bytes(buf.getvalue(), out / "model.pt")
         write_text(json.dumps(summary, indent=2) + "\n", out / "summary.json")
         if writer is not None:
             writer.close()
     return Result(summary, history, final, engine, main)
+
+
+def append_metrics(out: Path, row: dict[str, Any], writer: Any, step: int) -> None:
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+    if writer is not None:
+        for key, value in row.items():
+            if isinstance(value, float | int) and key not in ("epoch", "step"):
+                writer.add_scalar(key, value, step)
 
 
 def summarize(cfg: Config, plan: Plan, history: list[dict[str, Any]]) -> dict[str, Any]:
