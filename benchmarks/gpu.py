@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import shutil
 import statistics
@@ -94,6 +95,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.steps is None:
         args.steps = args.local_steps
+    args.precisions = list(dict.fromkeys(args.precisions))
     return args
 
 
@@ -360,8 +362,6 @@ def images_trained(total_steps: int, steps_per_epoch: int, per_worker: int, batc
 
 
 def paper_run(cfg: Any, overrides: dict[str, Any], run_dir: Path) -> dict[str, Any]:
-    import json
-
     from localsgd.harness.train import train
 
     start = time.perf_counter()
@@ -446,8 +446,6 @@ def machine_extra(device: torch.device) -> dict[str, Any]:
             extra["cudnn_conv_fp32_precision"] = torch.backends.cudnn.conv.fp32_precision
         except AttributeError:
             extra["cudnn_allow_tf32"] = torch.backends.cudnn.allow_tf32
-    else:
-        extra["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
     return extra
 
 

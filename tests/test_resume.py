@@ -171,6 +171,32 @@ def test_non_finite_loss_stops_with_step_and_worker(
     assert not (out / "model.pt").exists()
 
 
+@needs_cifar10
+def test_checkpoint_from_another_device_type_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A checkpoint written on a GPU (its generator states are CUDA's) does not resume on the CPU:
+    one line saying where it was written and what to pass."""
+    out = tmp_path / "run"
+    flags = [*FLAGS, "--epochs", "2", "--out", str(out)]
+    assert main(["train", *flags]) == 0
+    (out / "summary.json").unlink()
+    pointer = out / "checkpoints" / "latest"
+    p = json.loads(pointer.read_text())
+    path = checkpoint.step_dir(out / "checkpoints", p["step"]) / "process-0.pt"
+    state = torch.load(path, weights_only=True)
+    assert state["device"] == "cpu"
+    state["device"] = "cuda"
+    torch.save(state, path)
+    p["files"]["process-0.pt"] = checkpoint.sha256(path)
+    pointer.write_text(json.dumps(p))
+    assert main(["train", *flags, "--resume"]) == 2
+    assert capsys.readouterr().err == (
+        f"localsgd: error: the checkpoint in {out / 'checkpoints'} was written on cuda, but this run is on "
+        "cpu; resume it with --device cuda\n"
+    )
+
+
 class Exploit:
     """Unpickling this would run a shell command (if anything ever unpickled it unrestricted)."""
 

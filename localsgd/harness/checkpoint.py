@@ -98,7 +98,7 @@ def read_state(root: Path, process: int) -> dict[str, Any] | None:
             f"{path}: checksum mismatch (expected sha256 {digest[:16]}..., got {actual[:16]}...)"
         )
     try:
-        return torch.load(path, weights_only=True)
+        return torch.load(path, weights_only=True, map_location="cpu")  # copied to the run's device
     except Exception as e:  # a file with the right checksum that torch cannot read
         raise CheckpointError(f"{path}: unreadable checkpoint ({type(e).__name__})") from None
 
@@ -113,6 +113,7 @@ RUN_CONTROL = {
     "resume",
     "checkpoint_every",
     "timeout",
+    "device",  # auto and cuda may name the same device; the device type is checked on its own
 }
 
 
@@ -128,3 +129,12 @@ def check_same_config(
                 f"{what} in {where} was written with {key} = {saved.get(key)!r}, "
                 f"but this run has {key} = {current.get(key)!r}"
             )
+
+
+def check_same_device(saved: str, current: str, where: Path) -> None:
+    """A run resumes on the device type it was written on (its random generators' states differ)."""
+    if saved != current:
+        raise ConfigError(
+            f"the checkpoint in {where} was written on {saved}, but this run is on {current}; "
+            f"resume it with --device {saved}"
+        )

@@ -7,6 +7,7 @@ Every data problem raises :class:`DataError` with a one-line message naming the 
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import os
@@ -420,8 +421,13 @@ def _channel_stats(x: torch.Tensor, mean: Sequence[float], std: Sequence[float])
     channels = x.shape[-3]
     if len(mean) != channels or len(std) != channels:
         raise ValueError(f"mean/std have {len(mean)}/{len(std)} entries, expected {channels} (channels)")
-    shape = (channels, 1, 1)
-    return torch.tensor(mean, device=x.device).view(shape), torch.tensor(std, device=x.device).view(shape)
+    return _per_channel(tuple(mean), x.device), _per_channel(tuple(std), x.device)
+
+
+@functools.lru_cache(maxsize=32)
+def _per_channel(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    """A (C, 1, 1) float32 tensor on ``device``, made once (a copy to a GPU waits for it to finish)."""
+    return torch.tensor(values, device=device).view(len(values), 1, 1)
 
 
 def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:

@@ -65,7 +65,10 @@ def pick_device(name: str, distributed: bool) -> torch.device:
 def bf16_supported(device: torch.device) -> bool:
     """Whether bfloat16 autocast runs on native kernels (on CPU: oneDNN with AVX-512 BF16 or AMX)."""
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        try:  # without the argument, GPUs before Ampere report their slow emulation as support
+            return torch.cuda.is_bf16_supported(including_emulation=False)
+        except TypeError:  # torch before 2.4 has no emulation to report
+            return torch.cuda.is_bf16_supported()
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 

@@ -102,8 +102,10 @@ class Tally:
     """The epoch's training sums and every loss since the last check, kept on the device: the loop
     reads them at averaging rounds, checkpoints and epoch ends, never per step or per worker."""
 
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
+    MAX_PENDING = 4096  # losses held between reads (a read comes sooner if no round comes)
+
+    def __init__(self, device: torch.device, steps_per_epoch: int, ckpt_root: Path) -> None:
+        self.device, self.steps_per_epoch, self.ckpt_root = device, steps_per_epoch, ckpt_root
         self.pending: list[tuple[int, int, torch.Tensor]] = []  # (step, worker, loss)
         self.new_epoch()
 
@@ -118,12 +120,14 @@ class Tally:
         self.loss_sum += loss.double() * len(y)  # as a float64 sum of float32 losses on the host would
         self.correct += (logits.argmax(1) == y).sum()
         self.seen += len(y)
+        if len(self.pending) >= self.MAX_PENDING:
+            self.check()
 
     def sums(self) -> torch.Tensor:
         """[loss sum, correct, samples] of this epoch, float64 on the device."""
         return torch.stack([self.loss_sum, self.correct.double(), self.loss_sum.new_tensor(self.seen)])
 
-    def check(self, steps_per_epoch: int, ckpt_root: Path) -> None:
+    def check(self) -> None:
         """Raise TrainingError at the first non-finite loss since the last check (its step and
         worker); one host read."""
         if not self.pending:
@@ -135,8 +139,8 @@ class Tally:
         for (t, k, _), value in zip(pending, losses.tolist(), strict=True):
             if not math.isfinite(value):
                 raise TrainingError(
-                    f"loss is {value} at step {t} (epoch {t // steps_per_epoch + 1}) on worker {k}; "
-                    f"{last_good(ckpt_root)}"
+                    f"loss is {value} at step {t} (epoch {t // self.steps_per_epoch + 1}) on worker {k}; "
+                    f"{last_good(self.ckpt_root)}"
                 )
 
 
@@ -311,6 +315,7 @@ def train(cfg: Config, out: Path) -> Result:
     state = checkpoint.read_state(ckpt_root, runtime.rank) if cfg.resume or restarted else None
     if state is not None:
         checkpoint.check_same_config(state["config"], cfg.to_dict(), ckpt_root)
+        checkpoint.check_same_device(state.get("device", "cpu"), dev.type, ckpt_root)
         engine.load_state_dict(state["engine"])
         if runtime.distributed:
             model.load_state_dict(state["model"])
@@ -331,7 +336,7 @@ def train(cfg: Config, out: Path) -> Result:
         disable=not (main and cfg.progress), mininterval=0.2 if sys.stderr.isatty() else 30.0,
     )  # fmt: skip
     start = time.perf_counter() - wall_offset
-    tally = Tally(dev)
+    tally = Tally(dev, plan.steps_per_epoch, ckpt_root)
     averaged: nn.Module | None = None  # the last evaluated average of the workers' models
     shards: list[torch.Tensor] = []
     try:  # the bar ends its line before an error is printed
@@ -359,7 +364,7 @@ def train(cfg: Config, out: Path) -> Result:
                 tally.add(t, k, loss, logits, y)
             sync = engine.schedule.sync_at(engine.t)
             if sync.gradients is not None or sync.parameters is not None:
-                tally.check(plan.steps_per_epoch, ckpt_root)  # nothing non-finite reaches an average
+                tally.check()  # nothing non-finite reaches an average
             engine.step()
             engine.zero_grad()
             progress.set_postfix_str(f"epoch {epoch + 1} lr {lr:.3g}", refresh=False)
@@ -368,7 +373,7 @@ def train(cfg: Config, out: Path) -> Result:
             last_of_epoch = i == plan.steps_per_epoch - 1 or t == plan.total_steps - 1
             if not last_of_epoch:
                 continue
-            tally.check(plan.steps_per_epoch, ckpt_root)
+            tally.check()
             done_epochs = (t + 1) / plan.steps_per_epoch
             loss_sum, correct, seen = runtime.all_sum(tally.sums())
             tally.new_epoch()
@@ -412,6 +417,7 @@ def train(cfg: Config, out: Path) -> Result:
                     "history": history,
                     "eval_seconds": eval_seconds,
                     "wall_seconds": time.perf_counter() - start,
+                    "device": dev.type,  # the random generators' states are per device type
                 }
                 if runtime.distributed:
                     state["model"] = model.state_dict()
