@@ -100,23 +100,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def pick_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda but torch.cuda.is_available() is False")
-    if name == "cpu" or not torch.cuda.is_available():
-        return torch.device("cpu")
-    return torch.device("cuda", torch.cuda.current_device())
+    from localsgd.harness.config import ConfigError
+    from localsgd.harness.runtime import pick_device as runtime_device
+
+    try:
+        return runtime_device(name, distributed=False)
+    except ConfigError:
+        raise InputError(f"--device {name} but torch.cuda.is_available() is False") from None
 
 
 def native_bf16(device: torch.device) -> tuple[bool, str]:
-    """Whether bf16 autocast runs on native kernels here, and the check that says so."""
-    if device.type == "cuda":
-        try:  # without emulation: a pre-Ampere GPU reports True otherwise
-            return bool(torch.cuda.is_bf16_supported(including_emulation=False)), (
-                "torch.cuda.is_bf16_supported(including_emulation=False)"
-            )
-        except TypeError:  # torch before the including_emulation argument
-            return bool(torch.cuda.is_bf16_supported()), "torch.cuda.is_bf16_supported()"
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()), "torch.ops.mkldnn._is_mkldnn_bf16_supported()"
+    """Whether bf16 autocast runs on native kernels here (the check `localsgd train` makes)."""
+    from localsgd.harness.runtime import bf16_supported
+
+    return bf16_supported(device), "localsgd.harness.runtime.bf16_supported"
 
 
 def default_data_dir() -> Path:
