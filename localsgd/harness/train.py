@@ -421,12 +421,7 @@ def train(cfg: Config, out: Path) -> Result:
                 }
                 if runtime.distributed:
                     state["model"] = model.state_dict()
-                digest = checkpoint.write_state(ckpt_root, t + 1, runtime.rank, state)
-                digests = [digest]
-                if runtime.distributed:  # also waits until every process has written
-                    digests = [d.decode() for d in engine.comm.all_gather_bytes([digest.encode()])]
-                if main:
-                    checkpoint.commit(ckpt_root, t + 1, digests)
+                save_checkpoint(ckpt_root, t + 1, state, runtime, engine)
     finally:
         progress.close()
 
@@ -443,6 +438,16 @@ def train(cfg: Config, out: Path) -> Result:
         if writer is not None:
             writer.close()
     return Result(summary, history, final, engine, main)
+
+
+def save_checkpoint(root: Path, t: int, state: dict[str, Any], runtime: Runtime, engine: Engine) -> None:
+    """Every process writes its state for step ``t``; rank 0 then points ``latest`` at it (the
+    digest exchange also waits until every process has written)."""
+    digests = [checkpoint.write_state(root, t, runtime.rank, state)]
+    if runtime.distributed:
+        digests = [d.decode() for d in engine.comm.all_gather_bytes([digests[0].encode()])]
+    if runtime.rank == 0:
+        checkpoint.commit(root, t, digests)
 
 
 def append_metrics(out: Path, row: dict[str, Any], writer: Any, step: int) -> None:
