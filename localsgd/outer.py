@@ -1,0 +1,152 @@
+"""The outer step of DiLoCo and SlowMo: at a global average the workers' parameters are not simply
+replaced by their mean. The engine keeps the anchor θ̄, the parameters after the last global
+average; at the next one every worker sends its pseudo-gradient θ̄ − θ_k, their mean
+Δ = θ̄ − mean_k θ_k is given to an outer optimizer as the gradient of θ̄, the outer optimizer steps
+θ̄, and every worker continues from the new θ̄.
+
+With ``torch.optim.SGD(lr=1)`` and no momentum the new anchor is θ̄ − Δ = mean_k θ_k: plain
+averaging (to rounding). With one worker it is Lookahead (Zhang et al., 2019): θ̄ ← θ̄ + lr·(θ − θ̄).
+
+Presets:
+
+- ``diloco(lr=0.7, momentum=0.9)``: Nesterov SGD on Δ (Douillard et al., 2023, DiLoCo).
+- ``slowmo(lr=1.0, momentum=0.5)``: slow momentum (Wang et al., ICLR 2020, Algorithm 1, as in
+  fairscale's ``SlowMoDistributedDataParallel``): u ← β·u + Δ/γ, θ̄ ← θ̄ − α·γ·u, with γ the inner
+  learning rate at that round. Dividing by γ keeps u in gradient units, so after an inner LR decay
+  the momentum carried over shrinks with the LR; with a constant γ it is heavy-ball SGD on Δ with
+  lr α. This is the formula we follow: it is the paper's and the reference implementation's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+OuterOptimizerFactory = Callable[[list[torch.Tensor]], torch.optim.Optimizer]
+
+
+def diloco(lr: float = 0.7, momentum: float = 0.9) -> OuterOptimizerFactory:
+    """DiLoCo's outer optimizer: SGD with Nesterov momentum on the pseudo-gradient."""
+    _check_hyper(lr, momentum)
+    return lambda anchor: torch.optim.SGD(anchor, lr=lr, momentum=momentum, nesterov=momentum > 0)
+
+
+def slowmo(lr: float = 1.0, momentum: float = 0.5) -> OuterOptimizerFactory:
+    """SlowMo's slow momentum β (``momentum``) and slow learning rate α (``lr``)."""
+    _check_hyper(lr, momentum)
+    return lambda anchor: SlowMo(anchor, lr=lr, momentum=momentum)
+
+
+def _check_hyper(lr: float, momentum: float) -> None:
+    if not (isinstance(lr, int | float) and lr > 0):
+        raise ValueError(f"outer lr must be a number > 0, got {lr!r}")
+    if not (isinstance(momentum, int | float) and 0 <= momentum < 1):
+        raise ValueError(f"outer momentum must be a number in [0, 1), got {momentum!r}")
+
+
+class SlowMo(torch.optim.Optimizer):
+    """Slow momentum: u ← β·u + Δ/γ, θ̄ ← θ̄ − α·γ·u (Wang et al., 2020).
+
+    ``lr`` is α, ``momentum`` is β. γ is ``group["inner_lr"]``, which the engine sets to the inner
+    optimizer's learning rate before each outer step.
+    """
+
+    def __init__(self, params: Iterable[torch.Tensor], lr: float = 1.0, momentum: float = 0.5) -> None:
+        super().__init__(params, {"lr": lr, "momentum": momentum, "inner_lr": None})
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> None:  # type: ignore[override]
+        for group in self.param_groups:
+            gamma = group["inner_lr"]
+            if gamma is None or gamma <= 0:
+                raise ValueError(f"SlowMo needs the inner learning rate γ > 0 (inner_lr), got {gamma!r}")
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                u = state["momentum_buffer"]
+                u.mul_(group["momentum"]).add_(p.grad, alpha=1 / gamma)
+                p.add_(u, alpha=-group["lr"] * gamma)
+
+
+class OuterStep:
+    """The anchor θ̄ and the outer optimizer of this process's workers. All of them continue from
+    the same θ̄ after a global average, so one anchor serves the K workers of the simulator.
+
+    Args:
+        params: worker 0's parameters (the anchor starts as a copy of them).
+        make_optimizer: builds the outer optimizer over the anchor tensors.
+        anchor_device: where the anchor and the outer optimizer's state live (default: with each
+            parameter). ``"cpu"`` saves accelerator memory at the cost of copies at each round.
+    """
+
+    def __init__(
+        self,
+        params: list[torch.Tensor],
+        make_optimizer: OuterOptimizerFactory,
+        anchor_device: torch.device | str | None = None,
+    ) -> None:
+        device = None if anchor_device is None else torch.device(anchor_device)
+        self.anchor = [p.detach().to(device or p.device, copy=True) for p in params]
+        self.optimizer = make_optimizer(self.anchor)
+        if not isinstance(self.optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                f"the outer optimizer factory must return a torch.optim.Optimizer, got "
+                f"{type(self.optimizer).__name__}"
+            )
+        self.current = False  # whether the anchor holds the parameters of the last global average
+
+    def describe(self) -> dict[str, Any]:
+        """What every worker must agree on."""
+        skip = ("params", "inner_lr")
+        groups = [{k: v for k, v in g.items() if k not in skip} for g in self.optimizer.param_groups]
+        return {"optimizer": type(self.optimizer).__name__, "groups": repr(groups)}
+
+    @torch.no_grad()
+    def reset_(self, params: list[torch.Tensor]) -> None:
+        """Anchor ← ``params`` (after a mini-batch phase every worker holds the same parameters)."""
+        for a, p in zip(self.anchor, params, strict=True):
+            a.copy_(p)
+        self.current = True
+
+    @torch.no_grad()
+    def to_pseudo_gradients_(self, params_per_worker: list[list[torch.Tensor]]) -> None:
+        """θ_k ← θ̄ − θ_k in place, so that averaging them gives Δ."""
+        for params in params_per_worker:
+            for p, a in zip(params, self.anchor, strict=True):
+                p.neg_().add_(a.to(p.device, non_blocking=True))
+
+    @torch.no_grad()
+    def step_(self, params_per_worker: list[list[torch.Tensor]], inner_lr: float) -> None:
+        """Given Δ in every worker's parameters: step the anchor with Δ as its gradient, then
+        θ_k ← θ̄ for every worker."""
+        for a, d in zip(self.anchor, params_per_worker[0], strict=True):
+            a.grad = d.to(a.device, copy=True)
+        for group in self.optimizer.param_groups:
+            if "inner_lr" in group:
+                group["inner_lr"] = inner_lr
+        self.optimizer.step()
+        for a in self.anchor:
+            a.grad = None
+        for params in params_per_worker:
+            for p, a in zip(params, self.anchor, strict=True):
+                p.copy_(a)
+        self.current = True
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "anchor": [a.detach().clone() for a in self.anchor],
+            "optimizer": self.optimizer.state_dict(),
+            "current": self.current,
+        }
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for a, saved in zip(self.anchor, state["anchor"], strict=True):
+            a.copy_(saved)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.current = bool(state["current"])
