@@ -3,6 +3,7 @@
 from localsgd.averaging import FlatAverager
 from localsgd.comm import Communicator, DistCommunicator, SimCommunicator, init_process_group
 from localsgd.engine import CommStats, Engine
+from localsgd.outer import OuterStep, SlowMo, diloco, slowmo
 from localsgd.schedule import Level, Schedule, Sync
 from localsgd.simulator import Replica, Simulator
 from localsgd.wrapper import LocalSGD
@@ -15,11 +16,15 @@ __all__ = [
     "FlatAverager",
     "Level",
     "LocalSGD",
+    "OuterStep",
     "Replica",
     "Schedule",
     "SimCommunicator",
     "Simulator",
+    "SlowMo",
     "Sync",
+    "diloco",
     "init_process_group",
+    "slowmo",
 ]
 __version__ = "0.1.0"

@@ -15,14 +15,15 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from localsgd.averaging import DEFAULT_BUCKET_BYTES, FlatAverager
 from localsgd.checks import check_workers, describe
-from localsgd.comm import Communicator, DistCommunicator
-from localsgd.gradients import PackedGradients
+from localsgd.comm import Communicator
+from localsgd.ddp import DDPArming
+from localsgd.outer import OuterOptimizerFactory, OuterStep
+from localsgd.rounds import GradientAverage, ParameterAverage, Round, float_buffers
 from localsgd.schedule import Level, Schedule
 
 BUFFER_POLICIES = ("local", "average")
@@ -77,6 +78,11 @@ class Engine:
         grad_scalers: one ``torch.amp.GradScaler`` per optimizer, or ``None``. The engine then
             calls ``scaler.step(optimizer)`` itself and keeps to the schedule when a scaler skips
             a step for inf/NaN gradients (the caller still calls ``scaler.update()``).
+        outer_optimizer: builds an optimizer over the anchor tensors (e.g. ``localsgd.outer.diloco()``):
+            scheduled global averages then step the anchor with the averaged pseudo-gradient
+            instead of plain averaging (``localsgd.outer``). Block averages stay plain.
+        anchor_device: where the anchor and the outer optimizer's state live (default: with the
+            parameters; ``"cpu"`` to save accelerator memory).
     """
 
     def __init__(
@@ -91,6 +97,8 @@ class Engine:
         bucket_bytes: int = DEFAULT_BUCKET_BYTES,
         sync_initial: bool = True,
         grad_scalers: Sequence[torch.amp.GradScaler] | None = None,
+        outer_optimizer: OuterOptimizerFactory | None = None,
+        anchor_device: torch.device | str | None = None,
     ) -> None:
         if not isinstance(schedule, Schedule):
             raise TypeError(f"schedule must be a localsgd.Schedule, got {type(schedule).__name__}")
@@ -100,7 +108,6 @@ class Engine:
         self.comm = comm
         self.buffers = buffers
         self.optimizer_state = optimizer_state
-        self._ddp = [m if isinstance(m, DistributedDataParallel) else None for m in models]
         self.models = [m.module if isinstance(m, DistributedDataParallel) else m for m in models]
         self.optimizers = list(optimizers)
         self.grad_scalers = list(grad_scalers) if grad_scalers is not None else None
@@ -119,7 +126,7 @@ class Engine:
                             "a parameter of the model; pass the model whose parameters it optimizes"
                         )
         comm.prepare(schedule.levels(), collective=False)  # raises if the block size K' is unknown
-        self._ddp_group_matches = [self._check_ddp(d) for d in self._ddp]
+        self._ddp = DDPArming(models, comm, buffers)
         self._averager = FlatAverager(comm, bucket_bytes)
         # Parameters become views into the averager's flat buffers: model averages copy nothing.
         # Whether that worked is part of the settings every worker must agree on (the packed and
@@ -127,8 +134,18 @@ class Engine:
         self._packed = self._averager.pack_([list(m.parameters()) for m in self.models])
         # Gradients, once averaged, live in flat buffers too (made at the first gradient average;
         # DistributedDataParallel keeps its own buckets).
-        self._pack_gradients = self._packed and all(d is None for d in self._ddp)
-        self._gradients: PackedGradients | None = None
+        self._pack_gradients = self._packed and not self._ddp.any
+        self._gradient_average = GradientAverage(
+            self.models, self.optimizers, self._averager, self._ddp, self._pack_gradients, buffers
+        )
+        self._outer = (
+            None
+            if outer_optimizer is None
+            else OuterStep(list(self.models[0].parameters()), outer_optimizer, anchor_device)
+        )
+        self._parameter_average = ParameterAverage(
+            self.models, self.optimizers, self._averager, buffers, optimizer_state, self._outer
+        )
         self.t = 0
         self.stats = {level.value: CommStats() for level in schedule.levels()}
         check_workers(
@@ -137,7 +154,7 @@ class Engine:
         comm.prepare(schedule.levels(), collective=True)
         if sync_initial:
             self._averager.broadcast_([[*m.parameters(), *m.buffers()] for m in self.models])
-        self._arm_ddp()
+        self._ddp.arm(self.schedule.sync_at(self.t).gradients)
 
     # --- configuration -----------------------------------------------------------------------
 
@@ -154,36 +171,8 @@ class Engine:
             "packed_gradients": self._pack_gradients,
             "optimizer": type(optimizer).__name__,
             "param_groups": [len(g["params"]) for g in optimizer.param_groups],
+            "outer": None if self._outer is None else self._outer.describe(),
         }
-
-    def _check_ddp(self, ddp: DistributedDataParallel | None) -> bool:
-        if ddp is None:
-            return False
-        if not isinstance(self.comm, DistCommunicator):
-            raise ValueError("DistributedDataParallel models need torch.distributed, not the simulator")
-        # torch 2.13 renamed broadcast_buffers (now a deprecated alias) to forward_sync_buffers
-        syncs_buffers = getattr(ddp, "forward_sync_buffers", None)
-        if syncs_buffers is None:
-            syncs_buffers = ddp.broadcast_buffers
-        if syncs_buffers and self.buffers == "local":
-            raise ValueError(
-                "DistributedDataParallel overwrites every worker's buffers (BatchNorm statistics) with "
-                "rank 0's at each forward, which contradicts buffers='local'; construct it with "
-                "forward_sync_buffers=False (torch >= 2.13) or broadcast_buffers=False (older torch)"
-            )
-        ranks = dist.get_process_group_ranks
-        return ranks(ddp.process_group) == ranks(self.comm.group)
-
-    def _ddp_syncs(self, level: Level | None) -> bool:
-        """Whether DistributedDataParallel's own gradient all-reduce does this level's averaging."""
-        return level is Level.GLOBAL and all(self._ddp_group_matches) and self._ddp[0] is not None
-
-    def _arm_ddp(self) -> None:
-        """Switch DDP's gradient sync on for the next step only if it should average gradients."""
-        on = self._ddp_syncs(self.schedule.sync_at(self.t).gradients)
-        for ddp in self._ddp:
-            if ddp is not None:
-                ddp.require_backward_grad_sync = on
 
     # --- the step ----------------------------------------------------------------------------
 
@@ -200,10 +189,16 @@ class Engine:
                 raise ValueError("a closure needs a single worker; the simulator holds several")
             with torch.enable_grad():
                 loss = closure()
-        if self._gradients is not None:
-            self._gradients.unbind_unreached()
-        if sync.gradients is not None:
-            self._average_gradients(sync.gradients)
+        gradients = self._gradient_average.packed
+        if gradients is not None:
+            gradients.unbind_unreached()
+        if sync.gradients is not None and self.comm.group_size(sync.gradients) > 1:
+            self._timed(sync.gradients, self._gradient_average.prepare(sync.gradients))
+        if self._outer is not None:
+            if sync.gradients is Level.GLOBAL:  # mini-batch SGD: the anchor follows at the switch
+                self._outer.current = False
+            elif not self._outer.current:  # the first local step: every worker holds the same model
+                self._outer.reset_(list(self.models[0].parameters()))
         # Every worker counts the step even if its GradScaler skips the update (inf/NaN gradients):
         # the schedule, and so every collective, stays in lockstep across workers.
         for k, opt in enumerate(self.optimizers):
@@ -213,8 +208,8 @@ class Engine:
                 self.grad_scalers[k].step(opt)
         self.t += 1
         if sync.parameters is not None:
-            self._average_model(sync.parameters)
-        self._arm_ddp()
+            self._average_model(sync.parameters, outer=True)
+        self._ddp.arm(self.schedule.sync_at(self.t).gradients)
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -222,15 +217,18 @@ class Engine:
         buffers (see ``localsgd.gradients``) and are zeroed in place; ``p.grad`` is then a zero
         tensor rather than None until the next backward, and None again for the optimizer step
         if backward did not reach ``p``."""
-        if self._gradients is None:
+        gradients = self._gradient_average.packed
+        if gradients is None:
             for opt in self.optimizers:
                 opt.zero_grad(set_to_none=set_to_none)
         else:
-            self._gradients.zero_(set_to_none)
+            gradients.zero_(set_to_none)
 
     def average_now(self, level: Level | str = Level.GLOBAL, buffers: bool | None = None) -> None:
         """Average the models now (e.g. before evaluation or saving). ``buffers`` overrides the
-        buffer policy for this average (``True``: average BatchNorm statistics too)."""
+        buffer policy for this average (``True``: average BatchNorm statistics too). A plain
+        average even with an outer optimizer: it takes no outer step and leaves the anchor as it
+        is (the next scheduled global average's pseudo-gradient still covers the whole period)."""
         self._average_model(Level(level), buffers)
 
     @torch.no_grad()
@@ -245,122 +243,52 @@ class Engine:
     @torch.no_grad()
     def _averaged_model(self) -> nn.Module:
         clones = [
-            [t.detach().clone() for t in (*m.parameters(), *self._float_buffers(m, True))]
-            for m in self.models
+            [t.detach().clone() for t in (*m.parameters(), *float_buffers(m, True))] for m in self.models
         ]
         self._averager.average_(Level.GLOBAL, clones)
         model = copy.deepcopy(self.models[0])
-        for t, mean in zip((*model.parameters(), *self._float_buffers(model, True)), clones[0], strict=True):
+        for t, mean in zip((*model.parameters(), *float_buffers(model, True)), clones[0], strict=True):
             t.copy_(mean)
         return model
 
-    def _float_buffers(self, model: nn.Module, average: bool | None = None) -> list[torch.Tensor]:
-        if not (self.buffers == "average" if average is None else average):
-            return []
-        return [b for b in model.buffers() if b.is_floating_point()]
-
-    def _timed(self, level: Level, fn: Callable[[], int]) -> None:
-        if self.comm.group_size(level) == 1:
-            return  # a lone worker has nothing to average
+    def _timed(self, level: Level, run: Round) -> None:
+        """Run a round; count it unless the worker is alone at ``level`` (it then sent nothing)."""
         start = time.perf_counter()
         try:
-            nbytes = fn()
+            nbytes = run()
         except RuntimeError as e:  # one clear line instead of a backend traceback on every survivor
             raise CommunicationError(
                 f"averaging at step {self.t} ({level.value} level) failed; a worker is gone, stuck or "
                 f"unreachable ({first_line(e)})"
             ) from e
+        if self.comm.group_size(level) == 1:
+            return  # a lone worker has nothing to average, and counts nothing
         stats = self.stats[level.value]
         stats.seconds += time.perf_counter() - start
         stats.bytes += nbytes
         stats.rounds += 1
 
-    def _average_gradients(self, level: Level) -> None:
-        if self.comm.group_size(level) == 1:
-            return  # a lone worker has nothing to average
-        ddp_syncs = self._ddp_syncs(level)
-        params = [[p for p in m.parameters() if p.requires_grad] for m in self.models]
-        packed = self._packed_gradients(params)
-        per_worker, filled = [], []
-        for k, model in enumerate(self.models):
-            tensors = self._float_buffers(model)
-            if packed is not None:
-                tensors = [*packed.gather(k), *tensors]
-            elif params[k] and not ddp_syncs:
-                grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params[k]]
-                # One flag per parameter: after averaging it is > 0 iff some worker had a gradient.
-                had = [p.grad is not None for p in params[k]]
-                if all(had):  # no copy from the host (a synchronisation on a GPU)
-                    used = torch.ones(len(had), device=params[k][0].device)
-                else:
-                    used = torch.tensor(had, dtype=torch.float32).to(params[k][0].device)
-                filled.append((params[k], grads, used, all(had)))
-                tensors = [*grads, used, *tensors]
-            per_worker.append(tensors)
-        averager = packed.averager if packed is not None else self._averager
-
-        def run() -> int:
-            nbytes = averager.average_(level, per_worker)
-            if ddp_syncs:  # DDP averaged the gradients inside backward(); count its payload too
-                nbytes += sum(p.numel() * p.element_size() for p in params[0])
-            if packed is not None:
-                for k in range(len(self.models)):
-                    packed.scatter(k)
-            for ps, grads, used, had_all in filled:
-                # a gradient this worker had is in the mean: read the flags only if it lacked one
-                for p, g, u in zip(ps, grads, [1.0] * len(ps) if had_all else used.tolist(), strict=True):
-                    p.grad = g if u > 0 else None
-            return nbytes
-
-        self._timed(level, run)
-
-    def _packed_gradients(self, params: list[list[nn.Parameter]]) -> PackedGradients | None:
-        """The gradient windows for these parameters (made at the first call), or None if the
-        gradients are averaged by copying (DDP, unpacked parameters, ``requires_grad`` changed)."""
-        if not self._pack_gradients or not params[0]:
-            return None
-        if self._gradients is None:
-            optimized = [[p for g in opt.param_groups for p in g["params"]] for opt in self.optimizers]
-            averager = FlatAverager(self.comm, self._averager.bucket_bytes)
-            self._gradients = PackedGradients(averager, params, optimized)
-        if all(self._gradients.holds(k, ps) for k, ps in enumerate(params)):
-            return self._gradients
-        return None
-
-    def _optimizer_tensors(self, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
-        if self.optimizer_state != "average":
-            return []
-        tensors = []
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                state = optimizer.state.get(p, {})
-                for key in sorted(state):
-                    value = state[key]
-                    if key != "step" and torch.is_tensor(value) and value.is_floating_point():
-                        tensors.append(value)
-        return tensors
-
-    def _average_model(self, level: Level, buffers: bool | None = None) -> None:
-        per_worker = [
-            [*m.parameters(), *self._float_buffers(m, buffers), *self._optimizer_tensors(o)]
-            for m, o in zip(self.models, self.optimizers, strict=True)
-        ]
-        self._timed(level, lambda: self._averager.average_(level, per_worker))
-        if self.optimizer_state == "reset":
-            for opt in self.optimizers:
-                opt.state.clear()
+    def _average_model(self, level: Level, buffers: bool | None = None, outer: bool = False) -> None:
+        lone = self.comm.group_size(level) == 1
+        if lone and (self._outer is None or not outer) and self.optimizer_state != "reset":
+            return  # nothing to average with, no outer step, no state to clear
+        self._timed(level, self._parameter_average.prepare(level, buffers, outer, lone))
 
     # --- state -------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """Step, schedule, policies and counters (subclasses add optimizer and model state)."""
-        return {
+        """Step, schedule, policies, counters and the outer step's anchor and optimizer
+        (subclasses add optimizer and model state)."""
+        state = {
             "t": self.t,
             "schedule": self.schedule.to_dict(),
             "buffers": self.buffers,
             "optimizer_state": self.optimizer_state,
             "stats": {level: asdict(s) for level, s in self.stats.items()},
         }
+        if self._outer is not None:
+            state["outer"] = self._outer.state_dict()
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         for key in ("schedule", "buffers", "optimizer_state"):
@@ -370,6 +298,13 @@ class Engine:
                     f"the checkpoint was written with {key}={state_dict[key]!r}, "
                     f"but this run has {key}={mine!r}"
                 )
+        if ("outer" in state_dict) != (self._outer is not None):
+            saved, mine = ("an", "no") if "outer" in state_dict else ("no", "an")
+            raise ValueError(
+                f"the checkpoint was written with {saved} outer optimizer, but this run has {mine}"
+            )
         self.t = int(state_dict["t"])
         self.stats = {level: CommStats(**s) for level, s in state_dict["stats"].items()}
-        self._arm_ddp()
+        if self._outer is not None:
+            self._outer.load_state_dict(state_dict["outer"])
+        self._ddp.arm(self.schedule.sync_at(self.t).gradients)

@@ -28,6 +28,47 @@ from torch import nn
 from localsgd.averaging import FlatAverager
 
 
+def fill_flags_(flags: torch.Tensor, had: list[bool]) -> torch.Tensor:
+    """One float per parameter, 1 where this worker has a gradient. Averaged with the gradients,
+    a flag is > 0 afterwards iff some worker had that gradient. All ones (the usual case) is
+    filled on the device: no copy from the host, which on a GPU would wait for it."""
+    if all(had):
+        return flags.fill_(1.0)
+    return flags.copy_(torch.tensor(had, dtype=torch.float32))
+
+
+def read_flags(flags: torch.Tensor, had: list[bool]) -> list[bool]:
+    """After the average: which parameters some worker had a gradient for. A gradient this worker
+    had is in the mean whatever the others had, so the device is read only if it lacked one."""
+    if all(had):
+        return [True] * len(had)
+    return [u > 0 for u in flags.tolist()]
+
+
+class CopiedGradients:
+    """Gradients averaged by copying (DDP's own buckets hold them, or the parameters are not
+    packed): a missing gradient is averaged as zero, and afterwards a parameter gets the mean iff
+    some worker had a gradient for it, else None."""
+
+    def __init__(self) -> None:
+        self._filled: list[tuple[list[nn.Parameter], list[torch.Tensor], torch.Tensor, list[bool]]] = []
+
+    def gather(self, params: list[nn.Parameter]) -> list[torch.Tensor]:
+        """One worker's gradients (zeros where None) and flags, ready to average."""
+        had = [p.grad is not None for p in params]
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flags = fill_flags_(torch.empty(len(params), device=params[0].device), had)
+        self._filled.append((params, grads, flags, had))
+        return [*grads, flags]
+
+    def scatter(self) -> None:
+        """After the average: every gathered worker's ``.grad`` is the mean, or None."""
+        for params, grads, flags, had in self._filled:
+            for p, g, some in zip(params, grads, read_flags(flags, had), strict=True):
+                p.grad = g if some else None
+        self._filled = []
+
+
 def _reached(ref: weakref.ref, k: int, i: int, _param: torch.Tensor) -> None:
     grads = ref()
     if grads is not None:
@@ -69,7 +110,7 @@ class PackedGradients:
         pairs = zip(optimized_per_worker, windowed, strict=True)
         self.others = [[p for p in opt if id(p) not in mine] for opt, mine in pairs]
         self.reached = [[False] * len(ps) for ps in self.params]
-        self.used = [False] * len(self.params)  # per worker: whether it had every gradient (last gather)
+        self.had: list[list[bool]] = [[] for _ in self.params]  # per worker: its gradients at the last gather
         ref = weakref.ref(self)  # the hooks must not keep the buffers alive after the engine is gone
         self._hooks = [
             p.register_post_accumulate_grad_hook(lambda param, k=k, i=i: _reached(ref, k, i, param))
@@ -97,22 +138,17 @@ class PackedGradients:
             else:
                 w.copy_(g)
                 used.append(True)
-        if all(used):  # the usual case: no copy from the host (a synchronisation on a GPU)
-            self.flags[k].fill_(1.0)
-        else:
-            self.flags[k].copy_(torch.tensor(used, dtype=torch.float32))
-        self.used[k] = all(used)
+        fill_flags_(self.flags[k], used)
+        self.had[k] = used
         return [*self.windows[k], self.flags[k]]
 
     def scatter(self, k: int) -> None:
         """After the average: each parameter some worker had a gradient for gets its window as
         ``.grad``, the others None."""
-        # A gradient this worker had is in the mean whatever the others had: the flags need to be
-        # read (a host synchronisation) only if this worker lacked one.
-        flags = [1.0] * len(self.params[k]) if self.used[k] else self.flags[k].tolist()
-        for i, (p, w, u) in enumerate(zip(self.params[k], self.windows[k], flags, strict=True)):
-            self.reached[k][i] = u > 0
-            p.grad = w if u > 0 else None
+        some = read_flags(self.flags[k], self.had[k])
+        for i, (p, w, u) in enumerate(zip(self.params[k], self.windows[k], some, strict=True)):
+            self.reached[k][i] = u
+            p.grad = w if u else None
 
     def unbind_unreached(self) -> None:
         """``p.grad = None`` where plain PyTorch would have None: windows backward did not reach."""

@@ -14,6 +14,7 @@ from torch import nn
 from localsgd.averaging import DEFAULT_BUCKET_BYTES
 from localsgd.comm import SimCommunicator
 from localsgd.engine import Engine
+from localsgd.outer import OuterOptimizerFactory
 from localsgd.schedule import Schedule
 
 
@@ -39,7 +40,7 @@ class Simulator(Engine):
         schedule: when to average.
         workers: K.
         workers_per_block: K', for hierarchical schedules.
-        buffers, optimizer_state, bucket_bytes: as for ``LocalSGD``.
+        buffers, optimizer_state, bucket_bytes, outer_optimizer, anchor_device: as for ``Engine``.
     """
 
     def __init__(
@@ -53,6 +54,8 @@ class Simulator(Engine):
         buffers: str = "local",
         optimizer_state: str = "local",
         bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+        outer_optimizer: OuterOptimizerFactory | None = None,
+        anchor_device: torch.device | str | None = None,
     ) -> None:
         comm = SimCommunicator(workers, workers_per_block)
         models = [model] + [copy.deepcopy(model) for _ in range(workers - 1)]
@@ -64,6 +67,8 @@ class Simulator(Engine):
             buffers=buffers,
             optimizer_state=optimizer_state,
             bucket_bytes=bucket_bytes,
+            outer_optimizer=outer_optimizer,
+            anchor_device=anchor_device,
         )
 
     @property

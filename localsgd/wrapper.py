@@ -13,6 +13,7 @@ from torch import nn
 from localsgd.averaging import DEFAULT_BUCKET_BYTES
 from localsgd.comm import Communicator, DistCommunicator, SimCommunicator
 from localsgd.engine import Engine
+from localsgd.outer import OuterOptimizerFactory
 from localsgd.schedule import Schedule
 
 
@@ -49,6 +50,10 @@ class LocalSGD(Engine, torch.optim.Optimizer):
         grad_scaler: with mixed precision, pass the ``GradScaler`` here and call ``opt.step()``
             (not ``scaler.step(opt)``): a step the scaler skips on one worker must still count,
             or the workers' schedules would drift apart.
+        outer_optimizer: e.g. ``localsgd.outer.diloco()`` or ``localsgd.outer.slowmo()``: scheduled
+            global averages step an anchor with the averaged pseudo-gradient (``localsgd.outer``).
+        anchor_device: where the anchor and the outer optimizer's state live (default: with the
+            parameters).
     """
 
     def __init__(
@@ -64,6 +69,8 @@ class LocalSGD(Engine, torch.optim.Optimizer):
         bucket_bytes: int = DEFAULT_BUCKET_BYTES,
         sync_initial: bool = True,
         grad_scaler: torch.amp.GradScaler | None = None,
+        outer_optimizer: OuterOptimizerFactory | None = None,
+        anchor_device: torch.device | str | None = None,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
@@ -94,6 +101,8 @@ class LocalSGD(Engine, torch.optim.Optimizer):
             bucket_bytes=bucket_bytes,
             sync_initial=sync_initial,
             grad_scalers=None if grad_scaler is None else [grad_scaler],
+            outer_optimizer=outer_optimizer,
+            anchor_device=anchor_device,
         )
 
     @property

@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from localsgd import LocalSGD, Schedule
+from localsgd import LocalSGD, Schedule, diloco, slowmo
 from tests.helpers import Toy, batch, minibatch_reference, mlp, sgd
 
 SCHEDULES = {
@@ -163,6 +163,25 @@ def grad_scaler(rank: int) -> dict:
     return {"trajectory": torch.stack(trajectory), "t": opt.t, "scale": scaler.get_scale()}
 
 
+def outer(rank: int, name: str) -> dict:
+    """The exact dyadic model of tests/test_golden.py with an outer optimizer (one per process)."""
+    from tests.test_golden import Dyadic, optimizer
+    from tests.test_outer import inner_lr_at
+
+    schedule, make_outer = {
+        "diloco": (Schedule.post_local(2, switch_step=4), diloco(0.5, 0.5)),
+        "slowmo": (Schedule.hierarchical(2, 2, switch_step=1), slowmo(1.0, 0.5)),
+    }[name]
+    model = Dyadic()
+    opt = LocalSGD(optimizer(model), model, schedule, workers_per_block=2, outer_optimizer=make_outer)
+    for t in range(14):
+        opt.param_groups[0]["lr"] = inner_lr_at(t)
+        model.local_update(rank, t)
+        opt.step()
+        opt.zero_grad()
+    return {"params": [p.detach() for p in model.parameters()], "stats": opt.state_dict()["stats"]}
+
+
 def mismatch(rank: int) -> dict:
     """Rank 1 has one more layer than the others."""
     model = mlp(seed=1, extra=rank == 1)
@@ -191,6 +210,8 @@ def main() -> None:
         result = resume(rank)
     elif scenario == "grad_scaler":
         result = grad_scaler(rank)
+    elif scenario == "outer":
+        result = outer(rank, *args)
     elif scenario == "mismatch":
         result = mismatch(rank)
     else:

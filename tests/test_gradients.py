@@ -65,7 +65,7 @@ def pair() -> tuple[Simulator, Simulator]:
     """The same run with gradient windows and with the copied path."""
     schedule = Schedule.post_local(2, switch_step=4)
     packed, copied = (Simulator(Branchy(), sgd, schedule, workers=2) for _ in range(2))
-    copied._pack_gradients = False
+    copied._gradient_average.pack = False  # the copied path
     return packed, copied
 
 
@@ -83,7 +83,7 @@ def test_gradient_windows_train_exactly_like_the_copied_path(how: str) -> None:
             assert (p in a.state) == (q in b.state)
             if p in a.state:
                 assert torch.equal(a.state[p]["momentum_buffer"], b.state[q]["momentum_buffer"])
-    assert packed._gradients is not None and copied._gradients is None
+    assert packed._gradient_average.packed is not None and copied._gradient_average.packed is None
 
 
 def test_changed_requires_grad_falls_back_to_copying() -> None:
@@ -122,10 +122,10 @@ def test_averaged_gradients_are_windows_of_one_buffer_one_collective_no_copies(
     assert len(calls) == 3  # one collective per gradient average, the flags included
     params = [[p for p in m.parameters()] for m in sim.models]
     assert sum(copied) == 0  # gradients and their flags are averaged where they live
-    assert sim._gradients is not None and sim._gradients.averager.packed(
-        [[*ws, f] for ws, f in zip(sim._gradients.windows, sim._gradients.flags, strict=True)]
+    assert sim._gradient_average.packed is not None and sim._gradient_average.packed.averager.packed(
+        [[*ws, f] for ws, f in zip(sim._gradient_average.packed.windows, sim._gradient_average.packed.flags, strict=True)]
     )
-    for ps, windows in zip(params, sim._gradients.windows, strict=True):
+    for ps, windows in zip(params, sim._gradient_average.packed.windows, strict=True):
         assert all(p.grad is w for p, w in zip(ps, windows, strict=True))
     grads = [p.grad for p in params[0]]
     for g, nxt in itertools.pairwise(grads):  # contiguous, in model order, 64-byte aligned

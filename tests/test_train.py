@@ -132,6 +132,11 @@ BAD_CONFIGS = [
     (["--workers", "2", "--train-subset", "512", "--local-batch-size", "100000", "--data-dir", str(CIFAR10)],
      "local_batch_size (B_loc) = 100000 exceeds each worker's shard of 256 images (512 training images / workers (K) = 2)"),
     (["--data-dir", "/etc/hostname"], "/etc/hostname: directory not found"),
+    (["--outer-optimizer", "adam"], "outer_optimizer must be one of none, diloco, slowmo; got 'adam'"),
+    (["--outer-lr", "0.5"], "outer_lr = 0.5 needs an outer_optimizer (diloco or slowmo)"),
+    (["--outer-optimizer", "diloco", "--local-steps", "1"], "outer_optimizer = diloco needs local steps: with local_steps (H) = 1 every step averages gradients"),
+    (["--outer-optimizer", "diloco", "--local-steps", "4", "--outer-momentum", "1"], "outer_momentum must be a number < 1, got 1.0"),
+    (["--outer-optimizer", "slowmo", "--local-steps", "4", "--outer-lr", "0"], "outer_lr must be a number > 0, got 0.0"),
 ]  # fmt: skip
 
 
@@ -327,6 +332,19 @@ def test_simulator_and_torchrun_train_the_same_model(tmp_path: Path) -> None:
         ):
             assert a[key] == pytest.approx(b[key], abs=1e-5), key
     assert rows[0][-1]["rounds"] == {"global": 4 + 2}  # 4 mini-batch steps, then H = 2 for 4 steps
+
+
+@needs_cifar10
+def test_outer_optimizer_through_the_cli_in_both_runtimes(tmp_path: Path) -> None:
+    """`--outer-optimizer diloco` after the mini-batch phase: 2 torchrun processes end with the
+    simulator's model, and the run differs from plain post-local SGD."""
+    flags = [*TINY, "--workers", "2", "--progress", "false", "--eval-local", "never", "--outer-optimizer", "diloco"]
+    assert main(["train", *flags, "--out", str(tmp_path / "sim")]) == 0
+    assert main(["train", *flags, "--outer-optimizer", "none", "--out", str(tmp_path / "plain")]) == 0
+    launch(2, ["-m", "localsgd", "train", *flags, "--out", str(tmp_path / "dist")])
+    sim, dist, plain = (torch.load(tmp_path / r / "model.pt", weights_only=True)["model"] for r in ("sim", "dist", "plain"))
+    assert all(torch.equal(sim[k], dist[k]) for k in sim)
+    assert not all(torch.equal(sim[k], plain[k]) for k in sim)
 
 
 @needs_cifar10

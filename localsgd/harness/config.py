@@ -18,6 +18,12 @@ else:  # pragma: no cover
 FIRST_DECAY = "first-decay"
 EVAL_LOCAL = ("every", "final", "never")
 DEFAULT_WORKERS = 16  # K outside torchrun when no preset, file or flag sets it
+# outer optimizer: (lr, momentum) by default; DiLoCo's paper values, SlowMo's (fairscale's) defaults
+OUTER_DEFAULTS: dict[str, tuple[float, float]] = {
+    "none": (1.0, 0.0),
+    "diloco": (0.7, 0.9),
+    "slowmo": (1.0, 0.5),
+}
 
 
 class ConfigError(ValueError):
@@ -57,6 +63,13 @@ class Config:
     """BatchNorm statistics at averages: local (paper) or average"""
     optimizer_state: str = "local"
     """momentum at averages: local (paper), average or reset"""
+    outer_optimizer: str = "none"
+    """none (plain averaging), diloco (Nesterov SGD on the averaged pseudo-gradient at every global
+    average) or slowmo (slow momentum, Wang et al. 2020); see localsgd.outer"""
+    outer_lr: float | None = None
+    """the outer optimizer's learning rate (default: diloco 0.7, slowmo's alpha 1.0)"""
+    outer_momentum: float | None = None
+    """the outer optimizer's momentum (default: diloco 0.9, slowmo's beta 0.5)"""
     ordered_averaging: bool = False
     """under torchrun, average by all-gather and a sum in worker order: bitwise the simulator's result"""
 
@@ -120,6 +133,7 @@ class Config:
         choice(self, "eval_local", EVAL_LOCAL)
         choice(self, "precision", ("fp32", "bf16"))
         choice(self, "device", ("auto", "cpu", "cuda"))
+        choice(self, "outer_optimizer", tuple(OUTER_DEFAULTS))
         for name in ("local_batch_size", "local_steps", "eval_every", "checkpoint_every"):
             integer(self, name, 1)
         for name in ("workers", "train_subset", "test_subset", "workers_per_block", "block_steps", "threads"):
@@ -170,8 +184,38 @@ class Config:
             raise ConfigError(
                 f"workers_per_block (K') = {self.workers_per_block} must divide workers (K) = {workers}"
             )
+        self._validate_outer()
         if self.nesterov and self.momentum == 0:
             raise ConfigError("nesterov needs momentum > 0, got momentum = 0")
+
+    def _validate_outer(self) -> None:
+        if self.outer_optimizer == "none":
+            for name in ("outer_lr", "outer_momentum"):
+                if getattr(self, name) is not None:
+                    value = getattr(self, name)
+                    raise ConfigError(f"{name} = {value!r} needs an outer_optimizer (diloco or slowmo)")
+            return
+        if self.outer_lr is not None:
+            number(self, "outer_lr", 0, strict=True)
+        if self.outer_momentum is not None:
+            number(self, "outer_momentum", 0)
+            if self.outer_momentum >= 1:
+                raise ConfigError(f"outer_momentum must be a number < 1, got {self.outer_momentum!r}")
+        if self.local_steps == 1 and self.block_steps is None:
+            raise ConfigError(
+                f"outer_optimizer = {self.outer_optimizer} needs local steps: with local_steps (H) = 1 every "
+                "step averages gradients, so no global parameter average is left for it to act on"
+            )
+
+    def outer(self) -> tuple[float, float] | None:
+        """(lr, momentum) of the outer optimizer, defaults filled in; None for plain averaging."""
+        if self.outer_optimizer == "none":
+            return None
+        lr, momentum = OUTER_DEFAULTS[self.outer_optimizer]
+        return (
+            lr if self.outer_lr is None else self.outer_lr,
+            momentum if self.outer_momentum is None else self.outer_momentum,
+        )
 
     def switch_epoch_value(self) -> float:
         """t' in epochs (0: local SGD from the start)."""

@@ -20,7 +20,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 import localsgd
-from localsgd import DistCommunicator, Engine, LocalSGD, Simulator
+from localsgd import DistCommunicator, Engine, LocalSGD, Simulator, outer
 from localsgd.harness import checkpoint, optim
 from localsgd.harness.config import Config, ConfigError
 from localsgd.harness.data import Dataset, augment, default_data_dir, epoch_shards, load_dataset, normalize
@@ -288,7 +288,11 @@ def train(cfg: Config, out: Path) -> Result:
     def make_optimizer(m: nn.Module) -> torch.optim.Optimizer:
         return optim.sgd(m, plan.peak_lr, cfg.momentum, cfg.nesterov, cfg.weight_decay)
 
-    policies = {"buffers": cfg.buffers, "optimizer_state": cfg.optimizer_state}
+    policies: dict[str, Any] = {"buffers": cfg.buffers, "optimizer_state": cfg.optimizer_state}
+    outer_hyper = cfg.outer()
+    if outer_hyper is not None:
+        make_outer = {"diloco": outer.diloco, "slowmo": outer.slowmo}[cfg.outer_optimizer]
+        policies["outer_optimizer"] = make_outer(*outer_hyper)
     engine: Engine
     if runtime.distributed:
         comm = DistCommunicator(workers_per_block=cfg.workers_per_block, ordered=cfg.ordered_averaging)

@@ -1,0 +1,144 @@
+"""The engine's rounds: what one gradient average and one parameter average do, with the buffer,
+optimizer-state and outer-step policies. The engine decides when (``localsgd.schedule``) and
+times and counts them; the averager moves the bytes (``localsgd.averaging``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from localsgd.averaging import FlatAverager
+from localsgd.ddp import DDPArming
+from localsgd.gradients import CopiedGradients, PackedGradients
+from localsgd.outer import OuterStep
+from localsgd.schedule import Level
+
+Round = Callable[[], int]  # runs the round's communication; returns the bytes each worker sent
+
+
+def float_buffers(model: nn.Module, average: bool) -> list[torch.Tensor]:
+    """The floating-point buffers (BatchNorm statistics) if they are averaged, else none. Integer
+    buffers (``num_batches_tracked``) are never averaged."""
+    return [b for b in model.buffers() if b.is_floating_point()] if average else []
+
+
+class GradientAverage:
+    """Averages the workers' gradients before the optimizer step (a level whose period is 1).
+
+    Gradients live in flat buffers after the first average (``PackedGradients``) when the
+    parameters are packed and no DDP is involved; otherwise they are copied (``CopiedGradients``),
+    or DDP's own all-reduce already averaged them inside backward.
+    """
+
+    def __init__(
+        self,
+        models: list[nn.Module],
+        optimizers: list[torch.optim.Optimizer],
+        averager: FlatAverager,
+        ddp: DDPArming,
+        pack: bool,
+        buffers: str,
+    ) -> None:
+        self.models, self.optimizers, self.averager, self.ddp = models, optimizers, averager, ddp
+        self.pack, self.buffers = pack, buffers
+        self.packed: PackedGradients | None = None
+
+    def _packed(self, params: list[list[nn.Parameter]]) -> PackedGradients | None:
+        """The gradient windows for these parameters (made at the first call), or None if the
+        gradients are averaged by copying (DDP, unpacked parameters, ``requires_grad`` changed)."""
+        if not self.pack or not params[0]:
+            return None
+        if self.packed is None:
+            optimized = [[p for g in opt.param_groups for p in g["params"]] for opt in self.optimizers]
+            averager = FlatAverager(self.averager.comm, self.averager.bucket_bytes)
+            self.packed = PackedGradients(averager, params, optimized)
+        if all(self.packed.holds(k, ps) for k, ps in enumerate(params)):
+            return self.packed
+        return None
+
+    def prepare(self, level: Level) -> Round:
+        """Gather this step's gradients (and buffers, by policy); the returned round averages them."""
+        ddp_syncs = self.ddp.syncs(level)
+        params = [[p for p in m.parameters() if p.requires_grad] for m in self.models]
+        packed = self._packed(params)
+        copied = CopiedGradients()
+        per_worker = []
+        for k, model in enumerate(self.models):
+            tensors = float_buffers(model, self.buffers == "average")
+            if packed is not None:
+                tensors = [*packed.gather(k), *tensors]
+            elif params[k] and not ddp_syncs:
+                tensors = [*copied.gather(params[k]), *tensors]
+            per_worker.append(tensors)
+        averager = packed.averager if packed is not None else self.averager
+
+        def run() -> int:
+            nbytes = averager.average_(level, per_worker)
+            if ddp_syncs:  # DDP averaged the gradients inside backward(); count its payload too
+                nbytes += sum(p.numel() * p.element_size() for p in params[0])
+            if packed is not None:
+                for k in range(len(self.models)):
+                    packed.scatter(k)
+            copied.scatter()
+            return nbytes
+
+        return run
+
+
+class ParameterAverage:
+    """Averages the workers' models after the optimizer step: parameters, floating buffers (by
+    policy) and floating optimizer state (``optimizer_state="average"``; ``"reset"`` clears it).
+    At a scheduled global average with an outer optimizer, what is averaged is the pseudo-gradient
+    θ̄ − θ_k, and the outer step sets every worker to the new anchor (``localsgd.outer``)."""
+
+    def __init__(
+        self,
+        models: list[nn.Module],
+        optimizers: list[torch.optim.Optimizer],
+        averager: FlatAverager,
+        buffers: str,
+        optimizer_state: str,
+        outer: OuterStep | None,
+    ) -> None:
+        self.models, self.optimizers, self.averager = models, optimizers, averager
+        self.buffers, self.optimizer_state, self.outer = buffers, optimizer_state, outer
+
+    def _optimizer_tensors(self, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+        if self.optimizer_state != "average":
+            return []
+        tensors = []
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                state = optimizer.state.get(p, {})
+                for key in sorted(state):
+                    value = state[key]
+                    if key != "step" and torch.is_tensor(value) and value.is_floating_point():
+                        tensors.append(value)
+        return tensors
+
+    def prepare(self, level: Level, buffers: bool | None, outer: bool, lone: bool) -> Round:
+        """The round at ``level``: ``buffers`` overrides the buffer policy, ``outer`` asks for the
+        outer step (scheduled global averages), ``lone`` says there is nobody to average with (the
+        outer step still runs: with one worker it is Lookahead)."""
+        average_buffers = self.buffers == "average" if buffers is None else buffers
+        params = [list(m.parameters()) for m in self.models]
+        per_worker = [
+            [*ps, *float_buffers(m, average_buffers), *self._optimizer_tensors(o)]
+            for ps, m, o in zip(params, self.models, self.optimizers, strict=True)
+        ]
+        outer_step = self.outer if outer and level is Level.GLOBAL else None
+
+        def run() -> int:
+            if outer_step is not None:
+                outer_step.to_pseudo_gradients_(params)
+            nbytes = 0 if lone else self.averager.average_(level, per_worker)
+            if outer_step is not None:
+                outer_step.step_(params, inner_lr=self.optimizers[0].param_groups[0]["lr"])
+            if self.optimizer_state == "reset":
+                for opt in self.optimizers:
+                    opt.state.clear()
+            return nbytes
+
+        return run

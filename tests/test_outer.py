@@ -1,0 +1,250 @@
+"""Outer optimizers (DiLoCo, SlowMo) against a second, plain implementation written here from the
+formulas, on the exact dyadic model of the golden tests: every value is exact, so the engine and
+the reference must agree bit for bit, on any CPU."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from localsgd import Schedule, Simulator, SlowMo, diloco, slowmo
+from tests.test_golden import Dyadic, optimizer
+
+Update = Callable[[list[torch.Tensor], list[torch.Tensor], dict[str, Any], float], None]
+
+
+def sgd_update(lr: float) -> Update:
+    """θ̄ ← θ̄ − lr·Δ."""
+
+    def update(anchor: list[torch.Tensor], delta: list[torch.Tensor], state: dict, inner_lr: float) -> None:
+        for a, d in zip(anchor, delta, strict=True):
+            a -= lr * d
+
+    return update
+
+
+def nesterov_update(lr: float, mu: float) -> Update:
+    """DiLoCo: b ← μ·b + Δ (b = Δ at the first round), θ̄ ← θ̄ − lr·(Δ + μ·b)."""
+
+    def update(anchor: list[torch.Tensor], delta: list[torch.Tensor], state: dict, inner_lr: float) -> None:
+        if "b" not in state:
+            state["b"] = [d.clone() for d in delta]
+        else:
+            for b, d in zip(state["b"], delta, strict=True):
+                b.mul_(mu).add_(d)
+        bufs = state["b"]
+        for a, d, b in zip(anchor, delta, bufs, strict=True):
+            a -= lr * (d + mu * b)
+
+    return update
+
+
+def slowmo_update(alpha: float, beta: float) -> Update:
+    """SlowMo: u ← β·u + Δ/γ, θ̄ ← θ̄ − α·γ·u."""
+
+    def update(anchor: list[torch.Tensor], delta: list[torch.Tensor], state: dict, inner_lr: float) -> None:
+        us = state.setdefault("u", [torch.zeros_like(d) for d in delta])
+        for a, d, u in zip(anchor, delta, us, strict=True):
+            u.mul_(beta).add_(d / inner_lr)
+            a -= alpha * inner_lr * u
+
+    return update
+
+
+def inner_lr_at(t: int) -> float:
+    return 0.5 if t < 8 else 0.25  # a decay mid-run (SlowMo's momentum must follow it)
+
+
+def reference(
+    workers: int, local_steps: int, switch: int, update: Update, steps: int, block: tuple[int, int] | None = None
+) -> list[nn.Module]:
+    """K plain models and optimizers: mini-batch SGD (gradients averaged, a missing one as zero)
+    before t', then local steps; every H·H_b local steps the outer update on the anchor, which is
+    set at the switch; with ``block = (H_b, K')``, plain block averages every H local steps."""
+    models = [Dyadic() for _ in range(workers)]
+    opts = [optimizer(m) for m in models]
+    anchor: list[torch.Tensor] = []
+    state: dict[str, Any] = {}
+    hb, kb = block or (1, workers)
+    for t in range(steps):
+        for opt in opts:
+            for g in opt.param_groups[:1]:
+                g["lr"] = inner_lr_at(t)
+        for k, m in enumerate(models):
+            m.local_update(k, t)
+        if t < switch:
+            for ps in zip(*(list(m.parameters()) for m in models), strict=True):
+                grads = [p.grad for p in ps]
+                if all(g is None for g in grads):
+                    continue
+                mean = sum(g if g is not None else torch.zeros_like(ps[0]) for g in grads) / workers
+                for p in ps:
+                    p.grad = mean.clone()
+        if t == switch:
+            anchor = [p.detach().clone() for p in models[0].parameters()]
+        for opt in opts:
+            opt.step()
+        u = t + 1 - switch
+        if t < switch or u % local_steps:
+            continue
+        with torch.no_grad():
+            if u % (local_steps * hb) == 0:  # global: the outer step
+                params = [list(m.parameters()) for m in models]
+                delta = [sum(a - ps[i] for ps in params) / workers for i, a in enumerate(anchor)]
+                update(anchor, delta, state, inner_lr_at(t))
+                for ps in params:
+                    for p, a in zip(ps, anchor, strict=True):
+                        p.copy_(a)
+            else:  # a block: plain average of K' workers
+                for start in range(0, workers, kb):
+                    group = [list(m.parameters()) for m in models[start : start + kb]]
+                    for ps in zip(*group, strict=True):
+                        mean = sum(ps) / kb
+                        for p in ps:
+                            p.copy_(mean)
+    return models
+
+
+def engine_run(
+    workers: int, schedule: Schedule, outer: Any, steps: int, workers_per_block: int | None = None
+) -> Simulator:
+    sim = Simulator(
+        Dyadic(), optimizer, schedule, workers, workers_per_block=workers_per_block, outer_optimizer=outer
+    )
+    for t in range(steps):
+        for opt in sim.optimizers:
+            opt.param_groups[0]["lr"] = inner_lr_at(t)
+        for k, m in enumerate(sim.models):
+            m.local_update(k, t)
+        sim.step()
+        sim.zero_grad()
+    return sim
+
+
+def params(models: list[nn.Module]) -> list[list[list[float]]]:
+    return [[p.tolist() for p in m.parameters()] for m in models]
+
+
+CASES = {
+    "SGD lr 0.5 (K=4, local H=3)": (4, Schedule.local(3), lambda a: torch.optim.SGD(a, lr=0.5), sgd_update(0.5)),
+    "Lookahead: K=1, SGD lr 0.5": (1, Schedule.local(3), lambda a: torch.optim.SGD(a, lr=0.5), sgd_update(0.5)),
+    "DiLoCo lr 0.5 mu 0.5, post-local t'=4": (
+        4, Schedule.post_local(2, switch_step=4), diloco(lr=0.5, momentum=0.5), nesterov_update(0.5, 0.5),
+    ),
+    "SlowMo alpha 1 beta 0.5, LR decay": (2, Schedule.local(2), slowmo(lr=1.0, momentum=0.5), slowmo_update(1.0, 0.5)),
+    "DiLoCo, K=1 (Lookahead with Nesterov)": (1, Schedule.local(4), diloco(0.5, 0.5), nesterov_update(0.5, 0.5)),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_outer_step_matches_the_formula_bit_for_bit(name: str) -> None:
+    """The anchor is the parameters at the switch, the pseudo-gradient is the mean of θ̄ − θ_k, the
+    outer optimizer steps with it and every worker continues from the new anchor. Catches an
+    anchor not reset after the mini-batch phase, Δ with the wrong sign or not averaged, SlowMo
+    without the inner LR, an outer step skipped when K = 1."""
+    workers, schedule, outer, update = CASES[name]
+    sim = engine_run(workers, schedule, outer, steps=14)
+    ref = reference(workers, schedule.local_steps, schedule.switch_step, update, steps=14)
+    assert params(sim.models) == params(ref)
+    assert params(ref) != params(reference(workers, schedule.local_steps, schedule.switch_step, sgd_update(1.0), 14))
+
+
+def test_hierarchical_outer_step_is_global_only() -> None:
+    """Blocks of K' = 2 average plainly every H = 2 steps; all K = 4 take the outer step every
+    H·H_b = 4 steps."""
+    schedule = Schedule.hierarchical(2, 2)
+    sim = engine_run(4, schedule, diloco(0.5, 0.5), steps=14, workers_per_block=2)
+    ref = reference(4, 2, 0, nesterov_update(0.5, 0.5), steps=14, block=(2, 2))
+    assert params(sim.models) == params(ref)
+    assert sim.stats["global"].rounds == 3 and sim.stats["block"].rounds == 4
+
+
+@pytest.mark.parametrize(
+    "schedule,workers_per_block",
+    [(Schedule.local(3), None), (Schedule.post_local(2, switch_step=5), None), (Schedule.hierarchical(2, 2, 3), 2)],
+)  # fmt: skip
+def test_outer_sgd_with_lr_1_and_no_momentum_is_plain_averaging(
+    schedule: Schedule, workers_per_block: int | None
+) -> None:
+    """θ̄ − 1·(θ̄ − mean θ_k) = mean θ_k: bit for bit here (exact values), every worker, buffers,
+    momentum and counters as without an outer optimizer."""
+    runs = [
+        engine_run(4, schedule, outer, steps=14, workers_per_block=workers_per_block)
+        for outer in (None, lambda a: torch.optim.SGD(a, lr=1.0))
+    ]
+    assert params(runs[0].models) == params(runs[1].models)
+    for a, b in zip(runs[0].models, runs[1].models, strict=True):
+        assert a.running.tolist() == b.running.tolist()
+    assert {k: (s.rounds, s.bytes) for k, s in runs[0].stats.items()} == {
+        k: (s.rounds, s.bytes) for k, s in runs[1].stats.items()
+    }
+
+
+def test_outer_state_resumes_mid_period_bit_for_bit() -> None:
+    """state_dict after 9 steps (mid-period, outer momentum non-zero), loaded into a fresh
+    simulator: the next 7 steps give what an uninterrupted run gives."""
+    schedule, outer = Schedule.post_local(3, switch_step=2), diloco(0.5, 0.5)
+    full = engine_run(2, schedule, outer, steps=16)
+    first = engine_run(2, schedule, outer, steps=9)
+    state = copy.deepcopy(first.state_dict())
+    assert "outer" in state and state["outer"]["optimizer"]["state"]  # the momentum is in it
+    resumed = Simulator(Dyadic(), optimizer, schedule, 2, outer_optimizer=outer)
+    resumed.load_state_dict(state)
+    for t in range(9, 16):
+        for opt in resumed.optimizers:
+            opt.param_groups[0]["lr"] = inner_lr_at(t)
+        for k, m in enumerate(resumed.models):
+            m.local_update(k, t)
+        resumed.step()
+        resumed.zero_grad()
+    assert params(resumed.models) == params(full.models)
+    plain = Simulator(Dyadic(), optimizer, schedule, 2)
+    with pytest.raises(ValueError, match="written with an outer optimizer, but this run has no"):
+        plain.load_state_dict(state)
+
+
+def test_anchor_device_and_memory() -> None:
+    """The anchor holds one copy of the parameters where asked; the result does not depend on it."""
+    a = engine_run(2, Schedule.local(2), diloco(0.5, 0.5), steps=6)
+    sim = Simulator(Dyadic(), optimizer, Schedule.local(2), 2, outer_optimizer=diloco(0.5, 0.5), anchor_device="cpu")
+    assert [t.device.type for t in sim._outer.anchor] == ["cpu"] * 3
+    assert sum(t.numel() for t in sim._outer.anchor) == sum(p.numel() for p in sim.models[0].parameters())
+    assert params(a.models) != params(engine_run(2, Schedule.local(2), None, steps=6).models)
+
+
+def test_bad_outer_settings_are_clear() -> None:
+    with pytest.raises(ValueError, match=r"outer lr must be a number > 0, got 0"):
+        diloco(lr=0)
+    with pytest.raises(ValueError, match=r"outer momentum must be a number in \[0, 1\), got 1.5"):
+        slowmo(momentum=1.5)
+    with pytest.raises(TypeError, match=r"must return a torch\.optim\.Optimizer, got list"):
+        Simulator(Dyadic(), optimizer, Schedule.local(2), 2, outer_optimizer=lambda a: list(a))
+    opt = SlowMo([torch.zeros(2, requires_grad=True)])
+    opt.param_groups[0]["params"][0].grad = torch.ones(2)
+    with pytest.raises(ValueError, match="SlowMo needs the inner learning rate"):
+        opt.step()
+
+
+@pytest.mark.parametrize("name", ["diloco", "slowmo"])
+def test_torchrun_processes_take_the_simulators_outer_steps(tmp_path: Path, name: str) -> None:
+    """4 gloo processes, one LocalSGD each, against the simulator: bit for bit (the values are
+    exact, so the order of the all-reduce's sums cannot matter). DiLoCo after a mini-batch phase;
+    SlowMo on a hierarchical schedule (blocks of 2 plain, the outer step global)."""
+    from tests.helpers import torchrun
+
+    schedule, outer = {
+        "diloco": (Schedule.post_local(2, switch_step=4), diloco(0.5, 0.5)),
+        "slowmo": (Schedule.hierarchical(2, 2, switch_step=1), slowmo(1.0, 0.5)),
+    }[name]
+    torchrun(4, "outer", tmp_path, name)
+    sim = engine_run(4, schedule, outer, steps=14, workers_per_block=2)
+    for r in range(4):
+        got = torch.load(tmp_path / f"rank{r}.pt", weights_only=True)
+        assert [p.tolist() for p in got["params"]] == [p.tolist() for p in sim.models[r].parameters()]
+        assert {k: s["rounds"] for k, s in got["stats"].items()} == {k: s.rounds for k, s in sim.stats.items()}
