@@ -18,11 +18,13 @@ is noticed at the next average (by its address) and packed again.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
 from localsgd.comm import Communicator, Wait
+from localsgd.compression import CompressedMean
 from localsgd.schedule import Level
 
 DEFAULT_BUCKET_BYTES = 25 * 2**20  # as DistributedDataParallel's default bucket_cap_mb
@@ -75,6 +77,15 @@ class _Bucket:
     def nbytes(self) -> int:
         """Payload bytes (without alignment padding)."""
         return sum(self.numels) * self.dtype.itemsize
+
+    def zero_gaps_(self) -> None:
+        """Zero the alignment padding between the tensors (it holds no tensor, but a compressed
+        mean encodes the whole buffer, which must not depend on what the padding held before)."""
+        ends = [o + n for o, n in zip(self.offsets, self.numels, strict=True)]
+        for end, start in zip(ends, self.offsets[1:], strict=False):
+            if start > end:
+                for flat in self.flats:
+                    flat[end:start].zero_()
 
 
 def _layout(tensors: list[torch.Tensor], bucket_bytes: int, align_bytes: int) -> list[_Bucket]:
@@ -194,7 +205,12 @@ class FlatAverager:
         return plan
 
     @torch.no_grad()
-    def _run(self, tensors_per_worker: list[list[torch.Tensor]], start) -> int:
+    def _run(
+        self,
+        tensors_per_worker: list[list[torch.Tensor]],
+        start: Callable[[list[torch.Tensor]], Wait],
+        packed_mean: Callable[[int, list[torch.Tensor]], int] | None = None,
+    ) -> int:
         if not tensors_per_worker[0]:
             return 0
         packed: list[_Bucket] = []
@@ -208,6 +224,12 @@ class FlatAverager:
                 n = len(pack.tensors[0])
                 tensors_per_worker = [ts[n:] for ts in tensors_per_worker]
         copied = self._plan(tensors_per_worker) if tensors_per_worker[0] else []
+        compressed_bytes = 0
+        if packed_mean is not None:  # the packed buffers go through the compressed mean
+            for b in packed:
+                b.zero_gaps_()
+            compressed_bytes = sum(packed_mean(i, b.flats) for i, b in enumerate(packed))
+            packed = []
         started: list[tuple[_Bucket, Wait, bool]] = [(b, start(b.flats), False) for b in packed]
         for b in copied:
             for views, ts in zip(b.views, tensors_per_worker, strict=True):
@@ -218,16 +240,30 @@ class FlatAverager:
             if copy_back:
                 for views, ts in zip(b.views, tensors_per_worker, strict=True):
                     _copy_([ts[i] for i in b.indices], views)
-        return sum(b.nbytes for b, _, _ in started)
+        return compressed_bytes + sum(b.nbytes for b, _, _ in started)
 
-    def average_(self, level: Level, tensors_per_worker: list[list[torch.Tensor]]) -> int:
+    def average_(
+        self,
+        level: Level,
+        tensors_per_worker: list[list[torch.Tensor]],
+        compressed: CompressedMean | None = None,
+    ) -> int:
         """Replace every tensor by its mean over the workers of its group at ``level``.
 
         ``tensors_per_worker[k]`` are the tensors of this process's k-th worker; every worker
-        passes tensors of the same dtypes and sizes in the same order. Returns the bytes each
-        worker contributed (the payload of the collectives).
+        passes tensors of the same dtypes and sizes in the same order. With ``compressed``, the
+        packed tensors (the parameters) are averaged through it, the others exactly. Returns the
+        bytes each worker contributed (the payload of the collectives).
         """
-        return self._run(tensors_per_worker, lambda flats: self.comm.all_reduce_mean_(level, flats))
+        packed_mean = None
+        if compressed is not None:
+
+            def packed_mean(index: int, flats: list[torch.Tensor]) -> int:
+                return compressed.mean_(self.comm, level, flats, key=index)
+
+        return self._run(
+            tensors_per_worker, lambda flats: self.comm.all_reduce_mean_(level, flats), packed_mean
+        )
 
     def broadcast_(self, tensors_per_worker: list[list[torch.Tensor]]) -> int:
         """Copy worker 0's tensors into every worker's tensors."""

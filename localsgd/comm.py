@@ -74,6 +74,17 @@ class Communicator(ABC):
     def all_gather_bytes(self, data: list[bytes]) -> list[bytes]:
         """Every worker's bytes, in worker order (used for cross-worker checks, not training)."""
 
+    @abstractmethod
+    def exchange(self, level: Level, chunks: list[list[torch.Tensor]]) -> list[list[torch.Tensor]]:
+        """All-to-all within each group of ``level``: ``chunks[k][j]`` (local worker k's chunk for
+        its group's j-th worker, all the same size) goes to that worker. Returns, per local worker,
+        the chunks it received, in group order."""
+
+    @abstractmethod
+    def gather(self, level: Level, items: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+        """All-gather within each group of ``level`` (tensors of one size): per local worker, every
+        group member's tensor in group order."""
+
 
 def _mean_in_order_(out: torch.Tensor, rows: list[torch.Tensor]) -> None:
     """``out`` = the mean of ``rows``, summed strictly in worker order (rows[0] + rows[1] + ...)."""
@@ -112,6 +123,14 @@ class SimCommunicator(Communicator):
 
     def all_gather_bytes(self, data: list[bytes]) -> list[bytes]:
         return list(data)
+
+    def exchange(self, level: Level, chunks: list[list[torch.Tensor]]) -> list[list[torch.Tensor]]:
+        n = self.group_size(level)
+        return [[chunks[k - k % n + i][k % n] for i in range(n)] for k in range(self.workers)]
+
+    def gather(self, level: Level, items: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+        n = self.group_size(level)
+        return [list(items[k - k % n : k - k % n + n]) for k in range(self.workers)]
 
 
 def _done() -> None:
@@ -200,6 +219,19 @@ class DistCommunicator(Communicator):
         src = dist.get_global_rank(self.group, 0)
         work = dist.broadcast(flat, src=src, group=self.group, async_op=True)
         return work.wait
+
+    def exchange(self, level: Level, chunks: list[list[torch.Tensor]]) -> list[list[torch.Tensor]]:
+        (mine,) = chunks
+        send = torch.cat(mine)
+        received = torch.empty_like(send)
+        dist.all_to_all_single(received, send, group=self.process_group(level))
+        return [list(received.view(len(mine), -1).unbind(0))]
+
+    def gather(self, level: Level, items: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+        (mine,) = items
+        out = [torch.empty_like(mine) for _ in range(self.group_size(level))]
+        dist.all_gather(out, mine, group=self.process_group(level))
+        return [out]
 
     def all_gather_bytes(self, data: list[bytes]) -> list[bytes]:
         (mine,) = data

@@ -21,6 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from localsgd.averaging import DEFAULT_BUCKET_BYTES, FlatAverager
 from localsgd.checks import check_workers, describe
 from localsgd.comm import Communicator
+from localsgd.compression import Codec, CompressedMean, make_codec
 from localsgd.ddp import DDPArming
 from localsgd.outer import OuterOptimizerFactory, OuterStep
 from localsgd.rounds import GradientAverage, ParameterAverage, Round, float_buffers
@@ -53,6 +54,11 @@ def _check_choice(name: str, value: object, allowed: Sequence[str]) -> None:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
 
 
+def _plain_outer(anchor: list[torch.Tensor]) -> torch.optim.Optimizer:
+    """θ̄ ← θ̄ − mean Δ: plain averaging, for compression without an outer optimizer."""
+    return torch.optim.SGD(anchor, lr=1.0)
+
+
 class Engine:
     """Drives K' local workers (1 under torch.distributed, K in the simulator) through a schedule.
 
@@ -83,6 +89,10 @@ class Engine:
             instead of plain averaging (``localsgd.outer``). Block averages stay plain.
         anchor_device: where the anchor and the outer optimizer's state live (default: with the
             parameters; ``"cpu"`` to save accelerator memory).
+        compression: ``"bf16"``, ``"fp16"``, ``"int8"``, ``"sign"`` or a ``localsgd.compression.Codec``:
+            scheduled global averages send the pseudo-gradient θ̄ − θ_k encoded, with error
+            feedback (``localsgd.compression``). Without an outer optimizer the anchor is then
+            stepped by plain SGD with lr 1 (θ̄ − mean Δ: plain averaging up to the compression).
     """
 
     def __init__(
@@ -99,6 +109,7 @@ class Engine:
         grad_scalers: Sequence[torch.amp.GradScaler] | None = None,
         outer_optimizer: OuterOptimizerFactory | None = None,
         anchor_device: torch.device | str | None = None,
+        compression: Codec | str | None = None,
     ) -> None:
         if not isinstance(schedule, Schedule):
             raise TypeError(f"schedule must be a localsgd.Schedule, got {type(schedule).__name__}")
@@ -138,14 +149,23 @@ class Engine:
         self._gradient_average = GradientAverage(
             self.models, self.optimizers, self._averager, self._ddp, self._pack_gradients, buffers
         )
+        codec = make_codec(compression) if isinstance(compression, str) else compression
+        if codec is not None and not self._packed:
+            raise ValueError(
+                "compression needs the parameters packed in flat buffers (dense, not sharing memory)"
+            )
+        if codec is not None and outer_optimizer is None:
+            outer_optimizer = _plain_outer
         self._outer = (
             None
             if outer_optimizer is None
             else OuterStep(list(self.models[0].parameters()), outer_optimizer, anchor_device)
         )
+        self._compressed = None if codec is None else CompressedMean(codec)
         self._parameter_average = ParameterAverage(
-            self.models, self.optimizers, self._averager, buffers, optimizer_state, self._outer
-        )
+            self.models, self.optimizers, self._averager, buffers, optimizer_state, self._outer,
+            self._compressed,
+        )  # fmt: skip
         self.t = 0
         self.stats = {level.value: CommStats() for level in schedule.levels()}
         check_workers(
@@ -172,6 +192,7 @@ class Engine:
             "optimizer": type(optimizer).__name__,
             "param_groups": [len(g["params"]) for g in optimizer.param_groups],
             "outer": None if self._outer is None else self._outer.describe(),
+            "compression": None if self._compressed is None else self._compressed.describe(),
         }
 
     # --- the step ----------------------------------------------------------------------------
@@ -288,6 +309,8 @@ class Engine:
         }
         if self._outer is not None:
             state["outer"] = self._outer.state_dict()
+        if self._compressed is not None:
+            state["compression"] = self._compressed.state_dict()
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -307,4 +330,8 @@ class Engine:
         self.stats = {level: CommStats(**s) for level, s in state_dict["stats"].items()}
         if self._outer is not None:
             self._outer.load_state_dict(state_dict["outer"])
+        if ("compression" in state_dict) != (self._compressed is not None):
+            raise ValueError("the checkpoint and this run differ in whether averages are compressed")
+        if self._compressed is not None:
+            self._compressed.load_state_dict(state_dict["compression"])
         self._ddp.arm(self.schedule.sync_at(self.t).gradients)

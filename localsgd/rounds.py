@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from localsgd.averaging import FlatAverager
+from localsgd.compression import CompressedMean
 from localsgd.ddp import DDPArming
 from localsgd.gradients import CopiedGradients, PackedGradients
 from localsgd.outer import OuterStep
@@ -91,7 +92,8 @@ class ParameterAverage:
     """Averages the workers' models after the optimizer step: parameters, floating buffers (by
     policy) and floating optimizer state (``optimizer_state="average"``; ``"reset"`` clears it).
     At a scheduled global average with an outer optimizer, what is averaged is the pseudo-gradient
-    θ̄ − θ_k, and the outer step sets every worker to the new anchor (``localsgd.outer``)."""
+    θ̄ − θ_k, and the outer step sets every worker to the new anchor (``localsgd.outer``); with
+    ``compressed``, that pseudo-gradient is what is compressed (``localsgd.compression``)."""
 
     def __init__(
         self,
@@ -101,9 +103,11 @@ class ParameterAverage:
         buffers: str,
         optimizer_state: str,
         outer: OuterStep | None,
+        compressed: CompressedMean | None = None,
     ) -> None:
         self.models, self.optimizers, self.averager = models, optimizers, averager
         self.buffers, self.optimizer_state, self.outer = buffers, optimizer_state, outer
+        self.compressed = compressed
 
     def _optimizer_tensors(self, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
         if self.optimizer_state != "average":
@@ -133,7 +137,8 @@ class ParameterAverage:
         def run() -> int:
             if outer_step is not None:
                 outer_step.to_pseudo_gradients_(params)
-            nbytes = 0 if lone else self.averager.average_(level, per_worker)
+            compressed = self.compressed if outer_step is not None else None  # only pseudo-gradients
+            nbytes = 0 if lone else self.averager.average_(level, per_worker, compressed)
             if outer_step is not None:
                 outer_step.step_(params, inner_lr=self.optimizers[0].param_groups[0]["lr"])
             if self.optimizer_state == "reset":

@@ -13,6 +13,7 @@ from torch import nn
 
 from localsgd.averaging import DEFAULT_BUCKET_BYTES
 from localsgd.comm import SimCommunicator
+from localsgd.compression import Codec
 from localsgd.engine import Engine
 from localsgd.outer import OuterOptimizerFactory
 from localsgd.schedule import Schedule
@@ -40,7 +41,8 @@ class Simulator(Engine):
         schedule: when to average.
         workers: K.
         workers_per_block: K', for hierarchical schedules.
-        buffers, optimizer_state, bucket_bytes, outer_optimizer, anchor_device: as for ``Engine``.
+        buffers, optimizer_state, bucket_bytes, outer_optimizer, anchor_device, compression: as for
+            ``Engine``.
     """
 
     def __init__(
@@ -56,6 +58,7 @@ class Simulator(Engine):
         bucket_bytes: int = DEFAULT_BUCKET_BYTES,
         outer_optimizer: OuterOptimizerFactory | None = None,
         anchor_device: torch.device | str | None = None,
+        compression: Codec | str | None = None,
     ) -> None:
         comm = SimCommunicator(workers, workers_per_block)
         models = [model] + [copy.deepcopy(model) for _ in range(workers - 1)]
@@ -69,6 +72,7 @@ class Simulator(Engine):
             bucket_bytes=bucket_bytes,
             outer_optimizer=outer_optimizer,
             anchor_device=anchor_device,
+            compression=compression,
         )
 
     @property

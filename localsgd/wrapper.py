@@ -12,6 +12,7 @@ from torch import nn
 
 from localsgd.averaging import DEFAULT_BUCKET_BYTES
 from localsgd.comm import Communicator, DistCommunicator, SimCommunicator
+from localsgd.compression import Codec
 from localsgd.engine import Engine
 from localsgd.outer import OuterOptimizerFactory
 from localsgd.schedule import Schedule
@@ -54,6 +55,8 @@ class LocalSGD(Engine, torch.optim.Optimizer):
             global averages step an anchor with the averaged pseudo-gradient (``localsgd.outer``).
         anchor_device: where the anchor and the outer optimizer's state live (default: with the
             parameters).
+        compression: ``"bf16"``, ``"fp16"``, ``"int8"`` or ``"sign"``: global averages send the
+            pseudo-gradient encoded, with error feedback (``localsgd.compression``).
     """
 
     def __init__(
@@ -71,6 +74,7 @@ class LocalSGD(Engine, torch.optim.Optimizer):
         grad_scaler: torch.amp.GradScaler | None = None,
         outer_optimizer: OuterOptimizerFactory | None = None,
         anchor_device: torch.device | str | None = None,
+        compression: Codec | str | None = None,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
@@ -103,6 +107,7 @@ class LocalSGD(Engine, torch.optim.Optimizer):
             grad_scalers=None if grad_scaler is None else [grad_scaler],
             outer_optimizer=outer_optimizer,
             anchor_device=anchor_device,
+            compression=compression,
         )
 
     @property

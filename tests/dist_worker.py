@@ -182,6 +182,48 @@ def outer(rank: int, name: str) -> dict:
     return {"params": [p.detach() for p in model.parameters()], "stats": opt.state_dict()["stats"]}
 
 
+def compressed(rank: int, codec: str) -> dict:
+    """DiLoCo with compressed pseudo-gradients on the exact dyadic model; records what this rank
+    handed to the all-to-all and all-gather collectives during training."""
+    from tests.test_golden import Dyadic, optimizer
+    from tests.test_outer import inner_lr_at
+
+    model = Dyadic()
+    opt = LocalSGD(optimizer(model), model, Schedule.post_local(2, switch_step=3),
+                   outer_optimizer=diloco(0.5, 0.5), compression=codec)  # fmt: skip
+    seen = {"a2a": 0, "gather": 0, "dtypes": set()}
+    real_a2a, real_gather = dist.all_to_all_single, dist.all_gather
+
+    def a2a(out: torch.Tensor, send: torch.Tensor, **kwargs: object) -> object:
+        seen["a2a"] += send.numel() * send.element_size()
+        seen["dtypes"].add(str(send.dtype))
+        return real_a2a(out, send, **kwargs)
+
+    def gather(out: list, mine: torch.Tensor, **kwargs: object) -> object:
+        seen["gather"] += mine.numel() * mine.element_size()
+        seen["dtypes"].add(str(mine.dtype))
+        return real_gather(out, mine, **kwargs)
+
+    dist.all_to_all_single, dist.all_gather = a2a, gather
+    before = 0
+    for t in range(14):
+        if t == 3:
+            before = opt.stats["global"].bytes  # the mini-batch phase's (uncompressed) gradients
+        opt.param_groups[0]["lr"] = inner_lr_at(t)
+        model.local_update(rank, t)
+        opt.step()
+        opt.zero_grad()
+    dist.all_to_all_single, dist.all_gather = real_a2a, real_gather
+    return {
+        "params": [p.detach() for p in model.parameters()],
+        "stats": opt.state_dict()["stats"],
+        "compressed_bytes": opt.stats["global"].bytes - before,
+        "a2a": seen["a2a"],
+        "gather": seen["gather"],
+        "dtypes": seen["dtypes"],
+    }
+
+
 def mismatch(rank: int) -> dict:
     """Rank 1 has one more layer than the others."""
     model = mlp(seed=1, extra=rank == 1)
@@ -210,6 +252,8 @@ def main() -> None:
         result = resume(rank)
     elif scenario == "grad_scaler":
         result = grad_scaler(rank)
+    elif scenario == "compressed":
+        result = compressed(rank, *args)
     elif scenario == "outer":
         result = outer(rank, *args)
     elif scenario == "mismatch":

@@ -137,6 +137,10 @@ BAD_CONFIGS = [
     (["--outer-optimizer", "diloco", "--local-steps", "1"], "outer_optimizer = diloco needs local steps: with local_steps (H) = 1 every step averages gradients"),
     (["--outer-optimizer", "diloco", "--local-steps", "4", "--outer-momentum", "1"], "outer_momentum must be a number < 1, got 1.0"),
     (["--outer-optimizer", "slowmo", "--local-steps", "4", "--outer-lr", "0"], "outer_lr must be a number > 0, got 0.0"),
+    (["--compress", "int4"], "compress must be one of none, bf16, fp16, int8, sign; got 'int4'"),
+    (["--compress", "int8", "--local-steps", "1"], "compress = int8 needs local steps: with local_steps (H) = 1"),
+    (["--compress", "bf16", "--local-steps", "4", "--compress-block", "64"], "compress_block = 64 needs compress = int8 or sign"),
+    (["--compress", "sign", "--local-steps", "4", "--compress-block", "4"], "compress_block must be an integer >= 8, got 4"),
 ]  # fmt: skip
 
 
@@ -336,11 +340,13 @@ def test_simulator_and_torchrun_train_the_same_model(tmp_path: Path) -> None:
 
 @needs_cifar10
 def test_outer_optimizer_through_the_cli_in_both_runtimes(tmp_path: Path) -> None:
-    """`--outer-optimizer diloco` after the mini-batch phase: 2 torchrun processes end with the
-    simulator's model, and the run differs from plain post-local SGD."""
-    flags = [*TINY, "--workers", "2", "--progress", "false", "--eval-local", "never", "--outer-optimizer", "diloco"]
+    """`--outer-optimizer diloco --compress int8` after the mini-batch phase: 2 torchrun processes
+    end with the simulator's model, and the run differs from plain post-local SGD."""
+    flags = [*TINY, "--workers", "2", "--progress", "false", "--eval-local", "never", "--outer-optimizer", "diloco",
+             "--compress", "int8"]  # fmt: skip
     assert main(["train", *flags, "--out", str(tmp_path / "sim")]) == 0
-    assert main(["train", *flags, "--outer-optimizer", "none", "--out", str(tmp_path / "plain")]) == 0
+    plain = ["--outer-optimizer", "none", "--compress", "none"]
+    assert main(["train", *flags, *plain, "--out", str(tmp_path / "plain")]) == 0
     launch(2, ["-m", "localsgd", "train", *flags, "--out", str(tmp_path / "dist")])
     sim, dist, plain = (torch.load(tmp_path / r / "model.pt", weights_only=True)["model"] for r in ("sim", "dist", "plain"))
     assert all(torch.equal(sim[k], dist[k]) for k in sim)

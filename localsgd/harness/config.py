@@ -70,6 +70,11 @@ class Config:
     """the outer optimizer's learning rate (default: diloco 0.7, slowmo's alpha 1.0)"""
     outer_momentum: float | None = None
     """the outer optimizer's momentum (default: diloco 0.9, slowmo's beta 0.5)"""
+    compress: str = "none"
+    """none, bf16, fp16, int8 or sign: send each global average's pseudo-gradient (the change since
+    the last one) encoded, with error feedback; see localsgd.compression"""
+    compress_block: int | None = None
+    """values per scale for int8 and sign (default 256)"""
     ordered_averaging: bool = False
     """under torchrun, average by all-gather and a sum in worker order: bitwise the simulator's result"""
 
@@ -134,6 +139,7 @@ class Config:
         choice(self, "precision", ("fp32", "bf16"))
         choice(self, "device", ("auto", "cpu", "cuda"))
         choice(self, "outer_optimizer", tuple(OUTER_DEFAULTS))
+        choice(self, "compress", ("none", "bf16", "fp16", "int8", "sign"))
         for name in ("local_batch_size", "local_steps", "eval_every", "checkpoint_every"):
             integer(self, name, 1)
         for name in ("workers", "train_subset", "test_subset", "workers_per_block", "block_steps", "threads"):
@@ -185,6 +191,7 @@ class Config:
                 f"workers_per_block (K') = {self.workers_per_block} must divide workers (K) = {workers}"
             )
         self._validate_outer()
+        self._validate_compress()
         if self.nesterov and self.momentum == 0:
             raise ConfigError("nesterov needs momentum > 0, got momentum = 0")
 
@@ -201,11 +208,22 @@ class Config:
             number(self, "outer_momentum", 0)
             if self.outer_momentum >= 1:
                 raise ConfigError(f"outer_momentum must be a number < 1, got {self.outer_momentum!r}")
+        self._needs_local_steps("outer_optimizer", self.outer_optimizer)
+
+    def _needs_local_steps(self, name: str, value: str) -> None:
         if self.local_steps == 1 and self.block_steps is None:
             raise ConfigError(
-                f"outer_optimizer = {self.outer_optimizer} needs local steps: with local_steps (H) = 1 every "
-                "step averages gradients, so no global parameter average is left for it to act on"
+                f"{name} = {value} needs local steps: with local_steps (H) = 1 every step averages "
+                "gradients, so no global parameter average is left for it to act on"
             )
+
+    def _validate_compress(self) -> None:
+        if self.compress_block is not None:
+            if self.compress not in ("int8", "sign"):
+                raise ConfigError(f"compress_block = {self.compress_block!r} needs compress = int8 or sign")
+            integer(self, "compress_block", 8)
+        if self.compress != "none":
+            self._needs_local_steps("compress", self.compress)
 
     def outer(self) -> tuple[float, float] | None:
         """(lr, momentum) of the outer optimizer, defaults filled in; None for plain averaging."""

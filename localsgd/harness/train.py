@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 import localsgd
 from localsgd import DistCommunicator, Engine, LocalSGD, Simulator, outer
+from localsgd.compression import DEFAULT_BLOCK, make_codec
 from localsgd.harness import checkpoint, optim
 from localsgd.harness.config import Config, ConfigError
 from localsgd.harness.data import Dataset, augment, default_data_dir, epoch_shards, load_dataset, normalize
@@ -293,6 +294,8 @@ def train(cfg: Config, out: Path) -> Result:
     if outer_hyper is not None:
         make_outer = {"diloco": outer.diloco, "slowmo": outer.slowmo}[cfg.outer_optimizer]
         policies["outer_optimizer"] = make_outer(*outer_hyper)
+    if cfg.compress != "none":
+        policies["compression"] = make_codec(cfg.compress, cfg.compress_block or DEFAULT_BLOCK)
     engine: Engine
     if runtime.distributed:
         comm = DistCommunicator(workers_per_block=cfg.workers_per_block, ordered=cfg.ordered_averaging)
