@@ -59,6 +59,10 @@ def _overlap(tensors: list[torch.Tensor]) -> bool:
     return any(end > start for (_, end), (start, _) in itertools.pairwise(spans))
 
 
+def _nothing() -> None:
+    return None
+
+
 def _copy_(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
     torch._foreach_copy_(dst, src)
 
@@ -204,15 +208,27 @@ class FlatAverager:
             self._plans[key] = plan
         return plan
 
-    @torch.no_grad()
     def _run(
         self,
         tensors_per_worker: list[list[torch.Tensor]],
         start: Callable[[list[torch.Tensor]], Wait],
         packed_mean: Callable[[int, list[torch.Tensor]], int] | None = None,
     ) -> int:
+        finish, nbytes = self._start(tensors_per_worker, start, packed_mean)
+        finish()
+        return nbytes
+
+    @torch.no_grad()
+    def _start(
+        self,
+        tensors_per_worker: list[list[torch.Tensor]],
+        start: Callable[[list[torch.Tensor]], Wait],
+        packed_mean: Callable[[int, list[torch.Tensor]], int] | None = None,
+    ) -> tuple[Wait, int]:
+        """Start every bucket's collective; the results are in place once the returned function
+        has been called. Also returns the bytes each worker contributed."""
         if not tensors_per_worker[0]:
-            return 0
+            return _nothing, 0
         packed: list[_Bucket] = []
         pack = self._pack
         if pack is not None and pack.holds(tensors_per_worker):
@@ -235,12 +251,16 @@ class FlatAverager:
             for views, ts in zip(b.views, tensors_per_worker, strict=True):
                 _copy_(views, [ts[i] for i in b.indices])
             started.append((b, start(b.flats), True))
-        for b, wait, copy_back in started:
-            wait()
-            if copy_back:
-                for views, ts in zip(b.views, tensors_per_worker, strict=True):
-                    _copy_([ts[i] for i in b.indices], views)
-        return compressed_bytes + sum(b.nbytes for b, _, _ in started)
+
+        @torch.no_grad()
+        def finish() -> None:
+            for b, wait, copy_back in started:
+                wait()
+                if copy_back:
+                    for views, ts in zip(b.views, tensors_per_worker, strict=True):
+                        _copy_([ts[i] for i in b.indices], views)
+
+        return finish, compressed_bytes + sum(b.nbytes for b, _, _ in started)
 
     def average_(
         self,
@@ -264,6 +284,11 @@ class FlatAverager:
         return self._run(
             tensors_per_worker, lambda flats: self.comm.all_reduce_mean_(level, flats), packed_mean
         )
+
+    def start_average_(self, level: Level, tensors_per_worker: list[list[torch.Tensor]]) -> tuple[Wait, int]:
+        """``average_`` without waiting: the means are in place once the returned function has
+        been called (meanwhile the tensors must not be touched). Also returns the bytes."""
+        return self._start(tensors_per_worker, lambda flats: self.comm.all_reduce_mean_(level, flats))
 
     def broadcast_(self, tensors_per_worker: list[list[torch.Tensor]]) -> int:
         """Copy worker 0's tensors into every worker's tensors."""

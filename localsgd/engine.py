@@ -24,7 +24,7 @@ from localsgd.comm import Communicator
 from localsgd.compression import Codec, CompressedMean, make_codec
 from localsgd.ddp import DDPArming
 from localsgd.outer import OuterOptimizerFactory, OuterStep
-from localsgd.rounds import GradientAverage, ParameterAverage, Round, float_buffers
+from localsgd.rounds import DelayedAverage, GradientAverage, ParameterAverage, Round, float_buffers
 from localsgd.schedule import Level, Schedule
 
 BUFFER_POLICIES = ("local", "average")
@@ -93,6 +93,10 @@ class Engine:
             scheduled global averages send the pseudo-gradient θ̄ − θ_k encoded, with error
             feedback (``localsgd.compression``). Without an outer optimizer the anchor is then
             stepped by plain SGD with lr 1 (θ̄ − mean Δ: plain averaging up to the compression).
+        overlap_steps: τ. A scheduled global average is started after its step and applied τ
+            local steps later, which keep training meanwhile (``rounds.DelayedAverage`` says how);
+            0: blocking. Needs τ < the global period, local buffer and optimizer-state policies,
+            and no compression.
     """
 
     def __init__(
@@ -110,6 +114,7 @@ class Engine:
         outer_optimizer: OuterOptimizerFactory | None = None,
         anchor_device: torch.device | str | None = None,
         compression: Codec | str | None = None,
+        overlap_steps: int = 0,
     ) -> None:
         if not isinstance(schedule, Schedule):
             raise TypeError(f"schedule must be a localsgd.Schedule, got {type(schedule).__name__}")
@@ -150,11 +155,12 @@ class Engine:
             self.models, self.optimizers, self._averager, self._ddp, self._pack_gradients, buffers
         )
         codec = make_codec(compression) if isinstance(compression, str) else compression
+        self._check_overlap(overlap_steps, codec)
         if codec is not None and not self._packed:
             raise ValueError(
                 "compression needs the parameters packed in flat buffers (dense, not sharing memory)"
             )
-        if codec is not None and outer_optimizer is None:
+        if (codec is not None or overlap_steps) and outer_optimizer is None:
             outer_optimizer = _plain_outer
         self._outer = (
             None
@@ -162,6 +168,12 @@ class Engine:
             else OuterStep(list(self.models[0].parameters()), outer_optimizer, anchor_device)
         )
         self._compressed = None if codec is None else CompressedMean(codec)
+        self.overlap_steps = overlap_steps
+        self._delayed = (
+            DelayedAverage(self.models, self._averager, self._outer, overlap_steps)
+            if overlap_steps and self._outer is not None
+            else None
+        )
         self._parameter_average = ParameterAverage(
             self.models, self.optimizers, self._averager, buffers, optimizer_state, self._outer,
             self._compressed,
@@ -193,7 +205,27 @@ class Engine:
             "param_groups": [len(g["params"]) for g in optimizer.param_groups],
             "outer": None if self._outer is None else self._outer.describe(),
             "compression": None if self._compressed is None else self._compressed.describe(),
+            "overlap_steps": self.overlap_steps,
         }
+
+    def _check_overlap(self, overlap_steps: int, codec: Codec | None) -> None:
+        if isinstance(overlap_steps, bool) or not isinstance(overlap_steps, int) or overlap_steps < 0:
+            raise ValueError(f"overlap_steps (τ) must be an integer >= 0, got {overlap_steps!r}")
+        if not overlap_steps:
+            return
+        period = self.schedule.period(Level.GLOBAL)
+        if overlap_steps >= period:
+            raise ValueError(
+                f"overlap_steps (τ) = {overlap_steps} must be less than the global period "
+                f"H·H_b = {period}: one global average in flight at a time"
+            )
+        if codec is not None:
+            raise ValueError("overlap_steps > 0 with compression is not supported yet")
+        if self.buffers != "local" or self.optimizer_state != "local":
+            raise ValueError(
+                "overlap_steps > 0 needs buffers='local' and optimizer_state='local' (delaying their "
+                "average is not supported)"
+            )
 
     # --- the step ----------------------------------------------------------------------------
 
@@ -228,7 +260,11 @@ class Engine:
             else:
                 self.grad_scalers[k].step(opt)
         self.t += 1
-        if sync.parameters is not None:
+        if self._delayed is not None and self._delayed.due(self.t - 1):
+            self._apply_delayed()
+        if sync.parameters is Level.GLOBAL and self._delayed is not None:
+            self._timed(Level.GLOBAL, self._delayed.start(Level.GLOBAL, self.t - 1))
+        elif sync.parameters is not None:
             self._average_model(sync.parameters, outer=True)
         self._ddp.arm(self.schedule.sync_at(self.t).gradients)
         return loss
@@ -245,11 +281,31 @@ class Engine:
         else:
             gradients.zero_(set_to_none)
 
+    def flush(self) -> None:
+        """Apply an overlapped global average still in flight now (e.g. at the end of training)."""
+        if self._delayed is not None and self._delayed.pending is not None:
+            self._apply_delayed()
+
+    def _apply_delayed(self) -> None:
+        assert self._delayed is not None
+        start = time.perf_counter()
+        try:
+            self._delayed.apply(inner_lr=self.optimizers[0].param_groups[0]["lr"])
+        except RuntimeError as e:
+            raise CommunicationError(
+                f"the overlapped average applied at step {self.t} failed; a worker is gone, stuck or "
+                f"unreachable ({first_line(e)})"
+            ) from e
+        if self.comm.workers > 1:
+            self.stats[Level.GLOBAL.value].seconds += time.perf_counter() - start
+
     def average_now(self, level: Level | str = Level.GLOBAL, buffers: bool | None = None) -> None:
         """Average the models now (e.g. before evaluation or saving). ``buffers`` overrides the
         buffer policy for this average (``True``: average BatchNorm statistics too). A plain
         average even with an outer optimizer: it takes no outer step and leaves the anchor as it
-        is (the next scheduled global average's pseudo-gradient still covers the whole period)."""
+        is (the next scheduled global average's pseudo-gradient still covers the whole period).
+        An overlapped average in flight is applied first."""
+        self.flush()
         self._average_model(Level(level), buffers)
 
     @torch.no_grad()
@@ -311,6 +367,8 @@ class Engine:
             state["outer"] = self._outer.state_dict()
         if self._compressed is not None:
             state["compression"] = self._compressed.state_dict()
+        if self._delayed is not None:
+            state["delayed"] = self._delayed.state_dict()
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -334,4 +392,8 @@ class Engine:
             raise ValueError("the checkpoint and this run differ in whether averages are compressed")
         if self._compressed is not None:
             self._compressed.load_state_dict(state_dict["compression"])
+        if ("delayed" in state_dict) != (self._delayed is not None):
+            raise ValueError("the checkpoint and this run differ in whether averages are overlapped")
+        if self._delayed is not None:
+            self._delayed.load_state_dict(state_dict["delayed"])  # after the anchor: it resends
         self._ddp.arm(self.schedule.sync_at(self.t).gradients)

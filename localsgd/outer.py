@@ -121,10 +121,9 @@ class OuterStep:
                 p.neg_().add_(a.to(p.device, non_blocking=True))
 
     @torch.no_grad()
-    def step_(self, params_per_worker: list[list[torch.Tensor]], inner_lr: float) -> None:
-        """Given Δ in every worker's parameters: step the anchor with Δ as its gradient, then
-        θ_k ← θ̄ for every worker."""
-        for a, d in zip(self.anchor, params_per_worker[0], strict=True):
+    def advance_(self, delta: list[torch.Tensor], inner_lr: float) -> None:
+        """Step the anchor with the averaged pseudo-gradient Δ as its gradient."""
+        for a, d in zip(self.anchor, delta, strict=True):
             a.grad = d.to(a.device, copy=True)
         for group in self.optimizer.param_groups:
             if "inner_lr" in group:
@@ -132,10 +131,15 @@ class OuterStep:
         self.optimizer.step()
         for a in self.anchor:
             a.grad = None
+        self.current = True
+
+    @torch.no_grad()
+    def step_(self, params_per_worker: list[list[torch.Tensor]], inner_lr: float) -> None:
+        """Given Δ in every worker's parameters: step the anchor, then θ_k ← θ̄ for every worker."""
+        self.advance_(params_per_worker[0], inner_lr)
         for params in params_per_worker:
             for p, a in zip(params, self.anchor, strict=True):
                 p.copy_(a)
-        self.current = True
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -147,3 +147,65 @@ class ParameterAverage:
             return nbytes
 
         return run
+
+
+class DelayedAverage:
+    """A global average that runs while the workers take their next τ local steps (overlapped
+    averaging, as streaming DiLoCo's ``fragment_sync_delay``).
+
+    At a scheduled global average after step t, each worker sends Δ_k = θ̄ − s_k, where s_k is its
+    parameters then, and keeps training. After step t + τ the mean Δ has arrived: the outer
+    optimizer steps the anchor with it, and each worker continues from the new anchor plus what it
+    learned during the delay: θ_k ← θ̄ + (θ_k − s_k). With τ = 0 this is the blocking average.
+    """
+
+    def __init__(self, models: list[nn.Module], averager: FlatAverager, outer: OuterStep, delay: int) -> None:
+        self.models, self.outer, self.delay = models, outer, delay
+        self.averager = FlatAverager(averager.comm, averager.bucket_bytes)  # its own buffers: in flight
+        self.pending: dict[str, object] | None = None
+
+    def start(self, level: Level, t: int) -> Round:
+        """The round that starts the average after step ``t`` (applied after step t + τ)."""
+
+        def run() -> int:
+            snapshots = [[p.detach().clone() for p in m.parameters()] for m in self.models]
+            return self._send(level, t + self.delay, snapshots)
+
+        return run
+
+    @torch.no_grad()
+    def _send(self, level: Level, due: int, snapshots: list[list[torch.Tensor]]) -> int:
+        anchor = self.outer.anchor  # unchanged until the average is applied
+        sent = [[a.to(s.device) - s for a, s in zip(anchor, snap, strict=True)] for snap in snapshots]
+        wait, nbytes = self.averager.start_average_(level, sent)
+        self.pending = {"level": level, "due": due, "snapshots": snapshots, "sent": sent, "wait": wait}
+        return nbytes
+
+    def due(self, t: int) -> bool:
+        """Whether the pending average is to be applied after step ``t`` (0-based)."""
+        return self.pending is not None and self.pending["due"] == t
+
+    @torch.no_grad()
+    def apply(self, inner_lr: float) -> None:
+        """Wait for the pending mean Δ, step the anchor, and move every worker onto it."""
+        pending, self.pending = self.pending, None
+        assert pending is not None
+        pending["wait"]()  # type: ignore[operator]
+        self.outer.advance_(pending["sent"][0], inner_lr)  # type: ignore[index]
+        for m, snap in zip(self.models, pending["snapshots"], strict=True):  # type: ignore[call-overload]
+            for p, s, a in zip(m.parameters(), snap, self.outer.anchor, strict=True):
+                p.sub_(s).add_(a.to(p.device))
+
+    def state_dict(self) -> dict[str, object] | None:
+        """What the pending average was started from (the anchor, saved with the outer step,
+        gives the rest): loading sends it again."""
+        if self.pending is None:
+            return None
+        level: Level = self.pending["level"]  # type: ignore[assignment]
+        return {"level": level.value, "due": self.pending["due"], "snapshots": self.pending["snapshots"]}
+
+    def load_state_dict(self, state: dict[str, object] | None) -> None:
+        """Call after the outer step's state is loaded (the anchor)."""
+        self.pending = None
+        if state is not None:
+            self._send(Level(state["level"]), int(state["due"]), state["snapshots"])  # type: ignore[arg-type]

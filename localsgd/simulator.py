@@ -41,8 +41,8 @@ class Simulator(Engine):
         schedule: when to average.
         workers: K.
         workers_per_block: K', for hierarchical schedules.
-        buffers, optimizer_state, bucket_bytes, outer_optimizer, anchor_device, compression: as for
-            ``Engine``.
+        buffers, optimizer_state, bucket_bytes, outer_optimizer, anchor_device, compression,
+            overlap_steps: as for ``Engine``.
     """
 
     def __init__(
@@ -59,6 +59,7 @@ class Simulator(Engine):
         outer_optimizer: OuterOptimizerFactory | None = None,
         anchor_device: torch.device | str | None = None,
         compression: Codec | str | None = None,
+        overlap_steps: int = 0,
     ) -> None:
         comm = SimCommunicator(workers, workers_per_block)
         models = [model] + [copy.deepcopy(model) for _ in range(workers - 1)]
@@ -73,6 +74,7 @@ class Simulator(Engine):
             outer_optimizer=outer_optimizer,
             anchor_device=anchor_device,
             compression=compression,
+            overlap_steps=overlap_steps,
         )
 
     @property

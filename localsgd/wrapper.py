@@ -57,6 +57,7 @@ class LocalSGD(Engine, torch.optim.Optimizer):
             parameters).
         compression: ``"bf16"``, ``"fp16"``, ``"int8"`` or ``"sign"``: global averages send the
             pseudo-gradient encoded, with error feedback (``localsgd.compression``).
+        overlap_steps: τ: a global average runs during the next τ local steps (``Engine``).
     """
 
     def __init__(
@@ -75,6 +76,7 @@ class LocalSGD(Engine, torch.optim.Optimizer):
         outer_optimizer: OuterOptimizerFactory | None = None,
         anchor_device: torch.device | str | None = None,
         compression: Codec | str | None = None,
+        overlap_steps: int = 0,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
@@ -108,6 +110,7 @@ class LocalSGD(Engine, torch.optim.Optimizer):
             outer_optimizer=outer_optimizer,
             anchor_device=anchor_device,
             compression=compression,
+            overlap_steps=overlap_steps,
         )
 
     @property

@@ -231,20 +231,122 @@ def test_bad_outer_settings_are_clear() -> None:
         opt.step()
 
 
-@pytest.mark.parametrize("name", ["diloco", "slowmo"])
+@pytest.mark.parametrize("name", ["diloco", "slowmo", "diloco overlapped"])
 def test_torchrun_processes_take_the_simulators_outer_steps(tmp_path: Path, name: str) -> None:
     """4 gloo processes, one LocalSGD each, against the simulator: bit for bit (the values are
     exact, so the order of the all-reduce's sums cannot matter). DiLoCo after a mini-batch phase;
-    SlowMo on a hierarchical schedule (blocks of 2 plain, the outer step global)."""
+    SlowMo on a hierarchical schedule (blocks of 2 plain, the outer step global); DiLoCo with each
+    global average in flight (async gloo work) for τ = 2 local steps."""
     from tests.helpers import torchrun
 
-    schedule, outer = {
-        "diloco": (Schedule.post_local(2, switch_step=4), diloco(0.5, 0.5)),
-        "slowmo": (Schedule.hierarchical(2, 2, switch_step=1), slowmo(1.0, 0.5)),
+    schedule, outer, tau = {
+        "diloco": (Schedule.post_local(2, switch_step=4), diloco(0.5, 0.5), 0),
+        "slowmo": (Schedule.hierarchical(2, 2, switch_step=1), slowmo(1.0, 0.5), 0),
+        "diloco overlapped": (Schedule.post_local(3, switch_step=2), diloco(0.5, 0.5), 2),
     }[name]
     torchrun(4, "outer", tmp_path, name)
-    sim = engine_run(4, schedule, outer, steps=14, workers_per_block=2)
+    if tau:
+        sim = overlapped(4, schedule, outer, tau, steps=14)
+    else:
+        sim = engine_run(4, schedule, outer, steps=14, workers_per_block=2)
     for r in range(4):
         got = torch.load(tmp_path / f"rank{r}.pt", weights_only=True)
         assert [p.tolist() for p in got["params"]] == [p.tolist() for p in sim.models[r].parameters()]
         assert {k: s["rounds"] for k, s in got["stats"].items()} == {k: s.rounds for k, s in sim.stats.items()}
+
+
+def delayed_reference(workers: int, local_steps: int, switch: int, tau: int, update: Update, steps: int) -> list[nn.Module]:
+    """The delayed-update rule by hand: after step t (a global average), s_k = θ_k; after step
+    t + τ, Δ = mean_k(θ̄ − s_k), θ̄ ← outer(θ̄, Δ), θ_k ← θ̄ + (θ_k − s_k)."""
+    models = [Dyadic() for _ in range(workers)]
+    opts = [optimizer(m) for m in models]
+    anchor: list[torch.Tensor] = []
+    state: dict[str, Any] = {}
+    pending: tuple[int, list[list[torch.Tensor]]] | None = None
+    for t in range(steps):
+        for opt in opts:
+            opt.param_groups[0]["lr"] = inner_lr_at(t)
+        for k, m in enumerate(models):
+            m.local_update(k, t)
+        if t < switch:
+            for ps in zip(*(list(m.parameters()) for m in models), strict=True):
+                grads = [p.grad for p in ps]
+                if any(g is not None for g in grads):
+                    mean = sum(g if g is not None else torch.zeros_like(ps[0]) for g in grads) / workers
+                    for p in ps:
+                        p.grad = mean.clone()
+        if t == switch:
+            anchor = [p.detach().clone() for p in models[0].parameters()]
+        for opt in opts:
+            opt.step()
+        with torch.no_grad():
+            if pending is not None and pending[0] == t:
+                snaps = pending[1]
+                delta = [sum(a - s[i] for s in snaps) / workers for i, a in enumerate(anchor)]
+                update(anchor, delta, state, inner_lr_at(t))
+                for m, s in zip(models, snaps, strict=True):
+                    for p, si, a in zip(m.parameters(), s, anchor, strict=True):
+                        p.copy_(a + (p - si))
+                pending = None
+            if t >= switch and (t + 1 - switch) % local_steps == 0:
+                pending = (t + tau, [[p.detach().clone() for p in m.parameters()] for m in models])
+    return models
+
+
+def overlapped(workers: int, schedule: Schedule, outer: Any, tau: int, steps: int, start: int = 0,
+               state: dict | None = None) -> Simulator:  # fmt: skip
+    sim = Simulator(Dyadic(), optimizer, schedule, workers, outer_optimizer=outer, overlap_steps=tau)
+    if state is not None:
+        sim.load_state_dict(state)
+    for t in range(start, steps):
+        for opt in sim.optimizers:
+            opt.param_groups[0]["lr"] = inner_lr_at(t)
+        for k, m in enumerate(sim.models):
+            m.local_update(k, t)
+        sim.step()
+        sim.zero_grad()
+    return sim
+
+
+@pytest.mark.parametrize("tau", [1, 2])
+@pytest.mark.parametrize("outer", ["sgd lr 1", "diloco"])
+def test_overlapped_average_follows_the_delayed_rule(tau: int, outer: str) -> None:
+    """τ = 1, 2 with H = 3 after a mini-batch phase: bit for bit the rule computed by hand, not the
+    blocking result; the same number of rounds as blocking."""
+    make, update = {
+        "sgd lr 1": (lambda a: torch.optim.SGD(a, lr=1.0), sgd_update(1.0)),
+        "diloco": (diloco(0.5, 0.5), nesterov_update(0.5, 0.5)),
+    }[outer]
+    schedule = Schedule.post_local(3, switch_step=2)
+    sim = overlapped(4, schedule, make, tau, steps=14)
+    assert params(sim.models) == params(delayed_reference(4, 3, 2, tau, update, 14))
+    blocking = engine_run(4, schedule, make, steps=14)
+    assert params(sim.models) != params(blocking.models)
+    assert sim.stats["global"].rounds == blocking.stats["global"].rounds == 2 + 4
+    assert params(overlapped(4, schedule, make, 0, steps=14).models) == params(blocking.models)  # τ = 0
+
+
+def test_overlapped_average_resumes_with_one_in_flight() -> None:
+    """state_dict one step after an average was started (its result not applied yet): the resumed
+    run sends it again and ends with the uninterrupted run's bits."""
+    schedule = Schedule.post_local(3, switch_step=2)
+    full = overlapped(2, schedule, diloco(0.5, 0.5), 2, steps=14)
+    first = overlapped(2, schedule, diloco(0.5, 0.5), 2, steps=6)  # started after step 4, due after 6
+    state = copy.deepcopy(first.state_dict())
+    assert state["delayed"] is not None and state["delayed"]["due"] == 6
+    resumed = overlapped(2, schedule, diloco(0.5, 0.5), 2, steps=14, start=6, state=state)
+    assert params(resumed.models) == params(full.models)
+
+
+def test_overlap_settings_are_checked() -> None:
+    def build(**kw: Any) -> None:
+        Simulator(Dyadic(), optimizer, Schedule.local(4), 2, **kw)
+
+    with pytest.raises(ValueError, match=r"overlap_steps \(τ\) = 4 must be less than the global period H·H_b = 4"):
+        build(overlap_steps=4)
+    with pytest.raises(ValueError, match="with compression is not supported yet"):
+        build(overlap_steps=1, compression="int8")
+    with pytest.raises(ValueError, match="needs buffers='local' and optimizer_state='local'"):
+        build(overlap_steps=1, buffers="average")
+    with pytest.raises(ValueError, match=r"overlap_steps \(τ\) must be an integer >= 0, got -1"):
+        build(overlap_steps=-1)

@@ -141,6 +141,10 @@ BAD_CONFIGS = [
     (["--compress", "int8", "--local-steps", "1"], "compress = int8 needs local steps: with local_steps (H) = 1"),
     (["--compress", "bf16", "--local-steps", "4", "--compress-block", "64"], "compress_block = 64 needs compress = int8 or sign"),
     (["--compress", "sign", "--local-steps", "4", "--compress-block", "4"], "compress_block must be an integer >= 8, got 4"),
+    (["--overlap-steps", "4", "--local-steps", "4"], "overlap_steps (tau) = 4 must be less than the global period H·H_b = 4"),
+    (["--overlap-steps", "1", "--local-steps", "4", "--compress", "int8"], "overlap_steps > 0 with compress is not supported yet"),
+    (["--overlap-steps", "-1"], "overlap_steps must be an integer >= 0, got -1"),
+    (["--overlap-steps", "1"], "overlap_steps = 1 needs local steps"),
 ]  # fmt: skip
 
 
@@ -338,14 +342,21 @@ def test_simulator_and_torchrun_train_the_same_model(tmp_path: Path) -> None:
     assert rows[0][-1]["rounds"] == {"global": 4 + 2}  # 4 mini-batch steps, then H = 2 for 4 steps
 
 
+OUTER_VARIANTS = {
+    "diloco int8": ["--outer-optimizer", "diloco", "--compress", "int8"],
+    "slowmo overlapped": ["--outer-optimizer", "slowmo", "--overlap-steps", "1", "--local-steps", "4"],
+}
+
+
 @needs_cifar10
-def test_outer_optimizer_through_the_cli_in_both_runtimes(tmp_path: Path) -> None:
-    """`--outer-optimizer diloco --compress int8` after the mini-batch phase: 2 torchrun processes
-    end with the simulator's model, and the run differs from plain post-local SGD."""
-    flags = [*TINY, "--workers", "2", "--progress", "false", "--eval-local", "never", "--outer-optimizer", "diloco",
-             "--compress", "int8"]  # fmt: skip
+@pytest.mark.parametrize("variant", list(OUTER_VARIANTS))
+def test_outer_optimizer_through_the_cli_in_both_runtimes(tmp_path: Path, variant: str) -> None:
+    """An outer optimizer after the mini-batch phase, with int8 compression or with each global
+    average overlapped with the next local step: 2 torchrun processes end with the simulator's
+    model, and the run differs from plain post-local SGD."""
+    flags = [*TINY, "--workers", "2", "--progress", "false", "--eval-local", "never", *OUTER_VARIANTS[variant]]
     assert main(["train", *flags, "--out", str(tmp_path / "sim")]) == 0
-    plain = ["--outer-optimizer", "none", "--compress", "none"]
+    plain = ["--outer-optimizer", "none", "--compress", "none", "--overlap-steps", "0"]
     assert main(["train", *flags, *plain, "--out", str(tmp_path / "plain")]) == 0
     launch(2, ["-m", "localsgd", "train", *flags, "--out", str(tmp_path / "dist")])
     sim, dist, plain = (torch.load(tmp_path / r / "model.pt", weights_only=True)["model"] for r in ("sim", "dist", "plain"))

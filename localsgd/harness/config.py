@@ -75,6 +75,9 @@ class Config:
     the last one) encoded, with error feedback; see localsgd.compression"""
     compress_block: int | None = None
     """values per scale for int8 and sign (default 256)"""
+    overlap_steps: int = 0
+    """tau: run each global average during the next tau local steps instead of waiting for it (0:
+    blocking); see docs/design.md, Overlapped averaging"""
     ordered_averaging: bool = False
     """under torchrun, average by all-gather and a sum in worker order: bitwise the simulator's result"""
 
@@ -192,6 +195,7 @@ class Config:
             )
         self._validate_outer()
         self._validate_compress()
+        self._validate_overlap()
         if self.nesterov and self.momentum == 0:
             raise ConfigError("nesterov needs momentum > 0, got momentum = 0")
 
@@ -224,6 +228,22 @@ class Config:
             integer(self, "compress_block", 8)
         if self.compress != "none":
             self._needs_local_steps("compress", self.compress)
+
+    def _validate_overlap(self) -> None:
+        integer(self, "overlap_steps", 0)
+        if not self.overlap_steps:
+            return
+        self._needs_local_steps("overlap_steps", str(self.overlap_steps))
+        period = self.local_steps * (self.block_steps or 1)
+        if self.overlap_steps >= period:
+            raise ConfigError(
+                f"overlap_steps (tau) = {self.overlap_steps} must be less than the global period H·H_b = "
+                f"{period}: one global average in flight at a time"
+            )
+        if self.compress != "none":
+            raise ConfigError("overlap_steps > 0 with compress is not supported yet")
+        if self.buffers != "local" or self.optimizer_state != "local":
+            raise ConfigError("overlap_steps > 0 needs buffers = local and optimizer_state = local")
 
     def outer(self) -> tuple[float, float] | None:
         """(lr, momentum) of the outer optimizer, defaults filled in; None for plain averaging."""

@@ -296,6 +296,8 @@ def train(cfg: Config, out: Path) -> Result:
         policies["outer_optimizer"] = make_outer(*outer_hyper)
     if cfg.compress != "none":
         policies["compression"] = make_codec(cfg.compress, cfg.compress_block or DEFAULT_BLOCK)
+    if cfg.overlap_steps:
+        policies["overlap_steps"] = cfg.overlap_steps
     engine: Engine
     if runtime.distributed:
         comm = DistCommunicator(workers_per_block=cfg.workers_per_block, ordered=cfg.ordered_averaging)
@@ -374,6 +376,8 @@ def train(cfg: Config, out: Path) -> Result:
                 tally.check()  # nothing non-finite reaches an average
             engine.step()
             engine.zero_grad()
+            if t == plan.total_steps - 1:
+                engine.flush()  # an overlapped average still in flight belongs to the final model
             progress.set_postfix_str(f"epoch {epoch + 1} lr {lr:.3g}", refresh=False)
             progress.update()
 
