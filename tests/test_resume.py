@@ -135,9 +135,9 @@ def poison(monkeypatch: pytest.MonkeyPatch, step: int, worker: int, workers: int
         out = real_augment(x, *args)
         return torch.full_like(out, float("nan")) if next(calls) == step * workers + worker else out
 
-    def average_(self: FlatAverager, level: object, tensors: list[list[torch.Tensor]]) -> int:
+    def average_(self: FlatAverager, level: object, tensors: list[list[torch.Tensor]], *rest: object) -> int:
         assert all(torch.isfinite(t).all() for ts in tensors for t in ts), "a non-finite value was averaged"
-        return real_average(self, level, tensors)
+        return real_average(self, level, tensors, *rest)
 
     monkeypatch.setattr(train_module, "augment", augment)
     monkeypatch.setattr(FlatAverager, "average_", average_)
