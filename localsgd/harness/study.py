@@ -85,6 +85,36 @@ STUDIES: dict[str, Study] = {
         "epochs 8 and 12), switch t' at the first decay; hierarchical: K'=4, H=4, H_b=4.",
         baseline="large-batch",
     ),
+    # Outer optimizers and compressed averaging on the cifar10-resnet8 protocol's post-local H=16
+    # row (issue: outer optimizers, compressed and overlapped averaging). The plain row is run
+    # again beside them: the earlier study ran on another CPU, whose kernels round differently.
+    "cifar10-outer": Study(
+        base={
+            "dataset": "cifar10",
+            "model": "resnet8",
+            "workers": 16,
+            "local_batch_size": 32,
+            "epochs": 16,
+            "warmup_epochs": 2,
+            "decay_at": [0.5, 0.75],
+            "eval_local": "final",
+            "progress": False,
+            "local_steps": 16,
+            "switch_epoch": "first-decay",
+        },
+        methods={
+            "post-local H=16": {},
+            "diloco": {"outer_optimizer": "diloco"},
+            "slowmo": {"outer_optimizer": "slowmo"},
+            "int8": {"compress": "int8"},
+            "sign": {"compress": "sign"},
+        },
+        seeds=(1, 2, 3),
+        notes="cifar10-resnet8's post-local H=16 (ResNet-8, K=16, B_loc=32, 16 epochs, t' at the first "
+        "decay) with an outer optimizer (DiLoCo: Nesterov SGD lr 0.7, momentum 0.9; SlowMo: alpha 1, "
+        "beta 0.5) or compressed pseudo-gradients (int8 and sign, blocks of 256, error feedback).",
+        baseline="post-local H=16",
+    ),
 }
 
 
