@@ -72,9 +72,16 @@ class Toy(nn.Module):
 
 
 def free_port() -> int:
+    """A port that was free a moment ago: another process may take it before it is used, so every
+    caller retries on a collision (``port_collision``)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def port_collision(log: str) -> bool:
+    """Whether a launch failed because its port was taken meanwhile."""
+    return "address already in use" in log.lower() or "EADDRINUSE" in log
 
 
 def launch(
@@ -92,9 +99,26 @@ def launch(
     through a c10d rendezvous on localhost, as separate machines would. ``options`` go to torchrun,
     ``env`` is added to the workers' environment.
     """
+    for attempt in range(3):  # a rendezvous port taken between free_port() and its use: again
+        try:
+            return _launch(nproc, program, nodes, timeout, options, env)
+        except AssertionError as e:
+            if nodes == 1 or attempt == 2 or not port_collision(str(e)):
+                raise
+    raise AssertionError("unreachable")
+
+
+def _launch(
+    nproc: int,
+    program: list[str],
+    nodes: int,
+    timeout: float,
+    options: tuple[str, ...],
+    env: dict[str, str] | None,
+) -> tuple[float, str]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent), **(env or {})}
     if nodes == 1:
-        launch = [["--standalone"]]
+        launch = [["--standalone"]]  # torchrun picks a free port itself
     else:
         endpoint = f"127.0.0.1:{free_port()}"
         launch = [

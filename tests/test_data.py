@@ -384,11 +384,14 @@ def test_download_missing_file_on_server(server: tuple[str, Path], tmp_path: Pat
     assert list((tmp_path / "m").iterdir()) == []
 
 
-@pytest.mark.parametrize("evil", ["../evil", "/tmp/localsgd-evil-absolute", "ok/../../evil"])
+@pytest.mark.parametrize("evil", ["../evil", "ABSOLUTE", "ok/../../evil"])
 def test_download_refuses_unsafe_tar_members(
     server: tuple[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, evil: str
 ) -> None:
-    """A verified archive with an absolute or '..' member is refused before anything is written."""
+    """A verified archive with an absolute or '..' member is refused before anything is written
+    (the absolute member points into this test's own folder, never a shared system path)."""
+    absolute = tmp_path / "evil-absolute"
+    evil = str(absolute) if evil == "ABSOLUTE" else evil
     url, root = server
     archive = make_tar(root / "cifar-10-python.tar.gz", {"cifar-10-batches-py/x": b"fine", evil: b"owned"})
     monkeypatch.setitem(data.CHECKSUMS, "cifar10", {archive.name: md5(archive)})
@@ -396,7 +399,7 @@ def test_download_refuses_unsafe_tar_members(
     message = error_message(functools.partial(download, "cifar10", dest, base_url=url, progress=False))
     assert "unsafe" in message and evil in message
     assert list(dest.iterdir()) == []
-    assert not (tmp_path / "a" / "evil").exists() and not Path("/tmp/localsgd-evil-absolute").exists()
+    assert not (tmp_path / "a" / "evil").exists() and not absolute.exists()
 
 
 # ---------------------------------------------------------------------------------------------- shards

@@ -41,16 +41,16 @@ def kill_after_first_checkpoint(args: list[str], out: Path) -> int:
     return json.loads(pointer.read_text())["step"]
 
 
-def same_run(a: Path, b: Path) -> None:
+def same_run(a: Path, b: Path, context: str = "") -> None:
     ma = torch.load(a / "model.pt", weights_only=True)["model"]
     mb = torch.load(b / "model.pt", weights_only=True)["model"]
-    assert all(torch.equal(ma[k], mb[k]) for k in ma)  # bit for bit
+    assert all(torch.equal(ma[k], mb[k]) for k in ma), context  # bit for bit
     rows = [[json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()] for d in (a, b)]
-    assert len(rows[0]) == len(rows[1])
+    assert len(rows[0]) == len(rows[1]), context
     for ra, rb in zip(*rows, strict=True):
         assert {k: v for k, v in ra.items() if k not in TIMING} == {
             k: v for k, v in rb.items() if k not in TIMING
-        }
+        }, context
 
 
 @needs_cifar10
@@ -85,7 +85,9 @@ def test_torchrun_restart_after_sigkill_at_a_random_step_resumes_bit_for_bit(tmp
     """torchrun --max-restarts 1: one worker is SIGKILLed before a random step of the first attempt;
     the restarted group resumes from the last checkpoint on its own (TORCHELASTIC_RESTART_COUNT) and
     ends with the model of an uninterrupted run."""
-    step = random.randrange(32)  # 4 epochs of 8 steps, a checkpoint after each epoch
+    seed = int(os.environ.get("LOCALSGD_TEST_SEED", random.randrange(2**31)))
+    step = random.Random(seed).randrange(32)  # 4 epochs of 8 steps, a checkpoint after each epoch
+    context = f"kill step {step} (LOCALSGD_TEST_SEED={seed} repeats it)"
     cmd = ["-m", "localsgd", "train", *FLAGS]
     launch(2, [*cmd, "--out", str(tmp_path / "full")])
     _, log = launch(
@@ -96,8 +98,8 @@ def test_torchrun_restart_after_sigkill_at_a_random_step_resumes_bit_for_bit(tmp
     )
     # the victim (exit -9) or its survivor (a one-line error) is what torchrun reports first
     killed = "exitcode: -9" in log or "a worker is gone, stuck or unreachable" in log
-    assert killed, f"no worker was killed (step {step}):\n{log}"
-    same_run(tmp_path / "full", tmp_path / "restarted")
+    assert killed, f"no worker was killed, {context}:\n{log}"
+    same_run(tmp_path / "full", tmp_path / "restarted", context)
 
 
 @needs_cifar10
