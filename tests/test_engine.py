@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import copy
 import io
+from collections.abc import Callable
 
 import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from localsgd import LocalSGD, Schedule, Simulator
+from localsgd import Communicator, Level, LocalSGD, Schedule, Simulator
 from tests.helpers import batch, minibatch_reference, mlp, sgd
 
 
@@ -64,21 +65,56 @@ def test_single_worker_equals_the_plain_optimizer(make_opt) -> None:
     assert opt.stats["global"].rounds == 0  # a lone worker has nothing to average
 
 
+class SilentPeer(Communicator):
+    """Two workers, this process holding worker 0; worker 1 contributes zeros to every average
+    and agrees with every check. A mean is then exactly half of worker 0's values."""
+
+    workers, workers_per_block, local_workers = 2, None, [0]
+
+    def all_reduce_mean_(self, level: Level, flats: list[torch.Tensor]) -> Callable[[], None]:
+        flats[0].div_(2)
+        return lambda: None
+
+    def broadcast_(self, flats: list[torch.Tensor]) -> Callable[[], None]:
+        return lambda: None
+
+    def all_gather_bytes(self, data: list[bytes]) -> list[bytes]:
+        return [data[0], data[0]]
+
+    def exchange(self, level: Level, chunks: list[list[torch.Tensor]]) -> list[list[torch.Tensor]]:
+        raise NotImplementedError
+
+    def gather(self, level: Level, items: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+        raise NotImplementedError
+
+
 def test_closure_is_evaluated_once_before_averaging() -> None:
+    """H = 1 with a peer whose gradients are zero: the optimizer must step with half of the
+    closure's gradients. Catches a closure evaluated after the average (the step would use the
+    full gradients), evaluated twice (counted), or its loss not returned."""
     model, ref = mlp(seed=1), mlp(seed=1)
-    opt, ref_opt = LocalSGD(sgd(model), model, Schedule.local(2)), sgd(ref)
+    opt = LocalSGD(sgd(model), model, Schedule.local(1), comm=SilentPeer())
     x, y = batch(seed=3, worker=0, t=0)
-    for m, o in ((model, opt), (ref, ref_opt)):
+    calls = []
 
-        def closure(m=m, o=o) -> torch.Tensor:
-            o.zero_grad()
-            loss = F.cross_entropy(m(x), y)
-            loss.backward()
-            return loss
+    def closure() -> torch.Tensor:
+        calls.append(1)
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
 
-        loss = o.step(closure)
+    loss = opt.step(closure)
+    ref_loss = F.cross_entropy(ref(x), y)
+    ref_loss.backward()
+    ref_opt = sgd(ref)
+    for p in ref.parameters():
+        p.grad.mul_(0.5)  # the mean with a zero gradient, by hand
+    ref_opt.step()
+    assert len(calls) == 1
+    assert torch.equal(loss.detach(), ref_loss.detach())
     assert torch.equal(flat(model), flat(ref))
-    assert loss is not None
+    assert opt.stats["global"].rounds == 1
 
 
 def test_counters_count_rounds_and_bytes() -> None:
