@@ -226,6 +226,40 @@ def compressed(rank: int, codec: str) -> dict:
     }
 
 
+def sync_initial(rank: int) -> dict:
+    """Every rank builds its model from its own seed; LocalSGD's construction gives all of them
+    rank 0's parameters and buffers. A DDP wrapper that syncs buffers at every forward is refused."""
+    model = mlp(seed=10 + rank)
+    with torch.no_grad():
+        model[1].running_mean.fill_(float(rank + 1))  # a buffer that differs too
+    before = [t.detach().clone() for t in model.state_dict().values()]
+    LocalSGD(sgd(model), model, Schedule.local(2))
+    after = [t.detach().clone() for t in model.state_dict().values()]
+    guarded = mlp(seed=1)
+    syncing = DistributedDataParallel(guarded)  # forward buffer sync on (the default)
+    try:
+        LocalSGD(sgd(guarded), syncing, Schedule.local(2))
+        error = ""
+    except ValueError as e:
+        error = str(e)
+    return {"before": before, "after": after, "ddp_error": error}
+
+
+def optimizer_state(rank: int, policy: str) -> dict:
+    """Momentum after each parameter average under the optimizer-state policy."""
+    model = mlp(seed=1)
+    opt = LocalSGD(sgd(model), model, Schedule.local(3), optimizer_state=policy)
+    momentum = []
+    for t in range(6):
+        x, y = batch(seed=2, worker=rank, t=t)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        state = opt.optimizer.state.get(model[0].weight, {})
+        momentum.append(state["momentum_buffer"].clone() if "momentum_buffer" in state else None)
+    return {"momentum": momentum}
+
+
 def mismatch(rank: int) -> dict:
     """Rank 1 has one more layer than the others."""
     model = mlp(seed=1, extra=rank == 1)
@@ -258,6 +292,10 @@ def main() -> None:
         result = compressed(rank, *args)
     elif scenario == "outer":
         result = outer(rank, *args)
+    elif scenario == "sync_initial":
+        result = sync_initial(rank)
+    elif scenario == "optimizer_state":
+        result = optimizer_state(rank, *args)
     elif scenario == "mismatch":
         result = mismatch(rank)
     else:
