@@ -16,7 +16,7 @@ from localsgd import Schedule, SimCommunicator, Simulator, diloco
 from localsgd.compression import CompressedMean, make_codec
 from localsgd.schedule import Level
 from tests.test_golden import Dyadic, optimizer
-from tests.test_outer import inner_lr_at, params
+from tests.test_outer import drive, params
 
 
 def vector(n: int, seed: int) -> torch.Tensor:
@@ -105,14 +105,7 @@ def test_error_feedback_makes_the_average_of_the_means_converge(name: str) -> No
 def run(workers: int, compression: str, steps: int = 14, outer=None) -> Simulator:
     sim = Simulator(Dyadic(), optimizer, Schedule.post_local(2, switch_step=3), workers,
                     outer_optimizer=outer, compression=compression)  # fmt: skip
-    for t in range(steps):
-        for opt in sim.optimizers:
-            opt.param_groups[0]["lr"] = inner_lr_at(t)
-        for k, m in enumerate(sim.models):
-            m.local_update(k, t)
-        sim.step()
-        sim.zero_grad()
-    return sim
+    return drive(sim, 0, steps)
 
 
 def test_compressed_training_stays_near_plain_averaging() -> None:
@@ -138,13 +131,7 @@ def test_compressed_outer_state_resumes_bit_for_bit() -> None:
     resumed = Simulator(Dyadic(), optimizer, Schedule.post_local(2, switch_step=3), 2,
                         outer_optimizer=diloco(0.5, 0.5), compression="sign")  # fmt: skip
     resumed.load_state_dict(state)
-    for t in range(8, 14):
-        for opt in resumed.optimizers:
-            opt.param_groups[0]["lr"] = inner_lr_at(t)
-        for k, m in enumerate(resumed.models):
-            m.local_update(k, t)
-        resumed.step()
-        resumed.zero_grad()
+    drive(resumed, 8, 14)
     assert params(resumed.models) == params(full.models)
 
 

@@ -61,6 +61,33 @@ def inner_lr_at(t: int) -> float:
     return 0.5 if t < 8 else 0.25  # a decay mid-run (SlowMo's momentum must follow it)
 
 
+def average_gradients(models: list[nn.Module]) -> None:
+    """Mini-batch SGD by hand: every worker gets the mean gradient, a missing one counted as zero
+    (None where no worker has one)."""
+    for ps in zip(*(list(m.parameters()) for m in models), strict=True):
+        grads = [p.grad for p in ps]
+        if any(g is not None for g in grads):
+            mean = sum(g if g is not None else torch.zeros_like(ps[0]) for g in grads) / len(models)
+            for p in ps:
+                p.grad = mean.clone()
+
+
+def inner_step(
+    models: list[nn.Module], opts: list[torch.optim.Optimizer], t: int, switch: int
+) -> list[torch.Tensor] | None:
+    """Step t of every worker (gradients averaged before t'); returns the anchor at t = t'."""
+    for opt in opts:
+        opt.param_groups[0]["lr"] = inner_lr_at(t)
+    for k, m in enumerate(models):
+        m.local_update(k, t)
+    if t < switch:
+        average_gradients(models)
+    anchor = [p.detach().clone() for p in models[0].parameters()] if t == switch else None
+    for opt in opts:
+        opt.step()
+    return anchor
+
+
 def reference(
     workers: int, local_steps: int, switch: int, update: Update, steps: int, block: tuple[int, int] | None = None
 ) -> list[nn.Module]:
@@ -73,23 +100,7 @@ def reference(
     state: dict[str, Any] = {}
     hb, kb = block or (1, workers)
     for t in range(steps):
-        for opt in opts:
-            for g in opt.param_groups[:1]:
-                g["lr"] = inner_lr_at(t)
-        for k, m in enumerate(models):
-            m.local_update(k, t)
-        if t < switch:
-            for ps in zip(*(list(m.parameters()) for m in models), strict=True):
-                grads = [p.grad for p in ps]
-                if all(g is None for g in grads):
-                    continue
-                mean = sum(g if g is not None else torch.zeros_like(ps[0]) for g in grads) / workers
-                for p in ps:
-                    p.grad = mean.clone()
-        if t == switch:
-            anchor = [p.detach().clone() for p in models[0].parameters()]
-        for opt in opts:
-            opt.step()
+        anchor = inner_step(models, opts, t, switch) or anchor
         u = t + 1 - switch
         if t < switch or u % local_steps:
             continue
@@ -111,13 +122,9 @@ def reference(
     return models
 
 
-def engine_run(
-    workers: int, schedule: Schedule, outer: Any, steps: int, workers_per_block: int | None = None
-) -> Simulator:
-    sim = Simulator(
-        Dyadic(), optimizer, schedule, workers, workers_per_block=workers_per_block, outer_optimizer=outer
-    )
-    for t in range(steps):
+def drive(sim: Simulator, start: int, stop: int) -> Simulator:
+    """Steps ``start`` to ``stop`` - 1 of the dyadic workers, with the inner LR schedule."""
+    for t in range(start, stop):
         for opt in sim.optimizers:
             opt.param_groups[0]["lr"] = inner_lr_at(t)
         for k, m in enumerate(sim.models):
@@ -125,6 +132,15 @@ def engine_run(
         sim.step()
         sim.zero_grad()
     return sim
+
+
+def engine_run(
+    workers: int, schedule: Schedule, outer: Any, steps: int, workers_per_block: int | None = None
+) -> Simulator:
+    sim = Simulator(
+        Dyadic(), optimizer, schedule, workers, workers_per_block=workers_per_block, outer_optimizer=outer
+    )
+    return drive(sim, 0, steps)
 
 
 def params(models: list[nn.Module]) -> list[list[list[float]]]:
@@ -196,13 +212,7 @@ def test_outer_state_resumes_mid_period_bit_for_bit() -> None:
     assert "outer" in state and state["outer"]["optimizer"]["state"]  # the momentum is in it
     resumed = Simulator(Dyadic(), optimizer, schedule, 2, outer_optimizer=outer)
     resumed.load_state_dict(state)
-    for t in range(9, 16):
-        for opt in resumed.optimizers:
-            opt.param_groups[0]["lr"] = inner_lr_at(t)
-        for k, m in enumerate(resumed.models):
-            m.local_update(k, t)
-        resumed.step()
-        resumed.zero_grad()
+    drive(resumed, 9, 16)
     assert params(resumed.models) == params(full.models)
     plain = Simulator(Dyadic(), optimizer, schedule, 2)
     with pytest.raises(ValueError, match="written with an outer optimizer, but this run has no"):
@@ -264,21 +274,7 @@ def delayed_reference(workers: int, local_steps: int, switch: int, tau: int, upd
     state: dict[str, Any] = {}
     pending: tuple[int, list[list[torch.Tensor]]] | None = None
     for t in range(steps):
-        for opt in opts:
-            opt.param_groups[0]["lr"] = inner_lr_at(t)
-        for k, m in enumerate(models):
-            m.local_update(k, t)
-        if t < switch:
-            for ps in zip(*(list(m.parameters()) for m in models), strict=True):
-                grads = [p.grad for p in ps]
-                if any(g is not None for g in grads):
-                    mean = sum(g if g is not None else torch.zeros_like(ps[0]) for g in grads) / workers
-                    for p in ps:
-                        p.grad = mean.clone()
-        if t == switch:
-            anchor = [p.detach().clone() for p in models[0].parameters()]
-        for opt in opts:
-            opt.step()
+        anchor = inner_step(models, opts, t, switch) or anchor
         with torch.no_grad():
             if pending is not None and pending[0] == t:
                 snaps = pending[1]
@@ -298,14 +294,7 @@ def overlapped(workers: int, schedule: Schedule, outer: Any, tau: int, steps: in
     sim = Simulator(Dyadic(), optimizer, schedule, workers, outer_optimizer=outer, overlap_steps=tau)
     if state is not None:
         sim.load_state_dict(state)
-    for t in range(start, steps):
-        for opt in sim.optimizers:
-            opt.param_groups[0]["lr"] = inner_lr_at(t)
-        for k, m in enumerate(sim.models):
-            m.local_update(k, t)
-        sim.step()
-        sim.zero_grad()
-    return sim
+    return drive(sim, start, steps)
 
 
 @pytest.mark.parametrize("tau", [1, 2])

@@ -34,6 +34,19 @@ class Study:
         return from_mapping(values, f"study method {method!r}")
 
 
+# cifar10-resnet8's protocol, shared by the studies built on it (docs/results/cifar10-resnet8.md).
+RESNET8_PROTOCOL: dict[str, Any] = {
+    "dataset": "cifar10",
+    "model": "resnet8",
+    "workers": 16,
+    "local_batch_size": 32,
+    "epochs": 16,
+    "warmup_epochs": 2,
+    "decay_at": [0.5, 0.75],
+    "eval_local": "final",
+    "progress": False,
+}
+
 STUDIES: dict[str, Study] = {
     # A seconds-long study that exercises the machinery (tests, first use on a new machine).
     "smoke": Study(
@@ -56,17 +69,7 @@ STUDIES: dict[str, Study] = {
     # The scaled reproduction of the paper's CIFAR-10 comparison (docs/results/cifar10-resnet8.md says
     # why each number was chosen and what the pilot showed).
     "cifar10-resnet8": Study(
-        base={
-            "dataset": "cifar10",
-            "model": "resnet8",
-            "workers": 16,
-            "local_batch_size": 32,
-            "epochs": 16,
-            "warmup_epochs": 2,
-            "decay_at": [0.5, 0.75],
-            "eval_local": "final",
-            "progress": False,
-        },
+        base=RESNET8_PROTOCOL,
         methods={
             "small-batch": {"workers": 4},
             "large-batch": {},
@@ -89,19 +92,7 @@ STUDIES: dict[str, Study] = {
     # row (issue: outer optimizers, compressed and overlapped averaging). The plain row is run
     # again beside them: the earlier study ran on another CPU, whose kernels round differently.
     "cifar10-outer": Study(
-        base={
-            "dataset": "cifar10",
-            "model": "resnet8",
-            "workers": 16,
-            "local_batch_size": 32,
-            "epochs": 16,
-            "warmup_epochs": 2,
-            "decay_at": [0.5, 0.75],
-            "eval_local": "final",
-            "progress": False,
-            "local_steps": 16,
-            "switch_epoch": "first-decay",
-        },
+        base={**RESNET8_PROTOCOL, "local_steps": 16, "switch_epoch": "first-decay"},
         methods={
             "post-local H=16": {},
             "diloco": {"outer_optimizer": "diloco"},
