@@ -18,6 +18,7 @@ else:  # pragma: no cover
 FIRST_DECAY = "first-decay"
 EVAL_LOCAL = ("every", "final", "never")
 DEFAULT_WORKERS = 16  # K outside torchrun when no preset, file or flag sets it
+DEVICES = ("auto", "cpu", "cuda")
 # outer optimizer: (lr, momentum) by default; DiLoCo's paper values, SlowMo's (fairscale's) defaults
 OUTER_DEFAULTS: dict[str, tuple[float, float]] = {
     "none": (1.0, 0.0),
@@ -140,7 +141,7 @@ class Config:
         choice(self, "optimizer_state", ("local", "average", "reset"))
         choice(self, "eval_local", EVAL_LOCAL)
         choice(self, "precision", ("fp32", "bf16"))
-        choice(self, "device", ("auto", "cpu", "cuda"))
+        choice(self, "device", DEVICES)
         choice(self, "outer_optimizer", tuple(OUTER_DEFAULTS))
         choice(self, "compress", ("none", "bf16", "fp16", "int8", "sign"))
         for name in ("local_batch_size", "local_steps", "eval_every", "checkpoint_every"):

@@ -13,9 +13,7 @@ import torch.distributed as dist
 
 from localsgd.comm import init_process_group
 from localsgd.engine import CommunicationError, first_line
-from localsgd.harness.config import DEFAULT_WORKERS, Config, ConfigError
-
-DEVICES = ("auto", "cpu", "cuda")
+from localsgd.harness.config import DEFAULT_WORKERS, DEVICES, Config, ConfigError
 
 
 def launched_processes() -> int | None:
@@ -59,6 +57,11 @@ def pick_device(name: str, distributed: bool) -> torch.device:
             )
         return torch.device("cpu")
     index = int(os.environ.get("LOCAL_RANK", "0")) if distributed else torch.cuda.current_device()
+    if index >= torch.cuda.device_count():
+        raise ConfigError(
+            f"LOCAL_RANK = {index} but this node has {torch.cuda.device_count()} CUDA device(s): start at "
+            "most one process per GPU, or use device = cpu"
+        )
     return torch.device("cuda", index)
 
 
