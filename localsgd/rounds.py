@@ -5,6 +5,8 @@ times and counts them; the averager moves the bytes (``localsgd.averaging``)."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -149,6 +151,17 @@ class ParameterAverage:
         return run
 
 
+@dataclass
+class InFlight:
+    """A global average started and not yet applied."""
+
+    level: Level
+    due: int  # applied after this step (0-based)
+    snapshots: list[list[torch.Tensor]]  # per worker: its parameters when the average started
+    sent: list[list[torch.Tensor]]  # per worker: θ̄ − s_k, replaced by the mean once waited for
+    wait: Callable[[], None]
+
+
 class DelayedAverage:
     """A global average that runs while the workers take their next τ local steps (overlapped
     averaging, as streaming DiLoCo's ``fragment_sync_delay``).
@@ -162,7 +175,7 @@ class DelayedAverage:
     def __init__(self, models: list[nn.Module], averager: FlatAverager, outer: OuterStep, delay: int) -> None:
         self.models, self.outer, self.delay = models, outer, delay
         self.averager = FlatAverager(averager.comm, averager.bucket_bytes)  # its own buffers: in flight
-        self.pending: dict[str, object] | None = None
+        self.pending: InFlight | None = None
 
     def start(self, level: Level, t: int) -> Round:
         """The round that starts the average after step ``t`` (applied after step t + τ)."""
@@ -178,34 +191,33 @@ class DelayedAverage:
         anchor = self.outer.anchor  # unchanged until the average is applied
         sent = [[a.to(s.device) - s for a, s in zip(anchor, snap, strict=True)] for snap in snapshots]
         wait, nbytes = self.averager.start_average_(level, sent)
-        self.pending = {"level": level, "due": due, "snapshots": snapshots, "sent": sent, "wait": wait}
+        self.pending = InFlight(level, due, snapshots, sent, wait)
         return nbytes
 
     def due(self, t: int) -> bool:
         """Whether the pending average is to be applied after step ``t`` (0-based)."""
-        return self.pending is not None and self.pending["due"] == t
+        return self.pending is not None and self.pending.due == t
 
     @torch.no_grad()
     def apply(self, inner_lr: float) -> None:
         """Wait for the pending mean Δ, step the anchor, and move every worker onto it."""
         pending, self.pending = self.pending, None
         assert pending is not None
-        pending["wait"]()  # type: ignore[operator]
-        self.outer.advance_(pending["sent"][0], inner_lr)  # type: ignore[index]
-        for m, snap in zip(self.models, pending["snapshots"], strict=True):  # type: ignore[call-overload]
-            for p, s, a in zip(m.parameters(), snap, self.outer.anchor, strict=True):
+        pending.wait()
+        self.outer.advance_(pending.sent[0], inner_lr)
+        for m, snapshot in zip(self.models, pending.snapshots, strict=True):
+            for p, s, a in zip(m.parameters(), snapshot, self.outer.anchor, strict=True):
                 p.sub_(s).add_(a.to(p.device))
 
-    def state_dict(self) -> dict[str, object] | None:
+    def state_dict(self) -> dict[str, Any] | None:
         """What the pending average was started from (the anchor, saved with the outer step,
         gives the rest): loading sends it again."""
         if self.pending is None:
             return None
-        level: Level = self.pending["level"]  # type: ignore[assignment]
-        return {"level": level.value, "due": self.pending["due"], "snapshots": self.pending["snapshots"]}
+        return {"level": self.pending.level.value, "due": self.pending.due, "snapshots": self.pending.snapshots}
 
-    def load_state_dict(self, state: dict[str, object] | None) -> None:
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
         """Call after the outer step's state is loaded (the anchor)."""
         self.pending = None
         if state is not None:
-            self._send(Level(state["level"]), int(state["due"]), state["snapshots"])  # type: ignore[arg-type]
+            self._send(Level(state["level"]), int(state["due"]), state["snapshots"])
