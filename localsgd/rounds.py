@@ -212,9 +212,10 @@ class DelayedAverage:
     def state_dict(self) -> dict[str, Any] | None:
         """What the pending average was started from (the anchor, saved with the outer step,
         gives the rest): loading sends it again."""
-        if self.pending is None:
+        pending = self.pending
+        if pending is None:
             return None
-        return {"level": self.pending.level.value, "due": self.pending.due, "snapshots": self.pending.snapshots}
+        return {"level": pending.level.value, "due": pending.due, "snapshots": pending.snapshots}
 
     def load_state_dict(self, state: dict[str, Any] | None) -> None:
         """Call after the outer step's state is loaded (the anchor)."""
