@@ -155,7 +155,7 @@ class Engine:
             self.models, self.optimizers, self._averager, self._ddp, self._pack_gradients, buffers
         )
         codec = make_codec(compression) if isinstance(compression, str) else compression
-        self._check_overlap(overlap_steps, codec)
+        DelayedAverage.check(overlap_steps, schedule, buffers, optimizer_state, compressed=codec is not None)
         if codec is not None and not self._packed:
             raise ValueError(
                 "compression needs the parameters packed in flat buffers (dense, not sharing memory)"
@@ -207,25 +207,6 @@ class Engine:
             "compression": None if self._compressed is None else self._compressed.describe(),
             "overlap_steps": self.overlap_steps,
         }
-
-    def _check_overlap(self, overlap_steps: int, codec: Codec | None) -> None:
-        if isinstance(overlap_steps, bool) or not isinstance(overlap_steps, int) or overlap_steps < 0:
-            raise ValueError(f"overlap_steps (τ) must be an integer >= 0, got {overlap_steps!r}")
-        if not overlap_steps:
-            return
-        period = self.schedule.period(Level.GLOBAL)
-        if overlap_steps >= period:
-            raise ValueError(
-                f"overlap_steps (τ) = {overlap_steps} must be less than the global period "
-                f"H·H_b = {period}: one global average in flight at a time"
-            )
-        if codec is not None:
-            raise ValueError("overlap_steps > 0 with compression is not supported yet")
-        if self.buffers != "local" or self.optimizer_state != "local":
-            raise ValueError(
-                "overlap_steps > 0 needs buffers='local' and optimizer_state='local' (delaying their "
-                "average is not supported)"
-            )
 
     # --- the step ----------------------------------------------------------------------------
 

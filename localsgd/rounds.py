@@ -16,7 +16,7 @@ from localsgd.compression import CompressedMean
 from localsgd.ddp import DDPArming
 from localsgd.gradients import CopiedGradients, PackedGradients
 from localsgd.outer import OuterStep
-from localsgd.schedule import Level
+from localsgd.schedule import Level, Schedule
 
 Round = Callable[[], int]  # runs the round's communication; returns the bytes each worker sent
 
@@ -176,6 +176,27 @@ class DelayedAverage:
         self.models, self.outer, self.delay = models, outer, delay
         self.averager = FlatAverager(averager.comm, averager.bucket_bytes)  # its own buffers: in flight
         self.pending: InFlight | None = None
+
+    @staticmethod
+    def check(delay: int, schedule: Schedule, buffers: str, optimizer_state: str, compressed: bool) -> None:
+        """ValueError unless τ = ``delay`` can be used with these settings."""
+        if isinstance(delay, bool) or not isinstance(delay, int) or delay < 0:
+            raise ValueError(f"overlap_steps (τ) must be an integer >= 0, got {delay!r}")
+        if not delay:
+            return
+        period = schedule.period(Level.GLOBAL)
+        if delay >= period:
+            raise ValueError(
+                f"overlap_steps (τ) = {delay} must be less than the global period H·H_b = {period}: "
+                "one global average in flight at a time"
+            )
+        if compressed:
+            raise ValueError("overlap_steps > 0 with compression is not supported yet")
+        if buffers != "local" or optimizer_state != "local":
+            raise ValueError(
+                "overlap_steps > 0 needs buffers='local' and optimizer_state='local' (delaying their "
+                "average is not supported)"
+            )
 
     def start(self, level: Level, t: int) -> Round:
         """The round that starts the average after step ``t`` (applied after step t + τ)."""
