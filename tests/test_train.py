@@ -141,8 +141,9 @@ BAD_CONFIGS = [
     (["--compress", "int8", "--local-steps", "1"], "compress = int8 needs local steps: with local_steps (H) = 1"),
     (["--compress", "bf16", "--local-steps", "4", "--compress-block", "64"], "compress_block = 64 needs compress = int8 or sign"),
     (["--compress", "sign", "--local-steps", "4", "--compress-block", "4"], "compress_block must be an integer >= 8, got 4"),
-    (["--overlap-steps", "4", "--local-steps", "4"], "overlap_steps (tau) = 4 must be less than the global period H·H_b = 4"),
-    (["--overlap-steps", "1", "--local-steps", "4", "--compress", "int8"], "overlap_steps > 0 with compress is not supported yet"),
+    (["--overlap-steps", "4", "--local-steps", "4"], "overlap_steps (τ) = 4 must be less than the global period H·H_b = 4"),
+    (["--overlap-steps", "1", "--local-steps", "4", "--compress", "int8"], "overlap_steps > 0 with compression is not supported yet"),
+    (["--overlap-steps", "1", "--local-steps", "4", "--buffers", "average"], "overlap_steps > 0 needs buffers='local' and optimizer_state='local'"),
     (["--overlap-steps", "-1"], "overlap_steps must be an integer >= 0, got -1"),
     (["--overlap-steps", "1"], "overlap_steps = 1 needs local steps"),
 ]  # fmt: skip

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from localsgd.compression import CODECS
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -143,7 +145,7 @@ class Config:
         choice(self, "precision", ("fp32", "bf16"))
         choice(self, "device", DEVICES)
         choice(self, "outer_optimizer", tuple(OUTER_DEFAULTS))
-        choice(self, "compress", ("none", "bf16", "fp16", "int8", "sign"))
+        choice(self, "compress", ("none", *CODECS))
         for name in ("local_batch_size", "local_steps", "eval_every", "checkpoint_every"):
             integer(self, name, 1)
         for name in ("workers", "train_subset", "test_subset", "workers_per_block", "block_steps", "threads"):
@@ -231,20 +233,19 @@ class Config:
             self._needs_local_steps("compress", self.compress)
 
     def _validate_overlap(self) -> None:
+        from localsgd.rounds import DelayedAverage
+        from localsgd.schedule import Schedule
+
         integer(self, "overlap_steps", 0)
-        if not self.overlap_steps:
-            return
-        self._needs_local_steps("overlap_steps", str(self.overlap_steps))
-        period = self.local_steps * (self.block_steps or 1)
-        if self.overlap_steps >= period:
-            raise ConfigError(
-                f"overlap_steps (tau) = {self.overlap_steps} must be less than the global period H·H_b = "
-                f"{period}: one global average in flight at a time"
+        if self.overlap_steps:
+            self._needs_local_steps("overlap_steps", str(self.overlap_steps))
+        schedule = Schedule(local_steps=self.local_steps, block_steps=self.block_steps)
+        try:  # the engine's own rules, checked before any work
+            DelayedAverage.check(
+                self.overlap_steps, schedule, self.buffers, self.optimizer_state, self.compress != "none"
             )
-        if self.compress != "none":
-            raise ConfigError("overlap_steps > 0 with compress is not supported yet")
-        if self.buffers != "local" or self.optimizer_state != "local":
-            raise ConfigError("overlap_steps > 0 needs buffers = local and optimizer_state = local")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
     def outer(self) -> tuple[float, float] | None:
         """(lr, momentum) of the outer optimizer, defaults filled in; None for plain averaging."""
