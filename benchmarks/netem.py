@@ -28,6 +28,13 @@ What is emulated:
 * TCP's slow start after idle is off in the namespaces, so a link that was idle between two
   averages starts at full speed (as on a tuned cluster).
 
+Two tiers (``workers_per_block`` K'): the ranks of each block of K' share a switch (a bridge of
+their own) and the switches join the core bridge through one uplink each (a veth pair): the
+block's nodes talk over their rank links alone, and all traffic between blocks crosses both
+blocks' uplinks, limited to the outer link's rate in each direction and delayed by its d (the
+delayer of a rank holds packets from the other blocks for the outer d, from its own block for the
+inner one). A two-node cluster of K' GPUs each: fast links inside a node, one slow link between.
+
 ``up`` leaves the network in place until ``down``; the ``Network`` class (used by
 ``benchmarks/network.py``) removes everything on exit, Ctrl-C, SIGTERM and exceptions.
 """
@@ -116,16 +123,26 @@ class Network:
         mtu: fixed MTU of every interface; None (default): ``Link.auto_mtu()`` of each link.
     """
 
-    def __init__(self, workers: int, prefix: str = "lsgd", mtu: int | None = None) -> None:
+    def __init__(
+        self, workers: int, prefix: str = "lsgd", mtu: int | None = None, workers_per_block: int | None = None
+    ) -> None:
         if workers < 1 or workers > 200:
             raise ValueError(f"workers must be between 1 and 200, got {workers}")
+        if workers_per_block is not None and not (
+            1 <= workers_per_block < workers and workers % workers_per_block == 0
+        ):
+            raise ValueError(
+                f"workers_per_block must divide workers = {workers} and be less, got {workers_per_block}"
+            )
         if not re.fullmatch(r"[a-z][a-z0-9]{0,7}", prefix):
             raise ValueError(f"prefix must be 1-8 lowercase letters or digits, got {prefix!r}")
         if mtu is not None and not 576 <= mtu <= 65000:
             raise ValueError(f"mtu must be between 576 and 65000, got {mtu}")
         self.workers, self.prefix, self.fixed_mtu = workers, prefix, mtu
+        self.workers_per_block = workers_per_block
         self.mtu = 1500  # what the interfaces have now
         self.link = Link()
+        self.outer: Link | None = None  # the uplinks' link, two tiers only
         self._delayers: list[subprocess.Popen] = []
         self._up = False
 
@@ -150,6 +167,23 @@ class Network:
 
     def namespaces(self) -> list[str]:
         return [self.bridge] + [self.namespace(i) for i in range(self.workers)]
+
+    @property
+    def blocks(self) -> int:
+        return 1 if self.workers_per_block is None else self.workers // self.workers_per_block
+
+    def block(self, rank: int) -> int:
+        return 0 if self.workers_per_block is None else rank // self.workers_per_block
+
+    def switch(self, block: int) -> str:
+        """The bridge rank ports join: the core bridge, or their block's switch (two tiers)."""
+        return self.bridge if self.workers_per_block is None else f"{self.prefix}s{block}"
+
+    def uplinks(self) -> list[tuple[str, str]]:
+        """(switch end, core end) of each block's uplink (two tiers; both in the bridge namespace)."""
+        if self.workers_per_block is None:
+            return []
+        return [(f"{self.prefix}u{j}", f"{self.prefix}d{j}") for j in range(self.blocks)]
 
     # --- life cycle --------------------------------------------------------------------------
 
@@ -185,12 +219,18 @@ class Network:
             # IPv4 only (no link-local IPv6 addresses or their chatter); no slow start after idle.
             run("ip", "netns", "exec", ns, "sysctl", "-q", "-w", "net.ipv6.conf.all.disable_ipv6=1",
                 "net.ipv6.conf.default.disable_ipv6=1", "net.ipv4.tcp_slow_start_after_idle=0")  # fmt: skip
-        run("ip", "-n", br, "link", "add", br, "type", "bridge")
-        run("ip", "-n", br, "link", "set", br, "up")
+        switches = dict.fromkeys([br, *(self.switch(j) for j in range(self.blocks))])
+        for bridge in switches:
+            run("ip", "-n", br, "link", "add", bridge, "type", "bridge")
+            run("ip", "-n", br, "link", "set", bridge, "up")
+        for j, (up, down) in enumerate(self.uplinks()):
+            run("ip", "-n", br, "link", "add", up, "type", "veth", "peer", "name", down)
+            run("ip", "-n", br, "link", "set", up, "master", self.switch(j), "up")
+            run("ip", "-n", br, "link", "set", down, "master", br, "up")
         for i in range(self.workers):
             ns, dev = self.namespace(i), self.interface(i)
             run("ip", "link", "add", dev, "netns", ns, "type", "veth", "peer", "name", f"{dev}p", "netns", br)
-            run("ip", "-n", br, "link", "set", f"{dev}p", "master", br, "up")
+            run("ip", "-n", br, "link", "set", f"{dev}p", "master", self.switch(self.block(i)), "up")
             run("ip", "-n", ns, "addr", "add", f"{self.address(i)}/24", "dev", dev)
             run("ip", "-n", ns, "link", "set", "lo", "up")
             run("ip", "-n", ns, "link", "set", dev, "up")
@@ -206,34 +246,53 @@ class Network:
 
     # --- shaping -----------------------------------------------------------------------------
 
-    def shape(self, link: Link) -> None:
-        """Set every rank's link (rate and delay), replacing the previous setting."""
+    def shape(self, link: Link, outer: Link | None = None) -> None:
+        """Set every rank's link (rate and delay), and with two tiers the uplinks' (``outer``),
+        replacing the previous setting."""
         if not self._up:
             raise RuntimeError("the network is not up")
+        if (outer is None) != (self.workers_per_block is None):
+            raise ValueError("an outer link is for two tiers (workers_per_block), and two tiers need one")
         self._stop_delayers()
-        self._set_mtu(self.fixed_mtu or link.auto_mtu())
+        links = [link] if outer is None else [link, outer]
+        self._set_mtu(self.fixed_mtu or min(x.auto_mtu() for x in links))
         for i in range(self.workers):
             ns, dev = self.namespace(i), self.interface(i)
             for netns, device in ((ns, dev), (self.bridge, f"{dev}p")):
-                run("tc", "-n", netns, "qdisc", "del", "dev", device, "root", check=False)
-                if link.rate is not None:
-                    run("tc", "-n", netns, "qdisc", "add", "dev", device, "root", *self.tbf(link))
-            rule = ("-t", "mangle", "PREROUTING", "-i", dev, "-j", "NFQUEUE", "--queue-num", str(QUEUE),
-                    "--queue-bypass")  # fmt: skip
-            while (
-                run(*self.exec(i), IPTABLES, rule[0], rule[1], "-D", *rule[2:], check=False).returncode == 0
-            ):
-                pass
-            if link.delay_ms > 0:
-                run(*self.exec(i), IPTABLES, rule[0], rule[1], "-A", *rule[2:])
-                self._delayers.append(self._start_delayer(i, link.delay_ms))
-        self.link = link
+                self._tbf(netns, device, link)
+            run(*self.exec(i), IPTABLES, "-t", "mangle", "-F", "PREROUTING")  # our namespace: ours alone
+            for queue, (sources, delay_ms) in enumerate(self._delays(i, link, outer)):
+                if delay_ms > 0:
+                    match = ["-s", ",".join(sources)] if sources else []
+                    run(*self.exec(i), IPTABLES, "-t", "mangle", "-A", "PREROUTING", "-i", dev, *match,
+                        "-j", "NFQUEUE", "--queue-num", str(queue), "--queue-bypass")  # fmt: skip
+                    self._delayers.append(self._start_delayer(i, delay_ms, queue))
+        for up, down in self.uplinks():
+            for device in (up, down):
+                self._tbf(self.bridge, device, outer)
+        self.link, self.outer = link, outer
+
+    def _delays(self, rank: int, link: Link, outer: Link | None) -> list[tuple[list[str], float]]:
+        """(source addresses, one-way delay) per queue of a rank's ingress; no addresses: all."""
+        if outer is None:
+            return [([], link.delay_ms)]
+        mine = self.block(rank)
+        inner = [self.address(i) for i in range(self.workers) if self.block(i) == mine and i != rank]
+        other = [self.address(i) for i in range(self.workers) if self.block(i) != mine]
+        return [(inner, link.delay_ms), (other, outer.delay_ms)]
+
+    def _tbf(self, netns: str, device: str, link: Link) -> None:
+        run("tc", "-n", netns, "qdisc", "del", "dev", device, "root", check=False)
+        if link.rate is not None:
+            run("tc", "-n", netns, "qdisc", "add", "dev", device, "root", *self.tbf(link))
 
     def _set_mtu(self, mtu: int) -> None:
         devices = []
         for i in range(self.workers):
             devices += [(self.namespace(i), self.interface(i)), (self.bridge, f"{self.interface(i)}p")]
-        for ns, dev in [*devices, (self.bridge, self.bridge)]:
+        devices += [(self.bridge, dev) for pair in self.uplinks() for dev in pair]
+        bridges = dict.fromkeys([self.bridge, *(self.switch(j) for j in range(self.blocks))])
+        for ns, dev in [*devices, *((self.bridge, b) for b in bridges)]:
             run("ip", "-n", ns, "link", "set", "dev", dev, "mtu", str(mtu))
         self.mtu = mtu
 
@@ -245,8 +304,9 @@ class Network:
         rate = f"{int(link.bits_per_second)}bit"
         return ["tbf", "rate", rate, "burst", str(burst), "limit", str(QUEUE_BYTES)]
 
-    def _start_delayer(self, rank: int, delay_ms: float) -> subprocess.Popen:
-        cmd = [*self.exec(rank), sys.executable, "-u", __file__, "delayer", "--delay-ms", str(delay_ms)]
+    def _start_delayer(self, rank: int, delay_ms: float, queue: int = QUEUE) -> subprocess.Popen:
+        cmd = [*self.exec(rank), sys.executable, "-u", __file__, "delayer", "--delay-ms", str(delay_ms),
+               "--queue", str(queue)]  # fmt: skip
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
         ready, _, _ = select.select([proc.stdout], [], [], 20)
         line = proc.stdout.readline() if ready else ""
@@ -423,19 +483,20 @@ def _client(host: str, port: int, sizes: list[int], repeats: int) -> None:
 
 
 def check(net: Network, sizes: list[int], repeats: int) -> None:
-    """Round trip and bulk transfer from rank 0 to rank 1 over plain TCP (no torch)."""
+    """Round trip and bulk transfer from rank 0 to rank 1 (with two tiers: to the first rank of the
+    next block, across the uplinks) over plain TCP (no torch)."""
     if net.workers < 2:
         raise ValueError("check needs at least 2 ranks")
-    port = 29400
+    port, peer = 29400, net.workers_per_block or 1
     server = subprocess.Popen(
-        [*net.exec(1), sys.executable, "-u", __file__, "serve", "--port", str(port)],
+        [*net.exec(peer), sys.executable, "-u", __file__, "serve", "--port", str(port)],
         stdout=subprocess.PIPE,
         text=True,
     )
     try:
         if server.stdout.readline().strip() != "ready":
             raise RuntimeError("the check server did not start")
-        cmd = [sys.executable, "-u", __file__, "client", "--host", net.address(1), "--port", str(port),
+        cmd = [sys.executable, "-u", __file__, "client", "--host", net.address(peer), "--port", str(port),
                "--repeats", str(repeats), "--sizes", *map(str, sizes)]  # fmt: skip
         subprocess.run([*net.exec(0), *cmd], check=True, timeout=600)
     finally:
@@ -459,11 +520,15 @@ def main(argv: list[str] | None = None) -> int:
         )
         q.add_argument("--delay-ms", type=float, default=0.0, help="one-way delay d in ms (round trip 2d)")
         q.add_argument("--mtu", type=int, help="default: the largest whose packet takes <= 0.75 ms")
+        q.add_argument("--workers-per-block", type=int, metavar="K'", help="two tiers: blocks of K' ranks")
+        q.add_argument("--outer-rate", help="two tiers: the uplinks' rate (default unlimited)")
+        q.add_argument("--outer-delay-ms", type=float, default=0.0, help="two tiers: the uplinks' d")
         q.add_argument("--prefix", default="lsgd")
     down = sub.add_parser("down", help="remove the namespaces (and end the processes in them)")
     down.add_argument("--prefix", default="lsgd")
     d = sub.add_parser("delayer", help=argparse.SUPPRESS)
     d.add_argument("--delay-ms", type=float, required=True)
+    d.add_argument("--queue", type=int, default=QUEUE)
     s = sub.add_parser("serve", help=argparse.SUPPRESS)
     s.add_argument("--port", type=int, required=True)
     c = sub.add_parser("client", help=argparse.SUPPRESS)
@@ -474,7 +539,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     if args.command == "delayer":
-        delayer(args.delay_ms)
+        delayer(args.delay_ms, args.queue)
     elif args.command == "serve":
         _serve(args.port)
     elif args.command == "client":
@@ -485,17 +550,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"removed {len(names)} namespaces" + (f": {' '.join(names)}" if names else ""))
     else:
         link = Link(args.rate, args.delay_ms)
-        net = Network(args.workers, args.prefix, args.mtu)
+        net = Network(args.workers, args.prefix, args.mtu, args.workers_per_block)
+        outer = None if args.workers_per_block is None else Link(args.outer_rate, args.outer_delay_ms)
         if args.command == "check":
             with net:
-                net.shape(link)
-                print(f"K={args.workers}, {link}, MTU {net.mtu}")
+                net.shape(link, outer)
+                tiers = "" if outer is None else f", blocks of {args.workers_per_block} joined by {outer}"
+                print(f"K={args.workers}, {link}{tiers}, MTU {net.mtu}")
                 check(net, args.sizes, args.repeats)
                 print(f"packets dropped by the qdiscs: {net.drops()}")
             return 0
         net.up()
         try:
-            net.shape(link)
+            net.shape(link, outer)
         except BaseException:
             net.down()
             raise

@@ -39,17 +39,20 @@ import tempfile
 import time
 from datetime import timedelta
 from pathlib import Path
+from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from localsgd import plan  # noqa: E402
+from localsgd.compression import CODECS  # noqa: E402
 
 from common import commit, write_result  # noqa: E402
 from netem import Link, Network  # noqa: E402
 
 SAMPLES = plan.CIFAR10_TRAIN_SAMPLES
 UNSHAPED = Link()
+COMPRESSED = {f"{codec} average": codec for codec in CODECS}  # all-reduce rows of compressed averages
 
 
 # --- inside one rank ---------------------------------------------------------------------------
@@ -90,16 +93,29 @@ def measure_allreduce(cfg: dict) -> list[dict]:
     import torch.distributed as dist
 
     from localsgd import DistCommunicator, FlatAverager, Level
+    from localsgd.compression import CompressedMean, make_codec
 
     params = list(_resnet20().parameters())
     model_bytes = sum(p.numel() * p.element_size() for p in params)
-    averager = FlatAverager(DistCommunicator())
+    comm = DistCommunicator(workers_per_block=cfg.get("workers_per_block"))
+    if comm.workers_per_block:
+        comm.prepare((Level.GLOBAL, Level.BLOCK), collective=True)
+    averager = FlatAverager(comm)
     averager.pack_([params])  # as LocalSGD does: the parameters live in the averager's buffers
     methods = []
     for size in [*cfg["sizes"], model_bytes]:
         buf = torch.zeros(size // 4)
         methods.append(("raw all_reduce", size, lambda b=buf: dist.all_reduce(b)))
     methods.append(("localsgd average", model_bytes, lambda: averager.average_(Level.GLOBAL, [params])))
+    if comm.workers_per_block:
+        methods.append(
+            ("localsgd block average", model_bytes, lambda: averager.average_(Level.BLOCK, [params]))
+        )
+    for codec in cfg.get("compress", []):  # what a compressed global average runs, bytes included
+        mean = CompressedMean(make_codec(codec))
+        sent = averager.average_(Level.GLOBAL, [params], mean)  # also a warm-up
+        methods.append((f"{codec} average", sent,
+                        lambda m=mean: averager.average_(Level.GLOBAL, [params], m)))  # fmt: skip
     for _, _, fn in methods:  # warm-up: connections, buffers, TCP windows
         for _ in range(2):
             fn()
@@ -111,20 +127,42 @@ def measure_allreduce(cfg: dict) -> list[dict]:
             fn()
             times[i].append(time.perf_counter() - start)
     return [
-        {"method": name, "bytes": size, "model": size == model_bytes, "seconds": _slowest(t)}
+        {"method": name, "bytes": size, "model": name in COMPRESSED or size == model_bytes,
+         "workers_per_block": comm.workers_per_block if name == "localsgd block average" else None,
+         "seconds": _slowest(t)}
         for (name, size, _), t in zip(methods, times, strict=True)
-    ]
+    ]  # fmt: skip
 
 
-def schedules(cfg: dict) -> list[tuple[str, dict | None]]:
-    """(label, Schedule fields) of the training runs; None is compute only."""
-    runs: list[tuple[str, dict | None]] = [("compute only", None)]
+def schedules(cfg: dict) -> list[tuple[str, dict | None, dict]]:
+    """(label, Schedule fields, engine options) of the training runs; None is compute only. The
+    options (overlap τ, a codec, an outer optimizer) vary local SGD at H = ``variant_h``."""
+    runs: list[tuple[str, dict | None, dict]] = [("compute only", None, {})]
     for h in cfg["local_steps"]:
-        runs.append(("mini-batch SGD (H=1)" if h == 1 else f"local SGD H={h}", {"local_steps": h}))
+        runs.append(("mini-batch SGD (H=1)" if h == 1 else f"local SGD H={h}", {"local_steps": h}, {}))
     if cfg["post_local"]:
         h, t_switch = cfg["post_local"], cfg["steps"] // 2
-        runs.append((f"post-local H={h}, t'={t_switch}", {"local_steps": h, "switch_step": t_switch}))
+        runs.append((f"post-local H={h}, t'={t_switch}", {"local_steps": h, "switch_step": t_switch}, {}))
+    h = {"local_steps": cfg.get("variant_h", 16)}
+    for tau in cfg.get("overlap_steps", []):
+        runs.append((f"H={h['local_steps']}, overlap τ={tau}", h, {"overlap_steps": tau}))
+    for codec in cfg.get("compress", []):
+        runs.append((f"H={h['local_steps']}, {codec}", h, {"compression": codec}))
+    for outer in cfg.get("outer", []):
+        runs.append((f"H={h['local_steps']}, {outer}", h, {"outer_optimizer": outer}))
+    if cfg.get("hierarchical"):
+        h, hb = cfg["hierarchical"]
+        runs.append((f"hierarchical H={h}, H_b={hb}", {"local_steps": h, "block_steps": hb}, {}))
     return runs
+
+
+def engine_options(options: dict) -> dict:
+    """LocalSGD keyword arguments of a run's options (outer optimizers by name)."""
+    from localsgd import outer
+
+    if "outer_optimizer" in options:
+        return {**options, "outer_optimizer": getattr(outer, options["outer_optimizer"])()}
+    return options
 
 
 def measure_training(cfg: dict) -> list[dict]:
@@ -137,6 +175,10 @@ def measure_training(cfg: dict) -> list[dict]:
 
     torch.manual_seed(1000 + dist.get_rank())
     batch, steps = cfg["local_batch_size"], cfg["steps"]
+
+    def new_comm() -> DistCommunicator:
+        return DistCommunicator(workers_per_block=cfg.get("workers_per_block"))
+
     x = torch.randn(batch, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (batch,))
 
@@ -144,10 +186,14 @@ def measure_training(cfg: dict) -> list[dict]:
     # every run: per repeat, per rank, every step's zero_grad + forward + backward seconds
     backward: dict[str, list[list[list[float]]]] = {}
 
-    def run(label: str, fields: dict | None, n: int) -> tuple[float, float, int]:
+    def run(label: str, fields: dict | None, options: dict, n: int) -> tuple[float, float, int]:
         model = _resnet20()
         opt = sgd(model, lr=0.01, momentum=0.9, nesterov=True, weight_decay=1e-4)
-        engine = opt if fields is None else LocalSGD(opt, model, Schedule(**fields), comm=DistCommunicator())
+        engine = (
+            opt
+            if fields is None
+            else LocalSGD(opt, model, Schedule(**fields), comm=new_comm(), **engine_options(options))
+        )
         dist.barrier()
         start = time.perf_counter()
         ends, mids = [], []
@@ -157,6 +203,9 @@ def measure_training(cfg: dict) -> list[dict]:
             mids.append(time.perf_counter())
             engine.step()
             ends.append(time.perf_counter())
+        if fields is not None and n:
+            engine.flush()  # an overlapped average still in flight belongs to this run
+            ends[-1] = time.perf_counter()
         elapsed = ends[-1] - start if ends else 0.0
         if n == steps:
             fb = [round(m - a, 6) for a, m in zip([start, *ends], mids, strict=False)]
@@ -168,22 +217,23 @@ def measure_training(cfg: dict) -> list[dict]:
         stats = engine.stats["global"]
         return elapsed, stats.seconds, stats.rounds
 
-    run("warm-up", None, 3)  # allocator, oneDNN primitives
+    run("warm-up", None, {}, 3)  # allocator, oneDNN primitives
     runs = schedules(cfg)
     results: list[list[tuple[float, float, int]]] = [[] for _ in runs]
     for rep in range(cfg["repeats"]):
-        for i, (label, fields) in enumerate(runs):
-            results[i].append(run(label, fields, steps))
+        for i, (label, fields, options) in enumerate(runs):
+            results[i].append(run(label, fields, options, steps))
             if dist.get_rank() == 0:
                 print(f"    repeat {rep + 1}/{cfg['repeats']}: {label}", file=sys.stderr, flush=True)
     rows = []
-    for (label, fields), res in zip(runs, results, strict=True):
+    for (label, fields, options), res in zip(runs, results, strict=True):
         elapsed = _slowest([r[0] for r in res])
         comm = _slowest([r[1] for r in res])
         rows.append(
             {
                 "schedule": label,
                 "fields": fields,
+                "options": options,
                 "steps": steps,
                 "seconds_per_step": [e / steps for e in elapsed],
                 "comm_seconds_per_step": [c / steps for c in comm],
@@ -262,11 +312,19 @@ def calibrate(allreduce: list[dict], workers: int) -> dict:
     intercept = my - slope * mx
     model_raw = next(min(r["seconds"]) for r in raw if r["model"])
     average = next(min(r["seconds"]) for r in allreduce if r["method"] == "localsgd average")
-    return {
+    cal = {
         "overhead": max(0.0, intercept),
         "host_bandwidth": 1 / slope if slope > 0 else math.inf,
         "average_overhead": max(0.0, average - model_raw),
+        "codec_overhead": {},
     }
+    # a compressed average beyond its two collectives on this link: encoding and decoding
+    net = plan.Network(0.0, cal["host_bandwidth"], cal["overhead"])
+    for r in allreduce:
+        if r["method"] in COMPRESSED:
+            wire = plan.compressed_mean_seconds(r["bytes"], workers, net)
+            cal["codec_overhead"][COMPRESSED[r["method"]]] = max(0.0, min(r["seconds"]) - wire)
+    return cal
 
 
 def scaled(cal: dict, calibrated_at: int, workers: int) -> dict:
@@ -278,7 +336,9 @@ def scaled(cal: dict, calibrated_at: int, workers: int) -> dict:
     """
     cpus = os.cpu_count() or 1
     factor = max(1.0, workers / cpus) / max(1.0, calibrated_at / cpus)
-    return {**cal, "overhead": factor * cal["overhead"], "average_overhead": factor * cal["average_overhead"]}
+    codecs = {c: factor * v for c, v in cal.get("codec_overhead", {}).items()}
+    return {**cal, "overhead": factor * cal["overhead"], "average_overhead": factor * cal["average_overhead"],
+            "codec_overhead": codecs}  # fmt: skip
 
 
 def model_network(link: Link, cal: dict) -> plan.Network:
@@ -306,13 +366,21 @@ def predict_rows(entry: dict, cal: dict, cfg: dict) -> None:
         pred = plan.allreduce_seconds(r["bytes"], k, net)
         if r["method"] == "localsgd average":
             pred += cal["average_overhead"]
+        if r["method"] == "localsgd block average":  # inside a block: the unshaped inner links
+            inner = model_network(UNSHAPED, cal)
+            pred = plan.allreduce_seconds(r["bytes"], r["workers_per_block"], inner) + cal["average_overhead"]
+        if r["method"] in COMPRESSED:
+            codec = COMPRESSED[r["method"]]
+            pred = plan.compressed_mean_seconds(r["bytes"], k, net) + cal["codec_overhead"][codec]
         r["model_seconds"] = pred
         r["error"] = pred / _med(r["seconds"]) - 1
     if not entry["training"]:
         return
     rows = {r["schedule"]: r for r in entry["training"]}
     compute = _med(rows["compute only"]["seconds_per_step"])
-    model_bytes = next(r["bytes"] for r in entry["allreduce"] if r["model"])
+    model_bytes = next(
+        r["bytes"] for r in entry["allreduce"] if r["model"] and r["method"] == "raw all_reduce"
+    )
     steps = cfg["steps"]
     preds = plan.predict(compute, model_bytes, k, net, steps_per_epoch=steps, local_steps=cfg["local_steps"],
                          post_local=cfg["post_local"] or None, switch_epoch=(steps // 2) / steps, epochs=1,
@@ -321,9 +389,23 @@ def predict_rows(entry: dict, cal: dict, cfg: dict) -> None:
     n = plan.steps_per_epoch(SAMPLES, k, cfg["local_batch_size"])
     minibatch = _med(rows["mini-batch SGD (H=1)"]["seconds_per_step"]) if 1 in cfg["local_steps"] else None
     for r in entry["training"]:
-        fields = r["fields"]
+        fields, options = r["fields"], r.get("options", {})
         if fields is None:
             p = by_h[None]
+        elif options.get("overlap_steps") or options.get("compression"):
+            codec = options.get("compression")
+            p = plan.predict(compute, model_bytes, k, net, steps_per_epoch=steps,
+                             local_steps=[fields["local_steps"]], average_overhead=cal["average_overhead"],
+                             compression=codec,
+                             codec_overhead=cal["codec_overhead"].get(codec, 0.0),
+                             overlap_steps=options.get("overlap_steps", 0))[0]  # fmt: skip
+        elif fields.get("block_steps"):
+            seconds = plan.hierarchical_seconds_per_step(
+                compute, model_bytes, k, entry["workers_per_block"], model_network(UNSHAPED, cal), net,
+                fields["local_steps"], fields["block_steps"], cal["average_overhead"],
+            )  # fmt: skip
+            minibatch_step = preds[0].speedup * preds[0].seconds_per_step
+            p = SimpleNamespace(seconds_per_step=seconds, speedup=minibatch_step / seconds)
         elif fields.get("switch_step"):
             p = next(p for p in preds if p.switch_epochs > 0)
         else:
@@ -361,7 +443,7 @@ def _row(cells: list[tuple[object, str]]) -> str:
 def print_tables(entries: list[dict]) -> None:
     print("One all-reduce / model average, ms (slowest rank; min/median/max over repeats) and the cost model")
     head = ["K", "network", "what", "bytes", "min", "median", "max", "model", "error"]
-    widths = [">2", "<20", "<28", ">9", ">8", ">8", ">8", ">8", ">7"]
+    widths = [">2", "<22", "<30", ">9", ">8", ">8", ">8", ">8", ">7"]
     specs = [*widths[:4], ">8.2f", ">8.2f", ">8.2f", ">8.2f", ">+7.1%"]
     print(_row(list(zip(head, widths, strict=True))))
     for e in entries:
@@ -397,7 +479,7 @@ def print_tables(entries: list[dict]) -> None:
         "error",
     ]
     head += ["model su", "error", "m+wait", "error", "min err"]
-    widths = [">2", "<20", "<24", *[">7"] * 3, ">6", ">6", ">8", *[">7"] * 3, ">8", *[">7"] * 4]
+    widths = [">2", "<22", "<24", *[">7"] * 3, ">6", ">6", ">8", *[">7"] * 3, ">8", *[">7"] * 4]
     specs = [*widths[:3], ">7.1f", ">7.1f", ">7.1f", ">6.1f", ">6.1f", ">8.1f", ">7.2f", ">7.1f", ">+7.1%"]
     specs += [">8.2f", ">+7.1%", ">7.1f", ">+7.1%", ">+7.1%"]
     print(_row(list(zip(head, widths, strict=True))))
@@ -443,7 +525,7 @@ def plot(entries: list[dict], local_batch_size: int, out: Path) -> Path:
         labels = [
             r["schedule"].replace("mini-batch SGD (H=1)", "H=1").replace("local SGD ", "") for r in rows
         ]
-        ax.set_xticks(list(xs), [lb.split(",")[0] for lb in labels], rotation=45, ha="right", fontsize=8)
+        ax.set_xticks(list(xs), [lb.split(", t'")[0] for lb in labels], rotation=45, ha="right", fontsize=8)
         ax.set_title(f"K={e['workers']}, {e['network']}", fontsize=9)
         ax.set_ylabel("s per epoch")
     return save(fig, axes, axes[0, 0], out)
@@ -483,6 +565,42 @@ def main() -> None:
     p.add_argument("--local-batch-size", type=int, default=32)
     p.add_argument("--local-steps", type=int, nargs="+", default=[1, 4, 16, 64], metavar="H")
     p.add_argument("--post-local", type=int, default=16, metavar="H", help="H after t' (0: none)")
+    p.add_argument(
+        "--overlap-steps",
+        type=int,
+        nargs="+",
+        default=[],
+        metavar="TAU",
+        help="also local SGD at --variant-h with overlapped averages, applied TAU steps later",
+    )
+    p.add_argument(
+        "--compress",
+        nargs="+",
+        default=[],
+        choices=CODECS,
+        help="also compressed averages: their cost, and local SGD at --variant-h with them",
+    )
+    p.add_argument(
+        "--outer",
+        nargs="+",
+        default=[],
+        choices=["diloco", "slowmo"],
+        help="also local SGD at --variant-h with this outer optimizer",
+    )
+    p.add_argument(
+        "--workers-per-block",
+        type=int,
+        metavar="K'",
+        help="two tiers: blocks of K' ranks on unshaped links, the rates and delays between blocks",
+    )
+    p.add_argument(
+        "--hierarchical",
+        type=int,
+        nargs=2,
+        metavar=("H", "H_B"),
+        help="also hierarchical local SGD (needs --workers-per-block; default 4 4 with it)",
+    )
+    p.add_argument("--variant-h", type=int, default=16, metavar="H", help="H of those runs (default 16)")
     p.add_argument("--steps", type=int, default=192, help="steps per training run (a multiple of every H)")
     p.add_argument("--repeats", type=int, default=3, help="repeats of each training run")
     p.add_argument("--no-train", action="store_true", help="all-reduce measurements only")
@@ -504,6 +622,12 @@ def main() -> None:
     if 1 not in args.local_steps:
         p.error("--local-steps must include 1 (mini-batch SGD, the speed-up baseline)")
     bad = [h for h in args.local_steps if args.steps % h]
+    if args.overlap_steps or args.compress or args.outer:
+        bad += [args.variant_h] if args.steps % args.variant_h else []
+        if any(not 1 <= tau < args.variant_h for tau in args.overlap_steps):
+            p.error(
+                f"--overlap-steps {args.overlap_steps}: every TAU must be in 1..H-1 for H = {args.variant_h}"
+            )
     if args.post_local and (args.steps - args.steps // 2) % args.post_local:
         bad.append(args.post_local)
     if bad:
@@ -515,6 +639,16 @@ def main() -> None:
         "local_steps": args.local_steps, "post_local": args.post_local, "steps": args.steps,
         "repeats": args.repeats,
     }  # fmt: skip
+    if args.workers_per_block is not None:
+        kb = args.workers_per_block
+        if any(k % kb or k == kb for k in args.workers):
+            p.error(f"--workers-per-block {kb} must divide every K and be less, got K = {args.workers}")
+        cfg.update(workers_per_block=args.workers_per_block, hierarchical=args.hierarchical or [4, 4])
+    elif args.hierarchical:
+        p.error("--hierarchical needs --workers-per-block (the block size K')")
+    variants = {"overlap_steps": args.overlap_steps, "compress": args.compress, "outer": args.outer}
+    if any(variants.values()):  # (only then: a file measured without them resumes as before)
+        cfg.update(variants, variant_h=args.variant_h)
     links = [UNSHAPED] + [Link(r, d) for r in args.rates for d in args.delays_ms]
     entries: list[dict] = []
     started = time.time()
@@ -531,21 +665,32 @@ def main() -> None:
                 p.error(f"--resume: {args.out} was measured with other settings: {done['settings']}")
             entries = done["entries"]
             calibrations = {int(k): v for k, v in done["calibrations"].items()}
+    kb = args.workers_per_block
+
+    def label(k: int, link: Link) -> str:
+        return str(link) if kb is None else f"{k // kb}x{kb}, {link}"
+
     measured = {(e["workers"], e["network"]) for e in entries}
     with tempfile.TemporaryDirectory() as tmp:
         for k in sorted(args.workers):
-            todo = [link for link in links if (k, str(link)) not in measured]
+            todo = [link for link in links if (k, label(k, link)) not in measured]
             if not todo:
                 continue
-            with Network(k, args.prefix, args.mtu) as net:
+            with Network(k, args.prefix, args.mtu, kb) as net:
                 for link in todo:
-                    net.shape(link)
+                    net.shape(UNSHAPED, link) if kb else net.shape(link)
                     train = not args.no_train and link != UNSHAPED
                     note = "" if train else " (all-reduce only)"
                     print(f"K={k}, {link}, MTU {net.mtu}{note} ...", file=sys.stderr, flush=True)
                     port += 1
                     res = launch(net, {**cfg, "train": train}, port, Path(tmp))
-                    entry = {"workers": k, "network": str(link), "rate": link.rate, "delay_ms": link.delay_ms}
+                    entry = {
+                        "workers": k,
+                        "network": label(k, link),
+                        "rate": link.rate,
+                        "delay_ms": link.delay_ms,
+                    }
+                    entry["workers_per_block"] = kb  # two tiers: K' per block, link is between blocks
                     entry["commit"] = commit()  # a resumed run may span several versions of the code
                     entry.update(mtu=net.mtu, qdisc_drops=net.drops(), **res)
                     if entry["qdisc_drops"]:
@@ -559,7 +704,9 @@ def main() -> None:
                     entries.append(entry)
                     if args.out:  # after every network, so that a failure later loses nothing
                         write_json(Path(args.out), cfg, args, entries, calibrations)
-    entries.sort(key=lambda e: (e["workers"], [str(link) for link in links].index(e["network"])))
+    entries.sort(
+        key=lambda e: (e["workers"], [label(e["workers"], link) for link in links].index(e["network"]))
+    )
     for e in entries:  # the current model on every measurement, also those of an earlier sitting
         predict_rows(e, e["calibration"], cfg)
     if args.out and entries:

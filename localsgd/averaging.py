@@ -63,6 +63,10 @@ def _nothing() -> None:
     return None
 
 
+# (bucket index, its flat buffers) -> (wait, bytes): a compressed mean of one packed bucket
+PackedMean = Callable[[int, list[torch.Tensor]], tuple[Wait, int]]
+
+
 def _copy_(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
     torch._foreach_copy_(dst, src)
 
@@ -212,7 +216,7 @@ class FlatAverager:
         self,
         tensors_per_worker: list[list[torch.Tensor]],
         start: Callable[[list[torch.Tensor]], Wait],
-        packed_mean: Callable[[int, list[torch.Tensor]], int] | None = None,
+        packed_mean: PackedMean | None = None,
     ) -> int:
         finish, nbytes = self._start(tensors_per_worker, start, packed_mean)
         finish()
@@ -223,7 +227,7 @@ class FlatAverager:
         self,
         tensors_per_worker: list[list[torch.Tensor]],
         start: Callable[[list[torch.Tensor]], Wait],
-        packed_mean: Callable[[int, list[torch.Tensor]], int] | None = None,
+        packed_mean: PackedMean | None = None,
     ) -> tuple[Wait, int]:
         """Start every bucket's collective; the results are in place once the returned function
         has been called. Also returns the bytes each worker contributed."""
@@ -241,12 +245,15 @@ class FlatAverager:
                 tensors_per_worker = [ts[n:] for ts in tensors_per_worker]
         copied = self._plan(tensors_per_worker) if tensors_per_worker[0] else []
         compressed_bytes = 0
+        started: list[tuple[_Bucket, Wait, bool]] = []
         if packed_mean is not None:  # the packed buffers go through the compressed mean
-            for b in packed:
+            for i, b in enumerate(packed):
                 b.zero_gaps_()
-            compressed_bytes = sum(packed_mean(i, b.flats) for i, b in enumerate(packed))
+                wait, nbytes = packed_mean(i, b.flats)
+                started.append((b, wait, False))
+                compressed_bytes += nbytes
             packed = []
-        started: list[tuple[_Bucket, Wait, bool]] = [(b, start(b.flats), False) for b in packed]
+        started += [(b, start(b.flats), False) for b in packed]
         for b in copied:
             for views, ts in zip(b.views, tensors_per_worker, strict=True):
                 _copy_(views, [ts[i] for i in b.indices])
@@ -260,7 +267,7 @@ class FlatAverager:
                     for views, ts in zip(b.views, tensors_per_worker, strict=True):
                         _copy_([ts[i] for i in b.indices], views)
 
-        return finish, compressed_bytes + sum(b.nbytes for b, _, _ in started)
+        return finish, compressed_bytes + sum(b.nbytes for b in [*packed, *copied])
 
     def average_(
         self,
@@ -275,20 +282,27 @@ class FlatAverager:
         packed tensors (the parameters) are averaged through it, the others exactly. Returns the
         bytes each worker contributed (the payload of the collectives).
         """
+        finish, nbytes = self.start_average_(level, tensors_per_worker, compressed)
+        finish()
+        return nbytes
+
+    def start_average_(
+        self,
+        level: Level,
+        tensors_per_worker: list[list[torch.Tensor]],
+        compressed: CompressedMean | None = None,
+    ) -> tuple[Wait, int]:
+        """``average_`` without waiting: the means are in place once the returned function has
+        been called (meanwhile the tensors must not be touched). Also returns the bytes."""
         packed_mean = None
         if compressed is not None:
 
-            def packed_mean(index: int, flats: list[torch.Tensor]) -> int:
-                return compressed.mean_(self.comm, level, flats, key=index)
+            def packed_mean(index: int, flats: list[torch.Tensor]) -> tuple[Wait, int]:
+                return compressed.start_mean_(self.comm, level, flats, key=index)
 
-        return self._run(
+        return self._start(
             tensors_per_worker, lambda flats: self.comm.all_reduce_mean_(level, flats), packed_mean
         )
-
-    def start_average_(self, level: Level, tensors_per_worker: list[list[torch.Tensor]]) -> tuple[Wait, int]:
-        """``average_`` without waiting: the means are in place once the returned function has
-        been called (meanwhile the tensors must not be touched). Also returns the bytes."""
-        return self._start(tensors_per_worker, lambda flats: self.comm.all_reduce_mean_(level, flats))
 
     def broadcast_(self, tensors_per_worker: list[list[torch.Tensor]]) -> int:
         """Copy worker 0's tensors into every worker's tensors."""

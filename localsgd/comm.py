@@ -75,10 +75,12 @@ class Communicator(ABC):
         """Every worker's bytes, in worker order (used for cross-worker checks, not training)."""
 
     @abstractmethod
-    def exchange(self, level: Level, chunks: list[list[torch.Tensor]]) -> list[list[torch.Tensor]]:
-        """All-to-all within each group of ``level``: ``chunks[k][j]`` (local worker k's chunk for
-        its group's j-th worker, all the same size) goes to that worker. Returns, per local worker,
-        the chunks it received, in group order."""
+    def start_exchange(
+        self, level: Level, chunks: list[list[torch.Tensor]]
+    ) -> Callable[[], list[list[torch.Tensor]]]:
+        """Start an all-to-all within each group of ``level``: ``chunks[k][j]`` (local worker k's
+        chunk for its group's j-th worker, all the same size) goes to that worker. The returned
+        function waits and returns, per local worker, the chunks it received, in group order."""
 
     @abstractmethod
     def gather(self, level: Level, items: list[torch.Tensor]) -> list[list[torch.Tensor]]:
@@ -124,9 +126,12 @@ class SimCommunicator(Communicator):
     def all_gather_bytes(self, data: list[bytes]) -> list[bytes]:
         return list(data)
 
-    def exchange(self, level: Level, chunks: list[list[torch.Tensor]]) -> list[list[torch.Tensor]]:
+    def start_exchange(
+        self, level: Level, chunks: list[list[torch.Tensor]]
+    ) -> Callable[[], list[list[torch.Tensor]]]:
         n = self.group_size(level)
-        return [[chunks[k - k % n + i][k % n] for i in range(n)] for k in range(self.workers)]
+        received = [[chunks[k - k % n + i][k % n] for i in range(n)] for k in range(self.workers)]
+        return lambda: received
 
     def gather(self, level: Level, items: list[torch.Tensor]) -> list[list[torch.Tensor]]:
         n = self.group_size(level)
@@ -220,12 +225,19 @@ class DistCommunicator(Communicator):
         work = dist.broadcast(flat, src=src, group=self.group, async_op=True)
         return work.wait
 
-    def exchange(self, level: Level, chunks: list[list[torch.Tensor]]) -> list[list[torch.Tensor]]:
+    def start_exchange(
+        self, level: Level, chunks: list[list[torch.Tensor]]
+    ) -> Callable[[], list[list[torch.Tensor]]]:
         (mine,) = chunks
         send = torch.cat(mine)
         received = torch.empty_like(send)
-        dist.all_to_all_single(received, send, group=self.process_group(level))
-        return [list(received.view(len(mine), -1).unbind(0))]
+        work = dist.all_to_all_single(received, send, group=self.process_group(level), async_op=True)
+
+        def wait() -> list[list[torch.Tensor]]:
+            work.wait()
+            return [list(received.view(len(mine), -1).unbind(0))]
+
+        return wait
 
     def gather(self, level: Level, items: list[torch.Tensor]) -> list[list[torch.Tensor]]:
         (mine,) = items

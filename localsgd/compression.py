@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -159,11 +160,21 @@ class CompressedMean:
     def mean_(self, comm: Communicator, level: Level, flats: list[torch.Tensor], key: Any) -> int:
         """Replace each local worker's flat buffer by the compressed mean over its group; returns
         the bytes each worker contributed (its encoded buffer)."""
+        wait, nbytes = self.start_mean_(comm, level, flats, key)
+        wait()
+        return nbytes
+
+    @torch.no_grad()
+    def start_mean_(
+        self, comm: Communicator, level: Level, flats: list[torch.Tensor], key: Any
+    ) -> tuple[Callable[[], None], int]:
+        """``mean_`` in two parts: encode and start the all-to-all now; the returned function
+        waits for it, runs the second stage and writes the means (meanwhile the buffers must not
+        be touched). Also returns the bytes."""
         n = comm.group_size(level)
         numel = flats[0].numel()
         c = math.ceil(numel / n)  # chunk length; the buffer is zero-padded to n * c
         sent = self.sent.setdefault(key, [torch.zeros(n * c, device=f.device) for f in flats])
-        owned = self.owned.setdefault(key, [torch.zeros(c, device=f.device) for f in flats])
         encoded = []
         for k, flat in enumerate(flats):
             v = torch.nn.functional.pad(flat.detach().float(), (0, n * c - numel)).add_(sent[k])
@@ -171,27 +182,37 @@ class CompressedMean:
             decoded = torch.cat([self.codec.decode(e, c) for e in chunks])
             sent[k] = v.sub_(decoded)  # what the encoding lost, sent next time
             encoded.append(chunks)
-        received = comm.exchange(level, encoded)
-        means = []
-        for k, mine in enumerate(received):
-            total = self.codec.decode(mine[0], c).clone()
-            for e in mine[1:]:
-                total.add_(self.codec.decode(e, c))
-            v2 = total.div_(n).add_(owned[k])
-            e2 = self.codec.encode(v2)
-            owned[k] = v2.sub_(self.codec.decode(e2, c))
-            means.append(e2)
-        for flat, chunks in zip(flats, comm.gather(level, means), strict=True):
-            mean = torch.cat([self.codec.decode(e, c) for e in chunks])[:numel]
-            flat.copy_(mean.view_as(flat))
-        return n * self.codec.nbytes(c)
+        receive = comm.start_exchange(level, encoded)
+
+        @torch.no_grad()
+        def finish() -> None:
+            owned = self.owned.setdefault(key, [torch.zeros(c, device=f.device) for f in flats])
+            means = []
+            for k, mine in enumerate(receive()):
+                total = self.codec.decode(mine[0], c).clone()
+                for e in mine[1:]:
+                    total.add_(self.codec.decode(e, c))
+                v2 = total.div_(n).add_(owned[k])
+                e2 = self.codec.encode(v2)
+                owned[k] = v2.sub_(self.codec.decode(e2, c))
+                means.append(e2)
+            for flat, chunks in zip(flats, comm.gather(level, means), strict=True):
+                mean = torch.cat([self.codec.decode(e, c) for e in chunks])[:numel]
+                flat.copy_(mean.view_as(flat))
+
+        return finish, n * self.codec.nbytes(c)
 
     def describe(self) -> dict[str, Any]:
         """What every worker must agree on."""
         return {"codec": self.codec.name, "block_size": getattr(self.codec, "block_size", None)}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"sent": dict(self.sent), "owned": dict(self.owned)}
+        """The residuals (new tensors replace them at every average, so lists of them are a
+        snapshot that later averages do not change)."""
+        return {
+            "sent": {k: list(v) for k, v in self.sent.items()},
+            "owned": {k: list(v) for k, v in self.owned.items()},
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.sent = {k: [t.clone() for t in v] for k, v in state["sent"].items()}

@@ -155,7 +155,7 @@ class Engine:
             self.models, self.optimizers, self._averager, self._ddp, self._pack_gradients, buffers
         )
         codec = make_codec(compression) if isinstance(compression, str) else compression
-        DelayedAverage.check(overlap_steps, schedule, buffers, optimizer_state, compressed=codec is not None)
+        DelayedAverage.check(overlap_steps, schedule, buffers, optimizer_state)
         if codec is not None and not self._packed:
             raise ValueError(
                 "compression needs the parameters packed in flat buffers (dense, not sharing memory)"
@@ -170,7 +170,7 @@ class Engine:
         self._compressed = None if codec is None else CompressedMean(codec)
         self.overlap_steps = overlap_steps
         self._delayed = (
-            DelayedAverage(self.models, self._averager, self._outer, overlap_steps)
+            DelayedAverage(self.models, self._averager, self._outer, overlap_steps, self._compressed)
             if overlap_steps and self._outer is not None
             else None
         )

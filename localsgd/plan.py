@@ -27,6 +27,22 @@ algorithm of ``gloo/allreduce.cc`` over its TCP transport):
 
 A fixed per-call ``overhead`` (software cost of one collective, measured on loopback) is added.
 The model ignores TCP slow start, packet loss and competing traffic.
+
+Two options change what a global parameter average (H > 1) costs; gradient averages (H = 1, and
+post-local SGD before t') stay fp32 all-reduces:
+
+* **Compression** (``localsgd.compression``): the pseudo-gradient is encoded and averaged in two
+  collectives, an all-to-all and an all-gather, each sending K − 1 chunks of b = encoded / K bytes
+  per worker. The all-to-all sends to all peers at once through the worker's one link:
+  (K − 1) b / beta + 2d; the all-gather is a ring of K − 1 rounds of one chunk: (K − 1)(b / beta
+  + 2d). Each is one call (``overhead``); encoding and decoding cost CPU time, a measured
+  ``codec_overhead`` per average.
+* **Overlap** (``overlap_steps`` τ): the average starts after its step and is waited for τ steps
+  later, so only what the network needs beyond τ local steps shows: max(0, A − τ c), plus the
+  local overhead (copies, encoding), which runs on the worker's own thread. Compressed, only the
+  all-to-all is in flight; the all-gather runs when the average is applied. The model assumes the
+  communication does not slow the computation down (the CPU time of the transport is spare); the
+  measurements in ``benchmarks/network.py`` show what that is worth.
 """
 
 from __future__ import annotations
@@ -139,6 +155,61 @@ def allreduce_seconds(nbytes: int, workers: int, network: Network) -> float:
     return 2 * phase + network.overhead
 
 
+def encoded_bytes(model_bytes: int, workers: int, codec: str, block_size: int = 256) -> int:
+    """Bytes each worker contributes to one compressed average of an fp32 model of ``model_bytes``
+    (what ``CompressedMean.mean_`` returns): K chunks of the encoded buffer."""
+    from localsgd.compression import make_codec
+
+    numel = math.ceil(_int("model_bytes (S)", model_bytes, 0) / 4)
+    k = _int("workers (K)", workers, 1)
+    return k * make_codec(codec, block_size).nbytes(math.ceil(numel / k))
+
+
+def compressed_stages(encoded: int, workers: int, network: Network) -> tuple[float, float]:
+    """Seconds of the two collectives of one compressed mean whose encoded buffer is ``encoded``
+    bytes per worker: (the all-to-all, the ring all-gather), each of K − 1 chunks of encoded / K
+    bytes (see the module docstring). Encoding and decoding are not included."""
+    _int("encoded bytes", encoded, 0)
+    k = _int("workers (K)", workers, 1)
+    if k == 1 or encoded == 0:
+        return 0.0, 0.0
+    x = encoded / k / network.bandwidth  # one chunk on the link
+    a = 2 * network.latency
+    return (k - 1) * x + a + network.overhead, (k - 1) * (x + a) + network.overhead
+
+
+def compressed_mean_seconds(encoded: int, workers: int, network: Network) -> float:
+    """Seconds of one compressed mean's two collectives (``compressed_stages``), one after the other."""
+    return sum(compressed_stages(encoded, workers, network))
+
+
+def hierarchical_seconds_per_step(
+    compute_seconds: float,
+    model_bytes: int,
+    workers: int,
+    workers_per_block: int,
+    inner: Network,
+    outer: Network,
+    local_steps: int,
+    block_steps: int,
+    average_overhead: float = 0.0,
+) -> float:
+    """Seconds per step of hierarchical local SGD: blocks of K' workers average over their
+    ``inner`` links every H steps, and all K every H·H_b steps over the ``outer`` links between
+    blocks (that average replaces the block average of its step). A ring over all K workers is as
+    slow as its slowest hop, the outer link; with two blocks each direction of a block's uplink
+    carries one hop of the ring, so the global average costs ``allreduce_seconds`` on ``outer``."""
+    c = _finite("compute_seconds (c)", compute_seconds)
+    k, kb = _int("workers (K)", workers, 1), _int("workers_per_block (K')", workers_per_block, 1)
+    if k % kb:
+        raise ValueError(f"workers_per_block (K') = {kb} must divide workers (K) = {k}")
+    h, hb = _int("local_steps (H)", local_steps, 1), _int("block_steps (H_b)", block_steps, 1)
+    local = _finite("average_overhead", average_overhead)
+    block = allreduce_seconds(model_bytes, kb, inner) + local if kb > 1 else 0.0
+    whole = allreduce_seconds(model_bytes, k, outer) + local if k > 1 else 0.0
+    return c + ((hb - 1) * block + whole) / (h * hb)
+
+
 @dataclass(frozen=True)
 class Prediction:
     """One schedule's predicted cost. ``local_steps`` is None for the compute-only bound (H = inf)."""
@@ -163,6 +234,10 @@ def predict(
     switch_epoch: float = 0.0,
     epochs: float = 1.0,
     average_overhead: float = 0.0,
+    compression: str | None = None,
+    block_size: int = 256,
+    codec_overhead: float = 0.0,
+    overlap_steps: int = 0,
 ) -> list[Prediction]:
     """Predicted seconds per epoch of each schedule and its speed-up over mini-batch SGD (H = 1).
 
@@ -177,6 +252,12 @@ def predict(
         switch_epoch: t' in epochs (t' = switch_epoch * N steps) for post-local SGD.
         epochs: length of the run; post-local's seconds per epoch are the mean over it.
         average_overhead: seconds per average spent outside the all-reduce (flatten, copy back).
+        compression: codec of the global parameter averages (``bf16``, ``fp16``, ``int8``,
+            ``sign``; None: fp32 all-reduce). Gradient averages (H = 1) are not compressed.
+        block_size: the int8 and sign codecs' block.
+        codec_overhead: seconds per compressed average spent encoding and decoding.
+        overlap_steps: τ; a parameter average shows only where it takes longer than τ steps.
+            Must be less than every H > 1 (and post-local's H).
 
     The last row is the compute-only bound (H = inf).
     """
@@ -198,10 +279,28 @@ def predict(
     if switch > total_epochs:
         raise ValueError(f"switch_epoch (t') must be at most epochs = {total_epochs:g}, got {switch:g}")
     local = _finite("average_overhead", average_overhead)
+    tau = _int("overlap_steps (τ)", overlap_steps, 0)
+    too_short = [h for h in [*hs, post_local or 1] if 1 < h <= tau]
+    if too_short:
+        raise ValueError(f"overlap_steps (τ) = {tau} must be less than every H > 1, got H = {too_short[0]}")
+    codec = _finite("codec_overhead", codec_overhead)
     average = allreduce_seconds(s, k, network) + local if k > 1 else 0.0  # a lone worker never averages
+    # A parameter average: CPU work on the worker's own thread (copies, encoding), which shows
+    # whole, and time on the network, of which τ steps' worth is hidden when overlapped. A
+    # compressed average in flight has only its all-to-all in flight; the all-gather shows.
+    if k == 1:
+        exposed = 0.0
+    elif compression is None:
+        exposed = local + max(0.0, allreduce_seconds(s, k, network) - tau * c)
+    else:
+        exchange, gather = compressed_stages(encoded_bytes(s, k, compression, block_size), k, network)
+        exposed = local + codec + max(0.0, exchange - tau * c) + gather
+
+    def per_average(h: int) -> float:
+        return average if h == 1 else exposed
 
     def epoch(h: int) -> float:
-        return n * c + n / h * average
+        return n * c + n / h * per_average(h)
 
     minibatch = epoch(1)
 
@@ -215,8 +314,9 @@ def predict(
         # Exact counts over the run: t' mini-batch steps, then one average per H local steps.
         total_steps = round(total_epochs * n)
         t_switch = round(switch * n)
-        averages = t_switch + (total_steps - t_switch) // post_local
-        seconds = (total_steps * c + averages * average) / total_epochs
+        local_rounds = (total_steps - t_switch) // post_local
+        seconds = total_steps * c + t_switch * average + local_rounds * per_average(post_local)
+        seconds /= total_epochs
         label = f"post-local H={post_local}, t'={switch:g}/{total_epochs:g} ep"
         rows.append(row(label, post_local, seconds, switch))
     rows.append(row("compute only (H=inf)", None, n * c))
@@ -263,6 +363,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="fixed cost of one all-reduce call, ms (measured on loopback; default 0)")  # fmt: skip
     add("--average-overhead-ms", type=float, default=0.0,
         help="cost of one average besides the all-reduce (flatten, copy back), ms (default 0)")  # fmt: skip
+    add("--compress", metavar="CODEC",
+        help="codec of the global parameter averages: bf16, fp16, int8, sign (default: fp32)")  # fmt: skip
+    add("--compress-block", type=int, default=256, metavar="N", help="int8/sign block size (default 256)")
+    add("--codec-overhead-ms", type=float, default=0.0,
+        help="encoding and decoding time of one compressed average, ms (default 0)")  # fmt: skip
+    add("--overlap-steps", type=int, default=0, metavar="TAU",
+        help="apply each parameter average TAU steps after it starts (default 0: blocking)")  # fmt: skip
     add("--json", action="store_true", help="print JSON instead of a table")
 
 
@@ -287,6 +394,10 @@ def run(args: argparse.Namespace) -> int:
             switch_epoch=switch if args.post_local is not None else 0.0,
             epochs=args.epochs,
             average_overhead=_finite("--average-overhead-ms", args.average_overhead_ms) / 1e3,
+            compression=args.compress,
+            block_size=args.compress_block,
+            codec_overhead=_finite("--codec-overhead-ms", args.codec_overhead_ms) / 1e3,
+            overlap_steps=args.overlap_steps,
         )
     except ValueError as e:
         print(f"localsgd plan: error: {e}", file=sys.stderr)
@@ -301,6 +412,8 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"K={args.workers}, B_loc={args.local_batch_size}, N={n} steps/epoch, c={args.compute_ms:g} ms, "
             f"S={parse_size(args.model_bytes)} B, d={args.latency_ms:g} ms, {bw}"
+            + (f", {args.compress} averages" if args.compress else "")
+            + (f", overlap τ={args.overlap_steps}" if args.overlap_steps else "")
         )
         print(table(rows))
     return 0

@@ -160,6 +160,7 @@ class InFlight:
     snapshots: list[list[torch.Tensor]]  # per worker: its parameters when the average started
     sent: list[list[torch.Tensor]]  # per worker: θ̄ − s_k, replaced by the mean once waited for
     wait: Callable[[], None]
+    residuals: dict[str, Any] | None  # the compression's error feedback before this average
 
 
 class DelayedAverage:
@@ -170,15 +171,26 @@ class DelayedAverage:
     parameters then, and keeps training. After step t + τ the mean Δ has arrived: the outer
     optimizer steps the anchor with it, and each worker continues from the new anchor plus what it
     learned during the delay: θ_k ← θ̄ + (θ_k − s_k). With τ = 0 this is the blocking average.
+
+    With ``compressed``, Δ_k is encoded and its all-to-all started after step t; the second stage
+    (the mean's all-gather) runs when the average is applied.
     """
 
-    def __init__(self, models: list[nn.Module], averager: FlatAverager, outer: OuterStep, delay: int) -> None:
-        self.models, self.outer, self.delay = models, outer, delay
+    def __init__(
+        self,
+        models: list[nn.Module],
+        averager: FlatAverager,
+        outer: OuterStep,
+        delay: int,
+        compressed: CompressedMean | None = None,
+    ) -> None:
+        self.models, self.outer, self.delay, self.compressed = models, outer, delay, compressed
         self.averager = FlatAverager(averager.comm, averager.bucket_bytes)  # its own buffers: in flight
+        self.deltas: list[list[torch.Tensor]] | None = None  # Δ_k, packed in the averager's buffers
         self.pending: InFlight | None = None
 
     @staticmethod
-    def check(delay: int, schedule: Schedule, buffers: str, optimizer_state: str, compressed: bool) -> None:
+    def check(delay: int, schedule: Schedule, buffers: str, optimizer_state: str) -> None:
         """ValueError unless τ = ``delay`` can be used with these settings."""
         if isinstance(delay, bool) or not isinstance(delay, int) or delay < 0:
             raise ValueError(f"overlap_steps (τ) must be an integer >= 0, got {delay!r}")
@@ -190,8 +202,6 @@ class DelayedAverage:
                 f"overlap_steps (τ) = {delay} must be less than the global period H·H_b = {period}: "
                 "one global average in flight at a time"
             )
-        if compressed:
-            raise ValueError("overlap_steps > 0 with compression is not supported yet")
         if buffers != "local" or optimizer_state != "local":
             raise ValueError(
                 "overlap_steps > 0 needs buffers='local' and optimizer_state='local' (delaying their "
@@ -210,9 +220,16 @@ class DelayedAverage:
     @torch.no_grad()
     def _send(self, level: Level, due: int, snapshots: list[list[torch.Tensor]]) -> int:
         anchor = self.outer.anchor  # unchanged until the average is applied
-        sent = [[a.to(s.device) - s for a, s in zip(anchor, snap, strict=True)] for snap in snapshots]
-        wait, nbytes = self.averager.start_average_(level, sent)
-        self.pending = InFlight(level, due, snapshots, sent, wait)
+        if self.deltas is None:
+            self.deltas = [[torch.empty_like(s) for s in snap] for snap in snapshots]
+            if not self.averager.pack_(self.deltas):  # fresh dense tensors: always packable
+                raise AssertionError("could not pack the pseudo-gradient buffers")
+        for deltas, snap in zip(self.deltas, snapshots, strict=True):
+            for d, a, s in zip(deltas, anchor, snap, strict=True):
+                torch.sub(a.to(s.device), s, out=d)
+        residuals = None if self.compressed is None else self.compressed.state_dict()
+        wait, nbytes = self.averager.start_average_(level, self.deltas, self.compressed)
+        self.pending = InFlight(level, due, snapshots, self.deltas, wait, residuals)
         return nbytes
 
     def due(self, t: int) -> bool:
@@ -236,10 +253,16 @@ class DelayedAverage:
         pending = self.pending
         if pending is None:
             return None
-        return {"level": pending.level.value, "due": pending.due, "snapshots": pending.snapshots}
+        state = {"level": pending.level.value, "due": pending.due, "snapshots": pending.snapshots}
+        if pending.residuals is not None:  # sending again must start from the same error feedback
+            state["residuals"] = pending.residuals
+        return state
 
     def load_state_dict(self, state: dict[str, Any] | None) -> None:
-        """Call after the outer step's state is loaded (the anchor)."""
+        """Call after the outer step's and the compression's states are loaded (the anchor, the
+        error feedback)."""
         self.pending = None
         if state is not None:
+            if self.compressed is not None:
+                self.compressed.load_state_dict(state["residuals"])
             self._send(Level(state["level"]), int(state["due"]), state["snapshots"])

@@ -168,14 +168,15 @@ def outer(rank: int, name: str) -> dict:
     from tests.test_golden import Dyadic, optimizer
     from tests.test_outer import inner_lr_at
 
-    schedule, make_outer, tau = {
-        "diloco": (Schedule.post_local(2, switch_step=4), diloco(0.5, 0.5), 0),
-        "slowmo": (Schedule.hierarchical(2, 2, switch_step=1), slowmo(1.0, 0.5), 0),
-        "diloco overlapped": (Schedule.post_local(3, switch_step=2), diloco(0.5, 0.5), 2),
+    schedule, make_outer, tau, codec = {
+        "diloco": (Schedule.post_local(2, switch_step=4), diloco(0.5, 0.5), 0, None),
+        "slowmo": (Schedule.hierarchical(2, 2, switch_step=1), slowmo(1.0, 0.5), 0, None),
+        "diloco overlapped": (Schedule.post_local(3, switch_step=2), diloco(0.5, 0.5), 2, None),
+        "diloco overlapped int8": (Schedule.post_local(3, switch_step=2), diloco(0.5, 0.5), 2, "int8"),
     }[name]
     model = Dyadic()
     opt = LocalSGD(optimizer(model), model, schedule, workers_per_block=2, outer_optimizer=make_outer,
-                   overlap_steps=tau)  # fmt: skip
+                   overlap_steps=tau, compression=codec)  # fmt: skip
     for t in range(14):
         opt.param_groups[0]["lr"] = inner_lr_at(t)
         model.local_update(rank, t)

@@ -136,7 +136,9 @@ def test_compressed_outer_state_resumes_bit_for_bit() -> None:
 
 
 @pytest.mark.parametrize("compression", ["int8", "sign"])
-def test_torchrun_sends_the_compressed_bytes_and_matches_the_simulator(tmp_path: Path, compression: str) -> None:
+def test_torchrun_sends_the_compressed_bytes_and_matches_the_simulator(
+    tmp_path: Path, compression: str
+) -> None:
     """4 gloo processes with DiLoCo and compression against the simulator: bit for bit; each rank
     sent only uint8 payloads at the global rounds (all-to-all, then all-gather), as many bytes as
     the counters say, and no all-reduce of parameters."""

@@ -342,6 +342,34 @@ def test_download_checks_md5_then_extracts(
     assert download("cifar10", dest, base_url=url, progress=False) == folder
 
 
+def test_download_through_the_command_line(
+    server: tuple[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`localsgd download` fetches into --data-dir from --base-url and prints the folder; a bad
+    name or a checksum mismatch is one line and exit code 2 (catches the CLI ignoring --data-dir
+    or --base-url, which would reach the real server: none in this test)."""
+    from localsgd.cli import main
+
+    url, root = server
+    archive = cifar10_archive(tmp_path, root / "cifar-10-python.tar.gz")
+    monkeypatch.setitem(data.CHECKSUMS, "cifar10", {archive.name: md5(archive)})
+    dest = tmp_path / "dest"
+    assert main(["download", "cifar10", "--data-dir", str(dest), "--base-url", url]) == 0
+    assert capsys.readouterr().out.strip() == str(dest / "cifar-10-batches-py")
+    assert load_dataset("cifar10", dest).train_x.shape == (20, 3, 32, 32)
+    assert main(["download", "imagenet", "--data-dir", str(dest), "--base-url", url]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "imagenet" in err and "cifar10" in err
+    monkeypatch.setitem(data.CHECKSUMS, "cifar10", {archive.name: "0" * 32})
+    assert main(["download", "cifar10", "--data-dir", str(tmp_path / "other"), "--base-url", url]) == 2
+    err = capsys.readouterr().err  # the progress bar, then the error on a line of its own
+    ours = [line for line in err.splitlines() if line.startswith("localsgd: error: ")]
+    assert len(ours) == 1 and "md5 mismatch" in ours[0] and "Traceback" not in err
+
+
 def test_download_idx_files(
     server: tuple[str, Path],
     tmp_path: Path,

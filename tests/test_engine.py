@@ -81,7 +81,7 @@ class SilentPeer(Communicator):
     def all_gather_bytes(self, data: list[bytes]) -> list[bytes]:
         return [data[0], data[0]]
 
-    def exchange(self, level: Level, chunks: list[list[torch.Tensor]]) -> list[list[torch.Tensor]]:
+    def start_exchange(self, level: Level, chunks: list[list[torch.Tensor]]) -> Callable[[], list]:
         raise NotImplementedError
 
     def gather(self, level: Level, items: list[torch.Tensor]) -> list[list[torch.Tensor]]:

@@ -77,7 +77,9 @@ def test_survivor_stops_with_a_clear_error(tmp_path: Path, fault: str) -> None:
     assert procs[0].returncode == 2, err
     ours = [line for line in err.splitlines() if line.startswith("localsgd: error: ")]
     assert len(ours) == 1 and "Traceback" not in err, err
-    assert "averaging at step " in ours[0] and "failed; a worker is gone, stuck or unreachable (" in ours[0], err
+    assert (
+        "averaging at step " in ours[0] and "failed; a worker is gone, stuck or unreachable (" in ours[0]
+    ), err
     if fault == "dies":
         assert seconds < 60, err
     else:

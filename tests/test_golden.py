@@ -93,7 +93,11 @@ def run(settings: dict[str, Any]) -> dict[str, Any]:
             {name: v.tolist() for name, v in [*m.named_parameters(), *m.named_buffers()]} for m in sim.models
         ],
         "momentum": [
-            [opt.state[p]["momentum_buffer"].tolist() for p in (m.a, m.c) if "momentum_buffer" in opt.state[p]]
+            [
+                opt.state[p]["momentum_buffer"].tolist()
+                for p in (m.a, m.c)
+                if "momentum_buffer" in opt.state[p]
+            ]
             for m, opt in zip(sim.models, sim.optimizers, strict=True)
         ],
         "averaged": {name: v.tolist() for name, v in averaged.state_dict().items()},

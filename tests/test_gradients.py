@@ -123,7 +123,12 @@ def test_averaged_gradients_are_windows_of_one_buffer_one_collective_no_copies(
     params = [[p for p in m.parameters()] for m in sim.models]
     assert sum(copied) == 0  # gradients and their flags are averaged where they live
     assert sim._gradient_average.packed is not None and sim._gradient_average.packed.averager.packed(
-        [[*ws, f] for ws, f in zip(sim._gradient_average.packed.windows, sim._gradient_average.packed.flags, strict=True)]
+        [
+            [*ws, f]
+            for ws, f in zip(
+                sim._gradient_average.packed.windows, sim._gradient_average.packed.flags, strict=True
+            )
+        ]
     )
     for ps, windows in zip(params, sim._gradient_average.packed.windows, strict=True):
         assert all(p.grad is w for p, w in zip(ps, windows, strict=True))

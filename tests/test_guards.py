@@ -31,7 +31,9 @@ def test_initial_broadcast_across_processes_and_the_ddp_buffer_guard(tmp_path: P
     assert all(torch.equal(a, b) for a, b in zip(r0["after"], r1["after"], strict=True))
     assert all(torch.equal(a, b) for a, b in zip(r0["after"], r0["before"], strict=True))  # rank 0's
     for r in (r0, r1):
-        assert "contradicts buffers='local'" in r["ddp_error"] and "forward_sync_buffers=False" in r["ddp_error"]
+        assert (
+            "contradicts buffers='local'" in r["ddp_error"] and "forward_sync_buffers=False" in r["ddp_error"]
+        )
 
 
 @pytest.mark.parametrize("policy", ["average", "reset"])
@@ -59,12 +61,20 @@ def test_misuse_of_the_api_is_a_clear_error() -> None:
     model = mlp(seed=1)
     opts = [sgd(model)]
     with pytest.raises(ValueError, match="need one GradScaler per optimizer: 1 optimizers, 2 scalers"):
-        Engine([model], opts, SimCommunicator(1), Schedule.local(2), grad_scalers=[torch.amp.GradScaler("cpu")] * 2)
+        Engine(
+            [model],
+            opts,
+            SimCommunicator(1),
+            Schedule.local(2),
+            grad_scalers=[torch.amp.GradScaler("cpu")] * 2,
+        )
     sim = Simulator(mlp(seed=1), sgd, Schedule.local(2), workers=2)
     with pytest.raises(ValueError, match="a closure needs a single worker; the simulator holds several"):
         sim.step(lambda: torch.zeros(()))
     other = mlp(seed=2)
-    with pytest.raises(ValueError, match=r"the optimizer holds a parameter of shape .* that is not a parameter of the model"):
+    with pytest.raises(
+        ValueError, match=r"the optimizer holds a parameter of shape .* that is not a parameter of the model"
+    ):
         LocalSGD(sgd(other), model, Schedule.local(2))
 
 
@@ -76,7 +86,9 @@ def test_ddp_in_the_simulator_is_refused(tmp_path: Path) -> None:
     dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
     try:
         model = DistributedDataParallel(mlp(seed=1))
-        with pytest.raises(ValueError, match=r"DistributedDataParallel models need torch\.distributed, not the simulator"):
+        with pytest.raises(
+            ValueError, match=r"DistributedDataParallel models need torch\.distributed, not the simulator"
+        ):
             Engine([model], [sgd(model.module)], SimCommunicator(1), Schedule.local(2))
     finally:
         dist.destroy_process_group()
@@ -87,11 +99,15 @@ def test_check_finite_names_the_tensor_the_step_and_the_worker(tmp_path: Path) -
     check_finite(list(enumerate(models)), 7, tmp_path)  # all finite: nothing
     with torch.no_grad():
         models[1][1].running_var[3] = float("inf")
-    with pytest.raises(TrainingError, match=r"^1\.running_var is not finite after step 7 on worker 1; no checkpoint"):
+    with pytest.raises(
+        TrainingError, match=r"^1\.running_var is not finite after step 7 on worker 1; no checkpoint"
+    ):
         check_finite(list(enumerate(models)), 7, tmp_path)
 
 
-def test_demo_prints_the_same_table_in_both_runtimes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_demo_prints_the_same_table_in_both_runtimes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """`localsgd demo` with K = 2 simulated workers and under torchrun with 2 processes: the same
     methods, rounds and bytes, and accuracies within a point (the order of sums differs)."""
     from tests.helpers import launch
@@ -130,7 +146,10 @@ def test_hierarchical_local_sgd_through_the_cli(tmp_path: Path) -> None:
 
 
 def test_plan_through_the_cli(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["plan", "--compute-ms", "130", "--workers", "2", "--bandwidth", "100mbit", "--latency-ms", "1"]) == 0
+    assert (
+        main(["plan", "--compute-ms", "130", "--workers", "2", "--bandwidth", "100mbit", "--latency-ms", "1"])
+        == 0
+    )
     out = capsys.readouterr().out
     assert "speed-up" in out.lower() or "speedup" in out.lower(), out
     assert main(["plan", "--compute-ms", "130", "--workers", "2", "--bandwidth", "fast"]) == 2
@@ -142,7 +161,11 @@ def test_study_max_hours_stops_starting_new_runs(tmp_path: Path, capsys: pytest.
     if not CIFAR10.is_dir():
         pytest.skip("needs CIFAR-10")
     root = tmp_path / "s"
-    assert main(["study", "smoke", "--out", str(root), "--data-dir", str(CIFAR10), "--max-hours", "1e-5"]) == 0
-    finished = sorted(p.parent.name + "/" + p.name for p in root.rglob("seed-*") if (p / "summary.json").is_file())
+    assert (
+        main(["study", "smoke", "--out", str(root), "--data-dir", str(CIFAR10), "--max-hours", "1e-5"]) == 0
+    )
+    finished = sorted(
+        p.parent.name + "/" + p.name for p in root.rglob("seed-*") if (p / "summary.json").is_file()
+    )
     assert len(finished) == 1, finished
     assert "time budget spent; 3 pieces left" in capsys.readouterr().out

@@ -89,7 +89,12 @@ def inner_step(
 
 
 def reference(
-    workers: int, local_steps: int, switch: int, update: Update, steps: int, block: tuple[int, int] | None = None
+    workers: int,
+    local_steps: int,
+    switch: int,
+    update: Update,
+    steps: int,
+    block: tuple[int, int] | None = None,
 ) -> list[nn.Module]:
     """K plain models and optimizers: mini-batch SGD (gradients averaged, a missing one as zero)
     before t', then local steps; every H·H_b local steps the outer update on the anchor, which is
@@ -168,7 +173,9 @@ def test_outer_step_matches_the_formula_bit_for_bit(name: str) -> None:
     sim = engine_run(workers, schedule, outer, steps=14)
     ref = reference(workers, schedule.local_steps, schedule.switch_step, update, steps=14)
     assert params(sim.models) == params(ref)
-    assert params(ref) != params(reference(workers, schedule.local_steps, schedule.switch_step, sgd_update(1.0), 14))
+    assert params(ref) != params(
+        reference(workers, schedule.local_steps, schedule.switch_step, sgd_update(1.0), 14)
+    )
 
 
 def test_hierarchical_outer_step_is_global_only() -> None:
@@ -222,7 +229,9 @@ def test_outer_state_resumes_mid_period_bit_for_bit() -> None:
 def test_anchor_device_and_memory() -> None:
     """The anchor holds one copy of the parameters where asked; the result does not depend on it."""
     a = engine_run(2, Schedule.local(2), diloco(0.5, 0.5), steps=6)
-    sim = Simulator(Dyadic(), optimizer, Schedule.local(2), 2, outer_optimizer=diloco(0.5, 0.5), anchor_device="cpu")
+    sim = Simulator(
+        Dyadic(), optimizer, Schedule.local(2), 2, outer_optimizer=diloco(0.5, 0.5), anchor_device="cpu"
+    )
     assert [t.device.type for t in sim._outer.anchor] == ["cpu"] * 3
     assert sum(t.numel() for t in sim._outer.anchor) == sum(p.numel() for p in sim.models[0].parameters())
     assert params(a.models) != params(engine_run(2, Schedule.local(2), None, steps=6).models)
@@ -241,33 +250,40 @@ def test_bad_outer_settings_are_clear() -> None:
         opt.step()
 
 
-@pytest.mark.parametrize("name", ["diloco", "slowmo", "diloco overlapped"])
+@pytest.mark.parametrize("name", ["diloco", "slowmo", "diloco overlapped", "diloco overlapped int8"])
 def test_torchrun_processes_take_the_simulators_outer_steps(tmp_path: Path, name: str) -> None:
     """4 gloo processes, one LocalSGD each, against the simulator: bit for bit (the values are
     exact, so the order of the all-reduce's sums cannot matter). DiLoCo after a mini-batch phase;
     SlowMo on a hierarchical schedule (blocks of 2 plain, the outer step global); DiLoCo with each
-    global average in flight (async gloo work) for τ = 2 local steps."""
+    global average in flight (async gloo work) for τ = 2 local steps, also with int8 compression
+    (the all-to-all in flight, the all-gather when applied)."""
     from tests.helpers import torchrun
 
-    schedule, outer, tau = {
-        "diloco": (Schedule.post_local(2, switch_step=4), diloco(0.5, 0.5), 0),
-        "slowmo": (Schedule.hierarchical(2, 2, switch_step=1), slowmo(1.0, 0.5), 0),
-        "diloco overlapped": (Schedule.post_local(3, switch_step=2), diloco(0.5, 0.5), 2),
+    schedule, outer, tau, codec = {
+        "diloco": (Schedule.post_local(2, switch_step=4), diloco(0.5, 0.5), 0, None),
+        "slowmo": (Schedule.hierarchical(2, 2, switch_step=1), slowmo(1.0, 0.5), 0, None),
+        "diloco overlapped": (Schedule.post_local(3, switch_step=2), diloco(0.5, 0.5), 2, None),
+        "diloco overlapped int8": (Schedule.post_local(3, switch_step=2), diloco(0.5, 0.5), 2, "int8"),
     }[name]
     torchrun(4, "outer", tmp_path, name)
     if tau:
-        sim = overlapped(4, schedule, outer, tau, steps=14)
+        sim = overlapped(4, schedule, outer, tau, steps=14, compression=codec)
     else:
         sim = engine_run(4, schedule, outer, steps=14, workers_per_block=2)
     for r in range(4):
         got = torch.load(tmp_path / f"rank{r}.pt", weights_only=True)
         assert [p.tolist() for p in got["params"]] == [p.tolist() for p in sim.models[r].parameters()]
-        assert {k: s["rounds"] for k, s in got["stats"].items()} == {k: s.rounds for k, s in sim.stats.items()}
+        assert {k: s["rounds"] for k, s in got["stats"].items()} == {
+            k: s.rounds for k, s in sim.stats.items()
+        }
 
 
-def delayed_reference(workers: int, local_steps: int, switch: int, tau: int, update: Update, steps: int) -> list[nn.Module]:
+def delayed_reference(
+    workers: int, local_steps: int, switch: int, tau: int, update: Update, steps: int, mean_of=None
+) -> list[nn.Module]:
     """The delayed-update rule by hand: after step t (a global average), s_k = θ_k; after step
-    t + τ, Δ = mean_k(θ̄ − s_k), θ̄ ← outer(θ̄, Δ), θ_k ← θ̄ + (θ_k − s_k)."""
+    t + τ, Δ = mean_k(θ̄ − s_k), θ̄ ← outer(θ̄, Δ), θ_k ← θ̄ + (θ_k − s_k). ``mean_of(anchor,
+    snapshots, state, inner_lr)`` replaces the exact mean Δ."""
     models = [Dyadic() for _ in range(workers)]
     opts = [optimizer(m) for m in models]
     anchor: list[torch.Tensor] = []
@@ -279,6 +295,8 @@ def delayed_reference(workers: int, local_steps: int, switch: int, tau: int, upd
             if pending is not None and pending[0] == t:
                 snaps = pending[1]
                 delta = [sum(a - s[i] for s in snaps) / workers for i, a in enumerate(anchor)]
+                if mean_of is not None:
+                    delta = mean_of(anchor, snaps, state, inner_lr_at(t))
                 update(anchor, delta, state, inner_lr_at(t))
                 for m, s in zip(models, snaps, strict=True):
                     for p, si, a in zip(m.parameters(), s, anchor, strict=True):
@@ -290,8 +308,9 @@ def delayed_reference(workers: int, local_steps: int, switch: int, tau: int, upd
 
 
 def overlapped(workers: int, schedule: Schedule, outer: Any, tau: int, steps: int, start: int = 0,
-               state: dict | None = None) -> Simulator:  # fmt: skip
-    sim = Simulator(Dyadic(), optimizer, schedule, workers, outer_optimizer=outer, overlap_steps=tau)
+               state: dict | None = None, compression: str | None = None) -> Simulator:  # fmt: skip
+    sim = Simulator(Dyadic(), optimizer, schedule, workers, outer_optimizer=outer, overlap_steps=tau,
+                    compression=compression)  # fmt: skip
     if state is not None:
         sim.load_state_dict(state)
     return drive(sim, start, steps)
@@ -315,26 +334,64 @@ def test_overlapped_average_follows_the_delayed_rule(tau: int, outer: str) -> No
     assert params(overlapped(4, schedule, make, 0, steps=14).models) == params(blocking.models)  # τ = 0
 
 
-def test_overlapped_average_resumes_with_one_in_flight() -> None:
+@pytest.mark.parametrize("codec", [None, "int8", "sign"])
+def test_overlapped_average_resumes_with_one_in_flight(codec: str | None) -> None:
     """state_dict one step after an average was started (its result not applied yet): the resumed
-    run sends it again and ends with the uninterrupted run's bits."""
+    run sends it again and ends with the uninterrupted run's bits. With compression (all three on:
+    outer momentum, error feedback, an average in flight) the residuals from before the send are
+    what it resends with: the ones after it would count the encoding error twice."""
     schedule = Schedule.post_local(3, switch_step=2)
-    full = overlapped(2, schedule, diloco(0.5, 0.5), 2, steps=14)
-    first = overlapped(2, schedule, diloco(0.5, 0.5), 2, steps=6)  # started after step 4, due after 6
+    full = overlapped(2, schedule, diloco(0.5, 0.5), 2, steps=14, compression=codec)
+    # the second average (started after step 7, due after 9) in flight: the first one left residuals
+    first = overlapped(2, schedule, diloco(0.5, 0.5), 2, steps=9, compression=codec)
     state = copy.deepcopy(first.state_dict())
-    assert state["delayed"] is not None and state["delayed"]["due"] == 6
-    resumed = overlapped(2, schedule, diloco(0.5, 0.5), 2, steps=14, start=6, state=state)
+    assert state["delayed"] is not None and state["delayed"]["due"] == 9
+    if codec:
+        before, after = state["delayed"]["residuals"]["sent"][0], state["compression"]["sent"][0]
+        assert any(not torch.equal(b, a) for b, a in zip(before, after, strict=True))
+    resumed = overlapped(2, schedule, diloco(0.5, 0.5), 2, steps=14, start=9, state=state, compression=codec)
     assert params(resumed.models) == params(full.models)
+
+
+@pytest.mark.parametrize("codec", ["int8", "sign"])
+def test_compressed_overlapped_average_is_the_delayed_compressed_mean(codec: str) -> None:
+    """τ = 2 with compression: the delayed rule by hand, its mean Δ the blocking compressed mean
+    of the snapshots' pseudo-gradients (one error-feedback state carried across rounds). Catches
+    compression skipped in flight, residuals lost between overlapped rounds, and the delay's
+    bookkeeping applied to the wrong values."""
+    from localsgd import SimCommunicator
+    from localsgd.averaging import FlatAverager
+    from localsgd.compression import CompressedMean, make_codec
+    from localsgd.schedule import Level
+
+    mean = CompressedMean(make_codec(codec))
+    averager = FlatAverager(SimCommunicator(4))
+    deltas = [[torch.zeros_like(p) for p in Dyadic().parameters()] for _ in range(4)]
+    assert averager.pack_(deltas)
+
+    def compressed_update(anchor, snaps, state, inner_lr) -> list[torch.Tensor]:
+        for d, s in zip(deltas, snaps, strict=True):
+            for di, a, si in zip(d, anchor, s, strict=True):
+                di.copy_(a - si)
+        averager.average_(Level.GLOBAL, deltas, mean)
+        return [d.clone() for d in deltas[0]]
+
+    schedule = Schedule.post_local(3, switch_step=2)
+    sim = overlapped(4, schedule, diloco(0.5, 0.5), 2, steps=14, compression=codec)
+    reference = delayed_reference(4, 3, 2, 2, nesterov_update(0.5, 0.5), 14, mean_of=compressed_update)
+    assert params(sim.models) == params(reference)
+    exact = overlapped(4, schedule, diloco(0.5, 0.5), 2, steps=14)
+    assert params(sim.models) != params(exact.models)
 
 
 def test_overlap_settings_are_checked() -> None:
     def build(**kw: Any) -> None:
         Simulator(Dyadic(), optimizer, Schedule.local(4), 2, **kw)
 
-    with pytest.raises(ValueError, match=r"overlap_steps \(τ\) = 4 must be less than the global period H·H_b = 4"):
+    with pytest.raises(
+        ValueError, match=r"overlap_steps \(τ\) = 4 must be less than the global period H·H_b = 4"
+    ):
         build(overlap_steps=4)
-    with pytest.raises(ValueError, match="with compression is not supported yet"):
-        build(overlap_steps=1, compression="int8")
     with pytest.raises(ValueError, match="needs buffers='local' and optimizer_state='local'"):
         build(overlap_steps=1, buffers="average")
     with pytest.raises(ValueError, match=r"overlap_steps \(τ\) must be an integer >= 0, got -1"):

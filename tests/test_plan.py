@@ -140,6 +140,72 @@ def test_post_local_counts_whole_periods_after_the_switch() -> None:
     assert post.seconds_per_epoch == pytest.approx((3 + 7 // 4) * 4.0)  # 3 gradient averages, then 1
 
 
+def test_encoded_bytes_by_hand() -> None:
+    # 1000 fp32 values over K = 2: chunks of 500 values; blocks of 256 give 2 scales per chunk
+    assert plan.encoded_bytes(4000, 2, "bf16") == 2 * 500 * 2
+    assert plan.encoded_bytes(4000, 2, "int8") == 2 * (500 + 2 * 4)
+    assert plan.encoded_bytes(4000, 2, "sign") == 2 * (63 + 2 * 4)  # ceil(500 / 8) bytes of signs
+    assert plan.encoded_bytes(4000, 3, "int8", block_size=64) == 3 * (334 + 6 * 4)  # 334 = ceil(1000/3)
+
+
+def test_compressed_mean_costs_by_hand() -> None:
+    # K = 2, no latency: each stage sends one chunk of encoded / 2 bytes; one call each
+    net = Network(bandwidth=100.0, overhead=0.5)
+    assert plan.compressed_mean_seconds(1000, 2, net) == pytest.approx(1000 / 2 / 100 * 2 + 2 * 0.5)
+    # K = 4, latency only: the all-to-all is one exchange (2d), the ring all-gather 3 rounds (3 * 2d)
+    assert plan.compressed_mean_seconds(1000, 4, Network(latency=1.0)) == pytest.approx(2.0 + 6.0)
+    # K = 4, bandwidth only: 3 chunks of 250 bytes in each stage
+    assert plan.compressed_mean_seconds(1000, 4, Network(bandwidth=10.0)) == pytest.approx(2 * 3 * 25.0)
+    assert plan.compressed_mean_seconds(1000, 1, net) == 0.0
+
+
+def test_compression_changes_only_the_parameter_averages(slow_net: Network) -> None:
+    encoded = plan.encoded_bytes(RESNET20, 4, "int8")
+    wire = plan.compressed_mean_seconds(encoded, 4, slow_net)
+    plain = by_label(predict(0.1, RESNET20, 4, slow_net, 160, [1, 16]))
+    rows = by_label(
+        predict(0.1, RESNET20, 4, slow_net, 160, [1, 16], compression="int8", codec_overhead=0.01)
+    )
+    assert rows["mini-batch SGD"] == plain["mini-batch SGD"]  # gradients travel as fp32
+    assert rows["local SGD H=16"].seconds_per_step == pytest.approx(0.1 + (wire + 0.01) / 16)
+    assert encoded < RESNET20 / 3.9
+
+
+def test_overlap_hides_what_fits_in_tau_steps() -> None:
+    net = Network(bandwidth=1000.0)  # a K = 2 all-reduce of 100 bytes: 0.1 s
+    rows = by_label(predict(0.03, 100, 2, net, 64, [1, 4, 16], overlap_steps=2, average_overhead=0.001))
+    assert rows["mini-batch SGD"].seconds_per_step == pytest.approx(0.03 + 0.101)  # not overlapped
+    # the copies are the worker's own work: they show whole
+    assert rows["local SGD H=4"].seconds_per_step == pytest.approx(0.03 + (0.001 + 0.1 - 2 * 0.03) / 4)
+    rows = by_label(predict(0.06, 100, 2, net, 64, [1, 4, 16], overlap_steps=2))
+    assert rows["local SGD H=16"].seconds_per_step == pytest.approx(0.06)  # hidden entirely
+    post = predict(0.03, 100, 2, net, 64, [1], post_local=4, switch_epoch=0.5, overlap_steps=3)[-2]
+    assert post.seconds_per_epoch == pytest.approx(64 * 0.03 + 32 * 0.1 + 8 * (0.1 - 3 * 0.03))
+
+
+def test_compressed_overlap_hides_the_all_to_all_only() -> None:
+    """K = 2, 1000 B/s, 100 B per chunk of int8 (2 x 100 encoded): each stage 0.1 s."""
+    net = Network(bandwidth=1000.0)
+    encoded = plan.encoded_bytes(4 * 192, 2, "int8", block_size=96)  # 2 chunks of 96 + one scale
+    assert encoded == 2 * (96 + 4) and plan.compressed_stages(encoded, 2, net) == pytest.approx((0.1, 0.1))
+    rows = predict(0.03, 4 * 192, 2, net, 64, [8], compression="int8", block_size=96,
+                   codec_overhead=0.005, overlap_steps=2)  # fmt: skip
+    # the all-to-all less two steps of compute, the all-gather whole, encoding whole
+    assert rows[0].seconds_per_step == pytest.approx(0.03 + (0.005 + (0.1 - 0.06) + 0.1) / 8)
+
+
+def test_hierarchical_step_by_hand() -> None:
+    inner, outer = Network(latency=0.5), Network(latency=2.0)  # no bandwidth limit: 2d per round
+    # K' = 2: one round per phase, 2 * 2d = 2 s; K = 4 over the outer link: 4 (K - 1) d = 24 s
+    seconds = plan.hierarchical_seconds_per_step(0.1, 1000, 4, 2, inner, outer, 4, 3, average_overhead=0.5)
+    assert seconds == pytest.approx(0.1 + (2 * (2.0 + 0.5) + (24.0 + 0.5)) / 12)
+    # H_b = 1 is flat local SGD on the outer link
+    flat = by_label(predict(0.1, 1000, 4, outer, 10, [4]))["local SGD H=4"].seconds_per_step
+    assert plan.hierarchical_seconds_per_step(0.1, 1000, 4, 2, inner, outer, 4, 1) == pytest.approx(flat)
+    with pytest.raises(ValueError, match=r"^workers_per_block \(K'\) = 3 must divide"):
+        plan.hierarchical_seconds_per_step(0.1, 1000, 4, 3, inner, outer, 4, 3)
+
+
 @pytest.mark.parametrize(
     ("call", "named"),
     [
@@ -161,6 +227,13 @@ def test_post_local_counts_whole_periods_after_the_switch() -> None:
         (lambda n: predict(0.1, RESNET20, 4, n, 100, epochs=0), "epochs"),
         (lambda n: predict(0.1, RESNET20, 4, n, 100, average_overhead=-1), "average_overhead"),
         (lambda n: predict(0.1, RESNET20, 4, "fast", 100), "network"),
+        (lambda n: predict(0.1, RESNET20, 4, n, 100, [1, 4], overlap_steps=4), "overlap_steps"),
+        (lambda n: predict(0.1, RESNET20, 4, n, 100, overlap_steps=-1), "overlap_steps"),
+        (lambda n: predict(0.1, RESNET20, 4, n, 100, compression="zip"), "compression"),
+        (
+            lambda n: predict(0.1, RESNET20, 4, n, 100, compression="int8", codec_overhead=-1),
+            "codec_overhead",
+        ),
         (lambda n: Network(latency=-1e-3), "latency"),
         (lambda n: Network(bandwidth=0), "bandwidth"),
         (lambda n: Network(overhead=math.inf), "overhead"),

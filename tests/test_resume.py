@@ -161,8 +161,15 @@ def test_non_finite_loss_stops_with_step_and_worker(
     poison(monkeypatch, step, worker, workers=2)
     assert main(["train", *FLAGS, "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    where = f"the last good checkpoint is in {out / 'checkpoints'}" if step >= 8 else "no checkpoint was written before"
-    assert err == f"localsgd: error: loss is nan at step {step} (epoch {step // 8 + 1}) on worker {worker}; {where}\n"
+    where = (
+        f"the last good checkpoint is in {out / 'checkpoints'}"
+        if step >= 8
+        else "no checkpoint was written before"
+    )
+    assert (
+        err
+        == f"localsgd: error: loss is nan at step {step} (epoch {step // 8 + 1}) on worker {worker}; {where}\n"
+    )
     state = checkpoint.read_state(out / "checkpoints", 0)
     if step < 8:
         assert state is None

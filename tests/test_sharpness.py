@@ -12,7 +12,7 @@ from torch import nn
 from torch.func import functional_call
 
 from localsgd.cli import main
-from localsgd.harness.sharpness import interpolate, loss_acc, reestimate_bn, top_eigenvalue
+from localsgd.harness.sharpness import interpolate, reestimate_bn, top_eigenvalue
 from tests.test_train import CIFAR10, needs_cifar10
 
 
@@ -78,16 +78,49 @@ def test_bn_reestimation_is_the_exact_mean_over_the_batches() -> None:
     assert model[1].momentum == 0.1  # restored
 
 
-def test_interpolation_endpoints_are_the_two_models() -> None:
+def by_hand(a: nn.Module, b: nn.Module, alpha: float, bn_data, data) -> tuple[float, float]:
+    """Mean loss and accuracy of the net (1 - alpha) A + alpha B on ``data``, written out: each
+    weight mixed by its formula, the BN statistics the mean over ``bn_data``'s batches of each
+    batch's mean and unbiased variance of the first layer's output, the forward pass by hand."""
+    mixed = {
+        name: (1 - alpha) * pa + alpha * pb
+        for (name, pa), (_, pb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True)
+        if not name.startswith("1.running") and not name.endswith("num_batches_tracked")
+    }
+
+    def first(x: torch.Tensor) -> torch.Tensor:
+        return x @ mixed["0.weight"].T + mixed["0.bias"]
+
+    mean = torch.stack([first(x).mean(0) for x, _ in bn_data]).mean(0)
+    var = torch.stack([first(x).var(0, unbiased=True) for x, _ in bn_data]).mean(0)
+    x = torch.cat([x for x, _ in data])
+    y = torch.cat([y for _, y in data])
+    hidden = (first(x) - mean) / torch.sqrt(var + 1e-5) * mixed["1.weight"] + mixed["1.bias"]
+    logits = torch.tanh(hidden) @ mixed["3.weight"].T + mixed["3.bias"]
+    loss = -logits.log_softmax(1)[torch.arange(len(y)), y].mean()
+    return loss.item(), (logits.argmax(1) == y).double().mean().item()
+
+
+def test_interpolation_against_the_net_written_out() -> None:
+    """Each point is the mixed weights with BN statistics re-estimated on the BN batches (catches an
+    interpolation that ignores alpha or mixes the other way, statistics carried over from A or
+    mixed instead of re-estimated, and train and test swapped); alpha = 1.5 extrapolates."""
     a, data = small_net(), batches()
     torch.manual_seed(5)
     b = nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 3)).double()
-    rows = interpolate(a, b, [0.0, 0.5, 1.0], data, data[:1])
-    for model, row in ((a, rows[0]), (b, rows[2])):
-        reestimate_bn(model, data)
-        assert (row["train_loss"], row["train_acc"]) == pytest.approx(loss_acc(model, data), rel=1e-12)
-        assert (row["test_loss"], row["test_acc"]) == pytest.approx(loss_acc(model, data[:1]), rel=1e-12)
-    assert rows[1]["train_loss"] not in (rows[0]["train_loss"], rows[2]["train_loss"])
+    with torch.no_grad():  # A's statistics far from any re-estimate: carrying them over shows
+        a[1].running_mean.fill_(3.0)
+    train, test, bn = data[:2], data[2:], batches(2, seed=7)
+    alphas = [0.0, 0.25, 0.5, 1.0, 1.5]
+    rows = interpolate(a, b, alphas, train, test, bn=bn)
+    for alpha, row in zip(alphas, rows, strict=True):
+        assert row["alpha"] == alpha
+        assert (row["train_loss"], row["train_acc"]) == pytest.approx(
+            by_hand(a, b, alpha, bn, train), rel=1e-9
+        )
+        assert (row["test_loss"], row["test_acc"]) == pytest.approx(by_hand(a, b, alpha, bn, test), rel=1e-9)
+    assert len({round(r["train_loss"], 6) for r in rows}) == len(rows)  # the points differ
+    assert a[1].running_mean.eq(3.0).all()  # the endpoints are left as they were
 
 
 @needs_cifar10

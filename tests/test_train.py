@@ -6,13 +6,14 @@ import json
 import re
 import subprocess
 from pathlib import Path
+from unittest.mock import patch
 
 import pytest
 import torch
 from torch import nn
 
 from localsgd.cli import main
-from localsgd.harness import optim
+from localsgd.harness import optim, plot
 from localsgd.harness.config import Config, ConfigError, load_toml, preset
 from localsgd.harness.models import build_model
 from localsgd.harness.train import make_plan
@@ -142,7 +143,6 @@ BAD_CONFIGS = [
     (["--compress", "bf16", "--local-steps", "4", "--compress-block", "64"], "compress_block = 64 needs compress = int8 or sign"),
     (["--compress", "sign", "--local-steps", "4", "--compress-block", "4"], "compress_block must be an integer >= 8, got 4"),
     (["--overlap-steps", "4", "--local-steps", "4"], "overlap_steps (τ) = 4 must be less than the global period H·H_b = 4"),
-    (["--overlap-steps", "1", "--local-steps", "4", "--compress", "int8"], "overlap_steps > 0 with compression is not supported yet"),
     (["--overlap-steps", "1", "--local-steps", "4", "--buffers", "average"], "overlap_steps > 0 needs buffers='local' and optimizer_state='local'"),
     (["--overlap-steps", "-1"], "overlap_steps must be an integer >= 0, got -1"),
     (["--overlap-steps", "1"], "overlap_steps = 1 needs local steps"),
@@ -188,7 +188,10 @@ def test_bf16_speed_mode_learns_like_fp32_or_is_refused_where_it_would_be_slow(
         return
     assert code == 0
     assert main(["train", *flags, "--out", str(tmp_path / "fp32")]) == 0
-    loss = {r: json.loads((tmp_path / r / "summary.json").read_text())["final_train_loss"] for r in ("bf16", "fp32")}
+    loss = {
+        r: json.loads((tmp_path / r / "summary.json").read_text())["final_train_loss"]
+        for r in ("bf16", "fp32")
+    }
     assert loss["bf16"] < 1.5 and abs(loss["bf16"] - loss["fp32"]) < 0.3, loss
     models = [torch.load(tmp_path / r / "model.pt", weights_only=True)["model"] for r in ("bf16", "fp32")]
     assert not all(torch.equal(models[0][k], models[1][k]) for k in models[0])
@@ -203,7 +206,9 @@ def test_unwritable_run_directory_is_one_line_before_training(
     data = write_cifar100(tmp_path / "data", n_train=64, n_test=32)
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    out = {"below a file": blocker / "run", "in /proc": Path("/proc/localsgd-test/run")}.get(where, tmp_path / "run")
+    out = {"below a file": blocker / "run", "in /proc": Path("/proc/localsgd-test/run")}.get(
+        where, tmp_path / "run"
+    )
     if where == "checkpoints is a file":
         out.mkdir()
         (out / "checkpoints").write_text("")
@@ -211,7 +216,9 @@ def test_unwritable_run_directory_is_one_line_before_training(
     assert main(["train", *flags, "--epochs", "1", "--out", str(out)]) == 2
     err = capsys.readouterr().err
     reason = {"below a file": "Not a directory", "checkpoints is a file": "File exists"}.get(where, "")
-    said = re.fullmatch(rf"localsgd: error: cannot write the run directory {re.escape(str(out))}: ([A-Z].*)\n", err)
+    said = re.fullmatch(
+        rf"localsgd: error: cannot write the run directory {re.escape(str(out))}: ([A-Z].*)\n", err
+    )
     assert said and reason in said[1], err
     assert not (out / "model.pt").exists()
 
@@ -276,7 +283,10 @@ def test_workers_follow_torchrun_unless_set(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert resolve_workers(Config()).workers == 2
     assert resolve_workers(Config(workers=2)).workers == 2
-    with pytest.raises(ConfigError, match=r"^workers \(K\) = 4 but torchrun started 2 processes; start 4 processes or pass --workers 2"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^workers \(K\) = 4 but torchrun started 2 processes; start 4 processes or pass --workers 2",
+    ):
         resolve_workers(preset("demo"))
     with pytest.raises(ConfigError, match=r"workers \(K\) = 16 but torchrun started 2"):
         resolve_workers(preset("paper"))  # the paper's protocol is K = 16
@@ -289,7 +299,9 @@ def test_explicit_workers_that_differ_from_torchrun_is_one_line(tmp_path: Path) 
     before any work (torchrun then stops the other), no traceback through localsgd, no run directory."""
     out = tmp_path / "run"
     with pytest.raises(AssertionError) as failed:
-        launch(2, ["-m", "localsgd", "train", "--workers", "3", "--data-dir", str(tmp_path), "--out", str(out)])
+        launch(
+            2, ["-m", "localsgd", "train", "--workers", "3", "--data-dir", str(tmp_path), "--out", str(out)]
+        )
     log = str(failed.value)
     assert "localsgd: error: workers (K) = 3 but torchrun started 2 processes; start 3 processes" in log, log
     assert "localsgd/" not in log and not out.exists()  # torchrun's own report names no file of ours
@@ -368,12 +380,23 @@ def test_outer_optimizer_through_the_cli_in_both_runtimes(tmp_path: Path, varian
     """An outer optimizer after the mini-batch phase, with int8 compression or with each global
     average overlapped with the next local step: 2 torchrun processes end with the simulator's
     model, and the run differs from plain post-local SGD."""
-    flags = [*TINY, "--workers", "2", "--progress", "false", "--eval-local", "never", *OUTER_VARIANTS[variant]]
+    flags = [
+        *TINY,
+        "--workers",
+        "2",
+        "--progress",
+        "false",
+        "--eval-local",
+        "never",
+        *OUTER_VARIANTS[variant],
+    ]
     assert main(["train", *flags, "--out", str(tmp_path / "sim")]) == 0
     plain = ["--outer-optimizer", "none", "--compress", "none", "--overlap-steps", "0"]
     assert main(["train", *flags, *plain, "--out", str(tmp_path / "plain")]) == 0
     launch(2, ["-m", "localsgd", "train", *flags, "--out", str(tmp_path / "dist")])
-    sim, dist, plain = (torch.load(tmp_path / r / "model.pt", weights_only=True)["model"] for r in ("sim", "dist", "plain"))
+    sim, dist, plain = (
+        torch.load(tmp_path / r / "model.pt", weights_only=True)["model"] for r in ("sim", "dist", "plain")
+    )
     assert all(torch.equal(sim[k], dist[k]) for k in sim)
     assert not all(torch.equal(sim[k], plain[k]) for k in sim)
 
@@ -425,8 +448,38 @@ def test_plot_compares_runs(tmp_path: Path) -> None:
         flags = [*TINY, "--workers", "2", "--epochs", "1", "--local-steps", h, "--eval-local", "never"]
         assert main(["train", *flags, "--out", str(tmp_path / f"h{h}"), "--progress", "false"]) == 0
     png = tmp_path / "cmp.png"
-    assert main(["plot", str(tmp_path / "h1"), str(tmp_path / "h2"), "--out", str(png)]) == 0
+    drawn = {}
+    real_save = plot.save
+
+    def keep(fig, axes, legend_ax, out):  # what is on the axes, before they are closed
+        drawn.update(
+            {
+                ax.get_ylabel() + " vs " + ax.get_xlabel(): [ln.get_xydata().tolist() for ln in ax.lines]
+                for ax in axes.flat
+            }
+        )
+        return real_save(fig, axes, legend_ax, out)
+
+    with patch.object(plot, "save", keep):
+        assert main(["plot", str(tmp_path / "h1"), str(tmp_path / "h2"), "--out", str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # every panel shows each run's own numbers from metrics.jsonl, in run order (catches a wrong
+    # column, a wrong scale, or one run's data drawn for both)
+    runs = [
+        [json.loads(x) for x in (tmp_path / h / "metrics.jsonl").read_text().splitlines()]
+        for h in ("h1", "h2")
+    ]
+    evals = [[r for r in rows if "test_acc" in r] for rows in runs]
+    assert drawn["test accuracy (%) vs epoch"] == [
+        [[r["epoch"], 100 * r["test_acc"]] for r in e] for e in evals
+    ]
+    assert drawn["test accuracy (%) vs global communication rounds"] == [
+        [[r["rounds"].get("global", 0), 100 * r["test_acc"]] for r in e] for e in evals
+    ]
+    assert drawn["training loss vs epoch"] == [[[r["epoch"], r["train_loss"]] for r in rows] for rows in runs]
+    assert drawn["learning rate vs epoch"] == [[[r["epoch"], r["lr"]] for r in rows] for rows in runs]
+    rounds = [e[-1]["rounds"]["global"] for e in evals]
+    assert rounds[1] == rounds[0] // 2 > 0  # H = 1 averages every step, H = 2 every second one
 
 
 def test_tensorboard_without_the_package_is_a_clear_error(
@@ -444,6 +497,42 @@ def test_tensorboard_without_the_package_is_a_clear_error(
         "localsgd: error: tensorboard = true needs the tensorboard package: pip install tensorboard\n"
     )
     assert not out.exists()
+
+
+@needs_cifar10
+def test_tensorboard_gets_every_metric_of_the_jsonl(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With tensorboard = true, rank 0 logs every numeric metric of each metrics.jsonl row at its
+    step into out/tensorboard and closes the writer (a stand-in SummaryWriter records the calls,
+    so the path is tested whether or not the package is installed)."""
+    import sys
+    import types
+
+    calls: list[tuple[str, float, int]] = []
+    made: list[str] = []
+
+    class Writer:
+        def __init__(self, log_dir: str) -> None:
+            made.append(log_dir)
+
+        def add_scalar(self, key: str, value: float, step: int) -> None:
+            calls.append((key, value, step))
+
+        def close(self) -> None:
+            made.append("closed")
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer))
+    out = tmp_path / "run"
+    flags = [*TINY, "--workers", "2", "--epochs", "1", "--tensorboard", "true", "--progress", "false"]
+    assert main(["train", *flags, "--out", str(out)]) == 0
+    assert made == [str(out / "tensorboard"), "closed"]
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    expected = [
+        (k, v, r["step"])
+        for r in rows
+        for k, v in r.items()
+        if isinstance(v, float | int) and k not in ("epoch", "step")
+    ]
+    assert calls == expected and any(k == "test_acc" for k, _, _ in calls)
 
 
 @needs_cifar10
@@ -578,8 +667,16 @@ def test_training_loop_reads_the_device_per_round_not_per_step_and_worker(
         data = write_cifar100(tmp_path / f"data{workers}", n_train=64 * workers, n_test=16)
         for epochs in (1, 3):
             cfg = Config(
-                dataset="cifar100", data_dir=str(data), model="resnet8", workers=workers, local_batch_size=8,
-                local_steps=local_steps, epochs=epochs, warmup_epochs=0, eval_local="never", progress=False,
+                dataset="cifar100",
+                data_dir=str(data),
+                model="resnet8",
+                workers=workers,
+                local_batch_size=8,
+                local_steps=local_steps,
+                epochs=epochs,
+                warmup_epochs=0,
+                eval_local="never",
+                progress=False,
             )  # fmt: skip  (8 steps per epoch)
             counted = count_host_reads(monkeypatch)
             result = train(cfg, tmp_path / f"run-{workers}-{epochs}")

@@ -241,9 +241,7 @@ class Config:
             self._needs_local_steps("overlap_steps", str(self.overlap_steps))
         schedule = Schedule(local_steps=self.local_steps, block_steps=self.block_steps)
         try:  # the engine's own rules, checked before any work
-            DelayedAverage.check(
-                self.overlap_steps, schedule, self.buffers, self.optimizer_state, self.compress != "none"
-            )
+            DelayedAverage.check(self.overlap_steps, schedule, self.buffers, self.optimizer_state)
         except ValueError as e:
             raise ConfigError(str(e)) from None
 
