@@ -150,6 +150,10 @@ def schedules(cfg: dict) -> list[tuple[str, dict | None, dict]]:
         runs.append((f"H={h['local_steps']}, {codec}", h, {"compression": codec}))
     for outer in cfg.get("outer", []):
         runs.append((f"H={h['local_steps']}, {outer}", h, {"outer_optimizer": outer}))
+    for tau, codec in cfg.get("combined", []):
+        runs.append(
+            (f"H={h['local_steps']}, τ={tau}, {codec}", h, {"overlap_steps": tau, "compression": codec})
+        )
     if cfg.get("hierarchical"):
         h, hb = cfg["hierarchical"]
         runs.append((f"hierarchical H={h}, H_b={hb}", {"local_steps": h, "block_steps": hb}, {}))
@@ -581,6 +585,11 @@ def main() -> None:
         help="also compressed averages: their cost, and local SGD at --variant-h with them",
     )
     p.add_argument(
+        "--combine",
+        action="store_true",
+        help="also every --overlap-steps TAU with every --compress CODEC in one run",
+    )
+    p.add_argument(
         "--outer",
         nargs="+",
         default=[],
@@ -649,6 +658,8 @@ def main() -> None:
     variants = {"overlap_steps": args.overlap_steps, "compress": args.compress, "outer": args.outer}
     if any(variants.values()):  # (only then: a file measured without them resumes as before)
         cfg.update(variants, variant_h=args.variant_h)
+        if args.combine:
+            cfg["combined"] = [[tau, codec] for tau in args.overlap_steps for codec in args.compress]
     links = [UNSHAPED] + [Link(r, d) for r in args.rates for d in args.delays_ms]
     entries: list[dict] = []
     started = time.time()
