@@ -445,7 +445,8 @@ def test_cifar100_trains_from_the_same_code(tmp_path: Path) -> None:
 @needs_cifar10
 def test_plot_compares_runs(tmp_path: Path) -> None:
     for h in ("1", "2"):
-        flags = [*TINY, "--workers", "2", "--epochs", "1", "--local-steps", h, "--eval-local", "never"]
+        flags = [*TINY, "--workers", "2", "--epochs", "1", "--local-steps", h, "--switch-epoch", "0"]
+        flags += ["--eval-local", "never"]
         assert main(["train", *flags, "--out", str(tmp_path / f"h{h}"), "--progress", "false"]) == 0
     png = tmp_path / "cmp.png"
     drawn = {}
