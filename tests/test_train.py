@@ -231,12 +231,12 @@ def test_oserror_anywhere_is_one_line_with_path_and_reason(
     import errno
     import os
 
-    from localsgd.harness import train as train_module
+    from localsgd.harness.rundir import RunWriter
 
-    def full_disk(out: Path, *args: object) -> None:
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(out / "metrics.jsonl"))
+    def full_disk(writer: RunWriter, *args: object) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(writer.out / "metrics.jsonl"))
 
-    monkeypatch.setattr(train_module, "append_metrics", full_disk)
+    monkeypatch.setattr(RunWriter, "append", full_disk)
     data = write_cifar100(tmp_path / "data", n_train=64, n_test=32)
     out = tmp_path / "run"
     flags = ["--dataset", "cifar100", "--data-dir", str(data), "--workers", "2", "--local-batch-size", "8"]

@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -138,3 +139,25 @@ def check_same_device(saved: str, current: str, where: Path) -> None:
             f"the checkpoint in {where} was written on {saved}, but this run is on {current}; "
             f"resume it with --device {saved}"
         )
+
+
+def save(
+    root: Path, t: int, state: dict[str, Any], rank: int, exchange: Callable[[bytes], list[bytes]]
+) -> None:
+    """Every process writes its state for step ``t``; rank 0 then points ``latest`` at it.
+    ``exchange`` gathers every process's bytes (its digest) in rank order; it also waits until
+    every process has written."""
+    mine = write_state(root, t, rank, state)
+    digests = [d.decode() for d in exchange(mine.encode())]
+    if rank == 0:
+        commit(root, t, digests)
+
+
+def restore(root: Path, rank: int, config: dict[str, Any], device_type: str) -> dict[str, Any] | None:
+    """This process's state from the latest checkpoint if there is one, after checking that it was
+    written with the same settings (``config``) on the same device type; else None."""
+    state = read_state(root, rank)
+    if state is not None:
+        check_same_config(state["config"], config, root)
+        check_same_device(state.get("device", "cpu"), device_type, root)
+    return state

@@ -3,11 +3,8 @@ workers in the simulator, with the same results for the same seed. Read top to b
 
 from __future__ import annotations
 
-import io
-import json
 import math
 import os
-import platform
 import sys
 import time
 from dataclasses import dataclass
@@ -19,13 +16,13 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
-import localsgd
 from localsgd import DistCommunicator, Engine, LocalSGD, Simulator, outer
 from localsgd.compression import DEFAULT_BLOCK, make_codec
 from localsgd.harness import checkpoint, optim
 from localsgd.harness.config import Config, ConfigError
 from localsgd.harness.data import Dataset, augment, default_data_dir, epoch_shards, load_dataset, normalize
 from localsgd.harness.models import build_model
+from localsgd.harness.rundir import RunWriter
 from localsgd.harness.runtime import Runtime, resolve_workers
 from localsgd.schedule import Schedule
 
@@ -34,10 +31,6 @@ EVAL_BATCH = 1000
 
 class TrainingError(RuntimeError):
     """Training cannot go on (e.g. a non-finite loss): one line naming step and worker."""
-
-
-class RunDirectoryError(ValueError):
-    """The run directory cannot be created or written: one line naming the path and the OS reason."""
 
 
 @dataclass
@@ -191,10 +184,6 @@ def last_good(ckpt_root: Path) -> str:
     return "no checkpoint was written before"
 
 
-def write_text(text: str, path: Path) -> None:
-    checkpoint.atomic_write_bytes(text.encode(), path)
-
-
 @dataclass
 class Result:
     summary: dict[str, Any]
@@ -204,31 +193,9 @@ class Result:
     main: bool
 
 
-def source_commit(paths: tuple[str, ...] = ("localsgd",)) -> str | None:
-    """The git commit of the localsgd source in use (``+dirty`` if files under ``paths`` differ
-    from it), or None outside a git checkout (an installed package)."""
-    import subprocess
-
-    root = Path(localsgd.__file__).resolve().parents[1]
-    if not (root / ".git").exists():
-        return None
-
-    def git(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
-
-    try:
-        head, status = git("rev-parse", "--short", "HEAD"), git("status", "--porcelain", "--", *paths)
-    except OSError:
-        return None
-    if head.returncode:
-        return None
-    return head.stdout.strip() + ("+dirty" if status.stdout.strip() else "")
-
-
-def write_config(out: Path, cfg: Config, plan: Plan, runtime: Runtime, sizes: tuple[int, int]) -> None:
-    """Create the run directory and write ``config.json`` (the resolved config, derived quantities,
-    versions); an OS error becomes one line naming the path and the reason."""
-    resolved = {
+def resolved_config(cfg: Config, plan: Plan, runtime: Runtime, sizes: tuple[int, int]) -> dict[str, Any]:
+    """What ``config.json`` records besides the versions: the settings and derived quantities."""
+    return {
         "config": cfg.to_dict(),
         "derived": {
             "steps_per_epoch": plan.steps_per_epoch,
@@ -241,20 +208,7 @@ def write_config(out: Path, cfg: Config, plan: Plan, runtime: Runtime, sizes: tu
             "runtime": "torchrun" if runtime.distributed else "simulator",
             "device": str(runtime.device),
         },
-        "versions": {
-            "localsgd": localsgd.__version__,
-            "commit": source_commit(),
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-            "machine": platform.machine(),
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        },
     }
-    try:
-        (out / "checkpoints").mkdir(parents=True, exist_ok=True)
-        write_text(json.dumps(resolved, indent=2) + "\n", out / "config.json")
-    except OSError as e:
-        raise RunDirectoryError(f"cannot write the run directory {out}: {e.strerror or e}") from None
 
 
 def train(cfg: Config, out: Path) -> Result:
@@ -263,20 +217,13 @@ def train(cfg: Config, out: Path) -> Result:
     cfg = resolve_workers(cfg)
     cfg.validate()
     runtime = Runtime(cfg)
-    if cfg.tensorboard:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise ConfigError(
-                "tensorboard = true needs the tensorboard package: pip install tensorboard"
-            ) from None
+    main = runtime.rank == 0
+    writer = RunWriter(out, main, cfg.tensorboard)
     data = load_dataset(cfg.dataset, cfg.data_dir or default_data_dir(cfg.dataset))
     train_x, train_y = subset(data.train_x, data.train_y, cfg.train_subset, cfg.seed, "train")
     test_x, test_y = subset(data.test_x, data.test_y, cfg.test_subset, cfg.seed + 1, "test")
     plan = make_plan(cfg, len(train_x))
-    main = runtime.rank == 0
-    if main:
-        write_config(out, cfg, plan, runtime, (len(train_x), len(test_x)))
+    writer.config(resolved_config(cfg, plan, runtime, (len(train_x), len(test_x))))
     dev = runtime.device
     train_x, train_y, test_x, test_y = (t.to(dev) for t in (train_x, train_y, test_x, test_y))
 
@@ -312,19 +259,24 @@ def train(cfg: Config, out: Path) -> Result:
             **policies,
         )
     workers = list(zip(engine.comm.local_workers, engine.models, strict=True))
+
+    def exchange(mine: bytes) -> list[bytes]:  # checkpoint digests, every process's in rank order
+        return engine.comm.all_gather_bytes([mine]) if runtime.distributed else [mine]
+
     # Each worker's augmentation randomness depends on its index only: the same in both runtimes.
     generators = {k: torch.Generator(device=dev).manual_seed(cfg.seed * 100_003 + k) for k, _ in workers}
-    writer = SummaryWriter(str(out / "tensorboard")) if main and cfg.tensorboard else None
 
     # --- resume: everything an uninterrupted run would hold at the checkpoint's step ---
     ckpt_root = out / "checkpoints"
     history: list[dict[str, Any]] = []
     eval_seconds = wall_offset = 0.0
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
-    state = checkpoint.read_state(ckpt_root, runtime.rank) if cfg.resume or restarted else None
+    state = (
+        checkpoint.restore(ckpt_root, runtime.rank, cfg.to_dict(), dev.type)
+        if cfg.resume or restarted
+        else None
+    )
     if state is not None:
-        checkpoint.check_same_config(state["config"], cfg.to_dict(), ckpt_root)
-        checkpoint.check_same_device(state.get("device", "cpu"), dev.type, ckpt_root)
         engine.load_state_dict(state["engine"])
         if runtime.distributed:
             model.load_state_dict(state["model"])
@@ -335,8 +287,7 @@ def train(cfg: Config, out: Path) -> Result:
     steps = runtime.all_sum(torch.tensor([float(start_t)], dtype=torch.float64, device=dev))[0]
     if steps != start_t * (cfg.workers if runtime.distributed else 1):
         raise checkpoint.CheckpointError(f"{ckpt_root}: the processes found checkpoints of different steps")
-    if main:
-        write_text("".join(json.dumps(row) + "\n" for row in history), out / "metrics.jsonl")
+    writer.history(history)
 
     # --- training ---
     B = cfg.local_batch_size
@@ -417,8 +368,7 @@ def train(cfg: Config, out: Path) -> Result:
             if "test_acc" in row:
                 shown += f" test {row['test_acc']:.2%}"
             progress.set_postfix_str(shown)
-            if main:
-                append_metrics(out, row, writer, t + 1)
+            writer.append(row, t + 1)
             if (epoch + 1) % cfg.checkpoint_every == 0 and t + 1 < plan.total_steps:
                 check_finite(workers, t, ckpt_root)  # never replace a good checkpoint by a broken one
                 state = {
@@ -432,7 +382,7 @@ def train(cfg: Config, out: Path) -> Result:
                 }
                 if runtime.distributed:
                     state["model"] = model.state_dict()
-                save_checkpoint(ckpt_root, t + 1, state, runtime, engine)
+                checkpoint.save(ckpt_root, t + 1, state, runtime.rank, exchange)
     finally:
         progress.close()
 
@@ -440,34 +390,8 @@ def train(cfg: Config, out: Path) -> Result:
     check_finite(workers, plan.total_steps - 1, ckpt_root)
     final = averaged if averaged is not None else engine.averaged_model()  # the last step evaluates it
     summary = summarize(cfg, plan, history)
-    if main:
-        buf = io.BytesIO()
-        weights = {k: v.cpu() for k, v in final.state_dict().items()}  # loads anywhere
-        torch.save({"model": weights, "config": cfg.to_dict()}, buf)
-        checkpoint.atomic_write_bytes(buf.getvalue(), out / "model.pt")
-        write_text(json.dumps(summary, indent=2) + "\n", out / "summary.json")
-        if writer is not None:
-            writer.close()
+    writer.final(final, cfg.to_dict(), summary)
     return Result(summary, history, final, engine, main)
-
-
-def save_checkpoint(root: Path, t: int, state: dict[str, Any], runtime: Runtime, engine: Engine) -> None:
-    """Every process writes its state for step ``t``; rank 0 then points ``latest`` at it (the
-    digest exchange also waits until every process has written)."""
-    digests = [checkpoint.write_state(root, t, runtime.rank, state)]
-    if runtime.distributed:
-        digests = [d.decode() for d in engine.comm.all_gather_bytes([digests[0].encode()])]
-    if runtime.rank == 0:
-        checkpoint.commit(root, t, digests)
-
-
-def append_metrics(out: Path, row: dict[str, Any], writer: Any, step: int) -> None:
-    with open(out / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(row) + "\n")
-    if writer is not None:
-        for key, value in row.items():
-            if isinstance(value, float | int) and key not in ("epoch", "step"):
-                writer.add_scalar(key, value, step)
 
 
 def summarize(cfg: Config, plan: Plan, history: list[dict[str, Any]]) -> dict[str, Any]:
