@@ -129,7 +129,7 @@ def worker(out: Path, repeats: int) -> None:
         out.write_text(json.dumps(rows))
     dist.barrier()
     dist.destroy_process_group()
-    os._exit(0)  # skip gloo's C++ teardown (see localsgd/cli.py: finish)
+    os._exit(0)  # skip gloo's C++ teardown (see localsgd/harness/cli.py: finish)
 
 
 def main() -> None:

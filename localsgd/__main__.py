@@ -1,5 +1,5 @@
 import sys
 
-from localsgd.cli import main
+from localsgd.harness.cli import main
 
 sys.exit(main())

@@ -9,7 +9,7 @@ import os
 import signal
 import sys
 
-from localsgd.cli import main
+from localsgd.harness.cli import main
 from localsgd.wrapper import LocalSGD
 
 if os.environ["TORCHELASTIC_RESTART_COUNT"] == "0" and os.environ["RANK"] == os.environ["KILL_RANK"]:

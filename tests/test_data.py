@@ -351,7 +351,7 @@ def test_download_through_the_command_line(
     """`localsgd download` fetches into --data-dir from --base-url and prints the folder; a bad
     name or a checksum mismatch is one line and exit code 2 (catches the CLI ignoring --data-dir
     or --base-url, which would reach the real server: none in this test)."""
-    from localsgd.cli import main
+    from localsgd.harness.cli import main
 
     url, root = server
     archive = cifar10_archive(tmp_path, root / "cifar-10-python.tar.gz")

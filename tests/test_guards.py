@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from localsgd import Engine, LocalSGD, Schedule, SimCommunicator, Simulator
-from localsgd.cli import main
+from localsgd.harness.cli import main
 from localsgd.harness.train import TrainingError, check_finite
 from tests.helpers import mlp, sgd, torchrun
 from tests.test_train import CIFAR10, TINY, needs_cifar10

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from localsgd.cli import main
 from localsgd.harness import checkpoint
+from localsgd.harness.cli import main
 from tests.helpers import HERE, launch
 from tests.test_train import TINY, needs_cifar10
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from localsgd.cli import main
+from localsgd.harness.cli import main
 from localsgd.harness.sharpness import interpolate, reestimate_bn, top_eigenvalue
 from tests.test_train import CIFAR10, needs_cifar10
 

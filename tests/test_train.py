@@ -12,8 +12,8 @@ import pytest
 import torch
 from torch import nn
 
-from localsgd.cli import main
 from localsgd.harness import optim, plot
+from localsgd.harness.cli import main
 from localsgd.harness.config import Config, ConfigError, load_toml, preset
 from localsgd.harness.models import build_model
 from localsgd.harness.train import make_plan
@@ -249,7 +249,7 @@ def test_oserror_anywhere_is_one_line_with_path_and_reason(
 def test_boolean_settings_are_flags_that_also_take_values(tmp_path: Path) -> None:
     """--resume alone (also before another flag), --no-resume, --resume true|false and TOML booleans;
     the last one given wins; --help shows the flag form and the rule for K under torchrun."""
-    from localsgd.cli import parser, train_config
+    from localsgd.harness.cli import parser, train_config
 
     def cfg(*argv: str) -> Config:
         return train_config(parser().parse_args(["train", *argv]))
