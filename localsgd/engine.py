@@ -95,8 +95,12 @@ class Engine:
             stepped by plain SGD with lr 1 (θ̄ − mean Δ: plain averaging up to the compression).
         overlap_steps: τ. A scheduled global average is started after its step and applied τ
             local steps later, which keep training meanwhile (``rounds.DelayedAverage`` says how);
-            0: blocking. Needs τ < the global period, local buffer and optimizer-state policies,
-            and no compression.
+            0: blocking. Needs τ < the global period and local buffer and optimizer-state
+            policies.
+        max_grad_norm: clip each worker's gradient to this total 2-norm before its optimizer
+            step: in local steps its own gradient, in steps that average gradients the average
+            (so workers in the mini-batch phase stay identical). With ``grad_scalers`` the
+            gradients are unscaled first. None: no clipping.
     """
 
     def __init__(
@@ -115,11 +119,19 @@ class Engine:
         anchor_device: torch.device | str | None = None,
         compression: Codec | str | None = None,
         overlap_steps: int = 0,
+        max_grad_norm: float | None = None,
     ) -> None:
         if not isinstance(schedule, Schedule):
             raise TypeError(f"schedule must be a localsgd.Schedule, got {type(schedule).__name__}")
         _check_choice("buffers", buffers, BUFFER_POLICIES)
         _check_choice("optimizer_state", optimizer_state, OPTIMIZER_STATE_POLICIES)
+        if max_grad_norm is not None and (
+            isinstance(max_grad_norm, bool)
+            or not isinstance(max_grad_norm, int | float)
+            or not max_grad_norm > 0
+        ):
+            raise ValueError(f"max_grad_norm must be a number > 0 or None, got {max_grad_norm!r}")
+        self.max_grad_norm = max_grad_norm
         self.schedule = schedule
         self.comm = comm
         self.buffers = buffers
@@ -206,6 +218,7 @@ class Engine:
             "outer": None if self._outer is None else self._outer.describe(),
             "compression": None if self._compressed is None else self._compressed.describe(),
             "overlap_steps": self.overlap_steps,
+            "max_grad_norm": self.max_grad_norm,
         }
 
     # --- the step ----------------------------------------------------------------------------
@@ -233,6 +246,11 @@ class Engine:
                 self._outer.current = False
             elif not self._outer.current:  # the first local step: every worker holds the same model
                 self._outer.reset_(list(self.models[0].parameters()))
+        if self.max_grad_norm is not None:  # after any gradient average: the average is clipped
+            for k, (model, opt) in enumerate(zip(self.models, self.optimizers, strict=True)):
+                if self.grad_scalers is not None:
+                    self.grad_scalers[k].unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), self.max_grad_norm)
         # Every worker counts the step even if its GradScaler skips the update (inf/NaN gradients):
         # the schedule, and so every collective, stays in lockstep across workers.
         for k, opt in enumerate(self.optimizers):

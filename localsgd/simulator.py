@@ -43,6 +43,7 @@ class Simulator(Engine):
         workers_per_block: K', for hierarchical schedules.
         buffers, optimizer_state, bucket_bytes, outer_optimizer, anchor_device, compression,
             overlap_steps: as for ``Engine``.
+            max_grad_norm: as for ``Engine``.
     """
 
     def __init__(
@@ -60,6 +61,7 @@ class Simulator(Engine):
         anchor_device: torch.device | str | None = None,
         compression: Codec | str | None = None,
         overlap_steps: int = 0,
+        max_grad_norm: float | None = None,
     ) -> None:
         comm = SimCommunicator(workers, workers_per_block)
         models = [model] + [copy.deepcopy(model) for _ in range(workers - 1)]
@@ -75,6 +77,7 @@ class Simulator(Engine):
             anchor_device=anchor_device,
             compression=compression,
             overlap_steps=overlap_steps,
+            max_grad_norm=max_grad_norm,
         )
 
     @property

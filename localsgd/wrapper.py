@@ -58,6 +58,8 @@ class LocalSGD(Engine, torch.optim.Optimizer):
         compression: ``"bf16"``, ``"fp16"``, ``"int8"`` or ``"sign"``: global averages send the
             pseudo-gradient encoded, with error feedback (``localsgd.compression``).
         overlap_steps: τ: a global average runs during the next τ local steps (``Engine``).
+        max_grad_norm: clip the gradient (in the mini-batch phase the averaged one) to this norm
+            before each step (``Engine``).
     """
 
     def __init__(
@@ -77,6 +79,7 @@ class LocalSGD(Engine, torch.optim.Optimizer):
         anchor_device: torch.device | str | None = None,
         compression: Codec | str | None = None,
         overlap_steps: int = 0,
+        max_grad_norm: float | None = None,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
@@ -111,6 +114,7 @@ class LocalSGD(Engine, torch.optim.Optimizer):
             anchor_device=anchor_device,
             compression=compression,
             overlap_steps=overlap_steps,
+            max_grad_norm=max_grad_norm,
         )
 
     @property

@@ -280,3 +280,61 @@ def test_checkpoint_from_another_configuration_is_refused() -> None:
     opt = LocalSGD(sgd(model), model, Schedule.local(4), buffers="average")
     with pytest.raises(ValueError, match="buffers='local', but this run has buffers='average'"):
         opt.load_state_dict({**state, "optimizer": {}})
+
+
+def test_gradient_clipping_composes_with_local_and_minibatch_steps() -> None:
+    """max_grad_norm clips the averaged gradient in the mini-batch phase (t < t' = 3) and each
+    worker's own gradient in local steps (H = 2), against the rule written out with plain tensors
+    (a linear model in float64, no momentum). Catches clipping before the gradient average (each
+    worker's own, then averaged: a different update, checked below) and clipping skipped."""
+    torch.manual_seed(0)
+    workers, lr, clip, switch = 3, 0.5, 0.05, 3
+    xs = [[torch.randn(8, 5, dtype=torch.float64) for _ in range(7)] for _ in range(workers)]
+    ys = [[torch.randint(0, 3, (8,)) for _ in range(7)] for _ in range(workers)]
+    model = nn.Linear(5, 3).double()
+    start = [model.weight.detach().clone(), model.bias.detach().clone()]
+    sim = Simulator(model, lambda m: torch.optim.SGD(m.parameters(), lr=lr), Schedule.post_local(2, switch),
+                    workers, max_grad_norm=clip)  # fmt: skip
+
+    def grads(w: torch.Tensor, b: torch.Tensor, k: int, t: int) -> list[torch.Tensor]:
+        w, b = w.clone().requires_grad_(), b.clone().requires_grad_()
+        F.cross_entropy(xs[k][t] @ w.T + b, ys[k][t]).backward()
+        return [w.grad, b.grad]
+
+    def clipped(g: list[torch.Tensor]) -> list[torch.Tensor]:
+        norm = torch.sqrt(sum((x**2).sum() for x in g))
+        return [x * min(1.0, clip / (float(norm) + 1e-6)) for x in g]
+
+    def run(clip_then_average: bool) -> list[list[torch.Tensor]]:
+        params = [[p.clone() for p in start] for _ in range(workers)]
+        for t in range(7):
+            g = [grads(*params[k], k, t) for k in range(workers)]
+            if t < switch:
+                if clip_then_average:
+                    g = [clipped(gk) for gk in g]
+                mean = [sum(gk[i] for gk in g) / workers for i in range(2)]
+                g = [mean for _ in range(workers)] if clip_then_average else [clipped(mean)] * workers
+            else:
+                g = [clipped(gk) for gk in g]
+            params = [
+                [p - lr * gi for p, gi in zip(pk, gk, strict=True)] for pk, gk in zip(params, g, strict=True)
+            ]
+            if t >= switch and (t + 1 - switch) % 2 == 0:
+                mean = [sum(pk[i] for pk in params) / workers for i in range(2)]
+                params = [[m.clone() for m in mean] for _ in range(workers)]
+        return params
+
+    for t in range(7):
+        for k, (m, _) in enumerate(sim.replicas):
+            F.cross_entropy(m(xs[k][t]), ys[k][t]).backward()
+        sim.step()
+        sim.zero_grad()
+    expected, wrong = run(clip_then_average=False), run(clip_then_average=True)
+    for k, m in enumerate(sim.models):
+        for p, e in zip(m.parameters(), expected[k], strict=True):
+            torch.testing.assert_close(p.detach(), e, rtol=0, atol=1e-12)
+    assert max((a - b).abs().max() for a, b in zip(expected[0], wrong[0], strict=True)) > 1e-4
+    with pytest.raises(ValueError, match="max_grad_norm must be a number > 0 or None, got 0"):
+        Simulator(
+            model, lambda m: torch.optim.SGD(m.parameters(), lr=lr), Schedule.local(2), 2, max_grad_norm=0
+        )
