@@ -16,7 +16,7 @@ def commit() -> str:
     """The code's git commit, with ``+dirty`` if the library or the benchmarks differ from it."""
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))  # this checkout's localsgd, not another installed one
-    from localsgd.harness.train import source_commit
+    from localsgd.harness.rundir import source_commit
 
     return source_commit(("localsgd", "benchmarks/*.py")) or "unknown"
 
