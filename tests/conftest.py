@@ -8,12 +8,21 @@ from pathlib import Path
 
 import pytest
 
-CIFAR10 = Path(__file__).resolve().parents[2] / "shared/data/cifar-10-batches-py"
+DATA = Path(__file__).resolve().parents[2] / "shared/data"
+CIFAR10 = DATA / "cifar-10-batches-py"
+SOTU = DATA / "sotu"
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
-    if os.environ.get("LOCALSGD_REQUIRE_DATA") == "1" and not (CIFAR10 / "data_batch_1").is_file():
+    if os.environ.get("LOCALSGD_REQUIRE_DATA") != "1":
+        return
+    if not (CIFAR10 / "data_batch_1").is_file():
         raise pytest.UsageError(
             f"LOCALSGD_REQUIRE_DATA=1 but CIFAR-10 is not at {CIFAR10} (the end-to-end train, resume "
             "and fault tests need it); put the official cifar-10-batches-py folder there"
+        )
+    if not any(SOTU.glob("*.txt")):
+        raise pytest.UsageError(
+            f"LOCALSGD_REQUIRE_DATA=1 but the SOTU corpus is not at {SOTU} (the text task's end-to-end "
+            "tests need it); put its folder of .txt files there"
         )

@@ -255,10 +255,10 @@ def test_bad_input_is_one_clear_line(call, named: str, slow_net: Network) -> Non
 
 def test_steps_per_epoch_matches_the_training_harness() -> None:
     from localsgd.harness.config import Config
-    from localsgd.harness.train import make_plan
+    from localsgd.harness.tasks import shard_steps
 
     for k, b in [(2, 32), (4, 64), (16, 128), (3, 100)]:
-        harness = make_plan(Config(workers=k, local_batch_size=b), 50_000).steps_per_epoch
+        harness = shard_steps(Config(workers=k, local_batch_size=b), 50_000)
         assert plan.steps_per_epoch(50_000, k, b) == harness
 
 

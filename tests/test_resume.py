@@ -22,7 +22,7 @@ from tests.helpers import HERE, launch
 from tests.test_train import TINY, needs_cifar10
 
 FLAGS = [*TINY, "--workers", "2", "--epochs", "4", "--eval-local", "never", "--progress", "false"]
-TIMING = ("comm_seconds", "eval_seconds", "compute_seconds", "wall_seconds")
+TIMING = ("comm_seconds", "eval_seconds", "compute_seconds", "wall_seconds", "tokens_per_second")
 
 
 def kill_after_first_checkpoint(args: list[str], out: Path) -> int:

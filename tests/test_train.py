@@ -16,12 +16,14 @@ from localsgd.harness import optim, plot
 from localsgd.harness.cli import main
 from localsgd.harness.config import Config, ConfigError, load_toml, preset
 from localsgd.harness.models import build_model
+from localsgd.harness.tasks import shard_steps
 from localsgd.harness.train import make_plan
 from tests.helpers import launch
 from tests.test_data import write_cifar100
 
 ROOT = Path(__file__).resolve().parents[1]
 CIFAR10 = ROOT.parent / "shared/data/cifar-10-batches-py"
+SOTU = ROOT.parent / "shared/data/sotu"
 needs_cifar10 = pytest.mark.skipif(not CIFAR10.is_dir(), reason=f"CIFAR-10 not found at {CIFAR10}")
 TINY = [
     "--dataset", "cifar10", "--data-dir", str(CIFAR10), "--model", "resnet20",
@@ -37,7 +39,7 @@ def test_paper_lr_rule_warmup_and_decays() -> None:
     """The paper preset: peak 0.1 * 128/64 * 16 = 3.2, per-step warm-up from 0.1 over 5 epochs,
     x0.1 at epochs 150 and 225; t' is the first decay (25 steps per epoch at K=16, B_loc=128)."""
     cfg = preset("paper")
-    plan = make_plan(cfg, 50_000)
+    plan = make_plan(cfg, shard_steps(cfg, 50_000))
     assert (plan.steps_per_epoch, plan.total_steps, plan.switch_step) == (25, 7500, 3750)
     assert plan.peak_lr == pytest.approx(3.2)
 
@@ -52,12 +54,14 @@ def test_paper_lr_rule_warmup_and_decays() -> None:
     assert lr(3750) == pytest.approx(0.32)
     assert lr(5625) == pytest.approx(0.032)
     assert lr(7499) == pytest.approx(0.032)
-    assert make_plan(preset("paper-small-batch"), 50_000).peak_lr == pytest.approx(0.2)
+    assert make_plan(
+        preset("paper-small-batch"), shard_steps(preset("paper-small-batch"), 50_000)
+    ).peak_lr == pytest.approx(0.2)
 
 
 def test_steps_per_epoch_keep_the_short_last_batch() -> None:
     cfg = Config(workers=16, local_batch_size=128, epochs=1.5)
-    plan = make_plan(cfg, 50_000)  # 3125 images per worker: 24 full batches and one of 53
+    plan = make_plan(cfg, shard_steps(cfg, 50_000))  # 3125 images per worker: 24 full batches and one of 53
     assert plan.steps_per_epoch == 25
     assert plan.total_steps == 38  # fractional epochs round to whole steps
 
@@ -98,7 +102,7 @@ BAD_CONFIGS = [
     (["--switch-epoch", "400"], "switch_epoch (t') must be an epoch in [0, epochs=300] or 'first-decay', got 400.0"),
     (["--switch-epoch", "soon"], "--switch-epoch must be a number, got 'soon'"),
     (["--model", "resnet18"], "model must be one of resnet8, resnet14, resnet20, resnet32, resnet56, densenet40, wrn28_10; got 'resnet18'"),
-    (["--dataset", "imagenet"], "dataset must be one of cifar10, cifar100, mnist, fashion-mnist; got 'imagenet'"),
+    (["--dataset", "imagenet"], "dataset must be one of cifar10, cifar100, mnist, fashion-mnist, text; got 'imagenet'"),
     (["--buffers", "sync"], "buffers must be one of local, average; got 'sync'"),
     (["--workers", "4", "--workers-per-block", "3", "--block-steps", "2"], "workers_per_block (K') = 3 must divide workers (K) = 4"),
     (["--workers-per-block", "4"], "workers_per_block (K') = 4 needs block_steps (H_b)"),
@@ -146,6 +150,28 @@ BAD_CONFIGS = [
     (["--overlap-steps", "1", "--local-steps", "4", "--buffers", "average"], "overlap_steps > 0 needs buffers='local' and optimizer_state='local'"),
     (["--overlap-steps", "-1"], "overlap_steps must be an integer >= 0, got -1"),
     (["--overlap-steps", "1"], "overlap_steps = 1 needs local steps"),
+    # the text task's and the optimizers' settings: each belongs to its task or optimizer
+    (["--dataset", "text", "--data-dir", str(SOTU)], "model must be one of gpt, lstm; got 'resnet20' (for dataset = text)"),
+    (["--model", "gpt"], "model must be one of resnet8, resnet14, resnet20, resnet32, resnet56, densenet40, wrn28_10; got 'gpt'"),
+    (["--seq-len", "64"], "seq_len = 64 is not used by dataset = cifar10"),
+    (["--dropout", "0.1"], "dropout = 0.1 is not used by dataset = cifar10"),
+    (["--dataset", "text", "--model", "gpt", "--train-subset", "10"], "train_subset = 10 is not used by dataset = text"),
+    (["--dataset", "text", "--model", "lstm", "--heads", "2"], "heads = 2 is for model = gpt, not lstm"),
+    (["--dataset", "text", "--model", "gpt", "--dropout", "1"], "dropout must be a number in [0, 1), got 1.0"),
+    (["--dataset", "text", "--model", "gpt", "--seq-len", "0"], "seq_len must be an integer >= 1, got 0"),
+    (["--dataset", "text", "--model", "gpt"], "dataset = text needs data_dir: a folder of .txt files or one text file"),
+    (["--dataset", "text", "--model", "gpt", "--data-dir", "/nonexistent/corpus"], "/nonexistent/corpus: no such file or folder"),
+    (["--dataset", "text", "--model", "gpt", "--data-dir", str(SOTU), "--test-subset", "100000"], "test_subset = 100000 exceeds the 6047 validation windows"),
+    (["--optimizer", "adam"], "optimizer must be one of sgd, adamw; got 'adam'"),
+    (["--optimizer", "adamw"], "optimizer = adamw needs peak_lr: the linear-scaling rule (lr_per_64) is sgd's"),
+    (["--optimizer", "adamw", "--peak-lr", "0.003", "--momentum", "0.5"], "momentum = 0.5 is sgd's; optimizer = adamw does not use it"),
+    (["--optimizer", "adamw", "--peak-lr", "0.003", "--betas", "0.9"], "betas must be two numbers in [0, 1), got [0.9]"),
+    (["--betas", "0.9,0.99"], "betas = [0.9, 0.99] needs optimizer = adamw"),
+    (["--lr-schedule", "linear"], "lr_schedule must be one of step, cosine; got 'linear'"),
+    (["--lr-schedule", "cosine", "--decay-at", "0.5"], "decay_at = [0.5] is for lr_schedule = step; cosine decays smoothly"),
+    (["--lr-schedule", "cosine", "--switch-epoch", "first-decay"], "switch_epoch (t') = first-decay needs lr_schedule = step"),
+    (["--max-grad-norm", "0"], "max_grad_norm must be a number > 0, got 0.0"),
+    (["--row-steps", "0"], "row_steps must be an integer >= 1, got 0"),
 ]  # fmt: skip
 
 
@@ -155,6 +181,8 @@ def test_bad_config_is_one_line_before_training(
 ) -> None:
     if str(CIFAR10) in flags and not CIFAR10.is_dir():
         pytest.skip("needs CIFAR-10")
+    if str(SOTU) in flags and not SOTU.is_dir():
+        pytest.skip("needs the SOTU corpus")
     out = tmp_path / "run"
     assert main(["train", *flags, "--out", str(out)]) == 2
     err = capsys.readouterr().err
@@ -422,7 +450,7 @@ def test_train_writes_the_run_directory_and_prints_a_table(
     # The reported accuracy is the saved model's on the test subset, evaluated here by hand
     # (catches a summary of another model, e.g. a worker's own, or of an earlier epoch).
     from localsgd.harness.data import MEAN_STD, load_dataset
-    from localsgd.harness.train import subset
+    from localsgd.harness.tasks import subset
 
     data = load_dataset("cifar10", CIFAR10)
     x, y = subset(data.test_x, data.test_y, 200, 3 + 1, "test")  # TINY: --test-subset 200, --seed 3

@@ -166,10 +166,17 @@ def run_train(args: argparse.Namespace) -> int:
         if result.main:
             print(table(result.history))
             s = result.summary
-            line = f"final test accuracy (averaged model) {s['final_test_acc']:.2%}"
-            line += f", best {s['best_test_acc']:.2%}"
-            if "final_local_test_acc" in s:
-                line += f"; mean of local models {s['final_local_test_acc']:.2%}"
+            if "final_valid_bpb" in s:
+                line = (
+                    f"final validation loss (averaged model) {s['final_valid_bpb']:.4f} bits per byte, best "
+                    f"{s['best_valid_bpb']:.4f}; unigram entropy of the training bytes "
+                    f"{s['unigram_bits_per_byte']:.4f}; {s['tokens_per_second']:,.0f} tokens/s"
+                )
+            else:
+                line = f"final test accuracy (averaged model) {s['final_test_acc']:.2%}"
+                line += f", best {s['best_test_acc']:.2%}"
+                if "final_local_test_acc" in s:
+                    line += f"; mean of local models {s['final_local_test_acc']:.2%}"
             rounds = ", ".join(f"{level} {n}" for level, n in s["rounds"].items())
             print(line)
             print(

@@ -37,15 +37,27 @@ class ConfigError(ValueError):
 class Config:
     # --- workload ---
     dataset: str = "cifar10"
-    """cifar10, cifar100, mnist or fashion-mnist"""
+    """cifar10, cifar100, mnist or fashion-mnist (images), or text (a byte-level corpus in data_dir)"""
     data_dir: str | None = None
-    """folder holding the dataset files (default: the cache `localsgd download` writes to)"""
+    """folder holding the dataset files (default: the cache `localsgd download` writes to); for
+    text: a folder of .txt files or one file"""
     model: str = "resnet20"
-    """resnet8, resnet14, resnet20, resnet32, resnet56, densenet40 or wrn28_10"""
+    """images: resnet8, resnet14, resnet20, resnet32, resnet56, densenet40 or wrn28_10; text: gpt or
+    lstm"""
     train_subset: int | None = None
-    """train on a fixed random subset of N training images (quick runs)"""
+    """train on a fixed random subset of N training images (quick runs; images only)"""
     test_subset: int | None = None
-    """evaluate on a fixed random subset of N test images (quick runs)"""
+    """evaluate on a fixed random subset of N test images (text: N validation windows)"""
+    seq_len: int | None = None
+    """text: tokens (bytes) per window (default 128)"""
+    width: int | None = None
+    """text: the model's width (default: gpt 128, lstm 256)"""
+    depth: int | None = None
+    """text: layers (default: gpt 4, lstm 2)"""
+    heads: int | None = None
+    """text: attention heads of the gpt (default 4)"""
+    dropout: float | None = None
+    """text: dropout (default 0); each worker draws from its own random stream"""
 
     # --- workers and communication (paper symbols) ---
     workers: int | None = None
@@ -92,24 +104,41 @@ class Config:
     peak_lr: float | None = None
     """set the peak LR directly instead of the linear-scaling rule"""
     warmup_epochs: float = 5
-    """linear per-step warm-up from lr_per_64 to the peak LR over this many epochs"""
+    """linear per-step warm-up to the peak LR over this many epochs, from lr_per_64 (sgd) or from 0
+    (adamw)"""
     decay_at: list[float] = field(default_factory=lambda: [0.5, 0.75])
-    """LR decays at these fractions of training"""
+    """step schedule: LR decays at these fractions of training"""
     decay_factor: float = 0.1
-    """factor of each LR decay"""
+    """factor of each LR decay (cosine: the final LR as a fraction of the peak)"""
     momentum: float = 0.9
+    """sgd's momentum"""
     nesterov: bool = True
+    """sgd's Nesterov momentum"""
     weight_decay: float = 1e-4
-    """L2 weight decay, not applied to BatchNorm parameters"""
+    """sgd: L2 weight decay, not applied to BatchNorm parameters; adamw: decoupled weight decay, not
+    applied to norms, biases and embeddings"""
+    optimizer: str = "sgd"
+    """the inner optimizer: sgd (the paper) or adamw"""
+    betas: list[float] | None = None
+    """adamw's (beta1, beta2) (default 0.9, 0.95)"""
+    lr_schedule: str = "step"
+    """step: warm-up, then the LR times decay_factor at each decay_at (the paper); cosine: warm-up,
+    then a cosine from the peak LR to peak * decay_factor at the end"""
+    max_grad_norm: float | None = None
+    """clip each worker's gradient to this 2-norm before its step (the averaged gradient in the
+    mini-batch phase)"""
 
     # --- run ---
     seed: int = 6
     out: str | None = None
     """run directory (default: runs/<preset or model>-<dataset>-K<K>-H<H>-seed<seed>)"""
+    row_steps: int | None = None
+    """write a metrics row every this many steps instead of at every epoch's end (text: an epoch is
+    long); eval_every and checkpoint_every then count rows"""
     eval_every: int = 1
-    """evaluate every this many epochs (and always at the end)"""
+    """evaluate every this many epochs (rows, with row_steps), and always at the end"""
     checkpoint_every: int = 1
-    """write a resumable checkpoint every this many epochs"""
+    """write a resumable checkpoint every this many epochs (rows, with row_steps)"""
     resume: bool = False
     """continue from the run directory's last checkpoint (a finished run is not run again)"""
     eval_local: str = "final"
@@ -135,10 +164,10 @@ class Config:
     def validate(self) -> None:
         """Raise ConfigError on the first bad value, before any work."""
         from localsgd.harness.data import DATASETS
-        from localsgd.harness.models import MODELS
 
-        choice(self, "dataset", DATASETS)
-        choice(self, "model", MODELS)
+        choice(self, "dataset", (*DATASETS, "text"))
+        self._validate_task()
+        self._validate_optimizer()
         choice(self, "buffers", ("local", "average"))
         choice(self, "optimizer_state", ("local", "average", "reset"))
         choice(self, "eval_local", EVAL_LOCAL)
@@ -148,7 +177,15 @@ class Config:
         choice(self, "compress", ("none", *CODECS))
         for name in ("local_batch_size", "local_steps", "eval_every", "checkpoint_every"):
             integer(self, name, 1)
-        for name in ("workers", "train_subset", "test_subset", "workers_per_block", "block_steps", "threads"):
+        for name in (
+            "workers",
+            "train_subset",
+            "test_subset",
+            "workers_per_block",
+            "block_steps",
+            "threads",
+            "row_steps",
+        ):
             if getattr(self, name) is not None:
                 integer(self, name, 1)
         integer(self, "seed", 0)
@@ -199,8 +236,72 @@ class Config:
         self._validate_outer()
         self._validate_compress()
         self._validate_overlap()
-        if self.nesterov and self.momentum == 0:
+        if self.optimizer == "sgd" and self.nesterov and self.momentum == 0:
             raise ConfigError("nesterov needs momentum > 0, got momentum = 0")
+
+    def _validate_task(self) -> None:
+        from localsgd.harness.language import LANGUAGE_MODELS
+        from localsgd.harness.models import MODELS
+
+        text = self.dataset == "text"
+        models = LANGUAGE_MODELS if text else MODELS
+        if self.model not in models:
+            raise ConfigError(
+                f"model must be one of {', '.join(models)}; got {self.model!r} (for dataset = {self.dataset})"
+            )
+        for name in ("train_subset",) if text else ("seq_len", "width", "depth", "heads", "dropout"):
+            if getattr(self, name) is not None:
+                raise ConfigError(f"{name} = {getattr(self, name)!r} is not used by dataset = {self.dataset}")
+        if not text:
+            return
+        for name in ("seq_len", "width", "depth", "heads"):
+            if getattr(self, name) is not None:
+                integer(self, name, 1)
+        if self.heads is not None and self.model != "gpt":
+            raise ConfigError(f"heads = {self.heads!r} is for model = gpt, not {self.model}")
+        if self.dropout is not None:
+            number(self, "dropout", 0)
+            if self.dropout >= 1:
+                raise ConfigError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
+
+    def _validate_optimizer(self) -> None:
+        choice(self, "optimizer", ("sgd", "adamw"))
+        choice(self, "lr_schedule", ("step", "cosine"))
+        default = Config()
+        if self.optimizer == "adamw":
+            if self.peak_lr is None:
+                raise ConfigError(
+                    "optimizer = adamw needs peak_lr: the linear-scaling rule (lr_per_64) is sgd's"
+                )
+            for name in ("momentum", "nesterov", "lr_per_64"):
+                if getattr(self, name) != getattr(default, name):
+                    raise ConfigError(
+                        f"{name} = {getattr(self, name)!r} is sgd's; optimizer = adamw does not use it"
+                    )
+            b = self.betas
+            if b is not None and not (
+                isinstance(b, list)
+                and len(b) == 2
+                and all(isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v < 1 for v in b)
+            ):
+                raise ConfigError(f"betas must be two numbers in [0, 1), got {b!r}")
+        elif self.betas is not None:
+            raise ConfigError(f"betas = {self.betas!r} needs optimizer = adamw")
+        if self.lr_schedule == "cosine":
+            if self.decay_at != default.decay_at:
+                raise ConfigError(
+                    f"decay_at = {self.decay_at!r} is for lr_schedule = step; cosine decays smoothly"
+                )
+            if self.switch_epoch == FIRST_DECAY:
+                raise ConfigError("switch_epoch (t') = first-decay needs lr_schedule = step; give an epoch")
+        if self.max_grad_norm is not None:
+            number(self, "max_grad_norm", 0, strict=True)
+
+    def text_seq_len(self) -> int:
+        return self.seq_len or 128
+
+    def text_model_size(self) -> dict[str, Any]:
+        return {"width": self.width, "depth": self.depth, "heads": self.heads, "dropout": self.dropout}
 
     def _validate_outer(self) -> None:
         if self.outer_optimizer == "none":
@@ -311,6 +412,69 @@ PRESETS: dict[str, dict[str, Any]] = {
         "eval_local": "never",
         "eval_every": 3,
     },
+    # Language modelling on a byte-level corpus (--data-dir: a folder of .txt files, e.g. the
+    # State of the Union corpus, split by year). The paper's LSTM recipe (its code's WikiText-2
+    # example: 3 x 650 tied, dropout 0.4, BPTT 30, clipping 0.4, K = 32, B_loc = 32, lr 2.5 per 24
+    # samples scaled linearly, no momentum, no weight decay, 300 epochs), with post-local SGD
+    # H = 16 from the first decay as in "paper".
+    "paper-lstm": {
+        "dataset": "text",
+        "model": "lstm",
+        "width": 650,
+        "depth": 3,
+        "dropout": 0.4,
+        "seq_len": 30,
+        "max_grad_norm": 0.4,
+        "workers": 32,
+        "local_batch_size": 32,
+        "local_steps": 16,
+        "switch_epoch": FIRST_DECAY,
+        "lr_per_64": 2.5 * 64 / 24,
+        "momentum": 0.0,
+        "nesterov": False,
+        "weight_decay": 0.0,
+    },
+    # Minutes-long looks at the text task on this kind of CPU: a 0.84M-parameter GPT with AdamW
+    # and a cosine schedule, local SGD with H = 16 after a short mini-batch phase; the 2 x 256
+    # LSTM with the paper's SGD recipe (clipping, no momentum) at the same scale.
+    "sotu-gpt": {
+        "dataset": "text",
+        "model": "gpt",
+        "seq_len": 128,
+        "workers": 4,
+        "local_batch_size": 16,
+        "local_steps": 16,
+        "switch_epoch": 0.05,
+        "epochs": 0.3,
+        "optimizer": "adamw",
+        "peak_lr": 3e-3,
+        "weight_decay": 0.1,
+        "lr_schedule": "cosine",
+        "warmup_epochs": 0.03,
+        "test_subset": 512,
+        "row_steps": 61,
+        "eval_local": "never",
+    },
+    "sotu-lstm": {
+        "dataset": "text",
+        "model": "lstm",
+        "seq_len": 64,
+        "max_grad_norm": 0.4,
+        "workers": 4,
+        "local_batch_size": 16,
+        "local_steps": 16,
+        "switch_epoch": 0.05,
+        "epochs": 0.15,
+        "lr_per_64": 2.5 * 64 / 24,
+        "momentum": 0.0,
+        "nesterov": False,
+        "weight_decay": 0.0,
+        "warmup_epochs": 0.01,
+        "decay_at": [0.67],
+        "test_subset": 512,
+        "row_steps": 61,
+        "eval_local": "never",
+    },
 }
 
 
@@ -374,7 +538,7 @@ def parse_value(name: str, text: str) -> Any:
         return None
     if name == "switch_epoch" and text == FIRST_DECAY:
         return text
-    if name == "decay_at":
+    if name in ("decay_at", "betas"):
         return [_number(name, t, float) for t in text.split(",") if t.strip()] if text.strip() else []
     if kind.startswith("bool"):
         if text.lower() in ("true", "1", "yes", "on"):

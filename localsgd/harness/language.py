@@ -13,10 +13,13 @@ vocab) logits and tie the output layer to the input embedding.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from localsgd.harness.text import VOCAB
 
 
 class LSTMLM(nn.Module):
@@ -86,3 +89,22 @@ class GPT(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.decoder(self.ln(x))
+
+
+LANGUAGE_MODELS = ("gpt", "lstm")
+# Defaults of the size settings: width, depth, heads (GPT only), dropout.
+SIZES: dict[str, dict[str, int | float | None]] = {
+    "gpt": {"width": 128, "depth": 4, "heads": 4, "dropout": 0.0},
+    "lstm": {"width": 256, "depth": 2, "heads": None, "dropout": 0.0},
+}
+
+
+def build_language_model(name: str, size: dict[str, Any], context: int) -> nn.Module:
+    """One of ``LANGUAGE_MODELS`` over byte tokens; ``size`` has SIZES' keys (None: the default);
+    ``context``: the longest window (the GPT's position table)."""
+    if name not in SIZES:
+        raise ValueError(f"unknown language model {name!r}; choose one of {', '.join(LANGUAGE_MODELS)}")
+    s = {key: default if size.get(key) is None else size[key] for key, default in SIZES[name].items()}
+    if name == "gpt":
+        return GPT(VOCAB, s["width"], s["depth"], s["heads"], context, s["dropout"])
+    return LSTMLM(VOCAB, s["width"], s["depth"], s["dropout"])

@@ -94,6 +94,7 @@ class Runtime:
                 "than fp32 here); use precision = fp32"
             )
         self.rank = dist.get_rank() if self.distributed else 0
+        self.processes = dist.get_world_size() if self.distributed else 1
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         threads = cfg.threads or max(1, (os.cpu_count() or 1) // local)
         torch.set_num_threads(threads)

@@ -1,5 +1,6 @@
-"""``localsgd train``: the paper's training protocol, one worker per process under torchrun or K
-workers in the simulator, with the same results for the same seed. Read top to bottom."""
+"""``localsgd train``: the training loop for every task (``tasks.py``: images, text), one worker per
+process under torchrun or K workers in the simulator, with the same results for the same seed. Read
+top to bottom."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import math
 import os
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,14 +22,11 @@ from tqdm import tqdm
 from localsgd import DistCommunicator, Engine, LocalSGD, Simulator, outer
 from localsgd.compression import DEFAULT_BLOCK, make_codec
 from localsgd.harness import checkpoint, optim
-from localsgd.harness.config import Config, ConfigError
-from localsgd.harness.data import Dataset, augment, default_data_dir, epoch_shards, load_dataset, normalize
-from localsgd.harness.models import build_model
+from localsgd.harness.config import Config
 from localsgd.harness.rundir import RunWriter
 from localsgd.harness.runtime import Runtime, resolve_workers
+from localsgd.harness.tasks import Task, make_task
 from localsgd.schedule import Schedule
-
-EVAL_BATCH = 1000
 
 
 class TrainingError(RuntimeError):
@@ -45,16 +45,7 @@ class Plan:
     schedule: Schedule
 
 
-def make_plan(cfg: Config, train_size: int) -> Plan:
-    per_worker = train_size // cfg.workers
-    if per_worker == 0:
-        raise ConfigError(f"{train_size} training images cannot be shared by workers (K) = {cfg.workers}")
-    if cfg.local_batch_size > per_worker:
-        raise ConfigError(
-            f"local_batch_size (B_loc) = {cfg.local_batch_size} exceeds each worker's shard of {per_worker} "
-            f"images ({train_size} training images / workers (K) = {cfg.workers})"
-        )
-    steps_per_epoch = math.ceil(per_worker / cfg.local_batch_size)  # the last batch may be short
+def make_plan(cfg: Config, steps_per_epoch: int) -> Plan:
     total_steps = max(1, round(cfg.epochs * steps_per_epoch))
     switch_step = round(cfg.switch_epoch_value() * steps_per_epoch)
     schedule = Schedule(local_steps=cfg.local_steps, switch_step=switch_step, block_steps=cfg.block_steps)
@@ -63,37 +54,39 @@ def make_plan(cfg: Config, train_size: int) -> Plan:
     return Plan(steps_per_epoch, total_steps, switch_step, peak, decay_epochs, schedule)
 
 
-def subset(x: torch.Tensor, y: torch.Tensor, n: int | None, seed: int, what: str) -> tuple[torch.Tensor, ...]:
-    if n is None:
-        return x, y
-    if n > len(x):
-        raise ConfigError(f"{what}_subset = {n} exceeds the {len(x)} {what} images")
-    idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:n]
-    return x[idx], y[idx]
+def lr_at(cfg: Config, plan: Plan, t: int) -> float:
+    """The LR of step ``t``, from the config's schedule."""
+    epoch = t / plan.steps_per_epoch
+    if cfg.lr_schedule == "cosine":
+        final = plan.peak_lr * cfg.decay_factor
+        return optim.cosine_lr_at(epoch, plan.peak_lr, cfg.warmup_epochs, cfg.epochs, final)
+    start = cfg.lr_per_64 if cfg.optimizer == "sgd" else 0.0  # the paper warms up from lr_per_64
+    return optim.lr_at(epoch, plan.peak_lr, start, cfg.warmup_epochs, plan.decay_epochs, cfg.decay_factor)
+
+
+def cross_entropy(logits: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy over the last axis: (B, C) logits of images or (B, L, V) of text."""
+    return F.cross_entropy(logits.flatten(0, -2), y.flatten(), reduction=reduction)
 
 
 @torch.no_grad()
-def evaluate(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, data: Dataset, channels_last: bool
-) -> torch.Tensor:
-    """[loss sum, correct, count] of ``model`` on (x, y): float64 on the data's device (not read)."""
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: Task) -> torch.Tensor:
+    """[loss sum, correct, count] of ``model`` on (x, y), per target: float64 on the data's device
+    (not read)."""
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=x.device)
-    for i in range(0, len(x), EVAL_BATCH):
-        xb = normalize(x[i : i + EVAL_BATCH], data.mean, data.std)
-        if channels_last:
-            xb = xb.contiguous(memory_format=torch.channels_last)
-        out = model(xb)
-        yb = y[i : i + EVAL_BATCH]
-        sums[0] += F.cross_entropy(out, yb, reduction="sum").double()
-        sums[1] += (out.argmax(1) == yb).sum()
-    sums[2] = len(x)
+    for i in range(0, len(x), task.eval_batch):
+        out = model(task.prepare(x[i : i + task.eval_batch]))
+        yb = y[i : i + task.eval_batch]
+        sums[0] += cross_entropy(out, yb, reduction="sum").double()
+        sums[1] += (out.argmax(-1) == yb).sum()
+    sums[2] = y.numel()
     model.train()
     return sums
 
 
 class Tally:
-    """The epoch's training sums and every loss since the last check, kept on the device: the loop
+    """The row's training sums and every loss since the last check, kept on the device: the loop
     reads them at averaging rounds, checkpoints and epoch ends, never per step or per worker."""
 
     MAX_PENDING = 4096  # losses held between reads (a read comes sooner if no round comes)
@@ -101,9 +94,9 @@ class Tally:
     def __init__(self, device: torch.device, steps_per_epoch: int, ckpt_root: Path) -> None:
         self.device, self.steps_per_epoch, self.ckpt_root = device, steps_per_epoch, ckpt_root
         self.pending: list[tuple[int, int, torch.Tensor]] = []  # (step, worker, loss)
-        self.new_epoch()
+        self.new_row()
 
-    def new_epoch(self) -> None:
+    def new_row(self) -> None:
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         self.correct = torch.zeros((), dtype=torch.int64, device=self.device)
         self.seen = 0
@@ -111,9 +104,9 @@ class Tally:
     def add(self, t: int, k: int, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
         loss = loss.detach()
         self.pending.append((t, k, loss))
-        self.loss_sum += loss.double() * len(y)  # as a float64 sum of float32 losses on the host would
-        self.correct += (logits.argmax(1) == y).sum()
-        self.seen += len(y)
+        self.loss_sum += loss.double() * y.numel()  # as a float64 sum of float32 losses on the host would
+        self.correct += (logits.argmax(-1) == y).sum()
+        self.seen += y.numel()
         if len(self.pending) >= self.MAX_PENDING:
             self.check()
 
@@ -139,28 +132,24 @@ class Tally:
 
 
 def evaluation(
-    averaged: nn.Module,
-    workers: list[tuple[int, nn.Module]],
-    runtime: Runtime,
-    cfg: Config,
-    data: Dataset,
-    x: torch.Tensor,
-    y: torch.Tensor,
+    averaged: nn.Module, workers: list[tuple[int, nn.Module]], runtime: Runtime, task: Task
 ) -> dict[str, float]:
-    """Test loss and accuracy of the averaged model and, if ``workers`` are given, the mean over
-    every worker's own model (each on the whole test set), summed over all processes."""
-    if runtime.distributed:  # each rank evaluates its share of the test set
-        part = slice(runtime.rank, None, cfg.workers)
-        ev = runtime.all_sum(evaluate(averaged, x[part], y[part], data, cfg.channels_last))
+    """Loss and accuracy on the evaluation split of the averaged model and, if ``workers`` are
+    given, the mean over every worker's own model (each on the whole split), summed over all
+    processes."""
+    x, y, split = task.eval_x, task.eval_y, task.split
+    if runtime.distributed:  # each rank evaluates its share of the split
+        part = slice(runtime.rank, None, runtime.processes)
+        ev = runtime.all_sum(evaluate(averaged, x[part], y[part], task))
     else:
-        ev = evaluate(averaged, x, y, data, cfg.channels_last).tolist()
-    row = {"test_loss": ev[0] / ev[2], "test_acc": ev[1] / ev[2]}
+        ev = evaluate(averaged, x, y, task).tolist()
+    row = {f"{split}_loss": ev[0] / ev[2], f"{split}_acc": ev[1] / ev[2]}
     if workers:
         local = torch.zeros(3, dtype=torch.float64, device=x.device)
         for _, m in workers:
-            local = local + evaluate(m, x, y, data, cfg.channels_last)
+            local = local + evaluate(m, x, y, task)
         loss_sum, correct, seen = runtime.all_sum(local)
-        row.update(local_test_loss=loss_sum / seen, local_test_acc=correct / seen)
+        row.update({f"local_{split}_loss": loss_sum / seen, f"local_{split}_acc": correct / seen})
     return row
 
 
@@ -193,7 +182,7 @@ class Result:
     main: bool
 
 
-def resolved_config(cfg: Config, plan: Plan, runtime: Runtime, sizes: tuple[int, int]) -> dict[str, Any]:
+def resolved_config(cfg: Config, plan: Plan, runtime: Runtime, task: Task) -> dict[str, Any]:
     """What ``config.json`` records besides the versions: the settings and derived quantities."""
     return {
         "config": cfg.to_dict(),
@@ -203,12 +192,85 @@ def resolved_config(cfg: Config, plan: Plan, runtime: Runtime, sizes: tuple[int,
             "switch_step": plan.switch_step,
             "peak_lr": plan.peak_lr,
             "decay_epochs": plan.decay_epochs,
-            "train_images": sizes[0],
-            "test_images": sizes[1],
+            **task.sizes(),
             "runtime": "torchrun" if runtime.distributed else "simulator",
             "device": str(runtime.device),
         },
     }
+
+
+def build_engine(cfg: Config, plan: Plan, runtime: Runtime, model: nn.Module) -> Engine:
+    """This process's workers: the model (and K - 1 copies in the simulator), their optimizers and
+    the averaging policies the config asks for."""
+
+    def make_optimizer(m: nn.Module) -> torch.optim.Optimizer:
+        if cfg.optimizer == "adamw":
+            betas = cfg.betas or (0.9, 0.95)
+            return optim.adamw(m, plan.peak_lr, (betas[0], betas[1]), cfg.weight_decay)
+        return optim.sgd(m, plan.peak_lr, cfg.momentum, cfg.nesterov, cfg.weight_decay)
+
+    policies: dict[str, Any] = {
+        "buffers": cfg.buffers,
+        "optimizer_state": cfg.optimizer_state,
+        "max_grad_norm": cfg.max_grad_norm,
+    }
+    outer_hyper = cfg.outer()
+    if outer_hyper is not None:
+        make_outer = {"diloco": outer.diloco, "slowmo": outer.slowmo}[cfg.outer_optimizer]
+        policies["outer_optimizer"] = make_outer(*outer_hyper)
+    if cfg.compress != "none":
+        policies["compression"] = make_codec(cfg.compress, cfg.compress_block or DEFAULT_BLOCK)
+    if cfg.overlap_steps:
+        policies["overlap_steps"] = cfg.overlap_steps
+    if runtime.distributed:
+        comm = DistCommunicator(workers_per_block=cfg.workers_per_block, ordered=cfg.ordered_averaging)
+        return LocalSGD(make_optimizer(model), model, plan.schedule, comm=comm, **policies)
+    return Simulator(
+        model, make_optimizer, plan.schedule, cfg.workers, workers_per_block=cfg.workers_per_block, **policies
+    )
+
+
+class WorkerRandom:
+    """Each worker's own random streams: a generator for its data (augmentation) and its own state
+    of torch's global generator, which dropout draws from, swapped in around its forward pass. Both
+    depend on the worker's index only: the same in both runtimes, and saved in checkpoints."""
+
+    def __init__(self, seed: int, workers: list[int], device: torch.device) -> None:
+        self.device = device
+        self.data = {k: torch.Generator(device=device).manual_seed(seed * 100_003 + k) for k in workers}
+        self.torch = {k: self._fresh(seed * 100_003 + k + 7_919) for k in workers}
+
+    def _fresh(self, seed: int) -> list[torch.Tensor]:
+        with torch.random.fork_rng(devices=self._devices(), device_type=self.device.type):
+            torch.manual_seed(seed)
+            return self._get()
+
+    def _devices(self) -> list[torch.device]:
+        return [self.device] if self.device.type == "cuda" else []
+
+    def _get(self) -> list[torch.Tensor]:
+        states = [torch.get_rng_state()]
+        if self.device.type == "cuda":
+            states.append(torch.cuda.get_rng_state(self.device))
+        return states
+
+    @contextmanager
+    def of(self, k: int) -> Iterator[None]:
+        """Worker ``k``'s global random state inside the block; the caller's restored after."""
+        with torch.random.fork_rng(devices=self._devices(), device_type=self.device.type):
+            torch.set_rng_state(self.torch[k][0])
+            if self.device.type == "cuda":
+                torch.cuda.set_rng_state(self.torch[k][1], self.device)
+            yield
+            self.torch[k] = self._get()
+
+    def state(self) -> dict[str, Any]:
+        return {"data": {k: g.get_state() for k, g in self.data.items()}, "torch": self.torch}
+
+    def load(self, state: dict[str, Any]) -> None:
+        for k, g in self.data.items():
+            g.set_state(state["data"][k])
+        self.torch = state.get("torch", self.torch)
 
 
 def train(cfg: Config, out: Path) -> Result:
@@ -219,52 +281,20 @@ def train(cfg: Config, out: Path) -> Result:
     runtime = Runtime(cfg)
     main = runtime.rank == 0
     writer = RunWriter(out, main, cfg.tensorboard)
-    data = load_dataset(cfg.dataset, cfg.data_dir or default_data_dir(cfg.dataset))
-    train_x, train_y = subset(data.train_x, data.train_y, cfg.train_subset, cfg.seed, "train")
-    test_x, test_y = subset(data.test_x, data.test_y, cfg.test_subset, cfg.seed + 1, "test")
-    plan = make_plan(cfg, len(train_x))
-    writer.config(resolved_config(cfg, plan, runtime, (len(train_x), len(test_x))))
     dev = runtime.device
-    train_x, train_y, test_x, test_y = (t.to(dev) for t in (train_x, train_y, test_x, test_y))
+    task = make_task(cfg, dev)
+    plan = make_plan(cfg, task.steps_per_epoch)
+    writer.config(resolved_config(cfg, plan, runtime, task))
 
     # --- workers: the same initial model everywhere ---
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, data.num_classes, in_channels=train_x.shape[1]).to(dev)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-
-    def make_optimizer(m: nn.Module) -> torch.optim.Optimizer:
-        return optim.sgd(m, plan.peak_lr, cfg.momentum, cfg.nesterov, cfg.weight_decay)
-
-    policies: dict[str, Any] = {"buffers": cfg.buffers, "optimizer_state": cfg.optimizer_state}
-    outer_hyper = cfg.outer()
-    if outer_hyper is not None:
-        make_outer = {"diloco": outer.diloco, "slowmo": outer.slowmo}[cfg.outer_optimizer]
-        policies["outer_optimizer"] = make_outer(*outer_hyper)
-    if cfg.compress != "none":
-        policies["compression"] = make_codec(cfg.compress, cfg.compress_block or DEFAULT_BLOCK)
-    if cfg.overlap_steps:
-        policies["overlap_steps"] = cfg.overlap_steps
-    engine: Engine
-    if runtime.distributed:
-        comm = DistCommunicator(workers_per_block=cfg.workers_per_block, ordered=cfg.ordered_averaging)
-        engine = LocalSGD(make_optimizer(model), model, plan.schedule, comm=comm, **policies)
-    else:
-        engine = Simulator(
-            model,
-            make_optimizer,
-            plan.schedule,
-            cfg.workers,
-            workers_per_block=cfg.workers_per_block,
-            **policies,
-        )
+    model = task.model()
+    engine = build_engine(cfg, plan, runtime, model)
     workers = list(zip(engine.comm.local_workers, engine.models, strict=True))
+    random = WorkerRandom(cfg.seed, [k for k, _ in workers], dev)
 
     def exchange(mine: bytes) -> list[bytes]:  # checkpoint digests, every process's in rank order
         return engine.comm.all_gather_bytes([mine]) if runtime.distributed else [mine]
-
-    # Each worker's augmentation randomness depends on its index only: the same in both runtimes.
-    generators = {k: torch.Generator(device=dev).manual_seed(cfg.seed * 100_003 + k) for k, _ in workers}
 
     # --- resume: everything an uninterrupted run would hold at the checkpoint's step ---
     ckpt_root = out / "checkpoints"
@@ -280,8 +310,7 @@ def train(cfg: Config, out: Path) -> Result:
         engine.load_state_dict(state["engine"])
         if runtime.distributed:
             model.load_state_dict(state["model"])
-        for k, g in generators.items():
-            g.set_state(state["generators"][k])
+        random.load(state.get("random") or {"data": state["generators"]})  # older files: no dropout state
         history, eval_seconds, wall_offset = state["history"], state["eval_seconds"], state["wall_seconds"]
     start_t = engine.t
     steps = runtime.all_sum(torch.tensor([float(start_t)], dtype=torch.float64, device=dev))[0]
@@ -290,7 +319,6 @@ def train(cfg: Config, out: Path) -> Result:
     writer.history(history)
 
     # --- training ---
-    B = cfg.local_batch_size
     progress = tqdm(
         total=plan.total_steps, initial=start_t, desc="train", unit="step", dynamic_ncols=True,
         disable=not (main and cfg.progress), mininterval=0.2 if sys.stderr.isatty() else 30.0,
@@ -298,28 +326,25 @@ def train(cfg: Config, out: Path) -> Result:
     start = time.perf_counter() - wall_offset
     tally = Tally(dev, plan.steps_per_epoch, ckpt_root)
     averaged: nn.Module | None = None  # the last evaluated average of the workers' models
-    shards: list[torch.Tensor] = []
+    split = task.split
+    period = cfg.row_steps or plan.steps_per_epoch  # steps per metrics row
     try:  # the bar ends its line before an error is printed
         for t in range(start_t, plan.total_steps):
             epoch, i = divmod(t, plan.steps_per_epoch)
-            if i == 0 or t == start_t:  # a fresh random disjoint shard per worker every epoch
-                shards = [s.to(dev) for s in epoch_shards(len(train_x), cfg.workers, epoch, cfg.seed)]
-            lr = optim.lr_at(
-                t / plan.steps_per_epoch, plan.peak_lr, cfg.lr_per_64, cfg.warmup_epochs, plan.decay_epochs,
-                cfg.decay_factor,
-            )  # fmt: skip
+            if i == 0 or t == start_t:  # fresh disjoint data per worker every epoch
+                task.start_epoch(epoch)
+            lr = lr_at(cfg, plan, t)
             for opt in engine.optimizers:
                 for group in opt.param_groups:
                     group["lr"] = lr
             for k, m in workers:
-                idx = shards[k][i * B : (i + 1) * B]
-                x = augment(train_x[idx], generators[k], data.mean, data.std)
-                if cfg.channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                y = train_y[idx]
-                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+                x, y = task.batch(k, i, random.data[k])
+                with (
+                    random.of(k),
+                    torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"),
+                ):
                     logits = m(x)
-                    loss = F.cross_entropy(logits, y)
+                    loss = cross_entropy(logits, y)
                 loss.backward()
                 tally.add(t, k, loss, logits, y)
             sync = engine.schedule.sync_at(engine.t)
@@ -332,13 +357,13 @@ def train(cfg: Config, out: Path) -> Result:
             progress.set_postfix_str(f"epoch {epoch + 1} lr {lr:.3g}", refresh=False)
             progress.update()
 
-            last_of_epoch = i == plan.steps_per_epoch - 1 or t == plan.total_steps - 1
-            if not last_of_epoch:
-                continue
+            if (t + 1) % period and t < plan.total_steps - 1:
+                continue  # a row at every period's end (default: every epoch's) and at the end
+            row_index = (t + 1) // period
             tally.check()
             done_epochs = (t + 1) / plan.steps_per_epoch
             loss_sum, correct, seen = runtime.all_sum(tally.sums())
-            tally.new_epoch()
+            tally.new_row()
             row: dict[str, Any] = {
                 "epoch": round(done_epochs, 4),
                 "step": t + 1,
@@ -346,12 +371,12 @@ def train(cfg: Config, out: Path) -> Result:
                 "train_loss": loss_sum / seen,
                 "train_acc": correct / seen,
             }
-            if (epoch + 1) % cfg.eval_every == 0 or t == plan.total_steps - 1:
+            if row_index % cfg.eval_every == 0 or t == plan.total_steps - 1:
                 eval_start = time.perf_counter()
                 averaged = engine.averaged_model()
                 final = t == plan.total_steps - 1
                 local = cfg.eval_local == "every" or (cfg.eval_local == "final" and final)
-                row.update(evaluation(averaged, workers if local else [], runtime, cfg, data, test_x, test_y))
+                row.update(evaluation(averaged, workers if local else [], runtime, task))
                 eval_seconds += time.perf_counter() - eval_start
             comm = sum(s.seconds for s in engine.stats.values())
             wall = time.perf_counter() - start
@@ -363,18 +388,21 @@ def train(cfg: Config, out: Path) -> Result:
                 compute_seconds=wall - comm - eval_seconds,
                 wall_seconds=wall,
             )
+            task.annotate(row, t + 1)
             history.append(row)
             shown = f"epoch {epoch + 1} lr {lr:.3g} loss {row['train_loss']:.3f}"
-            if "test_acc" in row:
-                shown += f" test {row['test_acc']:.2%}"
+            if f"{split}_bpb" in row:
+                shown += f" {split} {row[f'{split}_bpb']:.3f} bpb"
+            elif f"{split}_acc" in row:
+                shown += f" {split} {row[f'{split}_acc']:.2%}"
             progress.set_postfix_str(shown)
             writer.append(row, t + 1)
-            if (epoch + 1) % cfg.checkpoint_every == 0 and t + 1 < plan.total_steps:
+            if row_index % cfg.checkpoint_every == 0 and t + 1 < plan.total_steps:
                 check_finite(workers, t, ckpt_root)  # never replace a good checkpoint by a broken one
                 state = {
                     "config": cfg.to_dict(),
                     "engine": engine.state_dict(),
-                    "generators": {k: g.get_state() for k, g in generators.items()},
+                    "random": random.state(),
                     "history": history,
                     "eval_seconds": eval_seconds,
                     "wall_seconds": time.perf_counter() - start,
@@ -389,48 +417,62 @@ def train(cfg: Config, out: Path) -> Result:
     # --- final model and summary ---
     check_finite(workers, plan.total_steps - 1, ckpt_root)
     final = averaged if averaged is not None else engine.averaged_model()  # the last step evaluates it
-    summary = summarize(cfg, plan, history)
+    summary = summarize(cfg, plan, history, split) | task.baselines()
     writer.final(final, cfg.to_dict(), summary)
     return Result(summary, history, final, engine, main)
 
 
-def summarize(cfg: Config, plan: Plan, history: list[dict[str, Any]]) -> dict[str, Any]:
-    evals = [r for r in history if "test_acc" in r]
+def summarize(cfg: Config, plan: Plan, history: list[dict[str, Any]], split: str = "test") -> dict[str, Any]:
+    """The run's headline numbers; ``split``: the evaluation split's name in the rows."""
+    evals = [r for r in history if f"{split}_acc" in r]
     last = history[-1]
     summary: dict[str, Any] = {
         "schedule": str(plan.schedule),
         "epochs": last["epoch"],
         "steps": last["step"],
         "final_train_loss": last["train_loss"],
-        "final_test_acc": evals[-1]["test_acc"],
-        "best_test_acc": max(r["test_acc"] for r in evals),
-        "rounds": last["rounds"],
-        "bytes": last["bytes"],
-        "comm_seconds": last["comm_seconds"],
-        "compute_seconds": last["compute_seconds"],
-        "wall_seconds": last["wall_seconds"],
+        f"final_{split}_acc": evals[-1][f"{split}_acc"],
+        f"best_{split}_acc": max(r[f"{split}_acc"] for r in evals),
     }
-    if "local_test_acc" in evals[-1]:
-        summary["final_local_test_acc"] = evals[-1]["local_test_acc"]
+    if f"{split}_bpb" in evals[-1]:  # text: the loss is the headline
+        summary[f"final_{split}_loss"] = evals[-1][f"{split}_loss"]
+        summary[f"best_{split}_loss"] = min(r[f"{split}_loss"] for r in evals)
+        summary[f"final_{split}_bpb"] = evals[-1][f"{split}_bpb"]
+        summary[f"best_{split}_bpb"] = min(r[f"{split}_bpb"] for r in evals)
+        summary["tokens"] = last["tokens"]
+        summary["tokens_per_second"] = last["tokens_per_second"]
+    summary.update(
+        rounds=last["rounds"],
+        bytes=last["bytes"],
+        comm_seconds=last["comm_seconds"],
+        compute_seconds=last["compute_seconds"],
+        wall_seconds=last["wall_seconds"],
+    )
+    if f"local_{split}_acc" in evals[-1]:
+        summary[f"final_local_{split}_acc"] = evals[-1][f"local_{split}_acc"]
+        if f"local_{split}_bpb" in evals[-1]:
+            summary[f"final_local_{split}_bpb"] = evals[-1][f"local_{split}_bpb"]
     if cfg.eval_local == "every":
-        summary["best_local_test_acc"] = max(r["local_test_acc"] for r in evals)
+        summary[f"best_local_{split}_acc"] = max(r[f"local_{split}_acc"] for r in evals)
     return summary
 
 
 def table(history: list[dict[str, Any]]) -> str:
-    """The evaluated epochs as a fixed-width table."""
+    """The evaluated epochs as a fixed-width table (images: accuracies; text: bits per byte)."""
+    split = "valid" if any("valid_acc" in r for r in history) else "test"
+    unit, fmt = ("bpb", ">9.4f") if split == "valid" else ("acc", ">9.2%")
     head = (
-        f"{'epoch':>6} {'lr':>8} {'train loss':>10} {'train acc':>9} {'test acc':>8} {'local acc':>9} "
-        f"{'rounds':>14}"
+        f"{'epoch':>6} {'lr':>8} {'train loss':>10} {'train ' + unit:>9} {split + ' ' + unit:>9} "
+        f"{'local ' + unit:>9} {'rounds':>14}"
     )
     rows = [head, "-" * len(head)]
     for r in history:
-        if "test_acc" not in r:
+        if f"{split}_acc" not in r:
             continue
-        local = f"{r['local_test_acc']:.2%}" if "local_test_acc" in r else "-"
+        local = format(r[f"local_{split}_{unit}"], fmt) if f"local_{split}_{unit}" in r else "-"
         rounds = "/".join(str(n) for n in r["rounds"].values())
         rows.append(
-            f"{r['epoch']:>6g} {r['lr']:>8.4f} {r['train_loss']:>10.4f} {r['train_acc']:>9.2%} "
-            f"{r['test_acc']:>8.2%} {local:>9} {rounds:>14}"
+            f"{r['epoch']:>6g} {r['lr']:>8.4f} {r['train_loss']:>10.4f} {format(r['train_' + unit], fmt)} "
+            f"{format(r[split + '_' + unit], fmt)} {local:>9} {rounds:>14}"
         )
     return "\n".join(rows)
