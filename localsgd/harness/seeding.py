@@ -1,0 +1,53 @@
+"""Each worker's own random streams, the same in the simulator (K workers in one process) and under
+torchrun (one per process), and saved in checkpoints."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+
+class WorkerRandom:
+    """Each worker's own random streams: a generator for its data (augmentation) and its own state
+    of torch's global generator, which dropout draws from, swapped in around its forward pass. Both
+    depend on the worker's index only: the same in both runtimes, and saved in checkpoints."""
+
+    def __init__(self, seed: int, workers: list[int], device: torch.device) -> None:
+        self.device = device
+        self.data = {k: torch.Generator(device=device).manual_seed(seed * 100_003 + k) for k in workers}
+        self.torch = {k: self._fresh(seed * 100_003 + k + 7_919) for k in workers}
+
+    def _fresh(self, seed: int) -> list[torch.Tensor]:
+        with torch.random.fork_rng(devices=self._devices(), device_type=self.device.type):
+            torch.manual_seed(seed)
+            return self._get()
+
+    def _devices(self) -> list[torch.device]:
+        return [self.device] if self.device.type == "cuda" else []
+
+    def _get(self) -> list[torch.Tensor]:
+        states = [torch.get_rng_state()]
+        if self.device.type == "cuda":
+            states.append(torch.cuda.get_rng_state(self.device))
+        return states
+
+    @contextmanager
+    def of(self, k: int) -> Iterator[None]:
+        """Worker ``k``'s global random state inside the block; the caller's restored after."""
+        with torch.random.fork_rng(devices=self._devices(), device_type=self.device.type):
+            torch.set_rng_state(self.torch[k][0])
+            if self.device.type == "cuda":
+                torch.cuda.set_rng_state(self.torch[k][1], self.device)
+            yield
+            self.torch[k] = self._get()
+
+    def state(self) -> dict[str, Any]:
+        return {"data": {k: g.get_state() for k, g in self.data.items()}, "torch": self.torch}
+
+    def load(self, state: dict[str, Any]) -> None:
+        for k, g in self.data.items():
+            g.set_state(state["data"][k])
+        self.torch = state.get("torch", self.torch)
