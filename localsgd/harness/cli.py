@@ -285,19 +285,17 @@ def main(argv: list[str] | None = None) -> int:
                 rows = study.run_study(
                     args.name, root, args.data_dir, args.max_hours, args.methods, args.seeds
                 )
-            print(study.table(rows))
-            comparisons = study.compare(rows, study.STUDIES[args.name].baseline)
+            named = study.get(args.name)
+            print(study.table(rows, named.kind))
+            comparisons = study.compare(rows, named.baseline, named.measures.compared)
             if comparisons:
                 print()
                 print(study.comparison_table(comparisons))
             if args.plot:
                 from localsgd.harness.plot import plot_study
 
-                runs = {
-                    m: [study.run_dir(root, m, s) for s in study.STUDIES[args.name].seeds]
-                    for m in study.STUDIES[args.name].methods
-                }
-                print(plot_study(rows, runs, root / "study.png", comparisons))
+                runs = {m: [study.run_dir(root, m, s) for s in named.seeds] for m in named.methods}
+                print(plot_study(rows, runs, root / "study.png", comparisons, named.measures))
             if args.export:
                 copied = study.export(args.name, root, Path(args.export))
                 print(f"{len(copied)} files copied to {args.export}")

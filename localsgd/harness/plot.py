@@ -7,9 +7,12 @@ from __future__ import annotations
 import json
 import statistics
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from localsgd.harness.config import ConfigError
+
+if TYPE_CHECKING:
+    from localsgd.harness.study import Measures
 
 
 def pyplot() -> Any:
@@ -124,74 +127,86 @@ def plot_study(
     runs: dict[str, list[Path]],
     out: Path,
     comparisons: list[dict[str, Any]] | None = None,
+    measures: Measures | None = None,
 ) -> Path:
-    """A study in one PNG: per method, the mean over seeds (band: min to max) of test accuracy vs epoch
-    and vs global rounds, and training loss; every seed's final accuracy with the mean ± std; every
-    seed's difference to the baseline with the mean and its 95% interval; and the top Hessian
-    eigenvalue per seed with the mean ± std."""
+    """A study in one PNG: per method, the mean over seeds (band: min to max) of the headline metric
+    (image studies: test accuracy; text: validation bits per byte) vs epochs or tokens and vs global
+    rounds, and training loss; every seed's final value with the mean ± std; every seed's
+    difference to the baseline with the mean and its 95% interval; and (images) the top Hessian
+    eigenvalue per seed with the mean ± std. ``measures``: the study's ``Measures`` (default: the
+    image study's)."""
+    from localsgd.harness.study import MEASURES
+
+    m_ = measures or MEASURES["image"]
+    key, x, scale, label = m_.curve, m_.x, m_.scale, m_.label
+    xlabel = "training tokens" if x == "tokens" else "epoch"
     plt = pyplot()
     fig, axes = plt.subplots(2, 3, figsize=(19, 9))
-    (acc_epoch, acc_rounds, loss_ax), (final_ax, diff_ax, eig_ax) = axes
+    (by_x, by_rounds, loss_ax), (final_ax, diff_ax, eig_ax) = axes
     for i, (method, dirs) in enumerate(runs.items()):
         curves = [read_run(d)[1] for d in dirs if (d / "summary.json").is_file()]
         if not curves:
             continue
         color = f"C{i}"
-        evals = [[r for r in rows_ if "test_acc" in r] for rows_ in curves]
+        evals = [[r for r in rows_ if key in r] for rows_ in curves]
         n = min(len(e) for e in evals)
-        epochs = [r["epoch"] for r in evals[0][:n]]
-        acc = [[100 * e[j]["test_acc"] for e in evals] for j in range(n)]
-        mean = [sum(a) / len(a) for a in acc]
-        label = f"{method} ({len(curves)} seeds)"
-        acc_epoch.plot(epochs, mean, color=color, label=label)
-        acc_epoch.fill_between(epochs, [min(a) for a in acc], [max(a) for a in acc], color=color, alpha=0.2)
-        acc_rounds.plot([evals[0][j]["rounds"].get("global", 0) for j in range(n)], mean, color=color)
+        xs = [r[x] for r in evals[0][:n]]
+        values = [[scale * e[j][key] for e in evals] for j in range(n)]
+        mean = [sum(a) / len(a) for a in values]
+        by_x.plot(xs, mean, color=color, label=f"{method} ({len(curves)} seeds)")
+        by_x.fill_between(xs, [min(a) for a in values], [max(a) for a in values], color=color, alpha=0.2)
+        by_rounds.plot([evals[0][j]["rounds"].get("global", 0) for j in range(n)], mean, color=color)
         m = min(len(c) for c in curves)
         loss = [sum(c[j]["train_loss"] for c in curves) / len(curves) for j in range(m)]
-        loss_ax.plot([curves[0][j]["epoch"] for j in range(m)], loss, color=color)
+        loss_ax.plot([curves[0][j][x] for j in range(m)], loss, color=color)
 
     def scaled(pair: tuple[float, float] | None, f: float) -> tuple[float, float] | None:
         return None if pair is None else (f * pair[0], f * pair[1])
 
     by_method = {r["method"]: r for r in rows}
+    head = m_.headline
     finals = [
-        (
-            m,
-            [100 * d["final_test_acc"] for d in by_method[m]["runs"]],
-            scaled(by_method[m]["final_test_acc"], 100),
-        )
-        for m in runs
+        (m, [scale * d[head] for d in by_method[m]["runs"]], scaled(by_method[m][head], scale)) for m in runs
     ]
     colors = {m: f"C{i}" for i, m in enumerate(runs)}
-    _dots(final_ax, finals, _floor([v for _, vs, _ in finals for v in vs], 5.0), colors)
-    eigen = [
-        (m, [d["eigenvalue"] for d in by_method[m]["runs"] if d.get("eigenvalue") is not None],
-         by_method[m]["eigenvalue"])
-        for m in runs
-    ]  # fmt: skip
-    _dots(eig_ax, eigen, None, colors)
-    paired = [c for c in comparisons or [] if c["metric"] == "final_test_acc"]
+    spread = 5.0 if scale == 100 else None  # accuracy: one far-off method does not flatten the others
+    _dots(
+        final_ax,
+        finals,
+        None if spread is None else _floor([v for _, vs, _ in finals for v in vs], spread),
+        colors,
+    )
+    if x == "epoch":
+        eigen = [
+            (m, [d["eigenvalue"] for d in by_method[m]["runs"] if d.get("eigenvalue") is not None],
+             by_method[m]["eigenvalue"])
+            for m in runs
+        ]  # fmt: skip
+        _dots(eig_ax, eigen, None, colors)
+        eig_ax.set(
+            ylabel="top Hessian eigenvalue", title="sharpness at the final model: each seed, mean ± std"
+        )
+    else:
+        eig_ax.set_visible(False)
+    paired = [c for c in comparisons or [] if c["metric"] == head]
     if paired:
         diffs = [
-            (c["method"], [100 * d for d in c["differences"]],
-             None if c["ci95"] is None else (100 * c["mean"], 100 * (c["ci95"][1] - c["mean"])))
+            (c["method"], [scale * d for d in c["differences"]],
+             None if c["ci95"] is None else (scale * c["mean"], scale * (c["ci95"][1] - c["mean"])))
             for c in paired
         ]  # fmt: skip
-        _dots(diff_ax, diffs, _floor([v for _, vs, _ in diffs for v in vs], 3.0), colors)
+        floor = _floor([v for _, vs, _ in diffs for v in vs], 3.0) if scale == 100 else None
+        _dots(diff_ax, diffs, floor, colors)
         diff_ax.axhline(0, color="gray", lw=1)
+        final_name = "final test accuracy" if scale == 100 else "final validation bits per byte"
         diff_ax.set(
-            ylabel="points",
-            title=f"final test accuracy minus {paired[0]['baseline']}, same seed; mean ± 95% CI",
+            ylabel="points" if scale == 100 else "bits per byte",
+            title=f"{final_name} minus {paired[0]['baseline']}, same seed; mean ± 95% CI",
         )
-    acc_epoch.set(
-        xlabel="epoch", ylabel="test accuracy (%)", title="averaged model: mean over seeds, band min-max"
-    )
-    acc_rounds.set(
-        xlabel="global communication rounds", ylabel="test accuracy (%)", title="accuracy vs communication"
-    )
-    acc_rounds.set_xscale("log")
-    loss_ax.set(xlabel="epoch", ylabel="training loss", title="training loss (mean over seeds)")
+    by_x.set(xlabel=xlabel, ylabel=label, title="averaged model: mean over seeds, band min-max")
+    by_rounds.set(xlabel="global communication rounds", ylabel=label, title=f"{label} vs communication")
+    by_rounds.set_xscale("log")
+    loss_ax.set(xlabel=xlabel, ylabel="training loss", title="training loss (mean over seeds)")
     loss_ax.set_yscale("log")
-    final_ax.set(ylabel="final test accuracy (%)", title="final accuracy: each seed (dots), mean ± std")
-    eig_ax.set(ylabel="top Hessian eigenvalue", title="sharpness at the final model: each seed, mean ± std")
-    return save(fig, axes, acc_epoch, out)
+    final_ax.set(ylabel=f"final {label}", title="final value: each seed (dots), mean ± std")
+    return save(fig, axes, by_x, out)

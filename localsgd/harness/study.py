@@ -18,6 +18,60 @@ from localsgd.harness.config import Config, ConfigError, from_mapping
 
 
 @dataclass(frozen=True)
+class Measures:
+    """What a study of one kind of task collects per run (each a mean ± std over seeds), compares
+    with its baseline seed by seed, and shows first."""
+
+    metrics: tuple[str, ...]
+    compared: tuple[str, ...]
+    headline: str  # the final metric of the table's first column and the figure's panels
+    curve: str  # its key in metrics.jsonl rows
+    x: str  # the rows' x axis: epoch or tokens
+    label: str
+    scale: float  # shown as value * scale (100: percent points)
+    digits: int
+
+
+MEASURES = {
+    "image": Measures(
+        metrics=(
+            "final_test_acc",
+            "best_test_acc",
+            "final_local_test_acc",
+            "final_train_loss",
+            "wall_seconds",
+            "eigenvalue",
+        ),
+        compared=("final_test_acc", "best_test_acc", "eigenvalue"),
+        headline="final_test_acc",
+        curve="test_acc",
+        x="epoch",
+        label="test accuracy (%)",
+        scale=100,
+        digits=2,
+    ),
+    "text": Measures(
+        metrics=(
+            "final_valid_bpb",
+            "best_valid_bpb",
+            "final_local_valid_bpb",
+            "final_valid_loss",
+            "final_train_loss",
+            "wall_seconds",
+            "tokens_per_second",
+        ),
+        compared=("final_valid_bpb", "best_valid_bpb"),
+        headline="final_valid_bpb",
+        curve="valid_bpb",
+        x="tokens",
+        label="validation bits per byte",
+        scale=1,
+        digits=4,
+    ),
+}
+
+
+@dataclass(frozen=True)
 class Study:
     """``base`` settings for every run; ``methods`` name the settings that differ."""
 
@@ -26,6 +80,15 @@ class Study:
     seeds: tuple[int, ...] = (1, 2, 3)
     notes: str = ""
     baseline: str | None = None  # the method every other one is compared with, seed by seed
+
+    @property
+    def kind(self) -> str:
+        """image or text: what the study's runs measure (``MEASURES``)."""
+        return "text" if self.base.get("dataset") == "text" else "image"
+
+    @property
+    def measures(self) -> Measures:
+        return MEASURES[self.kind]
 
     def config(self, method: str, seed: int, data_dir: str | None) -> Config:
         values = {**self.base, **self.methods[method], "seed": seed, "resume": True}
@@ -63,6 +126,31 @@ STUDIES: dict[str, Study] = {
             "progress": False,
         },
         methods={"mini-batch": {"local_steps": 1}, "post-local H=4": {"local_steps": 4, "switch_epoch": 1}},
+        seeds=(1, 2),
+        baseline="mini-batch",
+    ),
+    # The same for the text task: a GPT of 2 x 32 on windows of 32 bytes, 20 steps per run.
+    "smoke-text": Study(
+        base={
+            "dataset": "text",
+            "model": "gpt",
+            "width": 32,
+            "depth": 2,
+            "heads": 2,
+            "seq_len": 32,
+            "workers": 2,
+            "local_batch_size": 4,
+            "epochs": 20 / 39_013,  # steps per epoch: (9,987,579 - 32) // (2 * 4) // 32
+            "optimizer": "adamw",
+            "peak_lr": 0.01,
+            "lr_schedule": "cosine",
+            "warmup_epochs": 0.0,
+            "test_subset": 64,
+            "row_steps": 10,
+            "eval_local": "final",
+            "progress": False,
+        },
+        methods={"mini-batch": {"local_steps": 1}, "local H=4": {"local_steps": 4}},
         seeds=(1, 2),
         baseline="mini-batch",
     ),
@@ -109,6 +197,12 @@ STUDIES: dict[str, Study] = {
 }
 
 
+def get(name: str) -> Study:
+    if name not in STUDIES:
+        raise ConfigError(f"unknown study {name!r}; studies: {', '.join(STUDIES)}")
+    return STUDIES[name]
+
+
 def run_dir(root: Path, method: str, seed: int) -> Path:
     return root / method.replace(" ", "_").replace("=", "") / f"seed-{seed}"
 
@@ -125,11 +219,9 @@ def run_study(
     ``methods`` and ``seeds``); returns the summary table rows."""
     from localsgd.harness.train import train
 
-    if name not in STUDIES:
-        raise ConfigError(f"unknown study {name!r}; studies: {', '.join(STUDIES)}")
+    study = get(name)
     if max_hours is not None and max_hours <= 0:
         raise ConfigError(f"max_hours must be > 0, got {max_hours}")
-    study = STUDIES[name]
     for m in methods or []:
         if m not in study.methods:
             raise ConfigError(
@@ -163,26 +255,16 @@ def run_study(
     return summarize(name, root)
 
 
-# Per-run values the summary collects; each becomes a mean ± std over seeds.
-METRICS = (
-    "final_test_acc",
-    "best_test_acc",
-    "final_local_test_acc",
-    "final_train_loss",
-    "wall_seconds",
-    "eigenvalue",
-)
-
-
-def run_record(run: Path, seed: int) -> dict[str, Any]:
+def run_record(run: Path, seed: int, metrics: tuple[str, ...] = MEASURES["image"].metrics) -> dict[str, Any]:
     """One finished run: its summary, the rounds after the first LR decay (the local phase of post-local
     SGD, counted from the metrics, not computed), and its top Hessian eigenvalue if measured."""
     summary = json.loads((run / "summary.json").read_text())
     config = json.loads((run / "config.json").read_text())["config"]
-    record: dict[str, Any] = {"seed": seed, **{k: summary.get(k) for k in METRICS if k in summary}}
+    record: dict[str, Any] = {"seed": seed, **{k: summary.get(k) for k in metrics if k in summary}}
     record.update(rounds=summary["rounds"], bytes=summary["bytes"])
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    first_decay = config["decay_at"][0] * config["epochs"] if config["decay_at"] else None
+    step_decays = config.get("lr_schedule", "step") == "step" and config["decay_at"]
+    first_decay = config["decay_at"][0] * config["epochs"] if step_decays else None
     at = [r for r in rows if first_decay is not None and abs(r["epoch"] - first_decay) < 1e-6]
     if at:
         record["rounds_after_first_decay"] = {
@@ -195,13 +277,14 @@ def run_record(run: Path, seed: int) -> dict[str, Any]:
 
 def summarize(name: str, root: Path) -> list[dict[str, Any]]:
     """Per method: every finished seed's record, and mean and standard deviation over seeds."""
-    study = STUDIES[name]
+    study = get(name)
+    metrics = study.measures.metrics
     rows = []
     for method in study.methods:
         runs = [(s, run_dir(root, method, s)) for s in study.seeds]
-        done = [run_record(run, s) for s, run in runs if (run / "summary.json").is_file()]
+        done = [run_record(run, s, metrics) for s, run in runs if (run / "summary.json").is_file()]
         row: dict[str, Any] = {"method": method, "seeds_done": len(done), "seeds": len(study.seeds)}
-        for key in METRICS:
+        for key in metrics:
             values = [d[key] for d in done if d.get(key) is not None]
             row[key] = (
                 (statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
@@ -217,7 +300,11 @@ def summarize(name: str, root: Path) -> list[dict[str, Any]]:
         row["runs"] = done
         rows.append(row)
     root.mkdir(parents=True, exist_ok=True)
-    result = {"study": name, "rows": rows, "comparisons": compare(rows, study.baseline)}
+    result = {
+        "study": name,
+        "rows": rows,
+        "comparisons": compare(rows, study.baseline, study.measures.compared),
+    }
     (root / "study.json").write_text(json.dumps(result, indent=1) + "\n")
     return rows
 
@@ -226,14 +313,15 @@ def summarize(name: str, root: Path) -> list[dict[str, Any]]:
 T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
        2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
        2.045, 2.042)  # fmt: skip
-COMPARED = ("final_test_acc", "best_test_acc", "eigenvalue")
 
 
 def seed_of(record: dict[str, Any]) -> int:
     return record["seed"]
 
 
-def compare(rows: list[dict[str, Any]], baseline: str | None) -> list[dict[str, Any]]:
+def compare(
+    rows: list[dict[str, Any]], baseline: str | None, compared: tuple[str, ...] = MEASURES["image"].compared
+) -> list[dict[str, Any]]:
     """Every method against ``baseline``, paired by seed (the same seed gives the same initial model
     and, with the same K, the same data order): per metric, the per-seed differences, their mean
     and standard deviation, and a 95% confidence interval of the mean difference (Student's t)."""
@@ -244,7 +332,7 @@ def compare(rows: list[dict[str, Any]], baseline: str | None) -> list[dict[str, 
     for row in rows:
         if row["method"] == baseline:
             continue
-        for key in COMPARED:
+        for key in compared:
             base = {d["seed"]: d[key] for d in by_method[baseline]["runs"] if d.get(key) is not None}
             runs = sorted(
                 (d for d in row["runs"] if d.get(key) is not None and d["seed"] in base), key=seed_of
@@ -275,25 +363,34 @@ def comparison_table(comparisons: list[dict[str, Any]]) -> str:
     """The comparisons as text: one line per method and metric."""
     if not comparisons:
         return ""
-    scale = {"final_test_acc": 100, "best_test_acc": 100, "eigenvalue": 1}
+
+    def shown(metric: str) -> tuple[float, int]:  # scale and digits
+        return (
+            (100, 2) if metric.endswith("_acc") else (1, 4) if metric.endswith(("_bpb", "_loss")) else (1, 2)
+        )
+
     head = (
         f"{'vs ' + comparisons[0]['baseline'] + ' (paired by seed)':<32} {'metric':<15} {'seeds':>5} "
         f"{'mean diff ± std':>17} {'95% CI':>18} {'CI excludes 0':>13}"
     )
     lines = [head, "-" * len(head)]
     for c in comparisons:
-        f = scale[c["metric"]]
-        std = "" if c["std"] is None else f" ± {c['std'] * f:.2f}"
-        ci = "-" if c["ci95"] is None else f"[{c['ci95'][0] * f:+.2f}, {c['ci95'][1] * f:+.2f}]"
+        f, d = shown(c["metric"])
+        std = "" if c["std"] is None else f" ± {c['std'] * f:.{d}f}"
+        ci = "-" if c["ci95"] is None else f"[{c['ci95'][0] * f:+.{d}f}, {c['ci95'][1] * f:+.{d}f}]"
         verdict = "-" if c["ci_excludes_zero"] is None else ("yes" if c["ci_excludes_zero"] else "no")
-        mean = f"{c['mean'] * f:>+8.2f}{std:<9}"
+        mean = f"{c['mean'] * f:>+8.{d}f}{std:<9}"
         lines.append(
             f"{c['method']:<32} {c['metric']:<15} {len(c['seeds']):>5} {mean} {ci:>18} {verdict:>13}"
         )
     return "\n".join(lines)
 
 
-def table(rows: list[dict[str, Any]]) -> str:
+def table(rows: list[dict[str, Any]], kind: str = "image") -> str:
+    """The study's rows as text (``kind``: image or text, as ``Study.measures``)."""
+    if kind == "text":
+        return text_table(rows)
+
     def pm(v: tuple[float, float] | None, scale: float = 100, digits: int = 2) -> str:
         return "-" if v is None else f"{v[0] * scale:.{digits}f} ± {v[1] * scale:.{digits}f}"
 
@@ -320,13 +417,35 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def text_table(rows: list[dict[str, Any]]) -> str:
+    def pm(v: tuple[float, float] | None, scale: float = 1, digits: int = 4) -> str:
+        return "-" if v is None else f"{v[0] * scale:.{digits}f} ± {v[1] * scale:.{digits}f}"
+
+    head = (
+        f"{'method':<18} {'seeds':>5} {'final valid bpb':>17} {'best valid bpb':>17} "
+        f"{'local models bpb':>17} {'global rounds':>13} {'block rounds':>12} {'GB/worker':>10} "
+        f"{'tokens/s':>16} {'wall min':>10}"
+    )
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        rounds = "/".join(str(n) for n in sorted(set(r["global_rounds"]))) or "-"
+        blocks = "/".join(str(n) for n in sorted(set(r["block_rounds"]))) or "-"
+        gigabytes = "/".join(f"{v:.2f}" for v in sorted(set(r["gigabytes"]))) or "-"
+        lines.append(
+            f"{r['method']:<18} {r['seeds_done']:>2}/{r['seeds']:<2} {pm(r['final_valid_bpb']):>17} "
+            f"{pm(r['best_valid_bpb']):>17} {pm(r['final_local_valid_bpb']):>17} {rounds:>13} {blocks:>12} "
+            f"{gigabytes:>10} {pm(r['tokens_per_second'], 1, 0):>16} {pm(r['wall_seconds'], 1 / 60, 1):>10}"
+        )
+    return "\n".join(lines)
+
+
 SMALL_FILES = ("config.json", "metrics.jsonl", "summary.json", "sharpness.json")
 
 
 def export(name: str, root: Path, dest: Path) -> list[Path]:
     """Copy the study's small raw results (per run: config, metrics, summary, sharpness; and study.json,
     study.png) from ``root`` to ``dest``, leaving checkpoints and model files behind."""
-    study = STUDIES[name]
+    study = get(name)
     copied = []
     pairs = [(root / f, dest / f) for f in ("study.json", "study.png")]
     for method in study.methods:
