@@ -386,20 +386,22 @@ def comparison_table(comparisons: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _pm(v: tuple[float, float] | None, scale: float = 100, digits: int = 2) -> str:
+    return "-" if v is None else f"{v[0] * scale:.{digits}f} ± {v[1] * scale:.{digits}f}"
+
+
+def _counts(values: list[int]) -> str:
+    return "/".join(str(n) for n in sorted(set(values))) or "-"
+
+
+def _gigabytes(values: list[float]) -> str:
+    return "/".join(f"{v:.2f}" for v in sorted(set(values))) or "-"
+
+
 def table(rows: list[dict[str, Any]], kind: str = "image") -> str:
-    """The study's rows as text (``kind``: image or text, as ``Study.measures``)."""
+    """The study's rows as text (``kind``: image or text, as ``Study.kind``)."""
     if kind == "text":
         return text_table(rows)
-
-    def pm(v: tuple[float, float] | None, scale: float = 100, digits: int = 2) -> str:
-        return "-" if v is None else f"{v[0] * scale:.{digits}f} ± {v[1] * scale:.{digits}f}"
-
-    def counts(values: list[int]) -> str:
-        return "/".join(str(n) for n in sorted(set(values))) or "-"
-
-    def gigabytes(values: list[float]) -> str:
-        return "/".join(f"{v:.2f}" for v in sorted(set(values))) or "-"
-
     head = (
         f"{'method':<18} {'seeds':>5} {'final test %':>14} {'best test %':>14} {'local models %':>14} "
         f"{'global rounds':>13} {'after decay':>11} {'block rounds':>12} {'GB/worker':>10} "
@@ -408,19 +410,16 @@ def table(rows: list[dict[str, Any]], kind: str = "image") -> str:
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
-            f"{r['method']:<18} {r['seeds_done']:>2}/{r['seeds']:<2} {pm(r['final_test_acc']):>14} "
-            f"{pm(r['best_test_acc']):>14} {pm(r['final_local_test_acc']):>14} "
-            f"{counts(r['global_rounds']):>13} {counts(r['global_rounds_after_first_decay']):>11} "
-            f"{counts(r['block_rounds']):>12} {gigabytes(r['gigabytes']):>10} "
-            f"{pm(r['eigenvalue'], 1, 1):>13} {pm(r['wall_seconds'], 1 / 60, 1):>10}"
+            f"{r['method']:<18} {r['seeds_done']:>2}/{r['seeds']:<2} {_pm(r['final_test_acc']):>14} "
+            f"{_pm(r['best_test_acc']):>14} {_pm(r['final_local_test_acc']):>14} "
+            f"{_counts(r['global_rounds']):>13} {_counts(r['global_rounds_after_first_decay']):>11} "
+            f"{_counts(r['block_rounds']):>12} {_gigabytes(r['gigabytes']):>10} "
+            f"{_pm(r['eigenvalue'], 1, 1):>13} {_pm(r['wall_seconds'], 1 / 60, 1):>10}"
         )
     return "\n".join(lines)
 
 
 def text_table(rows: list[dict[str, Any]]) -> str:
-    def pm(v: tuple[float, float] | None, scale: float = 1, digits: int = 4) -> str:
-        return "-" if v is None else f"{v[0] * scale:.{digits}f} ± {v[1] * scale:.{digits}f}"
-
     head = (
         f"{'method':<18} {'seeds':>5} {'final valid bpb':>17} {'best valid bpb':>17} "
         f"{'local models bpb':>17} {'global rounds':>13} {'block rounds':>12} {'GB/worker':>10} "
@@ -428,13 +427,12 @@ def text_table(rows: list[dict[str, Any]]) -> str:
     )
     lines = [head, "-" * len(head)]
     for r in rows:
-        rounds = "/".join(str(n) for n in sorted(set(r["global_rounds"]))) or "-"
-        blocks = "/".join(str(n) for n in sorted(set(r["block_rounds"]))) or "-"
-        gigabytes = "/".join(f"{v:.2f}" for v in sorted(set(r["gigabytes"]))) or "-"
+        bpb = [_pm(r[k], 1, 4) for k in ("final_valid_bpb", "best_valid_bpb", "final_local_valid_bpb")]
         lines.append(
-            f"{r['method']:<18} {r['seeds_done']:>2}/{r['seeds']:<2} {pm(r['final_valid_bpb']):>17} "
-            f"{pm(r['best_valid_bpb']):>17} {pm(r['final_local_valid_bpb']):>17} {rounds:>13} {blocks:>12} "
-            f"{gigabytes:>10} {pm(r['tokens_per_second'], 1, 0):>16} {pm(r['wall_seconds'], 1 / 60, 1):>10}"
+            f"{r['method']:<18} {r['seeds_done']:>2}/{r['seeds']:<2} {bpb[0]:>17} {bpb[1]:>17} {bpb[2]:>17} "
+            f"{_counts(r['global_rounds']):>13} {_counts(r['block_rounds']):>12} "
+            f"{_gigabytes(r['gigabytes']):>10} {_pm(r['tokens_per_second'], 1, 0):>16} "
+            f"{_pm(r['wall_seconds'], 1 / 60, 1):>10}"
         )
     return "\n".join(lines)
 
