@@ -158,6 +158,7 @@ BAD_CONFIGS = [
     (["--dataset", "text", "--model", "gpt", "--train-subset", "10"], "train_subset = 10 is not used by dataset = text"),
     (["--dataset", "text", "--model", "lstm", "--heads", "2"], "heads = 2 is for model = gpt, not lstm"),
     (["--dataset", "text", "--model", "gpt", "--dropout", "1"], "dropout must be a number in [0, 1), got 1.0"),
+    (["--dataset", "text", "--model", "gpt", "--width", "30"], "width = 30 must be a multiple of heads = 4 (model = gpt)"),
     (["--dataset", "text", "--model", "gpt", "--seq-len", "0"], "seq_len must be an integer >= 1, got 0"),
     (["--dataset", "text", "--model", "gpt"], "dataset = text needs data_dir: a folder of .txt files or one text file"),
     (["--dataset", "text", "--model", "gpt", "--data-dir", "/nonexistent/corpus"], "/nonexistent/corpus: no such file or folder"),

@@ -259,6 +259,12 @@ class Config:
                 integer(self, name, 1)
         if self.heads is not None and self.model != "gpt":
             raise ConfigError(f"heads = {self.heads!r} is for model = gpt, not {self.model}")
+        if self.model == "gpt":
+            from localsgd.harness.language import SIZES
+
+            width, heads = self.width or SIZES["gpt"]["width"], self.heads or SIZES["gpt"]["heads"]
+            if width % heads:  # type: ignore[operator]
+                raise ConfigError(f"width = {width} must be a multiple of heads = {heads} (model = gpt)")
         if self.dropout is not None:
             number(self, "dropout", 0)
             if self.dropout >= 1:
