@@ -176,7 +176,8 @@ def plot_study(
         None if spread is None else _floor([v for _, vs, _ in finals for v in vs], spread),
         colors,
     )
-    if x == "epoch":
+    measured = any(d.get("eigenvalue") is not None for r in rows for d in r["runs"])
+    if x == "epoch" and measured:
         eigen = [
             (m, [d["eigenvalue"] for d in by_method[m]["runs"] if d.get("eigenvalue") is not None],
              by_method[m]["eigenvalue"])
@@ -186,7 +187,7 @@ def plot_study(
         eig_ax.set(
             ylabel="top Hessian eigenvalue", title="sharpness at the final model: each seed, mean ± std"
         )
-    else:
+    else:  # no sharpness measured (or a text study)
         eig_ax.set_visible(False)
     paired = [c for c in comparisons or [] if c["metric"] == head]
     if paired:
