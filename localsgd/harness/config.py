@@ -470,7 +470,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "local_batch_size": 16,
         "local_steps": 16,
         "switch_epoch": 0.05,
-        "epochs": 0.15,
+        "epochs": 0.3,
         "lr_per_64": 2.5 * 64 / 24,
         "momentum": 0.0,
         "nesterov": False,
