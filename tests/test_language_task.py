@@ -210,3 +210,15 @@ def test_text_study_summarises_bits_per_byte_paired_by_seed(
     (paired,) = [c for c in study["comparisons"] if c["metric"] == "final_valid_bpb"]
     assert paired["differences"] == [finals["local H=4", s] - finals["mini-batch", s] for s in (1, 2)]
     assert (tmp_path / "study.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_every_study_piece_is_a_valid_config() -> None:
+    """A study's pieces are checked before its first run; here every study's, so a broken
+    definition fails in CI rather than hours into a sitting."""
+    from localsgd.harness.study import STUDIES
+
+    for name, study in STUDIES.items():
+        for method in study.methods:
+            for seed in study.seeds:
+                study.config(method, seed, "data").validate()
+        assert study.baseline is None or study.baseline in study.methods, name
