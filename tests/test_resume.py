@@ -128,10 +128,10 @@ def poison(monkeypatch: pytest.MonkeyPatch, step: int, worker: int, workers: int
     the step at which a large learning rate diverges), and make every average assert that its
     inputs are finite."""
     from localsgd.averaging import FlatAverager
-    from localsgd.harness import train as train_module
+    from localsgd.harness import tasks as task_module
 
     calls = itertools.count()  # the loop augments worker 0..K-1's batches in order, step by step
-    real_augment, real_average = train_module.augment, FlatAverager.average_
+    real_augment, real_average = task_module.augment, FlatAverager.average_
 
     def augment(x: torch.Tensor, *args: object) -> torch.Tensor:
         out = real_augment(x, *args)
@@ -141,7 +141,7 @@ def poison(monkeypatch: pytest.MonkeyPatch, step: int, worker: int, workers: int
         assert all(torch.isfinite(t).all() for ts in tensors for t in ts), "a non-finite value was averaged"
         return real_average(self, level, tensors, *rest)
 
-    monkeypatch.setattr(train_module, "augment", augment)
+    monkeypatch.setattr(task_module, "augment", augment)
     monkeypatch.setattr(FlatAverager, "average_", average_)
 
 
