@@ -179,8 +179,9 @@ STUDIES: dict[str, Study] = {
     # Language modelling at equal tokens (issue: the paper's second task): the sotu-gpt demo's
     # GPT and AdamW recipe at K = 8, B_loc = 8 (8,192 tokens per step, as the demo), 1.5 epochs of
     # the SOTU training split (1,828 steps, 15M tokens), a row and an evaluation every 64 steps.
-    # Sized from the demo's measured 16,100 tokens/s: about 17 minutes a run, 15 runs within the
-    # 5 CPU-hour budget; a pilot at K = 8 confirms the rate before the seeds run.
+    # Pilot (128 steps of local H=16 at K = 8 on the AVX-512 VM, alone): 15,900-17,100 tokens/s,
+    # 1.3 s per evaluation of the 512 validation windows, 11 s for the final one of the 8 local
+    # models: about 16 minutes a run, 4 hours for the 15 runs, within the 5 CPU-hour budget.
     "sotu-lm": Study(
         base={
             "dataset": "text",
