@@ -102,6 +102,8 @@ def test_lm_run_learns_and_logs_rows_by_steps(tmp_path: Path, capsys: pytest.Cap
     assert summary["final_valid_bpb"] == rows[-1]["valid_bpb"]
     out = capsys.readouterr().out
     assert f"unigram entropy of the training bytes {unigram:.4f}" in out
+    assert main(["sharpness", str(tmp_path / "run")]) == 2  # image-only measurements refuse in one line
+    assert "is a text run; sharpness and interpolation measure image runs only" in capsys.readouterr().err
 
 
 @needs_sotu

@@ -171,6 +171,10 @@ def load_run(run: Path) -> tuple[Config, nn.Module]:
     try:
         saved = torch.load(path, weights_only=True)
         cfg = from_mapping(saved["config"], str(path))
+        if cfg.dataset == "text":
+            raise ConfigError(
+                f"{str(run)!r} is a text run; sharpness and interpolation measure image runs only"
+            )
         classes = saved["model"]["head.fc.weight"].shape[0]
         model = build_model(cfg.model, classes, in_channels=len(MEAN_STD[cfg.dataset][0]))
         model.load_state_dict(saved["model"])
