@@ -81,9 +81,10 @@ def parser() -> argparse.ArgumentParser:
 
     sharp = sub.add_parser(
         "sharpness",
-        help="top Hessian eigenvalue of the training loss at each run's final model",
+        help="top Hessian eigenvalue of the training loss at each run's final model (and kept models)",
         description="Power iteration with Hessian-vector products on a fixed random subset of the training "
-        "set (no augmentation, BN in eval mode, no weight decay). Writes RUN_DIR/sharpness.json.",
+        "set (no augmentation, BN in eval mode, no weight decay), with the loss and accuracy there. Writes "
+        "RUN_DIR/sharpness.json, and RUN_DIR/models/epoch-E.json for each model save_models_at kept.",
     )
     sharp.add_argument("runs", nargs="+", metavar="RUN_DIR")
     sharp.add_argument("--samples", type=positive_int, default=2048, help="training images (default 2048)")
@@ -296,6 +297,14 @@ def main(argv: list[str] | None = None) -> int:
 
                 runs = {m: [study.run_dir(root, m, s) for s in named.seeds] for m in named.methods}
                 print(plot_study(rows, runs, root / "study.png", comparisons, named.measures))
+            if named.kept_models:  # the same runs read at every kept model: a row per phase length
+                from localsgd.harness import phases
+
+                points = phases.phase_rows(args.name, root)
+                print()
+                print(phases.phase_table(points))
+                if args.plot and points:
+                    print(phases.plot_phases(points, root / "phases.png"))
             if args.export:
                 copied = study.export(args.name, root, Path(args.export))
                 print(f"{len(copied)} files copied to {args.export}")
@@ -309,14 +318,15 @@ def main(argv: list[str] | None = None) -> int:
             from localsgd.harness import sharpness
 
             for run in args.runs:
-                r = sharpness.sharpness(
+                for r in sharpness.sharpness(
                     Path(run), args.data_dir, args.samples, args.tol, args.max_iters, args.seed
-                )
-                state = "converged" if r["converged"] else "NOT converged"
-                print(
-                    f"{run}: top Hessian eigenvalue {r['eigenvalue']:.4g} ({state}: relative change "
-                    f"{r['relative_change']:.1e} after {r['iterations']} iterations, {r['samples']} images)"
-                )
+                ):
+                    state = "converged" if r["converged"] else "NOT converged"
+                    print(
+                        f"{Path(run) / r['model']}: top Hessian eigenvalue {r['eigenvalue']:.4g} ({state}: "
+                        f"relative change {r['relative_change']:.1e} after {r['iterations']} iterations, "
+                        f"{r['samples']} images); clean train accuracy {r['train_acc']:.2%}"
+                    )
             return 0
         if args.command == "plan":
             from localsgd import plan as cost

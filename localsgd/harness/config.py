@@ -139,6 +139,9 @@ class Config:
     """evaluate every this many epochs (rows, with row_steps), and always at the end"""
     checkpoint_every: int = 1
     """write a resumable checkpoint every this many epochs (rows, with row_steps)"""
+    save_models_at: list[float] = field(default_factory=list)
+    """also keep the averaged model at these epochs (each at a row's end) as models/epoch-E.pt, for
+    measurements along one run (``localsgd sharpness`` measures them too)"""
     resume: bool = False
     """continue from the run directory's last checkpoint (a finished run is not run again)"""
     eval_local: str = "final"
@@ -206,6 +209,14 @@ class Config:
             )
         if self.decay_at != sorted(self.decay_at):
             raise ConfigError(f"decay_at must be increasing, got {self.decay_at!r}")
+        at = self.save_models_at
+        if not isinstance(at, list) or not all(
+            isinstance(e, int | float) and not isinstance(e, bool) and 0 < e <= self.epochs for e in at
+        ):
+            allowed = f"a list of epochs in (0, epochs={self.epochs:g}]"
+            raise ConfigError(f"save_models_at must be {allowed}, got {at!r}")
+        if at != sorted(set(at)):
+            raise ConfigError(f"save_models_at must be strictly increasing, got {at!r}")
         for name in (
             "nesterov",
             "channels_last",
@@ -544,7 +555,7 @@ def parse_value(name: str, text: str) -> Any:
         return None
     if name == "switch_epoch" and text == FIRST_DECAY:
         return text
-    if name in ("decay_at", "betas"):
+    if name in ("decay_at", "betas", "save_models_at"):
         return [_number(name, t, float) for t in text.split(",") if t.strip()] if text.strip() else []
     if kind.startswith("bool"):
         if text.lower() in ("true", "1", "yes", "on"):

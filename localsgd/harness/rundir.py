@@ -58,6 +58,19 @@ def write_text(text: str, path: Path) -> None:
     checkpoint.atomic_write_bytes(text.encode(), path)
 
 
+def model_path(run: Path, epoch: float) -> Path:
+    """Where ``save_models_at`` keeps the averaged model of ``epoch``."""
+    return run / "models" / f"epoch-{epoch:g}.pt"
+
+
+def save_model(model: nn.Module, config: dict[str, Any], path: Path) -> None:
+    """The weights on the CPU (they load anywhere) with the run's config, written atomically."""
+    buf = io.BytesIO()
+    weights = {k: v.cpu() for k, v in model.state_dict().items()}
+    torch.save({"model": weights, "config": config}, buf)
+    checkpoint.atomic_write_bytes(buf.getvalue(), path)
+
+
 class RunWriter:
     """Writes one run directory; on other ranks than 0 (``main=False``) every call does nothing.
 
@@ -111,15 +124,18 @@ class RunWriter:
                 if isinstance(value, float | int) and key not in ("epoch", "step"):
                     self._summary_writer.add_scalar(key, value, step)
 
+    def model_at(self, model: nn.Module, config: dict[str, Any], epoch: float) -> None:
+        """The averaged model at ``epoch`` (a ``save_models_at`` epoch) as ``models/epoch-E.pt``."""
+        if self.main:
+            (self.out / "models").mkdir(exist_ok=True)
+            save_model(model, config, model_path(self.out, epoch))
+
     def final(self, model: nn.Module, config: dict[str, Any], summary: dict[str, Any]) -> None:
         """``model.pt`` (the weights on the CPU: it loads anywhere, with the config) and
         ``summary.json``; closes TensorBoard."""
         if not self.main:
             return
-        buf = io.BytesIO()
-        weights = {k: v.cpu() for k, v in model.state_dict().items()}
-        torch.save({"model": weights, "config": config}, buf)
-        checkpoint.atomic_write_bytes(buf.getvalue(), self.out / "model.pt")
+        save_model(model, config, self.out / "model.pt")
         write_text(json.dumps(summary, indent=2) + "\n", self.out / "summary.json")
         if self._summary_writer is not None:
             self._summary_writer.close()

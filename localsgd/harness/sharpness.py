@@ -31,6 +31,7 @@ from localsgd.harness.config import Config, ConfigError, from_mapping
 from localsgd.harness.data import MEAN_STD, Dataset, augment, default_data_dir, load_dataset, normalize
 from localsgd.harness.models import build_model
 from localsgd.harness.plot import pyplot
+from localsgd.harness.rundir import write_text
 
 Batches = Sequence[tuple[torch.Tensor, torch.Tensor]]
 
@@ -163,9 +164,10 @@ def interpolate(
 # --- run directories -----------------------------------------------------------------------------------
 
 
-def load_run(run: Path) -> tuple[Config, nn.Module]:
-    """The config and final averaged model of a finished run directory."""
-    path = run / "model.pt"
+def load_run(run: Path, path: Path | None = None) -> tuple[Config, nn.Module]:
+    """The config and a model of a finished run directory: its final averaged model, or ``path``
+    (one of the models ``save_models_at`` kept)."""
+    path = run / "model.pt" if path is None else path
     if not path.is_file():
         raise ConfigError(f"{str(run)!r} has no model.pt (not a run directory, or the run is not finished)")
     try:
@@ -181,6 +183,13 @@ def load_run(run: Path) -> tuple[Config, nn.Module]:
     except (RuntimeError, KeyError, TypeError, EOFError, pickle.UnpicklingError) as e:
         raise ConfigError(f"cannot load {str(path)!r}: {first_line(e)}") from None
     return cfg, model
+
+
+def measured_models(run: Path) -> list[tuple[Path, Path]]:
+    """(model file, its sharpness JSON) for the models ``save_models_at`` kept, by epoch, then the
+    final one."""
+    kept = sorted((run / "models").glob("epoch-*.pt"), key=lambda p: float(p.stem.removeprefix("epoch-")))
+    return [(p, p.with_suffix(".json")) for p in kept] + [(run / "model.pt", run / "sharpness.json")]
 
 
 def _batches(x: torch.Tensor, y: torch.Tensor, data: Dataset, batch: int) -> Batches:
@@ -216,18 +225,45 @@ def _data(cfg: Config, data_dir: str | None) -> Dataset:
 
 
 def sharpness(
-    run: Path, data_dir: str | None, samples: int, tol: float, max_iters: int, seed: int
-) -> dict[str, Any]:
-    """Top Hessian eigenvalue of ``run``'s final model; also written to ``run/sharpness.json``."""
+    run: Path,
+    data_dir: str | None,
+    samples: int,
+    tol: float,
+    max_iters: int,
+    seed: int,
+    skip_measured: bool = False,
+) -> list[dict[str, Any]]:
+    """Top Hessian eigenvalue, loss and accuracy on the same clean training subset, of every model
+    ``run`` kept (``save_models_at``) and of its final model; each written beside its model file
+    (``models/epoch-E.json``, ``sharpness.json``). ``skip_measured``: keep the results already
+    written with the same ``samples``, ``tol``, ``max_iters`` and ``seed``."""
     check_iteration(tol, max_iters)
-    cfg, model = load_run(run)
+    cfg, _ = load_run(run)
     data = _data(cfg, data_dir)
     batches = train_probe(cfg, data, samples, seed)
-    eig = top_eigenvalue(model, batches, tol, max_iters, seed)
-    train_loss, train_acc = loss_acc(model, batches)
-    result = {"run": str(run), **asdict(eig), "seed": seed, "train_loss": train_loss, "train_acc": train_acc}
-    (run / "sharpness.json").write_text(json.dumps(result, indent=2) + "\n")
-    return result
+    results = []
+    for path, out in measured_models(run):
+        setting = {"samples": samples, "tol": tol, "seed": seed}
+        if skip_measured and out.is_file():
+            old = json.loads(out.read_text())
+            if {k: old.get(k) for k in setting} == setting and old.get("max_iters") == max_iters:
+                results.append(old)
+                continue
+        _, model = load_run(run, path)
+        eig = top_eigenvalue(model, batches, tol, max_iters, seed)
+        train_loss, train_acc = loss_acc(model, batches)
+        result = {
+            "run": str(run),
+            "model": str(path.relative_to(run)),
+            **asdict(eig),
+            "max_iters": max_iters,
+            "seed": seed,
+            "train_loss": train_loss,
+            "train_acc": train_acc,
+        }
+        write_text(json.dumps(result, indent=2) + "\n", out)
+        results.append(result)
+    return results
 
 
 def interpolate_runs(

@@ -80,6 +80,12 @@ class Study:
     seeds: tuple[int, ...] = (1, 2, 3)
     notes: str = ""
     baseline: str | None = None  # the method every other one is compared with, seed by seed
+    sharpness_samples: int | None = None  # measure every run's models on this many training images
+
+    @property
+    def kept_models(self) -> bool:
+        """Whether the runs keep models along the way (``save_models_at``): a phase study."""
+        return bool(self.base.get("save_models_at"))
 
     @property
     def kind(self) -> str:
@@ -214,6 +220,34 @@ STUDIES: dict[str, Study] = {
         "outer Nesterov SGD lr 0.7, momentum 0.9.",
         baseline="H=1",
     ),
+    # Does post-local SGD's gain need a long phase at the small LR (Gu et al., ICLR 2023)? The
+    # cifar10-resnet8 protocol's first 8 epochs, then 56 epochs at the decayed LR with no second
+    # decay; each run keeps its averaged model 8, 16, 32 and 48 epochs after t' and ends at 56, so
+    # one run per seed measures every phase length (docs/results/cifar10-long-local.md). One thread
+    # per run, two runs side by side: pilot (one epoch at K = 16, AVX-512 VM) 40.8 s alone on two
+    # threads, 63 s each for two one-thread runs at once: 1.3x the throughput, about 5 hours for the
+    # 9 runs of 64 epochs instead of 6.6.
+    "cifar10-long-local": Study(
+        base={
+            **RESNET8_PROTOCOL,
+            "epochs": 64,
+            "decay_at": [0.125],
+            "save_models_at": [16, 24, 40, 56],
+            "eval_local": "never",
+            "threads": 1,
+        },
+        methods={
+            "large-batch": {},
+            "post-local H=16": {"local_steps": 16, "switch_epoch": "first-decay"},
+            "post-local H=64": {"local_steps": 64, "switch_epoch": "first-decay"},
+        },
+        seeds=(1, 2, 3),
+        notes="ResNet-8 on CIFAR-10, K=16 x B_loc=32, paper LR rule with 2 warm-up epochs, one decay "
+        "(x0.1) at epoch 8 = t', then 56 epochs at that LR; averaged model kept at epochs 16, 24, 40, 56 "
+        "and 64 (phases of 8, 16, 32, 48, 56 epochs), each measured on 1024 clean training images.",
+        baseline="large-batch",
+        sharpness_samples=1024,
+    ),
     # Outer optimizers and compressed averaging on the cifar10-resnet8 protocol's post-local H=16
     # row (issue: outer optimizers, compressed and overlapped averaging). The plain row is run
     # again beside them: the earlier study ran on another CPU, whose kernels round differently.
@@ -290,7 +324,23 @@ def run_study(
             break
         print(f"[{i + 1}/{len(pieces)}] {method}, seed {seed} -> {out}", flush=True)
         train(configs[method, seed], out)
+        measure(study, out, data_dir)
+    for method, seed in pieces:  # also the runs finished before their measurement
+        measure(study, run_dir(root, method, seed), data_dir)
     return summarize(name, root)
+
+
+def measure(study: Study, run: Path, data_dir: str | None) -> None:
+    """The sharpness of a finished run's models (``localsgd sharpness`` with its defaults), if the
+    study asks for it and it is not measured yet."""
+    from localsgd.harness import sharpness
+
+    if study.sharpness_samples is None or not (run / "summary.json").is_file():
+        return
+    if all(out.is_file() for _, out in sharpness.measured_models(run)):
+        return
+    print(f"measuring the sharpness of {run}'s models", flush=True)
+    sharpness.sharpness(run, data_dir, study.sharpness_samples, 1e-3, 100, 0, skip_measured=True)
 
 
 def run_record(run: Path, seed: int, metrics: tuple[str, ...] = MEASURES["image"].metrics) -> dict[str, Any]:
@@ -424,7 +474,7 @@ def comparison_table(comparisons: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _pm(v: tuple[float, float] | None, scale: float = 100, digits: int = 2) -> str:
+def plus_minus(v: tuple[float, float] | None, scale: float = 100, digits: int = 2) -> str:
     return "-" if v is None else f"{v[0] * scale:.{digits}f} ± {v[1] * scale:.{digits}f}"
 
 
@@ -448,11 +498,11 @@ def table(rows: list[dict[str, Any]], kind: str = "image") -> str:
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
-            f"{r['method']:<18} {r['seeds_done']:>2}/{r['seeds']:<2} {_pm(r['final_test_acc']):>14} "
-            f"{_pm(r['best_test_acc']):>14} {_pm(r['final_local_test_acc']):>14} "
+            f"{r['method']:<18} {r['seeds_done']:>2}/{r['seeds']:<2} {plus_minus(r['final_test_acc']):>14} "
+            f"{plus_minus(r['best_test_acc']):>14} {plus_minus(r['final_local_test_acc']):>14} "
             f"{_counts(r['global_rounds']):>13} {_counts(r['global_rounds_after_first_decay']):>11} "
             f"{_counts(r['block_rounds']):>12} {_gigabytes(r['gigabytes']):>10} "
-            f"{_pm(r['eigenvalue'], 1, 1):>13} {_pm(r['wall_seconds'], 1 / 60, 1):>10}"
+            f"{plus_minus(r['eigenvalue'], 1, 1):>13} {plus_minus(r['wall_seconds'], 1 / 60, 1):>10}"
         )
     return "\n".join(lines)
 
@@ -465,12 +515,12 @@ def text_table(rows: list[dict[str, Any]]) -> str:
     )
     lines = [head, "-" * len(head)]
     for r in rows:
-        bpb = [_pm(r[k], 1, 4) for k in ("final_valid_bpb", "best_valid_bpb", "final_local_valid_bpb")]
+        bpb = [plus_minus(r[k], 1, 4) for k in ("final_valid_bpb", "best_valid_bpb", "final_local_valid_bpb")]
         lines.append(
             f"{r['method']:<18} {r['seeds_done']:>2}/{r['seeds']:<2} {bpb[0]:>17} {bpb[1]:>17} {bpb[2]:>17} "
             f"{_counts(r['global_rounds']):>13} {_counts(r['block_rounds']):>12} "
-            f"{_gigabytes(r['gigabytes']):>10} {_pm(r['tokens_per_second'], 1, 0):>16} "
-            f"{_pm(r['wall_seconds'], 1 / 60, 1):>10}"
+            f"{_gigabytes(r['gigabytes']):>10} {plus_minus(r['tokens_per_second'], 1, 0):>16} "
+            f"{plus_minus(r['wall_seconds'], 1 / 60, 1):>10}"
         )
     return "\n".join(lines)
 
@@ -479,15 +529,17 @@ SMALL_FILES = ("config.json", "metrics.jsonl", "summary.json", "sharpness.json")
 
 
 def export(name: str, root: Path, dest: Path) -> list[Path]:
-    """Copy the study's small raw results (per run: config, metrics, summary, sharpness; and study.json,
-    study.png) from ``root`` to ``dest``, leaving checkpoints and model files behind."""
+    """Copy the study's small raw results (per run: config, metrics, summary, sharpness of the final
+    and kept models; study.json, study.png, phases.json, phases.png) from ``root`` to ``dest``, leaving
+    checkpoints and model files behind."""
     study = get(name)
     copied = []
-    pairs = [(root / f, dest / f) for f in ("study.json", "study.png")]
+    pairs = [(root / f, dest / f) for f in ("study.json", "study.png", "phases.json", "phases.png")]
     for method in study.methods:
         for seed in study.seeds:
             src, dst = run_dir(root, method, seed), run_dir(dest, method, seed)
             pairs += [(src / f, dst / f) for f in SMALL_FILES]
+            pairs += [(f, dst / "models" / f.name) for f in sorted(src.glob("models/epoch-*.json"))]
     for src, dst in pairs:
         if src.is_file():
             dst.parent.mkdir(parents=True, exist_ok=True)

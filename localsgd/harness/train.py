@@ -20,7 +20,7 @@ from tqdm import tqdm
 from localsgd import DistCommunicator, Engine, LocalSGD, Simulator, outer
 from localsgd.compression import DEFAULT_BLOCK, make_codec
 from localsgd.harness import checkpoint, optim
-from localsgd.harness.config import Config
+from localsgd.harness.config import Config, ConfigError
 from localsgd.harness.rundir import RunWriter
 from localsgd.harness.runtime import Runtime, resolve_workers
 from localsgd.harness.seeding import WorkerRandom
@@ -61,6 +61,21 @@ def lr_at(cfg: Config, plan: Plan, t: int) -> float:
         return optim.cosine_lr_at(epoch, plan.peak_lr, cfg.warmup_epochs, cfg.epochs, final)
     start = cfg.lr_per_64 if cfg.optimizer == "sgd" else 0.0  # the paper warms up from lr_per_64
     return optim.lr_at(epoch, plan.peak_lr, start, cfg.warmup_epochs, plan.decay_epochs, cfg.decay_factor)
+
+
+def kept_models(cfg: Config, plan: Plan, period: int) -> dict[int, float]:
+    """The step of each ``save_models_at`` epoch (which must end a metrics row of ``period``
+    steps, or the run)."""
+    keep = {}
+    for epoch in cfg.save_models_at:
+        step = epoch * plan.steps_per_epoch
+        if abs(step - round(step)) > 1e-6 or (round(step) % period and round(step) != plan.total_steps):
+            raise ConfigError(
+                f"save_models_at: epoch {epoch:g} (step {step:g}) does not end a metrics row; rows end every "
+                f"{period} steps ({period / plan.steps_per_epoch:g} epochs) and at step {plan.total_steps}"
+            )
+        keep[round(step)] = epoch
+    return keep
 
 
 def cross_entropy(logits: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -290,6 +305,8 @@ def train(cfg: Config, out: Path) -> Result:
     dev = runtime.device
     task = make_task(cfg, dev)
     plan = make_plan(cfg, task.steps_per_epoch)
+    period = cfg.row_steps or plan.steps_per_epoch  # steps per metrics row
+    keep = kept_models(cfg, plan, period)
     writer.config(resolved_config(cfg, plan, runtime, task))
 
     # --- workers: the same initial model everywhere ---
@@ -314,7 +331,6 @@ def train(cfg: Config, out: Path) -> Result:
     tally = Tally(dev, plan.steps_per_epoch, ckpt_root)
     averaged: nn.Module | None = None  # the last evaluated average of the workers' models
     split = task.split
-    period = cfg.row_steps or plan.steps_per_epoch  # steps per metrics row
     try:  # the bar ends its line before an error is printed
         for t in range(start_t, plan.total_steps):
             epoch, i = divmod(t, plan.steps_per_epoch)
@@ -365,6 +381,9 @@ def train(cfg: Config, out: Path) -> Result:
                 local = cfg.eval_local == "every" or (cfg.eval_local == "final" and final)
                 row.update(evaluation(averaged, workers if local else [], runtime, task))
                 eval_seconds += time.perf_counter() - eval_start
+            if t + 1 in keep:  # the model this row evaluated (averaged again if it evaluated none)
+                kept = averaged if f"{split}_loss" in row else engine.averaged_model()
+                writer.model_at(kept, cfg.to_dict(), keep[t + 1])
             comm = sum(s.seconds for s in engine.stats.values())
             wall = time.perf_counter() - start
             row.update(

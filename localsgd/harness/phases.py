@@ -1,0 +1,172 @@
+"""Measurements along one run: a study whose runs keep their averaged model at some epochs
+(``save_models_at``) reads each kept model, and the final one, as the end of a shorter run. After the
+first LR decay (t' of post-local SGD) the LR stays put, so the model at epoch t' + P is what a run
+with a phase of P epochs at the decayed LR ends in: one run per seed gives every phase length.
+
+Per phase length and method: test accuracy of the averaged model (from ``metrics.jsonl``), loss and
+accuracy on the clean training subset and top Hessian eigenvalue (from ``localsgd sharpness``:
+``models/epoch-E.json`` and ``sharpness.json``), and every method against the study's baseline,
+paired by seed (``study.compare``).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+from localsgd.harness.plot import pyplot, save
+from localsgd.harness.rundir import model_path
+from localsgd.harness.study import Study, compare, get, plus_minus, run_dir
+
+METRICS = ("test_acc", "train_acc", "train_loss", "eigenvalue")
+
+
+def phase_start(config: dict[str, Any]) -> float:
+    """The epoch the phase lengths count from: the first LR decay (t')."""
+    return config["decay_at"][0] * config["epochs"]
+
+
+def run_points(run: Path, seed: int) -> list[dict[str, Any]]:
+    """One finished run: a point per kept model and the final model whose sharpness was measured."""
+    config = json.loads((run / "config.json").read_text())["config"]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    test_acc = {r["epoch"]: r["test_acc"] for r in rows if "test_acc" in r}
+    files = [(e, model_path(run, e).with_suffix(".json")) for e in config["save_models_at"]]
+    files.append((rows[-1]["epoch"], run / "sharpness.json"))
+    points = []
+    for epoch, path in files:
+        if not path.is_file():
+            continue
+        measured = json.loads(path.read_text())
+        points.append(
+            {
+                "seed": seed,
+                "epoch": epoch,
+                "phase": round(epoch - phase_start(config), 6),
+                "test_acc": test_acc[round(epoch, 4)],
+                "train_acc": measured["train_acc"],
+                "train_loss": measured["train_loss"],
+                "eigenvalue": measured["eigenvalue"],
+            }
+        )
+    return points
+
+
+def phase_rows(name: str, root: Path) -> list[dict[str, Any]]:
+    """Per phase length: each method's finished seeds (mean, std per metric) and the paired
+    comparisons with the study's baseline; also written to ``root/phases.json``."""
+    study: Study = get(name)
+    points = [
+        (method, point)
+        for method in study.methods
+        for seed in study.seeds
+        if (run_dir(root, method, seed) / "summary.json").is_file()
+        for point in run_points(run_dir(root, method, seed), seed)
+    ]
+    out = []
+    for phase in sorted({p["phase"] for _, p in points}):
+        methods = []
+        for method in study.methods:
+            runs = [p for m, p in points if m == method and p["phase"] == phase]
+            row: dict[str, Any] = {"method": method, "seeds_done": len(runs), "runs": runs}
+            for key in METRICS:
+                values = [r[key] for r in runs]
+                row[key] = (
+                    (statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
+                    if values
+                    else None
+                )
+            methods.append(row)
+        epoch = next(p["epoch"] for _, p in points if p["phase"] == phase)
+        comparisons = compare(methods, study.baseline, ("test_acc", "train_acc", "eigenvalue"))
+        out.append({"phase": phase, "epoch": epoch, "methods": methods, "comparisons": comparisons})
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "phases.json").write_text(json.dumps({"study": name, "phases": out}, indent=1) + "\n")
+    return out
+
+
+def _diff(comparisons: list[dict[str, Any]], method: str, metric: str, scale: float, digits: int) -> str:
+    for c in comparisons:
+        if c["method"] == method and c["metric"] == metric:
+            if c["ci95"] is None:
+                return f"{c['mean'] * scale:+.{digits}f}"
+            lo, hi = (v * scale for v in c["ci95"])
+            return f"{c['mean'] * scale:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]"
+    return "-"
+
+
+def phase_table(phases: list[dict[str, Any]]) -> str:
+    """One line per phase length and method; the differences are to the baseline, same seed, with
+    their 95% intervals."""
+    head = (
+        f"{'phase':>5} {'epoch':>5} {'method':<18} {'seeds':>5} {'test %':>13} {'clean train %':>13} "
+        f"{'eigenvalue':>12} {'test diff (95% CI)':>24} {'eigenvalue diff (95% CI)':>26}"
+    )
+    lines = [head, "-" * len(head)]
+    for p in phases:
+        for r in p["methods"]:
+            c = p["comparisons"]
+            lines.append(
+                f"{p['phase']:>5g} {p['epoch']:>5g} {r['method']:<18} {r['seeds_done']:>5} "
+                f"{plus_minus(r['test_acc']):>13} {plus_minus(r['train_acc']):>13} "
+                f"{plus_minus(r['eigenvalue'], 1, 1):>12} "
+                f"{_diff(c, r['method'], 'test_acc', 100, 2):>24} "
+                f"{_diff(c, r['method'], 'eigenvalue', 1, 1):>26}"
+            )
+    return "\n".join(lines)
+
+
+def plot_phases(phases: list[dict[str, Any]], out: Path) -> Path:
+    """The paired test-accuracy difference against the phase length (each seed and the mean with its
+    95% interval), and each method's test accuracy, clean training accuracy and eigenvalue."""
+    plt = pyplot()
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    diff_ax, test_ax, train_ax, eig_ax = axes.flat
+    lengths = [p["phase"] for p in phases]
+    methods = [r["method"] for r in phases[0]["methods"]] if phases else []
+    for i, method in enumerate(methods):
+        color = f"C{i}"
+        rows = [next(r for r in p["methods"] if r["method"] == method) for p in phases]
+        for ax, key, scale in (
+            (test_ax, "test_acc", 100),
+            (train_ax, "train_acc", 100),
+            (eig_ax, "eigenvalue", 1),
+        ):
+            xs = [x for x, r in zip(lengths, rows, strict=True) if r[key] is not None]
+            ys = [scale * r[key][0] for r in rows if r[key] is not None]
+            err = [scale * r[key][1] for r in rows if r[key] is not None]
+            ax.errorbar(xs, ys, yerr=err, color=color, marker="o", capsize=3, label=method)
+        paired = [
+            (p["phase"], c)
+            for p in phases
+            for c in p["comparisons"]
+            if c["method"] == method and c["metric"] == "test_acc"
+        ]
+        if not paired:
+            continue
+        for x, c in paired:
+            diff_ax.scatter(
+                [x] * len(c["differences"]), [100 * d for d in c["differences"]], color=color, s=12
+            )
+        with_ci = [(x, c) for x, c in paired if c["ci95"] is not None]
+        diff_ax.errorbar(
+            [x + 0.4 for x, _ in with_ci],
+            [100 * c["mean"] for _, c in with_ci],
+            yerr=[100 * (c["ci95"][1] - c["mean"]) for _, c in with_ci],
+            color=color, marker="o", capsize=4, label=f"{method} - {c['baseline']}",
+        )  # fmt: skip
+    diff_ax.axhline(0, color="gray", lw=1)
+    if diff_ax.get_legend_handles_labels()[0]:
+        diff_ax.legend(fontsize=8)
+    xlabel = "epochs after the first LR decay (t')"
+    diff_ax.set(
+        xlabel=xlabel, ylabel="points", title="test accuracy difference, same seed: seeds and mean ± 95% CI"
+    )
+    test_ax.set(xlabel=xlabel, ylabel="test accuracy (%)", title="averaged model: mean ± std over seeds")
+    train_ax.set(
+        xlabel=xlabel, ylabel="training accuracy (%)", title="clean training subset (no augmentation)"
+    )
+    eig_ax.set(xlabel=xlabel, ylabel="top Hessian eigenvalue", title="sharpness: mean ± std over seeds")
+    return save(fig, axes, test_ax, out)
