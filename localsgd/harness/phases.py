@@ -34,7 +34,8 @@ def run_points(run: Path, seed: int) -> list[dict[str, Any]]:
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     test_acc = {r["epoch"]: r["test_acc"] for r in rows if "test_acc" in r}
     files = [(e, model_path(run, e).with_suffix(".json")) for e in config["save_models_at"]]
-    files.append((rows[-1]["epoch"], run / "sharpness.json"))
+    if rows[-1]["epoch"] not in config["save_models_at"]:  # else the same model, kept and final
+        files.append((rows[-1]["epoch"], run / "sharpness.json"))
     points = []
     for epoch, path in files:
         if not path.is_file():
