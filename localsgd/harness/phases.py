@@ -12,13 +12,12 @@ paired by seed (``study.compare``).
 from __future__ import annotations
 
 import json
-import statistics
 from pathlib import Path
 from typing import Any
 
 from localsgd.harness.plot import pyplot, save
 from localsgd.harness.rundir import model_path
-from localsgd.harness.study import Study, compare, get, plus_minus, run_dir
+from localsgd.harness.study import Study, compare, get, mean_std, metrics_rows, plus_minus, run_dir
 
 METRICS = ("test_acc", "train_acc", "train_loss", "eigenvalue")
 
@@ -31,7 +30,7 @@ def phase_start(config: dict[str, Any]) -> float:
 def run_points(run: Path, seed: int) -> list[dict[str, Any]]:
     """One finished run: a point per kept model and the final model whose sharpness was measured."""
     config = json.loads((run / "config.json").read_text())["config"]
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = metrics_rows(run)
     test_acc = {r["epoch"]: r["test_acc"] for r in rows if "test_acc" in r}
     files = [(e, model_path(run, e).with_suffix(".json")) for e in config["save_models_at"]]
     if rows[-1]["epoch"] not in config["save_models_at"]:  # else the same model, kept and final
@@ -72,13 +71,7 @@ def phase_rows(name: str, root: Path) -> list[dict[str, Any]]:
         for method in study.methods:
             runs = [p for m, p in points if m == method and p["phase"] == phase]
             row: dict[str, Any] = {"method": method, "seeds_done": len(runs), "runs": runs}
-            for key in METRICS:
-                values = [r[key] for r in runs]
-                row[key] = (
-                    (statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
-                    if values
-                    else None
-                )
+            row.update({key: mean_std([r[key] for r in runs]) for key in METRICS})
             methods.append(row)
         epoch = next(p["epoch"] for _, p in points if p["phase"] == phase)
         comparisons = compare(methods, study.baseline, ("test_acc", "train_acc", "eigenvalue"))

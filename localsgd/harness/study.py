@@ -343,6 +343,18 @@ def measure(study: Study, run: Path, data_dir: str | None) -> None:
     sharpness.sharpness(run, data_dir, study.sharpness_samples, 1e-3, 100, 0, skip_measured=True)
 
 
+def metrics_rows(run: Path) -> list[dict[str, Any]]:
+    """A run's ``metrics.jsonl``, one dict per row."""
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def mean_std(values: list[float]) -> tuple[float, float] | None:
+    """Mean and sample standard deviation over seeds (0 for one seed; None for none)."""
+    if not values:
+        return None
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
 def run_record(run: Path, seed: int, metrics: tuple[str, ...] = MEASURES["image"].metrics) -> dict[str, Any]:
     """One finished run: its summary, the rounds after the first LR decay (the local phase of post-local
     SGD, counted from the metrics, not computed), and its top Hessian eigenvalue if measured."""
@@ -350,7 +362,7 @@ def run_record(run: Path, seed: int, metrics: tuple[str, ...] = MEASURES["image"
     config = json.loads((run / "config.json").read_text())["config"]
     record: dict[str, Any] = {"seed": seed, **{k: summary.get(k) for k in metrics if k in summary}}
     record.update(rounds=summary["rounds"], bytes=summary["bytes"])
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = metrics_rows(run)
     step_decays = config.get("lr_schedule", "step") == "step" and config["decay_at"]
     first_decay = config["decay_at"][0] * config["epochs"] if step_decays else None
     at = [r for r in rows if first_decay is not None and abs(r["epoch"] - first_decay) < 1e-6]
@@ -373,12 +385,7 @@ def summarize(name: str, root: Path) -> list[dict[str, Any]]:
         done = [run_record(run, s, metrics) for s, run in runs if (run / "summary.json").is_file()]
         row: dict[str, Any] = {"method": method, "seeds_done": len(done), "seeds": len(study.seeds)}
         for key in metrics:
-            values = [d[key] for d in done if d.get(key) is not None]
-            row[key] = (
-                (statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
-                if values
-                else None
-            )
+            row[key] = mean_std([d[key] for d in done if d.get(key) is not None])
         row["gigabytes"] = [sum(d["bytes"].values()) / 1e9 for d in done]
         row["global_rounds"] = [d["rounds"].get("global", 0) for d in done]
         row["block_rounds"] = [d["rounds"].get("block", 0) for d in done]
