@@ -211,6 +211,12 @@ def test_text_study_summarises_bits_per_byte_paired_by_seed(
     assert row["global_rounds"] == [5, 5]  # 20 steps, H = 4
     (paired,) = [c for c in study["comparisons"] if c["metric"] == "final_valid_bpb"]
     assert paired["differences"] == [finals["local H=4", s] - finals["mini-batch", s] for s in (1, 2)]
+    losses = [
+        json.loads((tmp_path / "local_H4" / f"seed-{s}" / "summary.json").read_text())["final_valid_loss"]
+        for s in (1, 2)
+    ]
+    (line,) = [x for x in out.splitlines() if x.startswith("local H=4 ") and " 2/2 " in x]
+    assert "valid loss" in out and f"{sum(losses) / 2:.4f} ±" in line  # the loss column, in nats
     assert (tmp_path / "study.png").read_bytes()[:4] == b"\x89PNG"
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 from pathlib import Path
 from unittest.mock import patch
@@ -602,6 +603,15 @@ def test_study_runs_pieces_skips_finished_ones_and_reproduces(
     assert (a / "study.png").stat().st_size > 0 and "post-local H=4" in capsys.readouterr().out
     files = sorted(str(p.relative_to(exported)) for p in exported.rglob("*") if p.is_file())
     assert len(files) == 2 + 4 * 3 and "post-local_H4/seed-2/metrics.jsonl" in files  # no checkpoints
+    # an unfinished run stays behind; the exported runs, copied into a new study directory, are finished
+    partial, again = tmp_path / "partial", tmp_path / "again"
+    shutil.copytree(a, partial)
+    (partial / "post-local_H4" / "seed-2" / "summary.json").unlink()
+    assert main(["study", "smoke", "--out", str(partial), "--summary", "--export", str(again)]) == 0
+    assert not (again / "post-local_H4" / "seed-2").exists() and (again / "post-local_H4" / "seed-1").is_dir()
+    capsys.readouterr()
+    assert main(["study", "smoke", "--out", str(exported), "--data-dir", str(CIFAR10)]) == 0
+    assert "seed " not in capsys.readouterr().out
     assert main(["study", "nope"]) == 2
     # one piece alone, as a user reproducing one row would run it: the same numbers
     c = tmp_path / "c"

@@ -221,18 +221,18 @@ STUDIES: dict[str, Study] = {
         baseline="H=1",
     ),
     # Does post-local SGD's gain need a long phase at the small LR (Gu et al., ICLR 2023)? The
-    # cifar10-resnet8 protocol's first 8 epochs, then 56 epochs at the decayed LR with no second
-    # decay; each run keeps its averaged model 8, 16, 32 and 48 epochs after t' and ends at 56, so
+    # cifar10-resnet8 protocol's first 8 epochs, then 48 epochs at the decayed LR with no second
+    # decay; each run keeps its averaged model 8, 16, 32 and 40 epochs after t' and ends at 48, so
     # one run per seed measures every phase length (docs/results/cifar10-long-local.md). One thread
     # per run, two runs side by side: pilot (one epoch at K = 16, AVX-512 VM) 40.8 s alone on two
-    # threads, 63 s each for two one-thread runs at once: 1.3x the throughput, about 5 hours for the
-    # 9 runs of 64 epochs instead of 6.6.
+    # threads, 63 s each for two one-thread runs at once: 1.3x the throughput, about an hour a run,
+    # so two pairs of runs fit in one sitting.
     "cifar10-long-local": Study(
         base={
             **RESNET8_PROTOCOL,
-            "epochs": 64,
-            "decay_at": [0.125],
-            "save_models_at": [16, 24, 40, 56],
+            "epochs": 56,
+            "decay_at": [1 / 7],  # epoch 8
+            "save_models_at": [16, 24, 40, 48],
             "eval_local": "never",
             "threads": 1,
         },
@@ -243,8 +243,8 @@ STUDIES: dict[str, Study] = {
         },
         seeds=(1, 2, 3),
         notes="ResNet-8 on CIFAR-10, K=16 x B_loc=32, paper LR rule with 2 warm-up epochs, one decay "
-        "(x0.1) at epoch 8 = t', then 56 epochs at that LR; averaged model kept at epochs 16, 24, 40, 56 "
-        "and 64 (phases of 8, 16, 32, 48, 56 epochs), each measured on 1024 clean training images.",
+        "(x0.1) at epoch 8 = t', then 48 epochs at that LR; averaged model kept at epochs 16, 24, 40, 48 "
+        "and 56 (phases of 8, 16, 32, 40, 48 epochs), each measured on 1024 clean training images.",
         baseline="large-batch",
         sharpness_samples=1024,
     ),
@@ -515,14 +515,17 @@ def table(rows: list[dict[str, Any]], kind: str = "image") -> str:
 
 
 def text_table(rows: list[dict[str, Any]]) -> str:
+    """A text study's rows: validation loss (nats per byte) and bits per byte of the averaged model
+    at the end, bits per byte of the mean of the local models, communication, speed."""
     head = (
-        f"{'method':<18} {'seeds':>5} {'final valid bpb':>17} {'best valid bpb':>17} "
+        f"{'method':<18} {'seeds':>5} {'final valid bpb':>17} {'valid loss':>17} "
         f"{'local models bpb':>17} {'global rounds':>13} {'block rounds':>12} {'GB/worker':>10} "
         f"{'tokens/s':>16} {'wall min':>10}"
     )
     lines = [head, "-" * len(head)]
     for r in rows:
-        bpb = [plus_minus(r[k], 1, 4) for k in ("final_valid_bpb", "best_valid_bpb", "final_local_valid_bpb")]
+        keys = ("final_valid_bpb", "final_valid_loss", "final_local_valid_bpb")
+        bpb = [plus_minus(r[k], 1, 4) for k in keys]
         lines.append(
             f"{r['method']:<18} {r['seeds_done']:>2}/{r['seeds']:<2} {bpb[0]:>17} {bpb[1]:>17} {bpb[2]:>17} "
             f"{_counts(r['global_rounds']):>13} {_counts(r['block_rounds']):>12} "
@@ -536,15 +539,18 @@ SMALL_FILES = ("config.json", "metrics.jsonl", "summary.json", "sharpness.json")
 
 
 def export(name: str, root: Path, dest: Path) -> list[Path]:
-    """Copy the study's small raw results (per run: config, metrics, summary, sharpness of the final
-    and kept models; study.json, study.png, phases.json, phases.png) from ``root`` to ``dest``, leaving
-    checkpoints and model files behind."""
+    """Copy the study's small raw results (per finished run: config, metrics, summary, sharpness of the
+    final and kept models; study.json, study.png, phases.json, phases.png) from ``root`` to ``dest``,
+    leaving checkpoints, model files and unfinished runs behind. Copied back into a study directory,
+    the finished runs are skipped as finished there too."""
     study = get(name)
     copied = []
     pairs = [(root / f, dest / f) for f in ("study.json", "study.png", "phases.json", "phases.png")]
     for method in study.methods:
         for seed in study.seeds:
             src, dst = run_dir(root, method, seed), run_dir(dest, method, seed)
+            if not (src / "summary.json").is_file():
+                continue
             pairs += [(src / f, dst / f) for f in SMALL_FILES]
             pairs += [(f, dst / "models" / f.name) for f in sorted(src.glob("models/epoch-*.json"))]
     for src, dst in pairs:
