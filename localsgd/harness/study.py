@@ -525,9 +525,10 @@ def text_table(rows: list[dict[str, Any]]) -> str:
     lines = [head, "-" * len(head)]
     for r in rows:
         keys = ("final_valid_bpb", "final_valid_loss", "final_local_valid_bpb")
-        bpb = [plus_minus(r[k], 1, 4) for k in keys]
+        values = [plus_minus(r[k], 1, 4) for k in keys]
         lines.append(
-            f"{r['method']:<18} {r['seeds_done']:>2}/{r['seeds']:<2} {bpb[0]:>17} {bpb[1]:>17} {bpb[2]:>17} "
+            f"{r['method']:<18} {r['seeds_done']:>2}/{r['seeds']:<2} {values[0]:>17} {values[1]:>17} "
+            f"{values[2]:>17} "
             f"{_counts(r['global_rounds']):>13} {_counts(r['block_rounds']):>12} "
             f"{_gigabytes(r['gigabytes']):>10} {plus_minus(r['tokens_per_second'], 1, 0):>16} "
             f"{plus_minus(r['wall_seconds'], 1 / 60, 1):>10}"
