@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from localsgd.harness.plot import pyplot, save
-from localsgd.harness.rundir import model_path
-from localsgd.harness.study import Study, compare, get, mean_std, metrics_rows, plus_minus, run_dir
+from localsgd.harness.rundir import metrics_rows, model_path
+from localsgd.harness.study import Study, compare, get, mean_std, plus_minus, run_dir
 
 METRICS = ("test_acc", "train_acc", "train_loss", "eigenvalue")
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from localsgd.harness.config import ConfigError
+from localsgd.harness.rundir import metrics_rows
 
 if TYPE_CHECKING:
     from localsgd.harness.study import Measures
@@ -41,7 +42,7 @@ def read_run(run: Path) -> tuple[str, list[dict[str, Any]]]:
     metrics = run / "metrics.jsonl"
     if not metrics.is_file():
         raise ConfigError(f"{str(run)!r} is not a run directory (no metrics.jsonl)")
-    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    rows = metrics_rows(run)
     if not rows:
         raise ConfigError(f"{str(metrics)!r} holds no epochs yet")
     label = run.name

@@ -58,6 +58,11 @@ def write_text(text: str, path: Path) -> None:
     checkpoint.atomic_write_bytes(text.encode(), path)
 
 
+def metrics_rows(run: Path) -> list[dict[str, Any]]:
+    """A run's ``metrics.jsonl``, one dict per row."""
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
 def model_path(run: Path, epoch: float) -> Path:
     """Where ``save_models_at`` keeps the averaged model of ``epoch``."""
     return run / "models" / f"epoch-{epoch:g}.pt"

@@ -15,6 +15,7 @@ from typing import Any
 
 from localsgd.harness.checkpoint import check_same_config
 from localsgd.harness.config import Config, ConfigError, from_mapping
+from localsgd.harness.rundir import metrics_rows
 
 
 @dataclass(frozen=True)
@@ -341,11 +342,6 @@ def measure(study: Study, run: Path, data_dir: str | None) -> None:
         return
     print(f"measuring the sharpness of {run}'s models", flush=True)
     sharpness.sharpness(run, data_dir, study.sharpness_samples, 1e-3, 100, 0, skip_measured=True)
-
-
-def metrics_rows(run: Path) -> list[dict[str, Any]]:
-    """A run's ``metrics.jsonl``, one dict per row."""
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
 def mean_std(values: list[float]) -> tuple[float, float] | None:
