@@ -129,7 +129,9 @@ def fake_run(
 
 def test_phase_table_pairs_seeds_at_each_phase_length(tmp_path: Path, capsys) -> None:
     """Phase lengths count from t' (epoch 1); each phase reads the row and the measurement of its own
-    epoch; differences are paired by seed with Student's t interval (values worked out by hand)."""
+    epoch, and the windowed test accuracy the rows of the last 2 epochs up to it (catches a window one
+    row too wide or too narrow); differences are paired by seed with Student's t interval (values
+    worked out by hand)."""
     tiny = study.Study(
         base={"save_models_at": [2, 3]}, methods={"base": {}, "new": {}}, seeds=(1, 2, 3), baseline="base"
     )
@@ -152,7 +154,7 @@ def test_phase_table_pairs_seeds_at_each_phase_length(tmp_path: Path, capsys) ->
         )
     (study.run_dir(tmp_path, "new", 3) / "models" / "epoch-2.json").unlink()  # not measured yet: left out
     with patch.dict(study.STUDIES, {"tiny": tiny}):
-        rows = phases.phase_rows("tiny", tmp_path)
+        rows = phases.phase_rows("tiny", tmp_path, window=2)
     assert [(p["phase"], p["epoch"]) for p in rows] == [(1, 2), (2, 3), (3, 4)]
     one, two, three = rows
     assert [r["seeds_done"] for r in one["methods"]] == [3, 2]
@@ -165,11 +167,18 @@ def test_phase_table_pairs_seeds_at_each_phase_length(tmp_path: Path, capsys) ->
     assert eig3["differences"] == pytest.approx([-4.0, -3.0, -2.0])
     (test1,) = [c for c in one["comparisons"] if c["metric"] == "test_acc"]
     assert test1["seeds"] == [1, 2] and test1["differences"] == pytest.approx([0.0, 0.0])
+    # windowed over epochs (E - 2, E]: seed s's 0.02/0.02/0.05 at epoch 3 is half that at epochs 3 and 4
+    for point in (two, three):
+        (window,) = [c for c in point["comparisons"] if c["metric"] == "test_acc_window"]
+        assert window["differences"] == pytest.approx([0.01, 0.01, 0.025])
+    (window1,) = [c for c in one["comparisons"] if c["metric"] == "test_acc_window"]
+    assert window1["differences"] == pytest.approx([0.0, 0.0])
+    assert two["methods"][0]["test_acc_window"][0] == pytest.approx(0.65)  # (0.60 + 0.70) / 2, seeds 0, ±0.01
     new3 = three["methods"][1]
     assert new3["train_acc"] == pytest.approx((0.8, 0.0)) and new3["test_acc"][0] == pytest.approx(0.80)
     assert json.loads((tmp_path / "phases.json").read_text())["phases"][1]["epoch"] == 3
     table = phases.phase_table(rows)
-    assert "+3.00 [" in table and "-3.0 [" in table
+    assert "+3.00 [" in table and "-3.0 [" in table and "+1.50 [" in table
 
     drawn = {}
     real_save = phases.save
@@ -191,5 +200,8 @@ def test_phase_table_pairs_seeds_at_each_phase_length(tmp_path: Path, capsys) ->
     assert has_line("points", [(1.4, 0.0), (2.4, 100 * mean), (3.4, 0.0)])  # mean paired differences
     seeds_at_two = [pt for group in drawn["points"] for pt in group if pt[0] == 2]
     assert sorted(pt[1] for pt in seeds_at_two) == pytest.approx([2.0, 2.0, 5.0])
+    assert has_line("points", [(2.2, 0.0), (3.2, 1.5), (4.2, 1.5)])  # windowed: shifted, its own means
+    window_seeds = [pt for group in drawn["points"] for pt in group if pt[0] == pytest.approx(2.8)]
+    assert sorted(pt[1] for pt in window_seeds) == pytest.approx([1.0, 1.0, 2.5])
     assert has_line("top Hessian eigenvalue", [(1, 10.0), (2, 12.0), (3, 14.0)])
     assert has_line("training accuracy (%)", [(1, 80.0), (2, 80.0), (3, 80.0)])

@@ -3,7 +3,9 @@
 first LR decay (t' of post-local SGD) the LR stays put, so the model at epoch t' + P is what a run
 with a phase of P epochs at the decayed LR ends in: one run per seed gives every phase length.
 
-Per phase length and method: test accuracy of the averaged model (from ``metrics.jsonl``), loss and
+Per phase length and method: test accuracy of the averaged model (from ``metrics.jsonl``), and its
+mean over the ``WINDOW`` epochs up to the point (at a constant LR the test accuracy moves from epoch to
+epoch by more than the effect; the mean is the steadier reading of the same run), loss and
 accuracy on the clean training subset and top Hessian eigenvalue (from ``localsgd sharpness``:
 ``models/epoch-E.json`` and ``sharpness.json``), and every method against the study's baseline,
 paired by seed (``study.compare``).
@@ -13,13 +15,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from statistics import mean
 from typing import Any
 
 from localsgd.harness.plot import pyplot, save
 from localsgd.harness.rundir import metrics_rows, model_path
 from localsgd.harness.study import Study, compare, get, mean_std, plus_minus, run_dir
 
-METRICS = ("test_acc", "train_acc", "train_loss", "eigenvalue")
+METRICS = ("test_acc", "test_acc_window", "train_acc", "train_loss", "eigenvalue")
+COMPARED = ("test_acc", "test_acc_window", "train_acc", "eigenvalue")
+WINDOW = 4  # epochs: the points of cifar10-long-local are >= 8 epochs apart, so windows never overlap
 
 
 def phase_start(config: dict[str, Any]) -> float:
@@ -27,8 +32,9 @@ def phase_start(config: dict[str, Any]) -> float:
     return config["decay_at"][0] * config["epochs"]
 
 
-def run_points(run: Path, seed: int) -> list[dict[str, Any]]:
-    """One finished run: a point per kept model and the final model whose sharpness was measured."""
+def run_points(run: Path, seed: int, window: float = WINDOW) -> list[dict[str, Any]]:
+    """One finished run: a point per kept model and the final model whose sharpness was measured;
+    ``test_acc_window`` is the mean test accuracy of the rows in the last ``window`` epochs up to it."""
     config = json.loads((run / "config.json").read_text())["config"]
     rows = metrics_rows(run)
     test_acc = {r["epoch"]: r["test_acc"] for r in rows if "test_acc" in r}
@@ -46,6 +52,7 @@ def run_points(run: Path, seed: int) -> list[dict[str, Any]]:
                 "epoch": epoch,
                 "phase": round(epoch - phase_start(config), 6),
                 "test_acc": test_acc[round(epoch, 4)],
+                "test_acc_window": mean([a for e, a in test_acc.items() if epoch - window < e <= epoch]),
                 "train_acc": measured["train_acc"],
                 "train_loss": measured["train_loss"],
                 "eigenvalue": measured["eigenvalue"],
@@ -54,7 +61,7 @@ def run_points(run: Path, seed: int) -> list[dict[str, Any]]:
     return points
 
 
-def phase_rows(name: str, root: Path) -> list[dict[str, Any]]:
+def phase_rows(name: str, root: Path, window: float = WINDOW) -> list[dict[str, Any]]:
     """Per phase length: each method's finished seeds (mean, std per metric) and the paired
     comparisons with the study's baseline; also written to ``root/phases.json``."""
     study: Study = get(name)
@@ -63,7 +70,7 @@ def phase_rows(name: str, root: Path) -> list[dict[str, Any]]:
         for method in study.methods
         for seed in study.seeds
         if (run_dir(root, method, seed) / "summary.json").is_file()
-        for point in run_points(run_dir(root, method, seed), seed)
+        for point in run_points(run_dir(root, method, seed), seed, window)
     ]
     out = []
     for phase in sorted({p["phase"] for _, p in points}):
@@ -74,10 +81,11 @@ def phase_rows(name: str, root: Path) -> list[dict[str, Any]]:
             row.update({key: mean_std([r[key] for r in runs]) for key in METRICS})
             methods.append(row)
         epoch = next(p["epoch"] for _, p in points if p["phase"] == phase)
-        comparisons = compare(methods, study.baseline, ("test_acc", "train_acc", "eigenvalue"))
+        comparisons = compare(methods, study.baseline, COMPARED)
         out.append({"phase": phase, "epoch": epoch, "methods": methods, "comparisons": comparisons})
     root.mkdir(parents=True, exist_ok=True)
-    (root / "phases.json").write_text(json.dumps({"study": name, "phases": out}, indent=1) + "\n")
+    record = {"study": name, "window_epochs": window, "phases": out}
+    (root / "phases.json").write_text(json.dumps(record, indent=1) + "\n")
     return out
 
 
@@ -93,10 +101,12 @@ def _diff(comparisons: list[dict[str, Any]], method: str, metric: str, scale: fl
 
 def phase_table(phases: list[dict[str, Any]]) -> str:
     """One line per phase length and method; the differences are to the baseline, same seed, with
-    their 95% intervals."""
+    their 95% intervals (the test accuracy at the point and its mean over the last ``WINDOW`` epochs)."""
+    window = f"last {WINDOW:g} ep."
     head = (
-        f"{'phase':>5} {'epoch':>5} {'method':<18} {'seeds':>5} {'test %':>13} {'clean train %':>13} "
-        f"{'eigenvalue':>12} {'test diff (95% CI)':>24} {'eigenvalue diff (95% CI)':>26}"
+        f"{'phase':>5} {'epoch':>5} {'method':<18} {'seeds':>5} {'test %':>13} {'test %, ' + window:>16} "
+        f"{'clean train %':>13} {'eigenvalue':>12} {'test diff (95% CI)':>24} "
+        f"{'diff, ' + window + ' (95% CI)':>28} {'eigenvalue diff (95% CI)':>26}"
     )
     lines = [head, "-" * len(head)]
     for p in phases:
@@ -104,17 +114,44 @@ def phase_table(phases: list[dict[str, Any]]) -> str:
             c = p["comparisons"]
             lines.append(
                 f"{p['phase']:>5g} {p['epoch']:>5g} {r['method']:<18} {r['seeds_done']:>5} "
-                f"{plus_minus(r['test_acc']):>13} {plus_minus(r['train_acc']):>13} "
-                f"{plus_minus(r['eigenvalue'], 1, 1):>12} "
+                f"{plus_minus(r['test_acc']):>13} {plus_minus(r['test_acc_window']):>16} "
+                f"{plus_minus(r['train_acc']):>13} {plus_minus(r['eigenvalue'], 1, 1):>12} "
                 f"{_diff(c, r['method'], 'test_acc', 100, 2):>24} "
+                f"{_diff(c, r['method'], 'test_acc_window', 100, 2):>28} "
                 f"{_diff(c, r['method'], 'eigenvalue', 1, 1):>26}"
             )
     return "\n".join(lines)
 
 
+def _draw_differences(
+    ax: Any, phases: list[dict[str, Any]], method: str, metric: str, color: str, offset: float
+) -> None:
+    """``method`` - baseline in ``metric`` per phase length: each seed's difference, shifted right by
+    ``offset`` (to stay apart from the other reading), and the mean with its 95% interval, shifted by
+    ``offset`` + 0.4; hollow and dashed for the windowed mean."""
+    paired = [(p["phase"], c) for p in phases for c in p["comparisons"]
+              if c["method"] == method and c["metric"] == metric]  # fmt: skip
+    window = metric == "test_acc_window"
+    face = "white" if window else color
+    for x, c in paired:
+        ys = [100 * d for d in c["differences"]]
+        ax.scatter([x + offset] * len(ys), ys, s=12, edgecolors=color, facecolors=face)
+    with_ci = [(x, c) for x, c in paired if c["ci95"] is not None]
+    if not with_ci:
+        return
+    ax.errorbar(
+        [x + offset + 0.4 for x, _ in with_ci],
+        [100 * c["mean"] for _, c in with_ci],
+        yerr=[100 * (c["ci95"][1] - c["mean"]) for _, c in with_ci],
+        color=color, marker="o", capsize=4, ls="--" if window else "-", mfc=face,
+        label=f"{method} - {with_ci[0][1]['baseline']}" + (f", last {WINDOW:g} epochs" if window else ""),
+    )  # fmt: skip
+
+
 def plot_phases(phases: list[dict[str, Any]], out: Path) -> Path:
     """The paired test-accuracy difference against the phase length (each seed and the mean with its
-    95% interval), and each method's test accuracy, clean training accuracy and eigenvalue."""
+    95% interval; also for the mean over the last ``WINDOW`` epochs), and each method's test
+    accuracy, clean training accuracy and eigenvalue."""
     plt = pyplot()
     fig, axes = plt.subplots(2, 2, figsize=(12, 8))
     diff_ax, test_ax, train_ax, eig_ax = axes.flat
@@ -132,25 +169,8 @@ def plot_phases(phases: list[dict[str, Any]], out: Path) -> Path:
             ys = [scale * r[key][0] for r in rows if r[key] is not None]
             err = [scale * r[key][1] for r in rows if r[key] is not None]
             ax.errorbar(xs, ys, yerr=err, color=color, marker="o", capsize=3, label=method)
-        paired = [
-            (p["phase"], c)
-            for p in phases
-            for c in p["comparisons"]
-            if c["method"] == method and c["metric"] == "test_acc"
-        ]
-        if not paired:
-            continue
-        for x, c in paired:
-            diff_ax.scatter(
-                [x] * len(c["differences"]), [100 * d for d in c["differences"]], color=color, s=12
-            )
-        with_ci = [(x, c) for x, c in paired if c["ci95"] is not None]
-        diff_ax.errorbar(
-            [x + 0.4 for x, _ in with_ci],
-            [100 * c["mean"] for _, c in with_ci],
-            yerr=[100 * (c["ci95"][1] - c["mean"]) for _, c in with_ci],
-            color=color, marker="o", capsize=4, label=f"{method} - {c['baseline']}",
-        )  # fmt: skip
+        _draw_differences(diff_ax, phases, method, "test_acc", color, 0.0)
+        _draw_differences(diff_ax, phases, method, "test_acc_window", color, 0.8)
     diff_ax.axhline(0, color="gray", lw=1)
     if diff_ax.get_legend_handles_labels()[0]:
         diff_ax.legend(fontsize=8)
