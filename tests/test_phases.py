@@ -203,5 +203,6 @@ def test_phase_table_pairs_seeds_at_each_phase_length(tmp_path: Path, capsys) ->
     assert has_line("points", [(2.2, 0.0), (3.2, 1.5), (4.2, 1.5)])  # windowed: shifted, its own means
     window_seeds = [pt for group in drawn["points"] for pt in group if pt[0] == pytest.approx(2.8)]
     assert sorted(pt[1] for pt in window_seeds) == pytest.approx([1.0, 1.0, 2.5])
+    assert has_line("test accuracy (%)", [(1, 55.0), (2, 65.0), (3, 75.0)])  # baseline, last 2 epochs
     assert has_line("top Hessian eigenvalue", [(1, 10.0), (2, 12.0), (3, 14.0)])
     assert has_line("training accuracy (%)", [(1, 80.0), (2, 80.0), (3, 80.0)])

@@ -169,6 +169,9 @@ def plot_phases(phases: list[dict[str, Any]], out: Path) -> Path:
             ys = [scale * r[key][0] for r in rows if r[key] is not None]
             err = [scale * r[key][1] for r in rows if r[key] is not None]
             ax.errorbar(xs, ys, yerr=err, color=color, marker="o", capsize=3, label=method)
+        done = [(x, r) for x, r in zip(lengths, rows, strict=True) if r["test_acc_window"] is not None]
+        window = [(x, 100 * r["test_acc_window"][0]) for x, r in done]
+        test_ax.plot(*zip(*window, strict=True), color=color, ls="--", marker="o", mfc="white")
         _draw_differences(diff_ax, phases, method, "test_acc", color, 0.0)
         _draw_differences(diff_ax, phases, method, "test_acc_window", color, 0.8)
     diff_ax.axhline(0, color="gray", lw=1)
@@ -176,9 +179,14 @@ def plot_phases(phases: list[dict[str, Any]], out: Path) -> Path:
         diff_ax.legend(fontsize=8)
     xlabel = "epochs after the first LR decay (t')"
     diff_ax.set(
-        xlabel=xlabel, ylabel="points", title="test accuracy difference, same seed: seeds and mean ± 95% CI"
-    )
-    test_ax.set(xlabel=xlabel, ylabel="test accuracy (%)", title="averaged model: mean ± std over seeds")
+        xlabel=xlabel, ylabel="points",
+        title="test accuracy - baseline, same seed: seeds, mean ± 95% CI\n"
+        f"(hollow: mean of last {WINDOW:g} epochs)",
+    )  # fmt: skip
+    test_ax.set(
+        xlabel=xlabel, ylabel="test accuracy (%)",
+        title=f"averaged model: mean ± std over seeds\n(dashed: mean of last {WINDOW:g} epochs)",
+    )  # fmt: skip
     train_ax.set(
         xlabel=xlabel, ylabel="training accuracy (%)", title="clean training subset (no augmentation)"
     )
