@@ -5,8 +5,8 @@ with a phase of P epochs at the decayed LR ends in: one run per seed gives every
 
 Per phase length and method: test accuracy of the averaged model (from ``metrics.jsonl``), and its
 mean over the ``WINDOW`` epochs up to the point (at a constant LR the test accuracy moves from epoch to
-epoch by more than the effect; the mean is the steadier reading of the same run), loss and
-accuracy on the clean training subset and top Hessian eigenvalue (from ``localsgd sharpness``:
+epoch; the mean over a few epochs is the steadier reading of the same run), loss and accuracy on the
+clean training subset and top Hessian eigenvalue (from ``localsgd sharpness``:
 ``models/epoch-E.json`` and ``sharpness.json``), and every method against the study's baseline,
 paired by seed (``study.compare``).
 """
