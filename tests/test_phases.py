@@ -177,8 +177,8 @@ def test_phase_table_pairs_seeds_at_each_phase_length(tmp_path: Path, capsys) ->
     new3 = three["methods"][1]
     assert new3["train_acc"] == pytest.approx((0.8, 0.0)) and new3["test_acc"][0] == pytest.approx(0.80)
     assert json.loads((tmp_path / "phases.json").read_text())["phases"][1]["epoch"] == 3
-    table = phases.phase_table(rows)
-    assert "+3.00 [" in table and "-3.0 [" in table and "+1.50 [" in table
+    table = phases.phase_table(rows, window_epochs=2)
+    assert "+3.00 [" in table and "-3.0 [" in table and "+1.50 [" in table and "last 2 ep." in table
 
     drawn = {}
     real_save = phases.save
@@ -191,7 +191,7 @@ def test_phase_table_pairs_seeds_at_each_phase_length(tmp_path: Path, capsys) ->
         return real_save(fig, axes, legend_ax, out)
 
     with patch.object(phases, "save", keep):
-        assert phases.plot_phases(rows, tmp_path / "phases.png").stat().st_size > 0
+        assert phases.plot_phases(rows, tmp_path / "phases.png", window_epochs=2).stat().st_size > 0
 
     def has_line(panel: str, points: list[tuple[float, float]]) -> bool:
         flat = [v for pt in points for v in pt]

@@ -99,10 +99,11 @@ def _diff(comparisons: list[dict[str, Any]], method: str, metric: str, scale: fl
     return "-"
 
 
-def phase_table(phases: list[dict[str, Any]]) -> str:
+def phase_table(phases: list[dict[str, Any]], window_epochs: float = WINDOW) -> str:
     """One line per phase length and method; the differences are to the baseline, same seed, with
-    their 95% intervals (the test accuracy at the point and its mean over the last ``WINDOW`` epochs)."""
-    window = f"last {WINDOW:g} ep."
+    their 95% intervals (the test accuracy at the point and its mean over the last ``window_epochs``,
+    the window ``phase_rows`` used)."""
+    window = f"last {window_epochs:g} ep."
     head = (
         f"{'phase':>5} {'epoch':>5} {'method':<18} {'seeds':>5} {'test %':>13} {'test %, ' + window:>16} "
         f"{'clean train %':>13} {'eigenvalue':>12} {'test diff (95% CI)':>24} "
@@ -124,11 +125,11 @@ def phase_table(phases: list[dict[str, Any]]) -> str:
 
 
 def _draw_differences(
-    ax: Any, phases: list[dict[str, Any]], method: str, metric: str, color: str, offset: float
+    ax: Any, phases: list[dict[str, Any]], method: str, metric: str, color: str, offset: float, label: str
 ) -> None:
     """``method`` - baseline in ``metric`` per phase length: each seed's difference, shifted right by
     ``offset`` (to stay apart from the other reading), and the mean with its 95% interval, shifted by
-    ``offset`` + 0.4; hollow and dashed for the windowed mean."""
+    ``offset`` + 0.4, its legend entry ending in ``label``; hollow and dashed for the windowed mean."""
     paired = [(p["phase"], c) for p in phases for c in p["comparisons"]
               if c["method"] == method and c["metric"] == metric]  # fmt: skip
     window = metric == "test_acc_window"
@@ -144,14 +145,14 @@ def _draw_differences(
         [100 * c["mean"] for _, c in with_ci],
         yerr=[100 * (c["ci95"][1] - c["mean"]) for _, c in with_ci],
         color=color, marker="o", capsize=4, ls="--" if window else "-", mfc=face,
-        label=f"{method} - {with_ci[0][1]['baseline']}" + (f", last {WINDOW:g} epochs" if window else ""),
+        label=f"{method} - {with_ci[0][1]['baseline']}{label}",
     )  # fmt: skip
 
 
-def plot_phases(phases: list[dict[str, Any]], out: Path) -> Path:
+def plot_phases(phases: list[dict[str, Any]], out: Path, window_epochs: float = WINDOW) -> Path:
     """The paired test-accuracy difference against the phase length (each seed and the mean with its
-    95% interval; also for the mean over the last ``WINDOW`` epochs), and each method's test
-    accuracy, clean training accuracy and eigenvalue."""
+    95% interval; also for the mean over the last ``window_epochs``, the window ``phase_rows`` used),
+    and each method's test accuracy, clean training accuracy and eigenvalue."""
     plt = pyplot()
     fig, axes = plt.subplots(2, 2, figsize=(12, 8))
     diff_ax, test_ax, train_ax, eig_ax = axes.flat
@@ -172,8 +173,9 @@ def plot_phases(phases: list[dict[str, Any]], out: Path) -> Path:
         done = [(x, r) for x, r in zip(lengths, rows, strict=True) if r["test_acc_window"] is not None]
         window = [(x, 100 * r["test_acc_window"][0]) for x, r in done]
         test_ax.plot(*zip(*window, strict=True), color=color, ls="--", marker="o", mfc="white")
-        _draw_differences(diff_ax, phases, method, "test_acc", color, 0.0)
-        _draw_differences(diff_ax, phases, method, "test_acc_window", color, 0.8)
+        _draw_differences(diff_ax, phases, method, "test_acc", color, 0.0, "")
+        last = f", last {window_epochs:g} epochs"
+        _draw_differences(diff_ax, phases, method, "test_acc_window", color, 0.8, last)
     diff_ax.axhline(0, color="gray", lw=1)
     if diff_ax.get_legend_handles_labels()[0]:
         diff_ax.legend(fontsize=8)
@@ -181,11 +183,11 @@ def plot_phases(phases: list[dict[str, Any]], out: Path) -> Path:
     diff_ax.set(
         xlabel=xlabel, ylabel="points",
         title="test accuracy - baseline, same seed: seeds, mean ± 95% CI\n"
-        f"(hollow: mean of last {WINDOW:g} epochs)",
+        f"(hollow: mean of last {window_epochs:g} epochs)",
     )  # fmt: skip
     test_ax.set(
         xlabel=xlabel, ylabel="test accuracy (%)",
-        title=f"averaged model: mean ± std over seeds\n(dashed: mean of last {WINDOW:g} epochs)",
+        title=f"averaged model: mean ± std over seeds\n(dashed: mean of last {window_epochs:g} epochs)",
     )  # fmt: skip
     train_ax.set(
         xlabel=xlabel, ylabel="training accuracy (%)", title="clean training subset (no augmentation)"
