@@ -176,8 +176,9 @@ def test_phase_table_pairs_seeds_at_each_phase_length(tmp_path: Path, capsys) ->
     assert two["methods"][0]["test_acc_window"][0] == pytest.approx(0.65)  # (0.60 + 0.70) / 2, seeds 0, ±0.01
     new3 = three["methods"][1]
     assert new3["train_acc"] == pytest.approx((0.8, 0.0)) and new3["test_acc"][0] == pytest.approx(0.80)
-    assert json.loads((tmp_path / "phases.json").read_text())["phases"][1]["epoch"] == 3
-    table = phases.phase_table(rows, window_epochs=2)
+    written = json.loads((tmp_path / "phases.json").read_text())["phases"]
+    assert written[1]["epoch"] == 3 and [p["window"] for p in written] == [2, 2, 2]
+    table = phases.phase_table(rows)
     assert "+3.00 [" in table and "-3.0 [" in table and "+1.50 [" in table and "last 2 ep." in table
 
     drawn = {}
@@ -187,16 +188,18 @@ def test_phase_table_pairs_seeds_at_each_phase_length(tmp_path: Path, capsys) ->
         drawn.update(
             {ax.get_ylabel(): [c.get_offsets().tolist() for c in ax.collections] for ax in axes.flat}
         )
+        drawn["titles"] = " ".join(ax.get_title() for ax in axes.flat)
         drawn["lines"] = {ax.get_ylabel(): [ln.get_xydata().tolist() for ln in ax.lines] for ax in axes.flat}
         return real_save(fig, axes, legend_ax, out)
 
     with patch.object(phases, "save", keep):
-        assert phases.plot_phases(rows, tmp_path / "phases.png", window_epochs=2).stat().st_size > 0
+        assert phases.plot_phases(rows, tmp_path / "phases.png").stat().st_size > 0
 
     def has_line(panel: str, points: list[tuple[float, float]]) -> bool:
         flat = [v for pt in points for v in pt]
         return any([v for pt in line for v in pt] == pytest.approx(flat) for line in drawn["lines"][panel])
 
+    assert "last 2 epochs" in drawn["titles"] and "last 4" not in drawn["titles"]  # the window used
     assert has_line("points", [(1.4, 0.0), (2.4, 100 * mean), (3.4, 0.0)])  # mean paired differences
     seeds_at_two = [pt for group in drawn["points"] for pt in group if pt[0] == 2]
     assert sorted(pt[1] for pt in seeds_at_two) == pytest.approx([2.0, 2.0, 5.0])

@@ -62,8 +62,9 @@ def run_points(run: Path, seed: int, window: float = WINDOW) -> list[dict[str, A
 
 
 def phase_rows(name: str, root: Path, window: float = WINDOW) -> list[dict[str, Any]]:
-    """Per phase length: each method's finished seeds (mean, std per metric) and the paired
-    comparisons with the study's baseline; also written to ``root/phases.json``."""
+    """Per phase length: each method's finished seeds (mean, std per metric), the paired
+    comparisons with the study's baseline and the ``window`` of ``test_acc_window`` (so the table and
+    the plot label what was computed); also written to ``root/phases.json``."""
     study: Study = get(name)
     points = [
         (method, point)
@@ -82,9 +83,11 @@ def phase_rows(name: str, root: Path, window: float = WINDOW) -> list[dict[str, 
             methods.append(row)
         epoch = next(p["epoch"] for _, p in points if p["phase"] == phase)
         comparisons = compare(methods, study.baseline, COMPARED)
-        out.append({"phase": phase, "epoch": epoch, "methods": methods, "comparisons": comparisons})
+        out.append(
+            {"phase": phase, "epoch": epoch, "window": window, "methods": methods, "comparisons": comparisons}
+        )
     root.mkdir(parents=True, exist_ok=True)
-    record = {"study": name, "window_epochs": window, "phases": out}
+    record = {"study": name, "phases": out}
     (root / "phases.json").write_text(json.dumps(record, indent=1) + "\n")
     return out
 
@@ -99,11 +102,14 @@ def _diff(comparisons: list[dict[str, Any]], method: str, metric: str, scale: fl
     return "-"
 
 
-def phase_table(phases: list[dict[str, Any]], window_epochs: float = WINDOW) -> str:
+def _window(phases: list[dict[str, Any]]) -> str:
+    return f"{phases[0]['window']:g}" if phases else "?"
+
+
+def phase_table(phases: list[dict[str, Any]]) -> str:
     """One line per phase length and method; the differences are to the baseline, same seed, with
-    their 95% intervals (the test accuracy at the point and its mean over the last ``window_epochs``,
-    the window ``phase_rows`` used)."""
-    window = f"last {window_epochs:g} ep."
+    their 95% intervals (the test accuracy at the point and its mean over the last ``window`` epochs)."""
+    window = f"last {_window(phases)} ep."
     head = (
         f"{'phase':>5} {'epoch':>5} {'method':<18} {'seeds':>5} {'test %':>13} {'test %, ' + window:>16} "
         f"{'clean train %':>13} {'eigenvalue':>12} {'test diff (95% CI)':>24} "
@@ -149,11 +155,12 @@ def _draw_differences(
     )  # fmt: skip
 
 
-def plot_phases(phases: list[dict[str, Any]], out: Path, window_epochs: float = WINDOW) -> Path:
+def plot_phases(phases: list[dict[str, Any]], out: Path) -> Path:
     """The paired test-accuracy difference against the phase length (each seed and the mean with its
-    95% interval; also for the mean over the last ``window_epochs``, the window ``phase_rows`` used),
-    and each method's test accuracy, clean training accuracy and eigenvalue."""
+    95% interval; also for the mean over the last ``window`` epochs), and each method's test accuracy,
+    clean training accuracy and eigenvalue."""
     plt = pyplot()
+    window = _window(phases)
     fig, axes = plt.subplots(2, 2, figsize=(12, 8))
     diff_ax, test_ax, train_ax, eig_ax = axes.flat
     lengths = [p["phase"] for p in phases]
@@ -171,10 +178,10 @@ def plot_phases(phases: list[dict[str, Any]], out: Path, window_epochs: float = 
             err = [scale * r[key][1] for r in rows if r[key] is not None]
             ax.errorbar(xs, ys, yerr=err, color=color, marker="o", capsize=3, label=method)
         done = [(x, r) for x, r in zip(lengths, rows, strict=True) if r["test_acc_window"] is not None]
-        window = [(x, 100 * r["test_acc_window"][0]) for x, r in done]
-        test_ax.plot(*zip(*window, strict=True), color=color, ls="--", marker="o", mfc="white")
+        windowed = [(x, 100 * r["test_acc_window"][0]) for x, r in done]
+        test_ax.plot(*zip(*windowed, strict=True), color=color, ls="--", marker="o", mfc="white")
         _draw_differences(diff_ax, phases, method, "test_acc", color, 0.0, "")
-        last = f", last {window_epochs:g} epochs"
+        last = f", last {window} epochs"
         _draw_differences(diff_ax, phases, method, "test_acc_window", color, 0.8, last)
     diff_ax.axhline(0, color="gray", lw=1)
     if diff_ax.get_legend_handles_labels()[0]:
@@ -183,11 +190,11 @@ def plot_phases(phases: list[dict[str, Any]], out: Path, window_epochs: float = 
     diff_ax.set(
         xlabel=xlabel, ylabel="points",
         title="test accuracy - baseline, same seed: seeds, mean ± 95% CI\n"
-        f"(hollow: mean of last {window_epochs:g} epochs)",
+        f"(hollow: mean of last {window} epochs)",
     )  # fmt: skip
     test_ax.set(
         xlabel=xlabel, ylabel="test accuracy (%)",
-        title=f"averaged model: mean ± std over seeds\n(dashed: mean of last {window_epochs:g} epochs)",
+        title=f"averaged model: mean ± std over seeds\n(dashed: mean of last {window} epochs)",
     )  # fmt: skip
     train_ax.set(
         xlabel=xlabel, ylabel="training accuracy (%)", title="clean training subset (no augmentation)"
