@@ -133,7 +133,10 @@ def test_phase_table_pairs_seeds_at_each_phase_length(tmp_path: Path, capsys) ->
     row too wide or too narrow); differences are paired by seed with Student's t interval (values
     worked out by hand)."""
     tiny = study.Study(
-        base={"save_models_at": [2, 3]}, methods={"base": {}, "new": {}}, seeds=(1, 2, 3), baseline="base"
+        base={"save_models_at": [2, 3]},
+        methods={"base": {}, "new": {}, "unrun": {}},
+        seeds=(1, 2, 3),
+        baseline="base",
     )
     accs = {1: 0.50, 2: 0.60, 3: 0.70, 4: 0.80}
     for seed, shift in ((1, 0.00), (2, 0.01), (3, -0.01)):  # the baseline differs by seed
@@ -157,7 +160,7 @@ def test_phase_table_pairs_seeds_at_each_phase_length(tmp_path: Path, capsys) ->
         rows = phases.phase_rows("tiny", tmp_path, window=2)
     assert [(p["phase"], p["epoch"]) for p in rows] == [(1, 2), (2, 3), (3, 4)]
     one, two, three = rows
-    assert [r["seeds_done"] for r in one["methods"]] == [3, 2]
+    assert [r["seeds_done"] for r in one["methods"]] == [3, 2, 0]
     (test2,) = [c for c in two["comparisons"] if c["metric"] == "test_acc"]
     assert test2["seeds"] == [1, 2, 3] and test2["differences"] == pytest.approx([0.02, 0.02, 0.05])
     mean, std = 0.03, (2 * 0.01**2 + 0.02**2) ** 0.5 / 2**0.5  # sample std of 0.02, 0.02, 0.05
@@ -189,6 +192,7 @@ def test_phase_table_pairs_seeds_at_each_phase_length(tmp_path: Path, capsys) ->
             {ax.get_ylabel(): [c.get_offsets().tolist() for c in ax.collections] for ax in axes.flat}
         )
         drawn["titles"] = " ".join(ax.get_title() for ax in axes.flat)
+        drawn["labels"] = [label for ax in axes.flat for label in ax.get_legend_handles_labels()[1]]
         drawn["lines"] = {ax.get_ylabel(): [ln.get_xydata().tolist() for ln in ax.lines] for ax in axes.flat}
         return real_save(fig, axes, legend_ax, out)
 
@@ -199,6 +203,7 @@ def test_phase_table_pairs_seeds_at_each_phase_length(tmp_path: Path, capsys) ->
         flat = [v for pt in points for v in pt]
         return any([v for pt in line for v in pt] == pytest.approx(flat) for line in drawn["lines"][panel])
 
+    assert "unrun" not in " ".join(drawn["labels"]) and "new" in drawn["labels"]  # no runs: not drawn
     assert "last 2 epochs" in drawn["titles"] and "last 4" not in drawn["titles"]  # the window used
     assert has_line("points", [(1.4, 0.0), (2.4, 100 * mean), (3.4, 0.0)])  # mean paired differences
     seeds_at_two = [pt for group in drawn["points"] for pt in group if pt[0] == 2]

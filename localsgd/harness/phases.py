@@ -166,8 +166,10 @@ def plot_phases(phases: list[dict[str, Any]], out: Path) -> Path:
     lengths = [p["phase"] for p in phases]
     methods = [r["method"] for r in phases[0]["methods"]] if phases else []
     for i, method in enumerate(methods):
-        color = f"C{i}"
+        color = f"C{i}"  # by the study's order, so a method keeps its colour when another has no runs
         rows = [next(r for r in p["methods"] if r["method"] == method) for p in phases]
+        if not any(r["seeds_done"] for r in rows):
+            continue
         for ax, key, scale in (
             (test_ax, "test_acc", 100),
             (train_ax, "train_acc", 100),
