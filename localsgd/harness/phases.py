@@ -131,15 +131,16 @@ def phase_table(phases: list[dict[str, Any]]) -> str:
 
 
 def _draw_differences(
-    ax: Any, phases: list[dict[str, Any]], method: str, metric: str, color: str, offset: float, label: str
+    ax: Any, phases: list[dict[str, Any]], method: str, metric: str, color: str, offset: float
 ) -> None:
     """``method`` - baseline in ``metric`` per phase length: each seed's difference, shifted right by
     ``offset`` (to stay apart from the other reading), and the mean with its 95% interval, shifted by
-    ``offset`` + 0.4, its legend entry ending in ``label``; hollow and dashed for the windowed mean."""
+    ``offset`` + 0.4; hollow and dashed, its legend entry naming the window, for the windowed mean."""
     paired = [(p["phase"], c) for p in phases for c in p["comparisons"]
               if c["method"] == method and c["metric"] == metric]  # fmt: skip
     window = metric == "test_acc_window"
     face = "white" if window else color
+    last = f", last {_window(phases)} epochs" if window else ""
     for x, c in paired:
         ys = [100 * d for d in c["differences"]]
         ax.scatter([x + offset] * len(ys), ys, s=12, edgecolors=color, facecolors=face)
@@ -151,7 +152,7 @@ def _draw_differences(
         [100 * c["mean"] for _, c in with_ci],
         yerr=[100 * (c["ci95"][1] - c["mean"]) for _, c in with_ci],
         color=color, marker="o", capsize=4, ls="--" if window else "-", mfc=face,
-        label=f"{method} - {with_ci[0][1]['baseline']}{label}",
+        label=f"{method} - {with_ci[0][1]['baseline']}{last}",
     )  # fmt: skip
 
 
@@ -182,9 +183,8 @@ def plot_phases(phases: list[dict[str, Any]], out: Path) -> Path:
         done = [(x, r) for x, r in zip(lengths, rows, strict=True) if r["test_acc_window"] is not None]
         windowed = [(x, 100 * r["test_acc_window"][0]) for x, r in done]
         test_ax.plot(*zip(*windowed, strict=True), color=color, ls="--", marker="o", mfc="white")
-        _draw_differences(diff_ax, phases, method, "test_acc", color, 0.0, "")
-        last = f", last {window} epochs"
-        _draw_differences(diff_ax, phases, method, "test_acc_window", color, 0.8, last)
+        _draw_differences(diff_ax, phases, method, "test_acc", color, 0.0)
+        _draw_differences(diff_ax, phases, method, "test_acc_window", color, 0.8)
     diff_ax.axhline(0, color="gray", lw=1)
     if diff_ax.get_legend_handles_labels()[0]:
         diff_ax.legend(fontsize=8)
