@@ -7,7 +7,7 @@ Compares every line of `metrics.jsonl`, `summary.json` and every sharpness JSON 
 `models/*.json`) field by field, leaving out wall-clock timings and the run's own path, and every
 tensor of every model file (`model.pt`, `models/*.pt`) with `torch.equal`. `config.json` is left
 out: it names the run's own output directory. Prints one row per file and exits with 1 if anything
-differs or is missing.
+differs or is in one run only.
 """
 
 from __future__ import annotations
@@ -61,28 +61,27 @@ def compare_model(a: Path, b: Path) -> str:
     return f"different in {len(bad)} tensors" if bad else f"equal ({len(ta)} tensors, {n} values)"
 
 
+def files(run: Path) -> set[str]:
+    """The files compared, relative to the run directory."""
+    patterns = ("*.pt", "*.json", "models/*.pt", "models/*.json")
+    found = {f.relative_to(run).as_posix() for pattern in patterns for f in run.glob(pattern)}
+    return {"metrics.jsonl"} | found - {"config.json"}
+
+
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("original", type=Path)
-    p.add_argument("reproduction", type=Path)
-    args = p.parse_args()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("original", type=Path)
+    parser.add_argument("reproduction", type=Path)
+    args = parser.parse_args()
     for d in (args.original, args.reproduction):
         if not (d / "metrics.jsonl").is_file():
             sys.exit(f"error: {d} is not a run directory (no metrics.jsonl)")
-    names = [
-        "metrics.jsonl",
-        *sorted(
-            p.relative_to(args.original).as_posix()
-            for pattern in ("*.pt", "*.json", "models/*.pt", "models/*.json")
-            for p in args.original.glob(pattern)
-            if p.name != "config.json"
-        ),
-    ]
+    names = sorted(files(args.original) | files(args.reproduction), key=lambda n: (n != "metrics.jsonl", n))
     check = {".jsonl": compare_metrics, ".json": compare_json, ".pt": compare_model}
     ok = True
     for name in names:
         a, b = args.original / name, args.reproduction / name
-        result = check[a.suffix](a, b) if b.is_file() else "missing"
+        result = check[a.suffix](a, b) if a.is_file() and b.is_file() else "missing in one of them"
         ok &= result.startswith("equal")
         print(f"{name:<24} {result}")
     print("all equal" if ok else "DIFFERENT")

@@ -71,4 +71,6 @@ def test_a_metric_a_sharpness_value_or_a_missing_file_fails(tmp_path: Path) -> N
         assert proc.returncode == 1, name
         assert f"{name:<24} different" in proc.stdout
     (b / "summary.json").unlink()
-    assert "summary.json             missing" in run(a, b).stdout
+    assert "summary.json             missing in one of them" in run(a, b).stdout
+    (a / "models" / "epoch-9.pt").write_bytes((a / "model.pt").read_bytes())  # in the original only
+    assert "models/epoch-9.pt        missing in one of them" in run(b, a).stdout
