@@ -19,8 +19,10 @@ from pathlib import Path
 
 import torch
 
+from localsgd.harness.rundir import TIMING_FIELDS
+
 # Wall-clock measurements and the run's own location differ between any two runs.
-IGNORED = {"comm_seconds", "eval_seconds", "compute_seconds", "wall_seconds", "run"}
+IGNORED = {*TIMING_FIELDS, "run"}
 
 
 def strip(record: dict) -> dict:

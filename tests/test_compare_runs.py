@@ -16,10 +16,11 @@ SCRIPT = ROOT / "scripts" / "compare_runs.py"
 
 
 def write_run(d: Path, wall: float) -> Path:
-    """A run directory in the harness's layout, with `wall` in every timing field."""
+    """A run directory in the harness's layout, with `wall` in its timing fields (a text run's
+    `tokens_per_second` among them)."""
     (d / "models").mkdir(parents=True)
     lines = [
-        {"epoch": float(e), "test_acc": 0.5 + e / 100, "wall_seconds": wall, "eval_seconds": wall}
+        {"epoch": float(e), "test_acc": 0.5 + e / 100, "wall_seconds": wall, "tokens_per_second": 1 / wall}
         for e in (1, 2)
     ]
     (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))

@@ -18,11 +18,11 @@ import torch
 
 from localsgd.harness import checkpoint
 from localsgd.harness.cli import main
+from localsgd.harness.rundir import TIMING_FIELDS
 from tests.helpers import HERE, launch
 from tests.test_train import TINY, needs_cifar10
 
 FLAGS = [*TINY, "--workers", "2", "--epochs", "4", "--eval-local", "never", "--progress", "false"]
-TIMING = ("comm_seconds", "eval_seconds", "compute_seconds", "wall_seconds", "tokens_per_second")
 
 
 def kill_after_first_checkpoint(args: list[str], out: Path) -> int:
@@ -48,8 +48,8 @@ def same_run(a: Path, b: Path, context: str = "") -> None:
     rows = [[json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()] for d in (a, b)]
     assert len(rows[0]) == len(rows[1]), context
     for ra, rb in zip(*rows, strict=True):
-        assert {k: v for k, v in ra.items() if k not in TIMING} == {
-            k: v for k, v in rb.items() if k not in TIMING
+        assert {k: v for k, v in ra.items() if k not in TIMING_FIELDS} == {
+            k: v for k, v in rb.items() if k not in TIMING_FIELDS
         }, context
 
 

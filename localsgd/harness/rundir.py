@@ -19,6 +19,10 @@ import localsgd
 from localsgd.harness import checkpoint
 from localsgd.harness.config import ConfigError
 
+# Fields of a metrics row or summary that measure wall-clock time: they differ between two runs of
+# the same computation, and are left out when runs are compared bit for bit.
+TIMING_FIELDS = ("comm_seconds", "eval_seconds", "compute_seconds", "wall_seconds", "tokens_per_second")
+
 
 class RunDirectoryError(ValueError):
     """The run directory cannot be created or written (the message names the path and reason)."""
