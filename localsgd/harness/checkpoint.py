@@ -112,6 +112,7 @@ RUN_CONTROL = {
     "tensorboard",
     "threads",
     "resume",
+    "overwrite",
     "checkpoint_every",
     "timeout",
     "device",  # auto and cuda may name the same device; the device type is checked on its own
@@ -121,15 +122,17 @@ RUN_CONTROL = {
 def check_same_config(
     saved: dict[str, Any], current: dict[str, Any], where: Path, what: str = "the checkpoint"
 ) -> None:
+    """Raise ConfigError naming every setting (but ``RUN_CONTROL``) that differs."""
     defaults = Config().to_dict()  # a key missing from an older file had its default value
-    for key in sorted(saved.keys() | current.keys()):
-        if key in RUN_CONTROL:
-            continue
-        if saved.get(key, defaults.get(key)) != current.get(key, defaults.get(key)):
-            raise ConfigError(
-                f"{what} in {where} was written with {key} = {saved.get(key)!r}, "
-                f"but this run has {key} = {current.get(key)!r}"
-            )
+    differ = [
+        key
+        for key in sorted(saved.keys() | current.keys())
+        if key not in RUN_CONTROL and saved.get(key, defaults.get(key)) != current.get(key, defaults.get(key))
+    ]
+    if differ:
+        theirs = ", ".join(f"{key} = {saved.get(key, defaults.get(key))!r}" for key in differ)
+        ours = ", ".join(f"{key} = {current.get(key, defaults.get(key))!r}" for key in differ)
+        raise ConfigError(f"{what} in {where} was written with {theirs}, but this run has {ours}")
 
 
 def check_same_device(saved: str, current: str, where: Path) -> None:

@@ -150,6 +150,7 @@ def train_config(args: argparse.Namespace):
 def run_train(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
+    from localsgd.harness.rundir import check_claim, inspect
     from localsgd.harness.runtime import resolve_workers
     from localsgd.harness.train import table, train
 
@@ -159,8 +160,10 @@ def run_train(args: argparse.Namespace) -> int:
         f"{args.preset or 'train'}-{cfg.dataset}-{cfg.model}-K{cfg.workers}-H{cfg.local_steps}-seed{cfg.seed}"
     )
     out = Path(cfg.out or f"runs/{name}")
-    if cfg.resume and (out / "summary.json").is_file():
-        print(f"{out} holds a finished run; not running it again (see {out / 'summary.json'})")
+    state = inspect(out)
+    if cfg.resume and state.kind == "run" and state.finished:  # nothing to continue: same settings?
+        check_claim(state, cfg.resume, cfg.overwrite, cfg.to_dict())
+        print(f"{out} holds a finished run with these settings; not running it again (see its summary.json)")
         return 0
     try:
         result = train(cfg, out)
@@ -267,8 +270,18 @@ def finish(code: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return command(argv)
+    except KeyboardInterrupt:  # Ctrl-C outside a training loop, or a second one inside it
+        print("localsgd: interrupted; a run continues with --resume from its checkpoint", file=sys.stderr)
+        return finish(130)
+
+
+def command(argv: list[str] | None) -> int:
+    """Run one ``localsgd`` command; bad input, OS errors and signals end it with one line."""
     args = parser().parse_args(argv)
     from localsgd.engine import CommunicationError
+    from localsgd.harness.interrupt import Interrupted
     from localsgd.harness.train import TrainingError
 
     try:
@@ -339,6 +352,10 @@ def main(argv: list[str] | None = None) -> int:
 
             print(download(args.dataset, args.data_dir or default_data_dir(args.dataset), args.base_url))
             return 0
+    except Interrupted as e:  # a signal, noticed between two steps: one line, 128 + its number
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank stops; rank 0 says so
+            print(f"localsgd: {e}", file=sys.stderr)
+        return finish(e.exit_code)
     except (ValueError, TrainingError, CommunicationError, OSError) as e:  # one line, no traceback
         print(f"localsgd: error: {error_line(e)}", file=sys.stderr)
         return finish(2)  # under torchrun also on the error path: no gloo teardown abort

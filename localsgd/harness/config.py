@@ -143,7 +143,11 @@ class Config:
     """also keep the averaged model at these epochs (each at a row's end) as models/epoch-E.pt, for
     measurements along one run (``localsgd sharpness`` measures them too)"""
     resume: bool = False
-    """continue from the run directory's last checkpoint (a finished run is not run again)"""
+    """continue the run in the run directory from its last checkpoint, with the same settings (a
+    finished run is not run again)"""
+    overwrite: bool = False
+    """replace the run in the run directory (its files are deleted when the new run starts); without
+    resume or overwrite an existing run directory is an error"""
     eval_local: str = "final"
     """when to also evaluate each worker's own model, whose mean accuracy the paper's code reports:
     every, final or never"""
@@ -224,9 +228,14 @@ class Config:
             "progress",
             "ordered_averaging",
             "resume",
+            "overwrite",
         ):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.resume and self.overwrite:
+            raise ConfigError(
+                "resume and overwrite exclude each other: resume continues the run, overwrite replaces it"
+            )
         s = self.switch_epoch
         is_epoch = isinstance(s, int | float) and not isinstance(s, bool) and 0 <= s <= self.epochs
         if s is not None and s != FIRST_DECAY and not is_epoch:

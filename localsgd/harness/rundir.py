@@ -1,14 +1,24 @@
 """The run directory a training run writes (from rank 0): ``config.json`` (the resolved settings,
 derived quantities, versions), ``metrics.jsonl`` (one row per epoch), TensorBoard scalars,
 ``model.pt`` and ``summary.json``. Every file is written atomically or appended line by line;
-checkpoints live under ``checkpoints/`` (``localsgd.harness.checkpoint``)."""
+checkpoints live under ``checkpoints/`` (``localsgd.harness.checkpoint``).
+
+A run directory has one owner: a run writes into an existing one only to continue it (``resume``)
+or to replace it (``overwrite``), refuses any other non-empty folder, and holds an OS file lock on
+``.lock`` for its whole life, which the kernel releases when the process ends, however it ends."""
 
 from __future__ import annotations
 
+import fcntl
 import io
 import json
+import os
 import platform
+import shutil
+import socket
 import subprocess
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -148,3 +158,155 @@ class RunWriter:
         write_text(json.dumps(summary, indent=2) + "\n", self.out / "summary.json")
         if self._summary_writer is not None:
             self._summary_writer.close()
+
+
+# What a run writes into its directory; ``overwrite`` deletes these and nothing else.
+RUN_FILES = (
+    "config.json",
+    "metrics.jsonl",
+    "summary.json",
+    "model.pt",
+    "sharpness.json",
+    "checkpoints",
+    "models",
+    "tensorboard",
+)
+LOCK = ".lock"
+
+
+@dataclass
+class RunState:
+    """What a folder holds, read without touching it.
+
+    ``kind``: ``new`` (absent, or empty but for a lock file), ``run`` (a localsgd run directory) or
+    ``foreign`` (anything else). For a run: its settings (``config.json``'s ``config``), whether it
+    finished (``summary.json``) and the step of its last committed checkpoint."""
+
+    path: Path
+    kind: str
+    config: dict[str, Any] | None = None
+    finished: bool = False
+    checkpoint_step: int | None = None
+    contents: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        if self.kind == "foreign":
+            shown = ", ".join(self.contents[:4]) + (", ..." if len(self.contents) > 4 else "")
+            return f"is not empty and is not a localsgd run directory (it holds {shown})"
+        if self.finished:
+            return "holds a finished run"
+        if self.checkpoint_step is not None:
+            return f"holds an interrupted run (last checkpoint at step {self.checkpoint_step})"
+        return "holds a run that stopped before its first checkpoint"
+
+
+def inspect(out: Path) -> RunState:
+    """What ``out`` holds (nothing is written). An unreadable folder or file is one line naming it."""
+    if not out.exists():
+        return RunState(out, "new")
+    if not out.is_dir():
+        raise RunDirectoryError(f"the run directory {out} is a file, not a folder")
+    try:
+        contents = tuple(sorted(p.name for p in out.iterdir() if p.name != LOCK))
+    except OSError as e:
+        raise RunDirectoryError(f"cannot read the run directory {out}: {e.strerror or e}") from None
+    if not contents:
+        return RunState(out, "new")
+    config = _run_config(out / "config.json")
+    if config is None:
+        return RunState(out, "foreign", contents=contents)
+    pointer = out / "checkpoints" / "latest"
+    step = None
+    if pointer.is_file():
+        try:
+            step = int(json.loads(pointer.read_text())["step"])
+        except (OSError, ValueError, KeyError, TypeError):
+            step = None  # an unreadable pointer is named when the checkpoint is read
+    finished = (out / "summary.json").is_file()
+    return RunState(out, "run", config, finished, step, contents)
+
+
+def _run_config(path: Path) -> dict[str, Any] | None:
+    """The settings in a localsgd ``config.json`` (it records the versions), None for any other
+    file or none."""
+    try:
+        record = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    if not (isinstance(record, dict) and "config" in record and "localsgd" in record.get("versions", {})):
+        return None
+    return record["config"]
+
+
+def check_claim(state: RunState, resume: bool, overwrite: bool, config: dict[str, Any]) -> None:
+    """Raise RunDirectoryError (one line) unless this run may write into ``state.path``: a new
+    folder, or a run it continues (``resume``, with the same settings) or replaces (``overwrite``)."""
+    out = state.path
+    if state.kind == "new":
+        return
+    if state.kind == "foreign":
+        raise RunDirectoryError(f"the run directory {out} {state.describe()}; choose another --out")
+    if overwrite:
+        return
+    if resume:
+        checkpoint.check_same_config(state.config or {}, config, out, "the run")
+        return
+    what = "continue it with --resume, " if not state.finished else ""
+    what += "replace it with --overwrite"
+    raise RunDirectoryError(f"{out} {state.describe()}; {what}, or choose another --out")
+
+
+class Lock:
+    """An exclusive ``flock`` on ``out/.lock``, held until ``release()`` or the process's end (the
+    kernel drops it then, also after SIGKILL, so no stale lock is left). The file records the
+    owner (pid, host, start time) for the message a second run gets."""
+
+    def __init__(self, out: Path) -> None:
+        path = out / LOCK
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            self.fd: int | None = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise RunDirectoryError(f"cannot write the run directory {out}: {e.strerror or e}") from None
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            owner = os.pread(self.fd, 256, 0).decode(errors="replace").strip() or "another process"
+            os.close(self.fd)
+            self.fd = None
+            raise RunDirectoryError(
+                f"the run directory {out} is in use by another run ({owner}); wait for it to end or "
+                "choose another --out"
+            ) from None
+        started = time.strftime("%Y-%m-%d %H:%M:%S")
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"pid {os.getpid()} on {socket.gethostname()}, started {started}\n".encode(), 0)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the only descriptor drops the flock
+            self.fd = None
+
+
+def claim(out: Path, resume: bool, overwrite: bool, config: dict[str, Any]) -> Lock:
+    """Check that this run may write into ``out`` (``check_claim``), lock it, check again under the
+    lock (another run may have written in between) and, with ``overwrite``, delete the old run's
+    files (``RUN_FILES``; nothing else). Returns the held lock."""
+    check_claim(inspect(out), resume, overwrite, config)
+    lock = Lock(out)
+    try:
+        state = inspect(out)
+        check_claim(state, resume, overwrite, config)
+        if overwrite and state.kind == "run":
+            for name in RUN_FILES:
+                path = out / name
+                if path.is_dir():
+                    shutil.rmtree(path)
+                elif path.exists():
+                    path.unlink()
+    except BaseException:
+        lock.release()
+        raise
+    return lock

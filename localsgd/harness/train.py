@@ -13,14 +13,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
 from localsgd import DistCommunicator, Engine, LocalSGD, Simulator, outer
 from localsgd.compression import DEFAULT_BLOCK, make_codec
-from localsgd.harness import checkpoint, optim
+from localsgd.engine import CommunicationError
+from localsgd.harness import checkpoint, optim, rundir
 from localsgd.harness.config import Config, ConfigError
+from localsgd.harness.interrupt import Interrupted, Signals
 from localsgd.harness.rundir import RunWriter
 from localsgd.harness.runtime import Runtime, resolve_workers
 from localsgd.harness.seeding import WorkerRandom
@@ -123,6 +126,15 @@ class Tally:
         self.seen += y.numel()
         if len(self.pending) >= self.MAX_PENDING:
             self.check()
+
+    def state(self) -> dict[str, Any]:
+        """The row's sums so far (a checkpoint between two rows carries them)."""
+        return {"loss_sum": self.loss_sum, "correct": self.correct, "seen": self.seen}
+
+    def load(self, state: dict[str, Any]) -> None:
+        self.loss_sum = state["loss_sum"].to(self.device)
+        self.correct = state["correct"].to(self.device)
+        self.seen = state["seen"]
 
     def sums(self) -> torch.Tensor:
         """[loss sum, correct, samples] of this epoch, float64 on the device."""
@@ -244,16 +256,43 @@ def build_engine(cfg: Config, plan: Plan, runtime: Runtime, model: nn.Module) ->
     )
 
 
+def resuming(cfg: Config) -> bool:
+    """Whether this run continues its run directory: ``resume``, or a group torchrun restarted."""
+    return cfg.resume or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+
+
+def claim(cfg: Config, out: Path, runtime: Runtime) -> rundir.Lock | None:
+    """Rank 0 checks that this run may write into ``out`` and locks it for the run's life
+    (``rundir.claim``); every process stops with the same one line if it may not."""
+    lock, error = None, None
+    if runtime.rank == 0:
+        try:
+            lock = rundir.claim(out, resuming(cfg), cfg.overwrite, cfg.to_dict())
+        except ValueError as e:
+            error = str(e)
+    if runtime.distributed:
+        verdict = [error]
+        dist.broadcast_object_list(verdict, src=0)
+        error = verdict[0]
+    if error is not None:
+        raise rundir.RunDirectoryError(error)
+    return lock
+
+
 def resume(
-    cfg: Config, runtime: Runtime, engine: Engine, model: nn.Module, random: WorkerRandom, root: Path
+    cfg: Config,
+    runtime: Runtime,
+    engine: Engine,
+    model: nn.Module,
+    random: WorkerRandom,
+    tally: Tally,
+    root: Path,
 ) -> tuple[list[dict[str, Any]], float, float]:
     """With ``resume`` (or in a group torchrun restarted), load the last checkpoint into the engine,
-    the model and the random streams; returns the rows so far, evaluation and wall seconds."""
-    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+    the model, the random streams and the current row's sums; returns the rows so far, evaluation
+    and wall seconds."""
     dev = runtime.device
-    state = (
-        checkpoint.restore(root, runtime.rank, cfg.to_dict(), dev.type) if cfg.resume or restarted else None
-    )
+    state = checkpoint.restore(root, runtime.rank, cfg.to_dict(), dev.type) if resuming(cfg) else None
     history, eval_seconds, wall_seconds = [], 0.0, 0.0
     if state is not None:
         engine.load_state_dict(state["engine"])
@@ -261,6 +300,8 @@ def resume(
             model.load_state_dict(state["model"])
         random.load(state.get("random") or {"data": state["generators"]})  # older files: no dropout state
         history, eval_seconds, wall_seconds = state["history"], state["eval_seconds"], state["wall_seconds"]
+        if "tally" in state:  # older files: checkpoints were written at row ends only
+            tally.load(state["tally"])
     steps = runtime.all_sum(torch.tensor([float(engine.t)], dtype=torch.float64, device=dev))[0]
     if steps != engine.t * (cfg.workers if runtime.distributed else 1):
         raise checkpoint.CheckpointError(f"{root}: the processes found checkpoints of different steps")
@@ -300,14 +341,30 @@ def train(cfg: Config, out: Path) -> Result:
     cfg = resolve_workers(cfg)
     cfg.validate()
     runtime = Runtime(cfg)
-    main = runtime.rank == 0
-    writer = RunWriter(out, main, cfg.tensorboard)
-    dev = runtime.device
-    task = make_task(cfg, dev)
+    writer = RunWriter(out, runtime.rank == 0, cfg.tensorboard)
+    task = make_task(cfg, runtime.device)
     plan = make_plan(cfg, task.steps_per_epoch)
+    keep = kept_models(cfg, plan, cfg.row_steps or plan.steps_per_epoch)
+    lock = claim(cfg, out, runtime)  # the run directory is this run's until it returns
+    try:
+        return run_training(cfg, out, runtime, writer, task, plan, keep)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def run_training(
+    cfg: Config,
+    out: Path,
+    runtime: Runtime,
+    writer: RunWriter,
+    task: Task,
+    plan: Plan,
+    keep: dict[int, float],
+) -> Result:
+    """The run itself, once ``train`` has checked everything and holds the run directory."""
+    dev, main, split = runtime.device, runtime.rank == 0, task.split
     period = cfg.row_steps or plan.steps_per_epoch  # steps per metrics row
-    keep = kept_models(cfg, plan, period)
-    writer.config(resolved_config(cfg, plan, runtime, task))
 
     # --- workers: the same initial model everywhere ---
     torch.manual_seed(cfg.seed)
@@ -318,8 +375,11 @@ def train(cfg: Config, out: Path) -> Result:
 
     # --- resume: everything an uninterrupted run would hold at the checkpoint's step ---
     ckpt_root = out / "checkpoints"
-    history, eval_seconds, wall_offset = resume(cfg, runtime, engine, model, random, ckpt_root)
+    tally = Tally(dev, plan.steps_per_epoch, ckpt_root)
+    history, eval_seconds, wall_offset = resume(cfg, runtime, engine, model, random, tally, ckpt_root)
     start_t = engine.t
+    saved = start_t if (ckpt_root / "latest").exists() else None  # the step --resume would continue from
+    writer.config(resolved_config(cfg, plan, runtime, task))  # the first write: everything is checked
     writer.history(history)
 
     # --- training ---
@@ -328,11 +388,23 @@ def train(cfg: Config, out: Path) -> Result:
         disable=not (main and cfg.progress), mininterval=0.2 if sys.stderr.isatty() else 30.0,
     )  # fmt: skip
     start = time.perf_counter() - wall_offset
-    tally = Tally(dev, plan.steps_per_epoch, ckpt_root)
     averaged: nn.Module | None = None  # the last evaluated average of the workers' models
-    split = task.split
+    signals = Signals(insist=not runtime.distributed).install()
     try:  # the bar ends its line before an error is printed
         for t in range(start_t, plan.total_steps):
+            if signals.received is not None:  # stop between steps; the simulator checkpoints this one
+                if not runtime.distributed and saved != t:
+                    tally.check()
+                    check_finite(workers, t - 1, ckpt_root)
+                    run_state = {
+                        "history": history,
+                        "eval_seconds": eval_seconds,
+                        "wall_seconds": time.perf_counter() - start,
+                        "tally": tally.state(),
+                    }
+                    save(cfg, runtime, engine, model, random, ckpt_root, run_state)
+                    saved = t
+                raise Interrupted(signals.received, t, saved)
             epoch, i = divmod(t, plan.steps_per_epoch)
             if i == 0 or t == start_t:  # fresh disjoint data per worker every epoch
                 task.start_epoch(epoch)
@@ -411,7 +483,13 @@ def train(cfg: Config, out: Path) -> Result:
                     "wall_seconds": time.perf_counter() - start,
                 }
                 save(cfg, runtime, engine, model, random, ckpt_root, run)
+                saved = t + 1
+    except (CommunicationError, TrainingError) as e:  # a peer that stopped on the signal first
+        if signals.received is None:
+            raise
+        raise Interrupted(signals.received, engine.t, saved) from e
     finally:
+        signals.restore()
         progress.close()
 
     # --- final model and summary ---
