@@ -250,3 +250,20 @@ def test_ctrl_c_under_torchrun_stops_every_rank_in_one_line_and_resumes_bit_for_
     launch(2, ["-m", "localsgd", "train", *flags, "--out", str(out), "--resume"])
     launch(2, ["-m", "localsgd", "train", *flags, "--out", str(tmp_path / "full")])
     same_run(tmp_path / "full", out)
+
+
+def test_plot_without_out_writes_beside_the_runs(
+    runs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    here = tmp_path / "cwd"
+    here.mkdir()
+    monkeypatch.chdir(here)  # where a default of "runs.png" would have gone
+    a = copy_of(runs, "finished", tmp_path / "study")
+    b = copy_of(runs, "interrupted", tmp_path / "study")
+    assert main(["plot", str(a), str(b)]) == 0
+    assert (tmp_path / "study" / "runs.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert list(here.iterdir()) == []
+    elsewhere = copy_of(runs, "finished", tmp_path / "elsewhere")
+    capsys.readouterr()
+    assert main(["plot", str(a), str(elsewhere)]) == 2
+    assert "the runs are in different folders; say where the plot goes with --out FILE.png" in one_error_line(capsys)

@@ -57,7 +57,9 @@ def parser() -> argparse.ArgumentParser:
 
     plot = sub.add_parser("plot", help="plot runs against each other (PNG)")
     plot.add_argument("runs", nargs="+", metavar="RUN_DIR")
-    plot.add_argument("--out", default="runs.png", help="output PNG (default runs.png)")
+    plot.add_argument(
+        "--out", help="output PNG (default: runs.png in the folder that holds the runs, if they share one)"
+    )
 
     study = sub.add_parser(
         "study",
@@ -248,6 +250,14 @@ def run_interpolate(args: argparse.Namespace) -> int:
     return 0
 
 
+def plot_path(runs: list[Path]) -> Path:
+    """Where ``localsgd plot`` writes without ``--out``: beside the runs, never in the current folder
+    by accident."""
+    if len({r.resolve().parent for r in runs}) > 1:
+        raise ValueError("the runs are in different folders; say where the plot goes with --out FILE.png")
+    return runs[0].parent / "runs.png"
+
+
 def error_line(e: Exception) -> str:
     """One line for the user: an OS error names its path and the OS's reason."""
     if isinstance(e, OSError) and e.strerror:
@@ -325,7 +335,8 @@ def command(argv: list[str] | None) -> int:
         if args.command == "plot":
             from localsgd.harness.plot import plot_runs
 
-            print(plot_runs([Path(r) for r in args.runs], Path(args.out)))
+            runs = [Path(r) for r in args.runs]
+            print(plot_runs(runs, Path(args.out) if args.out else plot_path(runs)))
             return 0
         if args.command == "sharpness":
             from localsgd.harness import sharpness
