@@ -15,7 +15,7 @@ from torch import nn
 
 from localsgd.harness import optim, plot
 from localsgd.harness.cli import main
-from localsgd.harness.config import Config, ConfigError, load_toml, preset
+from localsgd.harness.config import PRESETS, Config, ConfigError, load_toml, preset
 from localsgd.harness.models import build_model
 from localsgd.harness.tasks import shard_steps
 from localsgd.harness.train import make_plan
@@ -193,6 +193,108 @@ def test_bad_config_is_one_line_before_training(
     assert not out.exists()  # nothing ran
 
 
+# Validation by intent: a setting given on purpose (flag, file, preset, Config(...)) that the chosen
+# task, model, optimizer, schedule or method does not read is an error whatever its value, even
+# its default's. One row per class of unused setting.
+ADAMW = ["--optimizer", "adamw", "--peak-lr", "0.003"]
+TEXT = ["--dataset", "text", "--model", "gpt"]
+UNUSED_SETTINGS = [
+    ([*ADAMW, "--momentum", "0.9"], "momentum = 0.9 is sgd's; optimizer = adamw does not use it"),
+    ([*ADAMW, "--nesterov"], "nesterov = True is sgd's; optimizer = adamw does not use it"),
+    ([*ADAMW, "--lr-per-64", "0.1"], "lr_per_64 = 0.1 is sgd's; optimizer = adamw does not use it"),
+    (["--peak-lr", "0.5", "--lr-schedule", "cosine", "--lr-per-64", "0.1"],
+     "lr_per_64 = 0.1 is not used: peak_lr sets the peak LR, and the warm-up starts from lr_per_64 only"),
+    (["--betas", "none"], "betas = None needs optimizer = adamw"),
+    (["--lr-schedule", "cosine", "--decay-at", "0.5,0.75"], "decay_at = [0.5, 0.75] is for lr_schedule = step"),
+    (["--decay-at", "", "--decay-factor", "0.1"], "decay_factor = 0.1 is not used: decay_at is empty (no LR decay)"),
+    ([*TEXT, "--train-subset", "none"], "train_subset = None is not used by dataset = text"),
+    ([*TEXT, "--channels-last"], "channels_last = True is not used by dataset = text"),
+    ([*TEXT, "--buffers", "local"], "buffers = 'local' is not used by dataset = text"),
+    (["--seq-len", "none"], "seq_len = None is not used by dataset = cifar10"),
+    (["--width", "none"], "width = None is not used by dataset = cifar10"),
+    (["--depth", "2"], "depth = 2 is not used by dataset = cifar10"),
+    (["--heads", "4"], "heads = 4 is not used by dataset = cifar10"),
+    (["--dropout", "0"], "dropout = 0.0 is not used by dataset = cifar10"),
+    (["--dataset", "text", "--model", "lstm", "--heads", "none"], "heads = None is for model = gpt, not lstm"),
+    (["--outer-lr", "none"], "outer_lr = None needs an outer_optimizer (diloco or slowmo)"),
+    (["--outer-momentum", "0.9"], "outer_momentum = 0.9 needs an outer_optimizer (diloco or slowmo)"),
+    (["--compress-block", "none"], "compress_block = None needs compress = int8 or sign"),
+    (["--local-steps", "1", "--switch-epoch", "0"], "switch_epoch = 0.0 needs local steps: with local_steps (H) = 1"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("flags,message", UNUSED_SETTINGS, ids=[" ".join(f) for f, _ in UNUSED_SETTINGS])
+def test_a_setting_given_but_not_used_is_one_line_whatever_its_value(
+    flags: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    assert main(["train", *flags, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("localsgd: error: ") and err.count("\n") == 1, err
+    assert message in err
+    assert not out.exists()
+
+
+def test_given_settings_survive_every_path_to_train(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Which settings were given travels with the Config: from a TOML file (named in the error),
+    from Config(...) in Python, through dataclasses.replace; it is not a setting (not in to_dict,
+    so checkpoints compare as before); a study's method is named too."""
+    import dataclasses
+
+    from localsgd.harness import study
+
+    toml = tmp_path / "run.toml"
+    toml.write_text("momentum = 0.9\n")
+    assert main(["train", "--config", str(toml), *ADAMW, "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert f"momentum = 0.9 is sgd's; optimizer = adamw does not use it (set by {toml})" in err
+    cfg = Config(optimizer="adamw", peak_lr=3e-3, momentum=0.9)
+    with pytest.raises(ConfigError, match=r"^momentum = 0.9 is sgd's; optimizer = adamw does not use it$"):
+        cfg.validate()
+    with pytest.raises(ConfigError, match=r"^momentum = 0.9 is sgd's"):
+        dataclasses.replace(cfg, workers=4).validate()
+    Config(optimizer="adamw", peak_lr=3e-3).validate()  # the defaults of sgd's settings, not given
+    assert "given" not in cfg.to_dict() and cfg.to_dict() == Config(**cfg.to_dict()).to_dict()
+    assert cfg == Config(optimizer="adamw", peak_lr=3e-3)  # given is not compared
+    base = {"optimizer": "adamw", "peak_lr": 3e-3, "nesterov": True}
+    named = study.Study(base=base, methods={"m": {}}, seeds=(1,))
+    with pytest.raises(ConfigError, match=r"nesterov = True is sgd's; .* \(set by study method 'm'\)$"):
+        named.config("m", 1, None).validate()
+
+
+def test_switching_a_presets_optimizer_drops_its_own_settings_with_one_line_each(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A preset's settings are given on purpose, for its optimizer, schedule and task. A user who
+    switches one of those (a flag or file wins over the preset) gets the preset's settings that no
+    longer apply dropped, one line each naming the preset; in Python, where nothing is dropped,
+    validate() names the preset. No preset sets a setting it does not use."""
+    from localsgd.harness.cli import parser, train_config
+
+    for name in PRESETS:
+        assert preset(name).unused() == {}, name
+    args = parser().parse_args(["train", "--preset", "sotu-lstm", *ADAMW])
+    cfg = train_config(args)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == [
+        f"localsgd: preset 'sotu-lstm' sets {name} = {value!r}, which is sgd's; optimizer = adamw does not "
+        "use it; ignored"
+        for name, value in (("momentum", 0.0), ("nesterov", False), ("lr_per_64", 2.5 * 64 / 24))
+    ]
+    cfg.validate()
+    assert (cfg.momentum, cfg.nesterov, cfg.lr_per_64) == (0.9, True, 0.1)  # the defaults, unused
+    assert (cfg.seq_len, cfg.max_grad_norm, cfg.weight_decay) == (64, 0.4, 0.0)  # the rest is kept
+    cfg = preset("sotu-lstm")
+    cfg.optimizer, cfg.peak_lr = "adamw", 3e-3
+    with pytest.raises(ConfigError, match=r"\(set by preset 'sotu-lstm'\)$"):
+        cfg.validate()
+    args = parser().parse_args(["train", "--preset", "sotu-lstm", *ADAMW, "--momentum", "0"])
+    with pytest.raises(ConfigError, match=r"^momentum = 0.0 is sgd's"):
+        train_config(args).validate()  # given again by the user: an error
+
+
 @needs_cifar10
 def test_bf16_speed_mode_learns_like_fp32_or_is_refused_where_it_would_be_slow(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
@@ -243,6 +345,7 @@ def test_unwritable_run_directory_is_one_line_before_training(
         out.mkdir()
         (out / "checkpoints").write_text("")
     flags = ["--dataset", "cifar100", "--data-dir", str(data), "--workers", "2", "--local-batch-size", "8"]
+    flags += ["--warmup-epochs", "0"]  # the runs are 1 epoch long
     assert main(["train", *flags, "--epochs", "1", "--out", str(out)]) == 2
     err = capsys.readouterr().err
     reason = {"below a file": "Not a directory", "checkpoints is a file": "File exists"}.get(where, "")
@@ -270,6 +373,7 @@ def test_oserror_anywhere_is_one_line_with_path_and_reason(
     data = write_cifar100(tmp_path / "data", n_train=64, n_test=32)
     out = tmp_path / "run"
     flags = ["--dataset", "cifar100", "--data-dir", str(data), "--workers", "2", "--local-batch-size", "8"]
+    flags += ["--warmup-epochs", "0"]  # the runs are 1 epoch long
     assert main(["train", *flags, "--epochs", "1", "--out", str(out)]) == 2
     err = capsys.readouterr().err  # the progress bar's lines, then the error on a line of its own
     assert err.endswith(f"\nlocalsgd: error: {out / 'metrics.jsonl'}: No space left on device\n"), err
@@ -468,6 +572,7 @@ def test_cifar100_trains_from_the_same_code(tmp_path: Path) -> None:
     data = write_cifar100(tmp_path / "data", n_train=64, n_test=32)
     out = tmp_path / "run"
     flags = ["--dataset", "cifar100", "--data-dir", str(data), "--workers", "2", "--local-batch-size", "8"]
+    flags += ["--warmup-epochs", "0"]  # the runs are 1 epoch long
     assert main(["train", *flags, "--epochs", "1", "--local-steps", "2", "--out", str(out)]) == 0
     assert torch.load(out / "model.pt", weights_only=True)["model"]["head.fc.weight"].shape[0] == 100
 

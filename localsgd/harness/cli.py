@@ -20,7 +20,7 @@ def positive_int(text: str) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    from localsgd.harness.config import PRESETS, Config, field_docs, field_types
+    from localsgd.harness.config import PRESETS, SETTINGS, field_docs, field_types
 
     p = argparse.ArgumentParser(
         prog="localsgd", description="Local SGD, post-local SGD and hierarchical local SGD."
@@ -39,7 +39,7 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("--preset", choices=sorted(PRESETS), help="start from a named preset")
     train.add_argument("--config", metavar="FILE", help="TOML file of settings (keys as below, with _ or -)")
     docs, types = field_docs(), field_types()
-    for name in Config.__dataclass_fields__:
+    for name in SETTINGS:
         flag = name.replace("_", "-")
         if types[name] == "bool":  # --flag, --flag true|false, --no-flag
             train.add_argument(
@@ -136,14 +136,27 @@ def parser() -> argparse.ArgumentParser:
 
 
 def train_config(args: argparse.Namespace):
-    from localsgd.harness.config import Config, load_toml, parse_value, preset
+    """The settings: preset < file < flags. A preset's setting that the result does not use (the
+    user switched the optimizer, schedule or task) is dropped with one line naming the preset."""
+    from localsgd.harness.config import (
+        SETTINGS,
+        Config,
+        drop_unused_preset_settings,
+        load_toml,
+        parse_value,
+        preset,
+    )
 
     cfg = preset(args.preset) if args.preset else Config()
     if args.config:
         cfg = load_toml(args.config, base=cfg)
-    for name in Config.__dataclass_fields__:
+    for name in SETTINGS:
         if name in vars(args):
             setattr(cfg, name, parse_value(name, getattr(args, name)))
+            cfg.given = {**cfg.given, name: "flag"}
+    for line in drop_unused_preset_settings(cfg):
+        if os.environ.get("RANK", "0") == "0":
+            print(f"localsgd: {line}", file=sys.stderr)
     return cfg
 
 
