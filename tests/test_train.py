@@ -295,6 +295,53 @@ def test_switching_a_presets_optimizer_drops_its_own_settings_with_one_line_each
         train_config(args).validate()  # given again by the user: an error
 
 
+def small_corpus(folder: Path, train_bytes: int, valid_bytes: int) -> Path:
+    """Two documents: the first for training, the second (the last) for validation."""
+    folder.mkdir()
+    (folder / "a.txt").write_bytes(b"abcdefgh" * (train_bytes // 8))
+    (folder / "b.txt").write_bytes(b"x" * valid_bytes)
+    return folder
+
+
+# Every size is bounded before the first step (one line: the value and what is allowed).
+ONE_STEP_TEXT = ["--dataset", "text", "--workers", "1", "--local-batch-size", "1", "--epochs", "0.0001",
+                 "--warmup-epochs", "0", "--test-subset", "1", "--no-progress", "--eval-local", "never"]  # fmt: skip
+TOO_LARGE = [
+    ([*ONE_STEP_TEXT, "--model", "gpt", "--seq-len", "1025", "--data-dir", "SOTU"],
+     "seq_len = 1025 is longer than the gpt's position table allows: at most 1024 positions"),
+    (["--dataset", "text", "--model", "lstm", "--seq-len", "5000", "--data-dir", "SOTU"],
+     "seq_len = 5000 is too long for the training split: its 9987579 tokens in K·B_loc = 2048 columns allow "
+     "at most seq_len = 4873"),
+    ([*ONE_STEP_TEXT, "--model", "lstm", "--seq-len", "200", "--data-dir", "SMALL"],
+     "seq_len = 200 is too long for the validation split: its 101 tokens allow at most seq_len = 100"),
+    (["--dataset", "cifar100", "--data-dir", "CIFAR100", "--workers", "2", "--local-batch-size", "8", "--epochs", "1",
+      "--warmup-epochs", "0", "--local-steps", "2", "--compress", "int8", "--compress-block", str(10**12)],
+     "compress_block = 1000000000000 exceeds the 278,324 parameters of model = resnet20: a block holds at most"),
+    (["--epochs", "3", "--warmup-epochs", "4"],
+     "warmup_epochs = 4 exceeds epochs = 3: the LR would never reach its peak; give --warmup-epochs between 0 and 3"),
+    (["--epochs", "2"], "warmup_epochs = 5 (the default) exceeds epochs = 2"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("flags,message", TOO_LARGE, ids=[" ".join(f) for f, _ in TOO_LARGE])
+def test_every_size_is_bounded_before_the_first_step(
+    flags: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    if "SOTU" in flags and not SOTU.is_dir():
+        pytest.skip("needs the SOTU corpus")
+    where = {"SOTU": str(SOTU), "SMALL": str(tmp_path / "small"), "CIFAR100": str(tmp_path / "cifar100")}
+    if "SMALL" in flags:
+        small_corpus(tmp_path / "small", 20_000, 100)
+    if "CIFAR100" in flags:
+        write_cifar100(tmp_path / "cifar100", n_train=64, n_test=32)
+    out = tmp_path / "run"
+    assert main(["train", *[where.get(f, f) for f in flags], "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("localsgd: error: ") and err.count("\n") == 1, err
+    assert message in err
+    assert not out.exists()
+
+
 @needs_cifar10
 def test_bf16_speed_mode_learns_like_fp32_or_is_refused_where_it_would_be_slow(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
