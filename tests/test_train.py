@@ -665,6 +665,70 @@ def test_plot_compares_runs(tmp_path: Path) -> None:
     assert rounds[1] == rounds[0] // 2 > 0  # H = 1 averages every step, H = 2 every second one
 
 
+def fake_run(run: Path, text: bool = False) -> Path:
+    """A finished run directory of two rows, written by hand (no training)."""
+    run.mkdir(parents=True)
+    split, metric = ("valid", "valid_bpb") if text else ("test", "test_acc")
+    rows = [
+        {"epoch": e, "step": e, "lr": 0.1, "train_loss": 2.0 / e, "train_acc": 0.1 * e, f"{split}_loss": 2.0,
+         f"{split}_acc": 0.1 * e, metric: 3.0 / e, "tokens": 1000 * e, "rounds": {"global": e}}
+        for e in (1, 2)
+    ]  # fmt: skip
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = {"workers": 2, "local_steps": 1, "switch_epoch": None, "block_steps": None}
+    (run / "config.json").write_text(json.dumps({"config": config, "derived": {"switch_step": 0}}))
+    (run / "summary.json").write_text(json.dumps({"rounds": {"global": 2}, "bytes": {"global": 8}}))
+    return run
+
+
+# Every OS or parse error names its file: (file, how it is damaged, the command that reads it, message).
+DAMAGED = [
+    ("run.toml", b"epochs = 3\n# caf\xe9\n", "train", "is not UTF-8 text (byte 16: 0xe9); TOML files are UTF-8"),
+    ("run/metrics.jsonl", b'{"epoch": 1}\n{"epoch": 2, "lr', "plot", "line 2 is not valid JSON (Unterminated string"),
+    ("run/metrics.jsonl", b'{"epoch": 1}\n\xff\n', "plot", "not UTF-8 text (byte 13); the file is corrupt"),
+    ("run/metrics.jsonl", b"[1, 2]\n", "plot", "line 1 is not a metrics row (a JSON object); corrupt"),
+    ("run/config.json", b'{"config": {"workers": 2', "plot", "not valid JSON (Expecting ',' delimiter: line 1"),
+    ("study/mini-batch/seed-1/summary.json", b'{"rounds": ', "study", "not valid JSON (Expecting value: line 1"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("name,data,command,message", DAMAGED, ids=[f"{n} {c}" for n, _, c, _ in DAMAGED])
+def test_a_damaged_file_is_one_line_naming_it(
+    name: str, data: bytes, command: str, message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fake_run(tmp_path / "run")
+    fake_run(tmp_path / "study" / "mini-batch" / "seed-1")
+    path = tmp_path / name
+    path.write_bytes(data)
+    argv = {
+        "train": ["train", "--config", str(path), "--out", str(tmp_path / "new")],
+        "plot": ["plot", str(tmp_path / "run"), "--out", str(tmp_path / "runs.png")],
+        "study": ["study", "smoke", "--summary", "--out", str(tmp_path / "study")],
+    }[command]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(("localsgd: error: config file " + repr(str(path)), f"localsgd: error: {path}: "))
+    assert err.count("\n") == 1 and message in err, err
+
+
+def test_plot_of_image_and_text_runs_is_refused_naming_each_kind(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Accuracy against epochs and bits per byte against tokens share no axis: one line naming the
+    runs of each kind, and no file."""
+    image, text = fake_run(tmp_path / "image"), fake_run(tmp_path / "text", text=True)
+    other = fake_run(tmp_path / "image2")
+    assert main(["plot", str(image), str(text), str(other), "--out", str(tmp_path / "runs.png")]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"localsgd: error: cannot plot image runs ({image}, {other}) with text runs ({text}) in one figure: "
+        "test accuracy against epochs and validation bits per byte against tokens share no axis; plot each "
+        "kind alone\n"
+    )
+    assert not (tmp_path / "runs.png").exists()
+    assert main(["plot", str(text), "--out", str(tmp_path / "text.png")]) == 0  # each kind alone draws
+
+
 def test_tensorboard_without_the_package_is_a_clear_error(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
