@@ -453,6 +453,40 @@ def test_boolean_settings_are_flags_that_also_take_values(tmp_path: Path) -> Non
     assert "K is the number of processes" in text
 
 
+def test_train_help_shows_every_default_and_a_line_per_preset() -> None:
+    """Each setting's help shows its default (from the dataclass; a None default says what none
+    means, and the defaults derived in code agree with it); each preset has one line of what it
+    is, the same line as in README's table."""
+    from localsgd.compression import DEFAULT_BLOCK
+    from localsgd.harness.cli import parser
+    from localsgd.harness.config import DEFAULT_WORKERS, OUTER_DEFAULTS, PRESET_NOTES, SETTINGS
+    from localsgd.harness.language import SIZES
+
+    train = parser()._subparsers._group_actions[0].choices["train"]  # type: ignore[union-attr]
+    shown = [a for a in train._actions if a.dest in SETTINGS and a.help != "==SUPPRESS=="]
+    helps = {a.dest: " ".join(a.help.split()) for a in shown}
+    assert set(helps) == set(SETTINGS)
+    assert [name for name, text in helps.items() if "default" not in text] == []
+    assert "(default: 0.5,0.75)" in helps["decay_at"] and "(default: true)" in helps["nesterov"]
+    assert "(default: 300)" in helps["epochs"] and "(default: none)" in helps["save_models_at"]
+    assert f"(default {Config().text_seq_len()})" in helps["seq_len"]
+    assert f"(default {DEFAULT_WORKERS})" in helps["workers"]
+    assert f"(default {DEFAULT_BLOCK})" in helps["compress_block"]
+    for key in ("width", "depth"):
+        assert f"(default: gpt {SIZES['gpt'][key]}, lstm {SIZES['lstm'][key]})" in helps[key]
+    assert f"(default {SIZES['gpt']['heads']})" in helps["heads"]
+    lr, momentum = OUTER_DEFAULTS["diloco"], OUTER_DEFAULTS["slowmo"]
+    assert f"diloco {lr[0]}, slowmo's alpha {momentum[0]}" in helps["outer_lr"]
+    assert f"diloco {lr[1]}, slowmo's beta {momentum[1]}" in helps["outer_momentum"]
+    text = train.format_help()
+    assert list(PRESET_NOTES) == list(PRESETS)
+    for name, note in PRESET_NOTES.items():
+        assert re.search(rf"^  {re.escape(name)} +{re.escape(note)}$", text, re.M), name
+    readme = (ROOT / "README.md").read_text()
+    table = re.findall(r"^\| `([\w-]+)` \| (.*) \|$", readme, re.M)
+    assert table == list(PRESET_NOTES.items())
+
+
 def test_workers_follow_torchrun_unless_set(monkeypatch: pytest.MonkeyPatch) -> None:
     """Under torchrun K is the number of processes unless a flag, file or preset sets it; an explicit
     K that differs is a one-line error; outside torchrun the default is 16."""

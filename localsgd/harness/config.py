@@ -46,9 +46,9 @@ class Config:
     """images: resnet8, resnet14, resnet20, resnet32, resnet56, densenet40 or wrn28_10; text: gpt or
     lstm"""
     train_subset: int | None = None
-    """train on a fixed random subset of N training images (quick runs; images only)"""
+    """train on a fixed random subset of N training images (quick runs; images only; default: all)"""
     test_subset: int | None = None
-    """evaluate on a fixed random subset of N test images (text: N validation windows)"""
+    """evaluate on a fixed random subset of N test images (text: N validation windows; default: all)"""
     seq_len: int | None = None
     """text: tokens (bytes) per window (default 128)"""
     width: int | None = None
@@ -70,11 +70,12 @@ class Config:
     local_steps: int = 1
     """H: local steps between averages (1 = mini-batch SGD)"""
     switch_epoch: float | str | None = None
-    """t': epoch of the switch from mini-batch to local SGD ("first-decay": the first LR decay)"""
+    """t': epoch of the switch from mini-batch to local SGD ("first-decay": the first LR decay;
+    default: none, local SGD from the start)"""
     workers_per_block: int | None = None
     """K': workers per block for hierarchical local SGD (under torchrun default: the processes of a node)"""
     block_steps: int | None = None
-    """H_b: block averages between two global averages (hierarchical local SGD)"""
+    """H_b: block averages between two global averages (hierarchical local SGD; default: none, flat)"""
     buffers: str = "local"
     """BatchNorm statistics at averages: local (paper) or average"""
     optimizer_state: str = "local"
@@ -103,7 +104,7 @@ class Config:
     lr_per_64: float = 0.1
     """learning rate per 64 samples; peak LR = lr_per_64 * B_loc/64 * K (linear scaling)"""
     peak_lr: float | None = None
-    """set the peak LR directly instead of the linear-scaling rule"""
+    """set the peak LR directly instead of the linear-scaling rule (default: none, the rule)"""
     warmup_epochs: float = 5
     """linear per-step warm-up to the peak LR over this many epochs, from lr_per_64 (sgd) or from 0
     (adamw)"""
@@ -127,15 +128,16 @@ class Config:
     then a cosine from the peak LR to peak * decay_factor at the end"""
     max_grad_norm: float | None = None
     """clip each worker's gradient to this 2-norm before its step (the averaged gradient in the
-    mini-batch phase)"""
+    mini-batch phase; default: none, no clipping)"""
 
     # --- run ---
     seed: int = 6
+    """seeds the initial model, every worker's data order, augmentation and dropout"""
     out: str | None = None
     """run directory (default: runs/<preset or model>-<dataset>-K<K>-H<H>-seed<seed>)"""
     row_steps: int | None = None
     """write a metrics row every this many steps instead of at every epoch's end (text: an epoch is
-    long); eval_every and checkpoint_every then count rows"""
+    long); eval_every and checkpoint_every then count rows (default: none, a row per epoch)"""
     eval_every: int = 1
     """evaluate every this many epochs (rows, with row_steps), and always at the end"""
     checkpoint_every: int = 1
@@ -567,6 +569,36 @@ PRESETS: dict[str, dict[str, Any]] = {
         "eval_local": "never",
     },
 }
+
+
+# One line per preset for `localsgd train --help` and the README's table (kept equal by a test).
+PRESET_NOTES: dict[str, str] = {
+    "paper": "the paper's protocol: ResNet-20, CIFAR-10, K=16, B_loc=128, 300 epochs, LR 0.1 per 64 samples "
+    "scaled linearly (peak 3.2) after 5 warm-up epochs, x0.1 at 50% and 75%, Nesterov momentum 0.9, weight "
+    "decay 1e-4; post-local SGD, H=16 from the first decay (about 6 CPU-hours)",
+    "paper-h32": "the same with H=32",
+    "paper-minibatch": "large-batch baseline: mini-batch SGD, K·B_loc = 2048",
+    "paper-small-batch": "small-batch baseline: one worker, B = 128 (peak LR 0.2)",
+    "demo": "3 epochs of post-local SGD on 20,000 CIFAR-10 images, K=4, B_loc=64, H=8 from epoch 1",
+    "paper-lstm": "the paper's language model: 3 x 650 tied LSTM, dropout 0.4, windows of 30, clipping 0.4, "
+    "K=32, B_loc=32, LR 2.5 per 24 samples scaled linearly, no momentum or weight decay, 300 epochs, H=16 "
+    "from the first decay",
+    "sotu-gpt": "a few-minute text demo: 0.84M-parameter GPT, 128-byte windows, AdamW (peak 3e-3, weight "
+    "decay 0.1) and a cosine, K=4, B_loc=16, H=16 after 0.05 of 0.3 epochs",
+    "sotu-lstm": "a few-minute text demo: 2 x 256 LSTM with the paper's SGD recipe, 64-byte windows, K=4, "
+    "B_loc=16, H=16 after 0.05 of 0.3 epochs, x0.1 at 67%",
+}
+
+
+def shown(value: Any) -> str:
+    """A setting's value as it is typed after its flag (for --help)."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list):
+        return ",".join(f"{v:g}" for v in value) or "none"
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def field_docs() -> dict[str, str]:
