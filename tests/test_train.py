@@ -219,7 +219,6 @@ UNUSED_SETTINGS = [
     (["--outer-lr", "none"], "outer_lr = None needs an outer_optimizer (diloco or slowmo)"),
     (["--outer-momentum", "0.9"], "outer_momentum = 0.9 needs an outer_optimizer (diloco or slowmo)"),
     (["--compress-block", "none"], "compress_block = None needs compress = int8 or sign"),
-    (["--local-steps", "1", "--switch-epoch", "0"], "switch_epoch = 0.0 needs local steps: with local_steps (H) = 1"),
 ]  # fmt: skip
 
 

@@ -351,11 +351,6 @@ class Config:
                 why[name] = "needs an outer_optimizer (diloco or slowmo)"
         if self.compress not in ("int8", "sign"):
             why["compress_block"] = "needs compress = int8 or sign"
-        if self.local_steps == 1 and self.block_steps is None:
-            why["switch_epoch"] = (
-                "needs local steps: with local_steps (H) = 1 and no block_steps there is no local SGD "
-                "to switch to"
-            )
         defaults = Config()
         return {
             name: reason
