@@ -167,9 +167,10 @@ class Config:
     progress: bool = True
     """progress bar on stderr (rank 0)"""
 
-    # Not a setting: the settings given on purpose, each with where (a flag, a file, a preset, a
-    # study; "" for Config(...) and flags). Left out of to_dict(), so checkpoints and config.json
-    # hold settings only; dataclasses.replace passes it on.
+    # Not a setting: the settings given on purpose, each with where ("flag", a file's path, "preset
+    # 'NAME'", "study method 'NAME'"; "" for Config(...)). Left out of to_dict(), so checkpoints and
+    # config.json hold settings only (older checkpoints resume as before); dataclasses.replace
+    # passes it on.
     given: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     def validate(self) -> None:
@@ -431,7 +432,7 @@ def _record_given(init: Any) -> Any:
     @functools.wraps(init)
     def __init__(self: Config, *args: Any, **kwargs: Any) -> None:
         init(self, *args, **kwargs)
-        if "given" not in kwargs and len(args) < len(SETTINGS) + 1:
+        if "given" not in kwargs and len(args) <= len(SETTINGS):
             self.given = dict.fromkeys([*SETTINGS[: len(args)], *kwargs], "")
 
     return __init__
