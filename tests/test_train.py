@@ -721,6 +721,7 @@ DAMAGED = [
     ("run/metrics.jsonl", b'{"epoch": 1}\n\xff\n', "plot", "not UTF-8 text (byte 13); the file is corrupt"),
     ("run/metrics.jsonl", b"[1, 2]\n", "plot", "line 1 is not a metrics row (a JSON object); corrupt"),
     ("run/config.json", b'{"config": {"workers": 2', "plot", "not valid JSON (Expecting ',' delimiter: line 1"),
+    ("run/config.json", b'{"settings": {}}', "plot", "not a run's config.json (KeyError: 'config')"),
     ("study/mini-batch/seed-1/summary.json", b'{"rounds": ', "study", "not valid JSON (Expecting value: line 1"),
 ]  # fmt: skip
 

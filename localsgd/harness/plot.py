@@ -48,12 +48,15 @@ def read_run(run: Path) -> tuple[str, list[dict[str, Any]]]:
     config = run / "config.json"
     if config.is_file():
         c = read_json(config)
-        d = c["config"]
-        label = f"{run.name}: K={d['workers']}, H={d['local_steps']}"
-        if c["derived"]["switch_step"]:
-            label += f", t'={d['switch_epoch']}"
-        if d.get("block_steps"):
-            label += f", K'={d['workers_per_block']}, H_b={d['block_steps']}"
+        try:
+            d = c["config"]
+            label = f"{run.name}: K={d['workers']}, H={d['local_steps']}"
+            if c["derived"]["switch_step"]:
+                label += f", t'={d['switch_epoch']}"
+            if d.get("block_steps"):
+                label += f", K'={d['workers_per_block']}, H_b={d['block_steps']}"
+        except (KeyError, TypeError, AttributeError) as e:
+            raise ConfigError(f"{config}: not a run's config.json ({type(e).__name__}: {e})") from None
     return label, rows
 
 
