@@ -269,7 +269,8 @@ class Config:
             where = f" (set by {where})" if where not in ("", "flag") else ""
             raise ConfigError(f"{name} = {getattr(self, name)!r} {reason}{where}")
         if self.optimizer == "sgd" and self.nesterov and self.momentum == 0:
-            raise ConfigError("nesterov needs momentum > 0, got momentum = 0")
+            hint = "" if "nesterov" in self.given else " (nesterov is on by default: give --no-nesterov)"
+            raise ConfigError(f"nesterov needs momentum > 0, got momentum = 0{hint}")
 
     def _validate_task(self) -> None:
         from localsgd.harness.language import LANGUAGE_MODELS
