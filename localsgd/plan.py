@@ -107,6 +107,11 @@ def steps_per_epoch(train_samples: int, workers: int, local_batch_size: int) -> 
     _int("local_batch_size (B_loc)", local_batch_size, 1)
     if train_samples < workers:
         raise ValueError(f"train_samples must be at least workers (K) = {workers}, got {train_samples}")
+    if local_batch_size > train_samples // workers:
+        raise ValueError(
+            f"local_batch_size (B_loc) must be at most each worker's shard of {train_samples // workers} "
+            f"samples ({train_samples} / workers (K) = {workers}), got {local_batch_size}"
+        )
     return math.ceil(train_samples // workers / local_batch_size)
 
 
@@ -365,17 +370,40 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="cost of one average besides the all-reduce (flatten, copy back), ms (default 0)")  # fmt: skip
     add("--compress", metavar="CODEC",
         help="codec of the global parameter averages: bf16, fp16, int8, sign (default: fp32)")  # fmt: skip
-    add("--compress-block", type=int, default=256, metavar="N", help="int8/sign block size (default 256)")
-    add("--codec-overhead-ms", type=float, default=0.0,
+    add("--compress-block", type=int, metavar="N", help="int8/sign block size (default 256)")
+    add("--codec-overhead-ms", type=float,
         help="encoding and decoding time of one compressed average, ms (default 0)")  # fmt: skip
     add("--overlap-steps", type=int, default=0, metavar="TAU",
         help="apply each parameter average TAU steps after it starts (default 0: blocking)")  # fmt: skip
     add("--json", action="store_true", help="print JSON instead of a table")
 
 
+def check_command(args: argparse.Namespace) -> None:
+    """What makes ``localsgd plan``'s prediction meaningless: no measured compute time, an option
+    nothing reads, a block larger than the model. ValueError, one line."""
+    if args.compute_ms <= 0:  # (NaN and inf: _finite)
+        raise ValueError(
+            f"--compute-ms must be a local step's measured time, a number > 0 (ms), got {args.compute_ms:g}"
+        )
+    if args.switch_epoch is not None and args.post_local is None:
+        raise ValueError(f"--switch-epoch {args.switch_epoch:g} needs --post-local H (t' is post-local's)")
+    if args.compress_block is not None and args.compress not in ("int8", "sign"):
+        raise ValueError(f"--compress-block {args.compress_block} needs --compress int8 or sign")
+    if args.codec_overhead_ms is not None and args.compress is None:
+        raise ValueError(f"--codec-overhead-ms {args.codec_overhead_ms:g} needs --compress")
+    if args.compress_block is not None:
+        parameters = math.ceil(parse_size(args.model_bytes) / 4)
+        if args.compress_block > parameters:
+            raise ValueError(
+                f"--compress-block {args.compress_block} exceeds the model's {parameters} parameters "
+                f"(--model-bytes / 4): a block holds at most every parameter"
+            )
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``localsgd plan`` on parsed arguments; a bad value prints one line and returns 2."""
     try:
+        check_command(args)
         n = steps_per_epoch(args.train_samples, args.workers, args.local_batch_size)
         network = Network(
             latency=_finite("--latency-ms", args.latency_ms) / 1e3,
@@ -395,8 +423,8 @@ def run(args: argparse.Namespace) -> int:
             epochs=args.epochs,
             average_overhead=_finite("--average-overhead-ms", args.average_overhead_ms) / 1e3,
             compression=args.compress,
-            block_size=args.compress_block,
-            codec_overhead=_finite("--codec-overhead-ms", args.codec_overhead_ms) / 1e3,
+            block_size=args.compress_block or 256,
+            codec_overhead=_finite("--codec-overhead-ms", args.codec_overhead_ms or 0.0) / 1e3,
             overlap_steps=args.overlap_steps,
         )
     except ValueError as e:

@@ -243,6 +243,7 @@ def test_hierarchical_step_by_hand() -> None:
         (lambda n: plan.parse_size("1.09 parsecs"), "model size"),
         (lambda n: plan.steps_per_epoch(50_000, 4, 0), "local_batch_size (B_loc)"),
         (lambda n: plan.steps_per_epoch(3, 4, 32), "train_samples"),
+        (lambda n: plan.steps_per_epoch(100, 4, 32), "local_batch_size (B_loc)"),
     ],
 )
 def test_bad_input_is_one_clear_line(call, named: str, slow_net: Network) -> None:
@@ -280,3 +281,30 @@ def test_command_line_bad_value_prints_one_line(capsys: pytest.CaptureFixture[st
     assert err.count("\n") == 0 and "bandwidth" in err and "'fast'" in err
     assert plan.main(["--compute-ms", "-1", "--workers", "4"]) == 2
     assert "--compute-ms" in capsys.readouterr().err
+
+
+PLAN = ["--compute-ms", "130", "--workers", "4"]
+MEANINGLESS = [
+    (["--compute-ms", "0", "--workers", "4"], "--compute-ms must be a local step's measured time, a number > 0 (ms), got 0"),
+    ([*PLAN, "--switch-epoch", "10"], "--switch-epoch 10 needs --post-local H"),
+    ([*PLAN, "--compress-block", "64"], "--compress-block 64 needs --compress int8 or sign"),
+    ([*PLAN, "--compress", "bf16", "--compress-block", "64"], "--compress-block 64 needs --compress int8 or sign"),
+    ([*PLAN, "--codec-overhead-ms", "1"], "--codec-overhead-ms 1 needs --compress"),
+    ([*PLAN, "--compress", "int8", "--compress-block", "1000000"],
+     "--compress-block 1000000 exceeds the model's 272474 parameters (--model-bytes / 4)"),
+    ([*PLAN, "--local-batch-size", "20000"],
+     "local_batch_size (B_loc) must be at most each worker's shard of 12500 samples (50000 / workers (K) = 4), "
+     "got 20000"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("args,message", MEANINGLESS, ids=[" ".join(a) for a, _ in MEANINGLESS])
+def test_command_line_inputs_that_make_the_model_meaningless_are_one_line(
+    args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No measured compute time, an option nothing reads (silently ignored before), a block larger
+    than the model, a batch larger than a worker's shard (the training harness refuses it too)."""
+    assert plan.main(args) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.startswith(f"localsgd plan: error: {message}")
+    assert captured.err.count("\n") == 1

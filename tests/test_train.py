@@ -15,7 +15,7 @@ from torch import nn
 
 from localsgd.harness import optim, plot
 from localsgd.harness.cli import main
-from localsgd.harness.config import Config, ConfigError, load_toml, preset
+from localsgd.harness.config import PRESETS, Config, ConfigError, load_toml, preset
 from localsgd.harness.models import build_model
 from localsgd.harness.tasks import shard_steps
 from localsgd.harness.train import make_plan
@@ -107,6 +107,7 @@ BAD_CONFIGS = [
     (["--buffers", "sync"], "buffers must be one of local, average; got 'sync'"),
     (["--workers", "4", "--workers-per-block", "3", "--block-steps", "2"], "workers_per_block (K') = 3 must divide workers (K) = 4"),
     (["--workers-per-block", "4"], "workers_per_block (K') = 4 needs block_steps (H_b)"),
+    (["--block-steps", "2", "--local-steps", "2"], "block_steps (H_b) = 2 needs workers_per_block (K') in the simulator"),
     (["--decay-at", "0.8,0.5"], "decay_at must be increasing, got [0.8, 0.5]"),
     (["--decay-at", "1.5"], "decay_at must be a list of fractions of training in (0, 1), got [1.5]"),
     (["--nesterov", "maybe"], "--nesterov must be true or false, got 'maybe'"),
@@ -129,7 +130,8 @@ BAD_CONFIGS = [
     (["--test-subset", "0"], "test_subset must be an integer >= 1, got 0"),
     (["--optimizer-state", "keep"], "optimizer_state must be one of local, average, reset; got 'keep'"),
     (["--switch-epoch", "first-decay", "--decay-at", ""], "switch_epoch (t') is 'first-decay' but decay_at is empty"),
-    (["--momentum", "0"], "nesterov needs momentum > 0, got momentum = 0"),
+    (["--momentum", "0"], "nesterov needs momentum > 0, got momentum = 0 (nesterov is on by default: give --no-nesterov)"),
+    (["--momentum", "0", "--nesterov"], "nesterov needs momentum > 0, got momentum = 0"),
     (["--ordered-averaging", "perhaps"], "--ordered-averaging must be true or false, got 'perhaps'"),
     (["--eval-local", "false"], "eval_local must be one of every, final, never; got 'false'"),
     (["--precision", "fp16"], "precision must be one of fp32, bf16; got 'fp16'"),
@@ -193,6 +195,154 @@ def test_bad_config_is_one_line_before_training(
     assert not out.exists()  # nothing ran
 
 
+# Validation by intent: a setting given on purpose (flag, file, preset, Config(...)) that the chosen
+# task, model, optimizer, schedule or method does not read is an error whatever its value, even
+# its default's. One row per class of unused setting.
+ADAMW = ["--optimizer", "adamw", "--peak-lr", "0.003"]
+TEXT = ["--dataset", "text", "--model", "gpt"]
+UNUSED_SETTINGS = [
+    ([*ADAMW, "--momentum", "0.9"], "momentum = 0.9 is sgd's; optimizer = adamw does not use it"),
+    ([*ADAMW, "--nesterov"], "nesterov = True is sgd's; optimizer = adamw does not use it"),
+    ([*ADAMW, "--lr-per-64", "0.1"], "lr_per_64 = 0.1 is sgd's; optimizer = adamw does not use it"),
+    (["--peak-lr", "0.5", "--lr-schedule", "cosine", "--lr-per-64", "0.1"],
+     "lr_per_64 = 0.1 is not used: peak_lr sets the peak LR, and the warm-up starts from lr_per_64 only"),
+    (["--betas", "none"], "betas = None needs optimizer = adamw"),
+    (["--lr-schedule", "cosine", "--decay-at", "0.5,0.75"], "decay_at = [0.5, 0.75] is for lr_schedule = step"),
+    (["--decay-at", "", "--decay-factor", "0.1"], "decay_factor = 0.1 is not used: decay_at is empty (no LR decay)"),
+    ([*TEXT, "--train-subset", "none"], "train_subset = None is not used by dataset = text"),
+    ([*TEXT, "--channels-last"], "channels_last = True is not used by dataset = text"),
+    ([*TEXT, "--buffers", "local"], "buffers = 'local' is not used by dataset = text"),
+    (["--seq-len", "none"], "seq_len = None is not used by dataset = cifar10"),
+    (["--width", "none"], "width = None is not used by dataset = cifar10"),
+    (["--depth", "2"], "depth = 2 is not used by dataset = cifar10"),
+    (["--heads", "4"], "heads = 4 is not used by dataset = cifar10"),
+    (["--dropout", "0"], "dropout = 0.0 is not used by dataset = cifar10"),
+    (["--dataset", "text", "--model", "lstm", "--heads", "none"], "heads = None is for model = gpt, not lstm"),
+    (["--outer-lr", "none"], "outer_lr = None needs an outer_optimizer (diloco or slowmo)"),
+    (["--outer-momentum", "0.9"], "outer_momentum = 0.9 needs an outer_optimizer (diloco or slowmo)"),
+    (["--compress-block", "none"], "compress_block = None needs compress = int8 or sign"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("flags,message", UNUSED_SETTINGS, ids=[" ".join(f) for f, _ in UNUSED_SETTINGS])
+def test_a_setting_given_but_not_used_is_one_line_whatever_its_value(
+    flags: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    assert main(["train", *flags, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("localsgd: error: ") and err.count("\n") == 1, err
+    assert message in err
+    assert not out.exists()
+
+
+def test_given_settings_survive_every_path_to_train(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Which settings were given travels with the Config: from a TOML file (named in the error),
+    from Config(...) in Python, through dataclasses.replace; it is not a setting (not in to_dict,
+    so checkpoints compare as before); a study's method is named too."""
+    import dataclasses
+
+    from localsgd.harness import study
+
+    toml = tmp_path / "run.toml"
+    toml.write_text("momentum = 0.9\n")
+    assert main(["train", "--config", str(toml), *ADAMW, "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert f"momentum = 0.9 is sgd's; optimizer = adamw does not use it (set by {toml})" in err
+    cfg = Config(optimizer="adamw", peak_lr=3e-3, momentum=0.9)
+    with pytest.raises(ConfigError, match=r"^momentum = 0.9 is sgd's; optimizer = adamw does not use it$"):
+        cfg.validate()
+    with pytest.raises(ConfigError, match=r"^momentum = 0.9 is sgd's"):
+        dataclasses.replace(cfg, workers=4).validate()
+    Config(optimizer="adamw", peak_lr=3e-3).validate()  # the defaults of sgd's settings, not given
+    assert "given" not in cfg.to_dict() and cfg.to_dict() == Config(**cfg.to_dict()).to_dict()
+    assert cfg == Config(optimizer="adamw", peak_lr=3e-3)  # given is not compared
+    base = {"optimizer": "adamw", "peak_lr": 3e-3, "nesterov": True}
+    named = study.Study(base=base, methods={"m": {}}, seeds=(1,))
+    with pytest.raises(ConfigError, match=r"nesterov = True is sgd's; .* \(set by study method 'm'\)$"):
+        named.config("m", 1, None).validate()
+
+
+def test_switching_a_presets_optimizer_drops_its_own_settings_with_one_line_each(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A preset's settings are given on purpose, for its optimizer, schedule and task. A user who
+    switches one of those (a flag or file wins over the preset) gets the preset's settings that no
+    longer apply dropped, one line each naming the preset; in Python, where nothing is dropped,
+    validate() names the preset. No preset sets a setting it does not use."""
+    from localsgd.harness.cli import parser, train_config
+
+    for name in PRESETS:
+        assert preset(name).unused() == {}, name
+    args = parser().parse_args(["train", "--preset", "sotu-lstm", *ADAMW])
+    cfg = train_config(args)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == [
+        f"localsgd: preset 'sotu-lstm' sets {name} = {value!r}, which is sgd's; optimizer = adamw does not "
+        "use it; ignored"
+        for name, value in (("momentum", 0.0), ("nesterov", False), ("lr_per_64", 2.5 * 64 / 24))
+    ]
+    cfg.validate()
+    assert (cfg.momentum, cfg.nesterov, cfg.lr_per_64) == (0.9, True, 0.1)  # the defaults, unused
+    assert (cfg.seq_len, cfg.max_grad_norm, cfg.weight_decay) == (64, 0.4, 0.0)  # the rest is kept
+    cfg = preset("sotu-lstm")
+    cfg.optimizer, cfg.peak_lr = "adamw", 3e-3
+    with pytest.raises(ConfigError, match=r"\(set by preset 'sotu-lstm'\)$"):
+        cfg.validate()
+    args = parser().parse_args(["train", "--preset", "sotu-lstm", *ADAMW, "--momentum", "0"])
+    with pytest.raises(ConfigError, match=r"^momentum = 0.0 is sgd's"):
+        train_config(args).validate()  # given again by the user: an error
+
+
+def small_corpus(folder: Path, train_bytes: int, valid_bytes: int) -> Path:
+    """Two documents: the first for training, the second (the last) for validation."""
+    folder.mkdir()
+    (folder / "a.txt").write_bytes(b"abcdefgh" * (train_bytes // 8))
+    (folder / "b.txt").write_bytes(b"x" * valid_bytes)
+    return folder
+
+
+# Every size is bounded before the first step (one line: the value and what is allowed).
+ONE_STEP_TEXT = ["--dataset", "text", "--workers", "1", "--local-batch-size", "1", "--epochs", "0.0001",
+                 "--warmup-epochs", "0", "--test-subset", "1", "--no-progress", "--eval-local", "never"]  # fmt: skip
+TOO_LARGE = [
+    ([*ONE_STEP_TEXT, "--model", "gpt", "--seq-len", "1025", "--data-dir", "SOTU"],
+     "seq_len = 1025 is longer than the gpt's position table allows: at most 1024 positions"),
+    (["--dataset", "text", "--model", "lstm", "--seq-len", "5000", "--data-dir", "SOTU"],
+     "seq_len = 5000 is too long for the training split: its 9987579 tokens in K·B_loc = 2048 columns allow "
+     "at most seq_len = 4873"),
+    ([*ONE_STEP_TEXT, "--model", "lstm", "--seq-len", "200", "--data-dir", "SMALL"],
+     "seq_len = 200 is too long for the validation split: its 101 tokens allow at most seq_len = 100"),
+    (["--dataset", "cifar100", "--data-dir", "CIFAR100", "--workers", "2", "--local-batch-size", "8", "--epochs", "1",
+      "--warmup-epochs", "0", "--local-steps", "2", "--compress", "int8", "--compress-block", str(10**12)],
+     "compress_block = 1000000000000 exceeds the 278,324 parameters of model = resnet20: a block holds at most"),
+    (["--epochs", "3", "--warmup-epochs", "4"],
+     "warmup_epochs = 4 exceeds epochs = 3: the LR would never reach its peak; give --warmup-epochs between 0 and 3"),
+    (["--epochs", "2"], "warmup_epochs = 5 (the default) exceeds epochs = 2"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("flags,message", TOO_LARGE, ids=[" ".join(f) for f, _ in TOO_LARGE])
+def test_every_size_is_bounded_before_the_first_step(
+    flags: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    if "SOTU" in flags and not SOTU.is_dir():
+        pytest.skip("needs the SOTU corpus")
+    where = {"SOTU": str(SOTU), "SMALL": str(tmp_path / "small"), "CIFAR100": str(tmp_path / "cifar100")}
+    if "SMALL" in flags:
+        small_corpus(tmp_path / "small", 20_000, 100)
+    if "CIFAR100" in flags:
+        write_cifar100(tmp_path / "cifar100", n_train=64, n_test=32)
+    out = tmp_path / "run"
+    assert main(["train", *[where.get(f, f) for f in flags], "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("localsgd: error: ") and err.count("\n") == 1, err
+    assert message in err
+    assert not out.exists()
+
+
 @needs_cifar10
 def test_bf16_speed_mode_learns_like_fp32_or_is_refused_where_it_would_be_slow(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
@@ -239,18 +389,24 @@ def test_unwritable_run_directory_is_one_line_before_training(
     out = {"below a file": blocker / "run", "in /proc": Path("/proc/localsgd-test/run")}.get(
         where, tmp_path / "run"
     )
-    if where == "checkpoints is a file":
-        out.mkdir()
-        (out / "checkpoints").write_text("")
     flags = ["--dataset", "cifar100", "--data-dir", str(data), "--workers", "2", "--local-batch-size", "8"]
-    assert main(["train", *flags, "--epochs", "1", "--out", str(out)]) == 2
+    flags += ["--warmup-epochs", "0", "--epochs", "1", "--out", str(out)]  # the runs are 1 epoch long
+    if where == "checkpoints is a file":  # a run to continue, whose checkpoints folder became a file
+        assert main(["train", *flags, "--progress", "false"]) == 0
+        (out / "summary.json").unlink()
+        shutil.rmtree(out / "checkpoints")
+        (out / "checkpoints").write_text("")
+        flags.append("--resume")
+        capsys.readouterr()
+    model = (out / "model.pt").read_bytes() if (out / "model.pt").exists() else None
+    assert main(["train", *flags]) == 2
     err = capsys.readouterr().err
     reason = {"below a file": "Not a directory", "checkpoints is a file": "File exists"}.get(where, "")
     said = re.fullmatch(
         rf"localsgd: error: cannot write the run directory {re.escape(str(out))}: ([A-Z].*)\n", err
     )
     assert said and reason in said[1], err
-    assert not (out / "model.pt").exists()
+    assert (out / "model.pt").read_bytes() == model if model else not (out / "model.pt").exists()
 
 
 def test_oserror_anywhere_is_one_line_with_path_and_reason(
@@ -270,6 +426,7 @@ def test_oserror_anywhere_is_one_line_with_path_and_reason(
     data = write_cifar100(tmp_path / "data", n_train=64, n_test=32)
     out = tmp_path / "run"
     flags = ["--dataset", "cifar100", "--data-dir", str(data), "--workers", "2", "--local-batch-size", "8"]
+    flags += ["--warmup-epochs", "0"]  # the runs are 1 epoch long
     assert main(["train", *flags, "--epochs", "1", "--out", str(out)]) == 2
     err = capsys.readouterr().err  # the progress bar's lines, then the error on a line of its own
     assert err.endswith(f"\nlocalsgd: error: {out / 'metrics.jsonl'}: No space left on device\n"), err
@@ -300,6 +457,40 @@ def test_boolean_settings_are_flags_that_also_take_values(tmp_path: Path) -> Non
     text = " ".join(parser()._subparsers._group_actions[0].choices["train"].format_help().split())  # type: ignore[union-attr]
     assert "--resume [true|false]" in text and "--no-resume" in text
     assert "K is the number of processes" in text
+
+
+def test_train_help_shows_every_default_and_a_line_per_preset() -> None:
+    """Each setting's help shows its default (from the dataclass; a None default says what none
+    means, and the defaults derived in code agree with it); each preset has one line of what it
+    is, the same line as in README's table."""
+    from localsgd.compression import DEFAULT_BLOCK
+    from localsgd.harness.cli import parser
+    from localsgd.harness.config import DEFAULT_WORKERS, OUTER_DEFAULTS, PRESET_NOTES, SETTINGS
+    from localsgd.harness.language import SIZES
+
+    train = parser()._subparsers._group_actions[0].choices["train"]  # type: ignore[union-attr]
+    shown = [a for a in train._actions if a.dest in SETTINGS and a.help != "==SUPPRESS=="]
+    helps = {a.dest: " ".join(a.help.split()) for a in shown}
+    assert set(helps) == set(SETTINGS)
+    assert [name for name, text in helps.items() if "default" not in text] == []
+    assert "(default: 0.5,0.75)" in helps["decay_at"] and "(default: true)" in helps["nesterov"]
+    assert "(default: 300)" in helps["epochs"] and "(default: none)" in helps["save_models_at"]
+    assert f"(default {Config().text_seq_len()})" in helps["seq_len"]
+    assert f"(default {DEFAULT_WORKERS})" in helps["workers"]
+    assert f"(default {DEFAULT_BLOCK})" in helps["compress_block"]
+    for key in ("width", "depth"):
+        assert f"(default: gpt {SIZES['gpt'][key]}, lstm {SIZES['lstm'][key]})" in helps[key]
+    assert f"(default {SIZES['gpt']['heads']})" in helps["heads"]
+    lr, momentum = OUTER_DEFAULTS["diloco"], OUTER_DEFAULTS["slowmo"]
+    assert f"diloco {lr[0]}, slowmo's alpha {momentum[0]}" in helps["outer_lr"]
+    assert f"diloco {lr[1]}, slowmo's beta {momentum[1]}" in helps["outer_momentum"]
+    text = train.format_help()
+    assert list(PRESET_NOTES) == list(PRESETS)
+    for name, note in PRESET_NOTES.items():
+        assert re.search(rf"^  {re.escape(name)} +{re.escape(note)}$", text, re.M), name
+    readme = (ROOT / "README.md").read_text()
+    table = re.findall(r"^\| `([\w-]+)` \| (.*) \|$", readme, re.M)
+    assert table == list(PRESET_NOTES.items())
 
 
 def test_workers_follow_torchrun_unless_set(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -468,6 +659,7 @@ def test_cifar100_trains_from_the_same_code(tmp_path: Path) -> None:
     data = write_cifar100(tmp_path / "data", n_train=64, n_test=32)
     out = tmp_path / "run"
     flags = ["--dataset", "cifar100", "--data-dir", str(data), "--workers", "2", "--local-batch-size", "8"]
+    flags += ["--warmup-epochs", "0"]  # the runs are 1 epoch long
     assert main(["train", *flags, "--epochs", "1", "--local-steps", "2", "--out", str(out)]) == 0
     assert torch.load(out / "model.pt", weights_only=True)["model"]["head.fc.weight"].shape[0] == 100
 
@@ -511,6 +703,71 @@ def test_plot_compares_runs(tmp_path: Path) -> None:
     assert drawn["learning rate vs epoch"] == [[[r["epoch"], r["lr"]] for r in rows] for rows in runs]
     rounds = [e[-1]["rounds"]["global"] for e in evals]
     assert rounds[1] == rounds[0] // 2 > 0  # H = 1 averages every step, H = 2 every second one
+
+
+def fake_run(run: Path, text: bool = False) -> Path:
+    """A finished run directory of two rows, written by hand (no training)."""
+    run.mkdir(parents=True)
+    split, metric = ("valid", "valid_bpb") if text else ("test", "test_acc")
+    rows = [
+        {"epoch": e, "step": e, "lr": 0.1, "train_loss": 2.0 / e, "train_acc": 0.1 * e, f"{split}_loss": 2.0,
+         f"{split}_acc": 0.1 * e, metric: 3.0 / e, "tokens": 1000 * e, "rounds": {"global": e}}
+        for e in (1, 2)
+    ]  # fmt: skip
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = {"workers": 2, "local_steps": 1, "switch_epoch": None, "block_steps": None}
+    (run / "config.json").write_text(json.dumps({"config": config, "derived": {"switch_step": 0}}))
+    (run / "summary.json").write_text(json.dumps({"rounds": {"global": 2}, "bytes": {"global": 8}}))
+    return run
+
+
+# Every OS or parse error names its file: (file, how it is damaged, the command that reads it, message).
+DAMAGED = [
+    ("run.toml", b"epochs = 3\n# caf\xe9\n", "train", "is not UTF-8 text (byte 16: 0xe9); TOML files are UTF-8"),
+    ("run/metrics.jsonl", b'{"epoch": 1}\n{"epoch": 2, "lr', "plot", "line 2 is not valid JSON (Unterminated string"),
+    ("run/metrics.jsonl", b'{"epoch": 1}\n\xff\n', "plot", "not UTF-8 text (byte 13); the file is corrupt"),
+    ("run/metrics.jsonl", b"[1, 2]\n", "plot", "line 1 is not a metrics row (a JSON object); corrupt"),
+    ("run/config.json", b'{"config": {"workers": 2', "plot", "not valid JSON (Expecting ',' delimiter: line 1"),
+    ("run/config.json", b'{"settings": {}}', "plot", "not a run's config.json (KeyError: 'config')"),
+    ("study/mini-batch/seed-1/summary.json", b'{"rounds": ', "study", "not valid JSON (Expecting value: line 1"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("name,data,command,message", DAMAGED, ids=[f"{n} {c}" for n, _, c, _ in DAMAGED])
+def test_a_damaged_file_is_one_line_naming_it(
+    name: str, data: bytes, command: str, message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fake_run(tmp_path / "run")
+    fake_run(tmp_path / "study" / "mini-batch" / "seed-1")
+    path = tmp_path / name
+    path.write_bytes(data)
+    argv = {
+        "train": ["train", "--config", str(path), "--out", str(tmp_path / "new")],
+        "plot": ["plot", str(tmp_path / "run"), "--out", str(tmp_path / "runs.png")],
+        "study": ["study", "smoke", "--summary", "--out", str(tmp_path / "study")],
+    }[command]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(("localsgd: error: config file " + repr(str(path)), f"localsgd: error: {path}: "))
+    assert err.count("\n") == 1 and message in err, err
+
+
+def test_plot_of_image_and_text_runs_is_refused_naming_each_kind(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Accuracy against epochs and bits per byte against tokens share no axis: one line naming the
+    runs of each kind, and no file."""
+    image, text = fake_run(tmp_path / "image"), fake_run(tmp_path / "text", text=True)
+    other = fake_run(tmp_path / "image2")
+    assert main(["plot", str(image), str(text), str(other), "--out", str(tmp_path / "runs.png")]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"localsgd: error: cannot plot image runs ({image}, {other}) with text runs ({text}) in one figure: "
+        "test accuracy against epochs and validation bits per byte against tokens share no axis; plot each "
+        "kind alone\n"
+    )
+    assert not (tmp_path / "runs.png").exists()
+    assert main(["plot", str(text), "--out", str(tmp_path / "text.png")]) == 0  # each kind alone draws
 
 
 def test_tensorboard_without_the_package_is_a_clear_error(

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
+import textwrap
 from pathlib import Path
 
 
@@ -20,40 +22,58 @@ def positive_int(text: str) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    from localsgd.harness.config import PRESETS, Config, field_docs, field_types
+    from localsgd.harness.config import (
+        PRESET_NOTES,
+        PRESETS,
+        SETTINGS,
+        Config,
+        field_docs,
+        field_types,
+        shown,
+    )
 
     p = argparse.ArgumentParser(
         prog="localsgd", description="Local SGD, post-local SGD and hierarchical local SGD."
     )
     sub = p.add_subparsers(dest="command", required=True)
 
-    train = sub.add_parser(
-        "train",
-        help="train a model (simulator, or one worker per process under torchrun)",
-        description="Settings come from a preset, then a TOML file, then --key value flags. Under torchrun "
+    width = min(100, shutil.get_terminal_size().columns - 2)
+    description = textwrap.fill(
+        "Settings come from a preset, then a TOML file, then --key value flags. Under torchrun "
         "each process is one worker and K is the number of processes, unless a flag, the config file or "
         "the preset sets --workers (a K that differs from the number of processes is an error); "
         "otherwise --workers K workers (default 16) run in the simulator. A true/false setting is a flag "
-        "(--resume, --no-resume) that also takes a value (--resume true).",
+        "(--resume, --no-resume) that also takes a value (--resume true). A setting the run does not use "
+        "(--momentum with adamw) is an error; one a preset set is dropped, with a line saying so.",
+        width,
     )
-    train.add_argument("--preset", choices=sorted(PRESETS), help="start from a named preset")
+    presets = "\n".join(f"  {name:<18} {PRESET_NOTES[name]}" for name in PRESETS)
+    train = sub.add_parser(
+        "train",
+        help="train a model (simulator, or one worker per process under torchrun)",
+        description=description,
+        epilog=f"presets (--preset NAME; a file or flag overrides any of its settings):\n{presets}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    train.add_argument("--preset", choices=list(PRESETS), help="start from a named preset (listed below)")
     train.add_argument("--config", metavar="FILE", help="TOML file of settings (keys as below, with _ or -)")
-    docs, types = field_docs(), field_types()
-    for name in Config.__dataclass_fields__:
+    docs, types, defaults = field_docs(), field_types(), Config().to_dict()
+    for name in SETTINGS:
         flag = name.replace("_", "-")
+        doc = docs[name]
+        if "default" not in doc:  # a None default says in its doc what none means
+            doc += f" (default: {shown(defaults[name])})"
         if types[name] == "bool":  # --flag, --flag true|false, --no-flag
             train.add_argument(
                 f"--{flag}", dest=name, nargs="?", const="true", metavar="true|false",
-                default=argparse.SUPPRESS, help=f"{docs.get(name)} [--no-{flag} turns it off]",
+                default=argparse.SUPPRESS, help=f"{doc} [--no-{flag} turns it off]",
             )  # fmt: skip
             train.add_argument(
                 f"--no-{flag}", dest=name, action="store_const", const="false",
                 default=argparse.SUPPRESS, help=argparse.SUPPRESS,
             )  # fmt: skip
             continue
-        train.add_argument(
-            f"--{flag}", dest=name, metavar="VALUE", default=argparse.SUPPRESS, help=docs.get(name)
-        )
+        train.add_argument(f"--{flag}", dest=name, metavar="VALUE", default=argparse.SUPPRESS, help=doc)
 
     plot = sub.add_parser("plot", help="plot runs against each other (PNG)")
     plot.add_argument("runs", nargs="+", metavar="RUN_DIR")
@@ -138,14 +158,27 @@ def parser() -> argparse.ArgumentParser:
 
 
 def train_config(args: argparse.Namespace):
-    from localsgd.harness.config import Config, load_toml, parse_value, preset
+    """The settings: preset < file < flags. A preset's setting that the result does not use (the
+    user switched the optimizer, schedule or task) is dropped with one line naming the preset."""
+    from localsgd.harness.config import (
+        SETTINGS,
+        Config,
+        drop_unused_preset_settings,
+        load_toml,
+        parse_value,
+        preset,
+    )
 
     cfg = preset(args.preset) if args.preset else Config()
     if args.config:
         cfg = load_toml(args.config, base=cfg)
-    for name in Config.__dataclass_fields__:
+    for name in SETTINGS:
         if name in vars(args):
             setattr(cfg, name, parse_value(name, getattr(args, name)))
+            cfg.given = {**cfg.given, name: "flag"}
+    for line in drop_unused_preset_settings(cfg):
+        if os.environ.get("RANK", "0") == "0":
+            print(f"localsgd: {line}", file=sys.stderr)
     return cfg
 
 

@@ -4,6 +4,7 @@ overrides (preset < file < flags). Field names are the glossary names of docs/de
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import sys
 from dataclasses import dataclass, field, fields
@@ -45,9 +46,9 @@ class Config:
     """images: resnet8, resnet14, resnet20, resnet32, resnet56, densenet40 or wrn28_10; text: gpt or
     lstm"""
     train_subset: int | None = None
-    """train on a fixed random subset of N training images (quick runs; images only)"""
+    """train on a fixed random subset of N training images (quick runs; images only; default: all)"""
     test_subset: int | None = None
-    """evaluate on a fixed random subset of N test images (text: N validation windows)"""
+    """evaluate on a fixed random subset of N test images (text: N validation windows; default: all)"""
     seq_len: int | None = None
     """text: tokens (bytes) per window (default 128)"""
     width: int | None = None
@@ -69,11 +70,12 @@ class Config:
     local_steps: int = 1
     """H: local steps between averages (1 = mini-batch SGD)"""
     switch_epoch: float | str | None = None
-    """t': epoch of the switch from mini-batch to local SGD ("first-decay": the first LR decay)"""
+    """t': epoch of the switch from mini-batch to local SGD ("first-decay": the first LR decay;
+    default: none, local SGD from the start)"""
     workers_per_block: int | None = None
     """K': workers per block for hierarchical local SGD (under torchrun default: the processes of a node)"""
     block_steps: int | None = None
-    """H_b: block averages between two global averages (hierarchical local SGD)"""
+    """H_b: block averages between two global averages (hierarchical local SGD; default: none, flat)"""
     buffers: str = "local"
     """BatchNorm statistics at averages: local (paper) or average"""
     optimizer_state: str = "local"
@@ -102,7 +104,7 @@ class Config:
     lr_per_64: float = 0.1
     """learning rate per 64 samples; peak LR = lr_per_64 * B_loc/64 * K (linear scaling)"""
     peak_lr: float | None = None
-    """set the peak LR directly instead of the linear-scaling rule"""
+    """set the peak LR directly instead of the linear-scaling rule (default: none, the rule)"""
     warmup_epochs: float = 5
     """linear per-step warm-up to the peak LR over this many epochs, from lr_per_64 (sgd) or from 0
     (adamw)"""
@@ -126,15 +128,16 @@ class Config:
     then a cosine from the peak LR to peak * decay_factor at the end"""
     max_grad_norm: float | None = None
     """clip each worker's gradient to this 2-norm before its step (the averaged gradient in the
-    mini-batch phase)"""
+    mini-batch phase; default: none, no clipping)"""
 
     # --- run ---
     seed: int = 6
+    """seeds the initial model, every worker's data order, augmentation and dropout"""
     out: str | None = None
     """run directory (default: runs/<preset or model>-<dataset>-K<K>-H<H>-seed<seed>)"""
     row_steps: int | None = None
     """write a metrics row every this many steps instead of at every epoch's end (text: an epoch is
-    long); eval_every and checkpoint_every then count rows"""
+    long); eval_every and checkpoint_every then count rows (default: none, a row per epoch)"""
     eval_every: int = 1
     """evaluate every this many epochs (rows, with row_steps), and always at the end"""
     checkpoint_every: int = 1
@@ -168,13 +171,19 @@ class Config:
     progress: bool = True
     """progress bar on stderr (rank 0)"""
 
+    # Not a setting: the settings given on purpose, each with where ("flag", a file's path, "preset
+    # 'NAME'", "study method 'NAME'"; "" for Config(...)). Left out of to_dict(), so checkpoints and
+    # config.json hold settings only (older checkpoints resume as before); dataclasses.replace
+    # passes it on.
+    given: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
+
     def validate(self) -> None:
         """Raise ConfigError on the first bad value, before any work."""
         from localsgd.harness.data import DATASETS
 
         choice(self, "dataset", (*DATASETS, "text"))
-        self._validate_task()
-        self._validate_optimizer()
+        choice(self, "optimizer", ("sgd", "adamw"))
+        choice(self, "lr_schedule", ("step", "cosine"))
         choice(self, "buffers", ("local", "average"))
         choice(self, "optimizer_state", ("local", "average", "reset"))
         choice(self, "eval_local", EVAL_LOCAL)
@@ -182,6 +191,8 @@ class Config:
         choice(self, "device", DEVICES)
         choice(self, "outer_optimizer", tuple(OUTER_DEFAULTS))
         choice(self, "compress", ("none", *CODECS))
+        self._validate_task()
+        self._validate_optimizer()
         for name in ("local_batch_size", "local_steps", "eval_every", "checkpoint_every"):
             integer(self, name, 1)
         for name in (
@@ -201,6 +212,12 @@ class Config:
         if self.peak_lr is not None:
             number(self, "peak_lr", 0, strict=True)
         number(self, "warmup_epochs", 0)
+        if self.warmup_epochs > self.epochs:
+            default = "" if "warmup_epochs" in self.given else " (the default)"
+            raise ConfigError(
+                f"warmup_epochs = {self.warmup_epochs:g}{default} exceeds epochs = {self.epochs:g}: the LR "
+                f"would never reach its peak; give --warmup-epochs between 0 and {self.epochs:g}"
+            )
         number(self, "decay_factor", 0, strict=True)
         number(self, "momentum", 0)
         number(self, "weight_decay", 0)
@@ -256,8 +273,13 @@ class Config:
         self._validate_outer()
         self._validate_compress()
         self._validate_overlap()
+        for name, reason in self.unused().items():  # a setting given on purpose that nothing reads
+            where = self.given.get(name, "")
+            where = f" (set by {where})" if where not in ("", "flag") else ""
+            raise ConfigError(f"{name} = {getattr(self, name)!r} {reason}{where}")
         if self.optimizer == "sgd" and self.nesterov and self.momentum == 0:
-            raise ConfigError("nesterov needs momentum > 0, got momentum = 0")
+            hint = "" if "nesterov" in self.given else " (nesterov is on by default: give --no-nesterov)"
+            raise ConfigError(f"nesterov needs momentum > 0, got momentum = 0{hint}")
 
     def _validate_task(self) -> None:
         from localsgd.harness.language import LANGUAGE_MODELS
@@ -269,19 +291,19 @@ class Config:
             raise ConfigError(
                 f"model must be one of {', '.join(models)}; got {self.model!r} (for dataset = {self.dataset})"
             )
-        for name in ("train_subset",) if text else ("seq_len", "width", "depth", "heads", "dropout"):
-            if getattr(self, name) is not None:
-                raise ConfigError(f"{name} = {getattr(self, name)!r} is not used by dataset = {self.dataset}")
         if not text:
             return
         for name in ("seq_len", "width", "depth", "heads"):
             if getattr(self, name) is not None:
                 integer(self, name, 1)
-        if self.heads is not None and self.model != "gpt":
-            raise ConfigError(f"heads = {self.heads!r} is for model = gpt, not {self.model}")
         if self.model == "gpt":
-            from localsgd.harness.language import SIZES
+            from localsgd.harness.language import MAX_CONTEXT, SIZES
 
+            if self.text_seq_len() > MAX_CONTEXT:
+                raise ConfigError(
+                    f"seq_len = {self.text_seq_len()} is longer than the gpt's position table allows: "
+                    f"at most {MAX_CONTEXT} positions (localsgd.harness.language.MAX_CONTEXT)"
+                )
             width, heads = self.width or SIZES["gpt"]["width"], self.heads or SIZES["gpt"]["heads"]
             if width % heads:  # type: ignore[operator]
                 raise ConfigError(f"width = {width} must be a multiple of heads = {heads} (model = gpt)")
@@ -291,19 +313,11 @@ class Config:
                 raise ConfigError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
 
     def _validate_optimizer(self) -> None:
-        choice(self, "optimizer", ("sgd", "adamw"))
-        choice(self, "lr_schedule", ("step", "cosine"))
-        default = Config()
         if self.optimizer == "adamw":
             if self.peak_lr is None:
                 raise ConfigError(
                     "optimizer = adamw needs peak_lr: the linear-scaling rule (lr_per_64) is sgd's"
                 )
-            for name in ("momentum", "nesterov", "lr_per_64"):
-                if getattr(self, name) != getattr(default, name):
-                    raise ConfigError(
-                        f"{name} = {getattr(self, name)!r} is sgd's; optimizer = adamw does not use it"
-                    )
             b = self.betas
             if b is not None and not (
                 isinstance(b, list)
@@ -311,17 +325,49 @@ class Config:
                 and all(isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v < 1 for v in b)
             ):
                 raise ConfigError(f"betas must be two numbers in [0, 1), got {b!r}")
-        elif self.betas is not None:
-            raise ConfigError(f"betas = {self.betas!r} needs optimizer = adamw")
-        if self.lr_schedule == "cosine":
-            if self.decay_at != default.decay_at:
-                raise ConfigError(
-                    f"decay_at = {self.decay_at!r} is for lr_schedule = step; cosine decays smoothly"
-                )
-            if self.switch_epoch == FIRST_DECAY:
-                raise ConfigError("switch_epoch (t') = first-decay needs lr_schedule = step; give an epoch")
+        if self.lr_schedule == "cosine" and self.switch_epoch == FIRST_DECAY:
+            raise ConfigError("switch_epoch (t') = first-decay needs lr_schedule = step; give an epoch")
         if self.max_grad_norm is not None:
             number(self, "max_grad_norm", 0, strict=True)
+
+    def unused(self) -> dict[str, str]:
+        """The settings given on purpose (``given``, or a None-default setting that has a value)
+        that this run does not read, each with why: the rest of "name = value ..." in an error."""
+        text, sgd = self.dataset == "text", self.optimizer == "sgd"
+        why: dict[str, str] = {}
+        if text:
+            for name in ("train_subset", "channels_last", "buffers"):
+                why[name] = f"is not used by dataset = {self.dataset}"
+            if self.model != "gpt":
+                why["heads"] = f"is for model = gpt, not {self.model}"
+        else:
+            for name in ("seq_len", "width", "depth", "heads", "dropout"):
+                why[name] = f"is not used by dataset = {self.dataset}"
+        if not sgd:
+            for name in ("momentum", "nesterov", "lr_per_64"):
+                why[name] = f"is sgd's; optimizer = {self.optimizer} does not use it"
+        else:
+            why["betas"] = "needs optimizer = adamw"
+            if self.peak_lr is not None and (self.lr_schedule == "cosine" or self.warmup_epochs == 0):
+                why["lr_per_64"] = (
+                    "is not used: peak_lr sets the peak LR, and the warm-up starts from lr_per_64 only "
+                    "with lr_schedule = step and warmup_epochs > 0"
+                )
+        if self.lr_schedule == "cosine":
+            why["decay_at"] = "is for lr_schedule = step; cosine decays smoothly"
+        elif not self.decay_at:
+            why["decay_factor"] = "is not used: decay_at is empty (no LR decay)"
+        if self.outer_optimizer == "none":
+            for name in ("outer_lr", "outer_momentum"):
+                why[name] = "needs an outer_optimizer (diloco or slowmo)"
+        if self.compress not in ("int8", "sign"):
+            why["compress_block"] = "needs compress = int8 or sign"
+        defaults = Config()
+        return {
+            name: reason
+            for name, reason in why.items()
+            if name in self.given or (getattr(defaults, name) is None and getattr(self, name) is not None)
+        }
 
     def text_seq_len(self) -> int:
         return self.seq_len or 128
@@ -331,10 +377,6 @@ class Config:
 
     def _validate_outer(self) -> None:
         if self.outer_optimizer == "none":
-            for name in ("outer_lr", "outer_momentum"):
-                if getattr(self, name) is not None:
-                    value = getattr(self, name)
-                    raise ConfigError(f"{name} = {value!r} needs an outer_optimizer (diloco or slowmo)")
             return
         if self.outer_lr is not None:
             number(self, "outer_lr", 0, strict=True)
@@ -353,8 +395,6 @@ class Config:
 
     def _validate_compress(self) -> None:
         if self.compress_block is not None:
-            if self.compress not in ("int8", "sign"):
-                raise ConfigError(f"compress_block = {self.compress_block!r} needs compress = int8 or sign")
             integer(self, "compress_block", 8)
         if self.compress != "none":
             self._needs_local_steps("compress", self.compress)
@@ -391,7 +431,40 @@ class Config:
         return float(self.switch_epoch)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The settings (without ``given``)."""
+        return {name: value for name, value in dataclasses.asdict(self).items() if name != "given"}
+
+
+def _record_given(init: Any) -> Any:
+    """Config(...) counts the settings its caller passed as given; a copy made by
+    dataclasses.replace keeps its original's (it passes ``given`` on)."""
+
+    @functools.wraps(init)
+    def __init__(self: Config, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        if "given" not in kwargs and len(args) <= len(SETTINGS):
+            self.given = dict.fromkeys([*SETTINGS[: len(args)], *kwargs], "")
+
+    return __init__
+
+
+Config.__init__ = _record_given(Config.__init__)  # type: ignore[method-assign]
+SETTINGS: tuple[str, ...] = tuple(f.name for f in fields(Config) if f.name != "given")
+"""The names of the settings, in the class's order."""
+
+
+def drop_unused_preset_settings(cfg: Config) -> list[str]:
+    """Reset to its default every setting a preset gave that the final settings do not use (a
+    later file or flag changed the optimizer, schedule or task the preset was written for);
+    returns one line per setting dropped, naming the preset."""
+    lines = []
+    for name, reason in cfg.unused().items():
+        where = cfg.given.get(name, "")
+        if where.startswith("preset "):
+            lines.append(f"{where} sets {name} = {getattr(cfg, name)!r}, which {reason}; ignored")
+            setattr(cfg, name, getattr(Config(), name))
+            cfg.given = {k: v for k, v in cfg.given.items() if k != name}
+    return lines
 
 
 def choice(cfg: Config, name: str, allowed: tuple[str, ...]) -> None:
@@ -504,6 +577,36 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+# One line per preset for `localsgd train --help` and the README's table (kept equal by a test).
+PRESET_NOTES: dict[str, str] = {
+    "paper": "the paper's protocol: ResNet-20, CIFAR-10, K=16, B_loc=128, 300 epochs, LR 0.1 per 64 samples "
+    "scaled linearly (peak 3.2) after 5 warm-up epochs, x0.1 at 50% and 75%, Nesterov momentum 0.9, weight "
+    "decay 1e-4; post-local SGD, H=16 from the first decay (about 6 CPU-hours)",
+    "paper-h32": "the same with H=32",
+    "paper-minibatch": "large-batch baseline: mini-batch SGD, K·B_loc = 2048",
+    "paper-small-batch": "small-batch baseline: one worker, B = 128 (peak LR 0.2)",
+    "demo": "3 epochs of post-local SGD on 20,000 CIFAR-10 images, K=4, B_loc=64, H=8 from epoch 1",
+    "paper-lstm": "the paper's language model: 3 x 650 tied LSTM, dropout 0.4, windows of 30, clipping 0.4, "
+    "K=32, B_loc=32, LR 2.5 per 24 samples scaled linearly, no momentum or weight decay, 300 epochs, H=16 "
+    "from the first decay",
+    "sotu-gpt": "a few-minute text demo: 0.84M-parameter GPT, 128-byte windows, AdamW (peak 3e-3, weight "
+    "decay 0.1) and a cosine, K=4, B_loc=16, H=16 after 0.05 of 0.3 epochs",
+    "sotu-lstm": "a few-minute text demo: 2 x 256 LSTM with the paper's SGD recipe, 64-byte windows, K=4, "
+    "B_loc=16, H=16 after 0.05 of 0.3 epochs, x0.1 at 67%",
+}
+
+
+def shown(value: Any) -> str:
+    """A setting's value as it is typed after its flag (for --help)."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list):
+        return ",".join(f"{v:g}" for v in value) or "none"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
 def field_docs() -> dict[str, str]:
     """Each field's docstring (the string literal under it in the class body), for --help."""
     import ast
@@ -523,7 +626,8 @@ def field_docs() -> dict[str, str]:
 
 
 def field_types() -> dict[str, Any]:
-    return {f.name: f.type for f in fields(Config)}
+    """Each setting's type (as written in the class)."""
+    return {f.name: f.type for f in fields(Config) if f.name != "given"}
 
 
 def from_mapping(values: dict[str, Any], source: str, base: Config | None = None) -> Config:
@@ -537,15 +641,23 @@ def from_mapping(values: dict[str, Any], source: str, base: Config | None = None
         if isinstance(value, int) and not isinstance(value, bool) and known[name].startswith("float"):
             value = float(value)
         setattr(cfg, name, value)
+        cfg.given = {**cfg.given, name: source}
     return cfg
 
 
 def load_toml(path: str | Path, base: Config | None = None) -> Config:
     path = Path(path)
     try:
-        values = tomllib.loads(path.read_text())
+        values = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"config file {str(path)!r} does not exist") from None
+    except OSError as e:
+        raise ConfigError(f"config file {str(path)!r} cannot be read: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"config file {str(path)!r} is not UTF-8 text (byte {e.start}: {e.object[e.start]:#04x}); "
+            "TOML files are UTF-8"
+        ) from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config file {str(path)!r} is not valid TOML: {e}") from None
     return from_mapping(values, str(path), base)

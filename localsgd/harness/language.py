@@ -58,6 +58,12 @@ class Block(nn.Module):
         return x + self.drop(self.mlp(self.ln2(x)))
 
 
+# The longest position table (window) of the GPT: GPT-2's. Attention costs grow with the square of
+# the window; on a CPU a step at this length already takes seconds, and far longer windows seem to
+# hang in the first forward pass.
+MAX_CONTEXT = 1024
+
+
 class GPT(nn.Module):
     def __init__(
         self, vocab: int, d: int, layers: int, heads: int, context: int, dropout: float = 0.0
@@ -65,6 +71,8 @@ class GPT(nn.Module):
         super().__init__()
         if d % heads:
             raise ValueError(f"the width d = {d} must be a multiple of heads = {heads}")
+        if not 1 <= context <= MAX_CONTEXT:
+            raise ValueError(f"the context must be between 1 and {MAX_CONTEXT} positions, got {context}")
         self.context = context
         self.embed = nn.Embedding(vocab, d)
         self.position = nn.Embedding(context, d)

@@ -19,7 +19,7 @@ from statistics import mean
 from typing import Any
 
 from localsgd.harness.plot import pyplot, save
-from localsgd.harness.rundir import metrics_rows, model_path
+from localsgd.harness.rundir import metrics_rows, model_path, read_json
 from localsgd.harness.study import Study, compare, get, mean_std, plus_minus, run_dir
 
 METRICS = ("test_acc", "test_acc_window", "train_acc", "train_loss", "eigenvalue")
@@ -35,7 +35,7 @@ def phase_start(config: dict[str, Any]) -> float:
 def run_points(run: Path, seed: int, window: float = WINDOW) -> list[dict[str, Any]]:
     """One finished run: a point per kept model and the final model whose sharpness was measured;
     ``test_acc_window`` is the mean test accuracy of the rows in the last ``window`` epochs up to it."""
-    config = json.loads((run / "config.json").read_text())["config"]
+    config = read_json(run / "config.json")["config"]
     rows = metrics_rows(run)
     test_acc = {r["epoch"]: r["test_acc"] for r in rows if "test_acc" in r}
     files = [(e, model_path(run, e).with_suffix(".json")) for e in config["save_models_at"]]
@@ -45,7 +45,7 @@ def run_points(run: Path, seed: int, window: float = WINDOW) -> list[dict[str, A
     for epoch, path in files:
         if not path.is_file():
             continue
-        measured = json.loads(path.read_text())
+        measured = read_json(path)
         points.append(
             {
                 "seed": seed,

@@ -4,13 +4,12 @@ tokens and rounds)."""
 
 from __future__ import annotations
 
-import json
 import statistics
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from localsgd.harness.config import ConfigError
-from localsgd.harness.rundir import metrics_rows
+from localsgd.harness.rundir import metrics_rows, read_json
 
 if TYPE_CHECKING:
     from localsgd.harness.study import Measures
@@ -48,22 +47,33 @@ def read_run(run: Path) -> tuple[str, list[dict[str, Any]]]:
     label = run.name
     config = run / "config.json"
     if config.is_file():
-        c = json.loads(config.read_text())
-        d = c["config"]
-        label = f"{run.name}: K={d['workers']}, H={d['local_steps']}"
-        if c["derived"]["switch_step"]:
-            label += f", t'={d['switch_epoch']}"
-        if d.get("block_steps"):
-            label += f", K'={d['workers_per_block']}, H_b={d['block_steps']}"
+        c = read_json(config)
+        try:
+            d = c["config"]
+            label = f"{run.name}: K={d['workers']}, H={d['local_steps']}"
+            if c["derived"]["switch_step"]:
+                label += f", t'={d['switch_epoch']}"
+            if d.get("block_steps"):
+                label += f", K'={d['workers_per_block']}, H_b={d['block_steps']}"
+        except (KeyError, TypeError, AttributeError) as e:
+            raise ConfigError(f"{config}: not a run's config.json ({type(e).__name__}: {e})") from None
     return label, rows
 
 
 def plot_runs(runs: list[Path], out: Path) -> Path:
     """Write the comparison figure to ``out`` and return its path. Image runs: test accuracy against
     epochs and rounds; text runs: validation bits per byte against tokens and rounds."""
-    plt = pyplot()
     data = [read_run(r) for r in runs]
-    text = any("valid_bpb" in r for _, rows in data for r in rows)
+    is_text = [any("valid_bpb" in r for r in rows) for _, rows in data]
+    if any(is_text) and not all(is_text):  # no axis in common: refused, not drawn side by side
+        image = ", ".join(str(r) for r, t in zip(runs, is_text, strict=True) if not t)
+        texts = ", ".join(str(r) for r, t in zip(runs, is_text, strict=True) if t)
+        raise ConfigError(
+            f"cannot plot image runs ({image}) with text runs ({texts}) in one figure: test accuracy "
+            "against epochs and validation bits per byte against tokens share no axis; plot each kind alone"
+        )
+    text = any(is_text)
+    plt = pyplot()
     key, ylabel, scale = (
         ("valid_bpb", "validation bits per byte", 1) if text else ("test_acc", "test accuracy (%)", 100)
     )

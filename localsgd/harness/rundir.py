@@ -72,9 +72,40 @@ def write_text(text: str, path: Path) -> None:
     checkpoint.atomic_write_bytes(text.encode(), path)
 
 
+def read_json(path: Path) -> Any:
+    """A JSON file of a run directory; a file that is not UTF-8 JSON is one line naming it."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise RunDirectoryError(f"{path}: not UTF-8 text (byte {e.start}); the file is corrupt") from None
+    except json.JSONDecodeError as e:
+        raise RunDirectoryError(
+            f"{path}: not valid JSON ({e.msg}: line {e.lineno} column {e.colno}); truncated or corrupt"
+        ) from None
+
+
 def metrics_rows(run: Path) -> list[dict[str, Any]]:
-    """A run's ``metrics.jsonl``, one dict per row."""
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    """A run's ``metrics.jsonl``, one dict per row; a line that is not a JSON object (a truncated
+    or corrupt file) is one line naming the file and the line."""
+    path = run / "metrics.jsonl"
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise RunDirectoryError(f"{path}: not UTF-8 text (byte {e.start}); the file is corrupt") from None
+    rows = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise RunDirectoryError(
+                f"{path}: line {i} is not valid JSON ({e.msg}); the file is truncated or corrupt"
+            ) from None
+        if not isinstance(row, dict):
+            raise RunDirectoryError(f"{path}: line {i} is not a metrics row (a JSON object); corrupt")
+        rows.append(row)
+    return rows
 
 
 def model_path(run: Path, epoch: float) -> Path:

@@ -32,6 +32,11 @@ def resolve_workers(cfg: Config) -> Config:
     (a flag, a config file or a preset that sets it), and 16 outside torchrun. An explicit K that
     differs from the number of processes is an error."""
     world = launched_processes()
+    if cfg.block_steps is not None and cfg.workers_per_block is None and not is_distributed():
+        raise ConfigError(
+            f"block_steps (H_b) = {cfg.block_steps!r} needs workers_per_block (K') in the simulator "
+            "(under torchrun K' defaults to the processes of a node)"
+        )
     if cfg.workers is None:
         return dataclasses.replace(cfg, workers=world or DEFAULT_WORKERS)
     if world is not None and world > 1 and cfg.workers != world:

@@ -31,7 +31,7 @@ from localsgd.harness.config import Config, ConfigError, from_mapping
 from localsgd.harness.data import MEAN_STD, Dataset, augment, default_data_dir, load_dataset, normalize
 from localsgd.harness.models import build_model
 from localsgd.harness.plot import pyplot
-from localsgd.harness.rundir import write_text
+from localsgd.harness.rundir import read_json, write_text
 
 Batches = Sequence[tuple[torch.Tensor, torch.Tensor]]
 
@@ -245,7 +245,7 @@ def sharpness(
     for path, out in measured_models(run):
         setting = {"samples": samples, "tol": tol, "seed": seed}
         if skip_measured and out.is_file():
-            old = json.loads(out.read_text())
+            old = read_json(out)
             if {k: old.get(k) for k in setting} == setting and old.get("max_iters") == max_iters:
                 results.append(old)
                 continue

@@ -15,7 +15,7 @@ from typing import Any
 
 from localsgd.harness.checkpoint import check_same_config
 from localsgd.harness.config import Config, ConfigError, from_mapping
-from localsgd.harness.rundir import metrics_rows
+from localsgd.harness.rundir import metrics_rows, read_json
 
 
 @dataclass(frozen=True)
@@ -317,7 +317,7 @@ def run_study(
     for i, (method, seed) in enumerate(pieces):
         out = run_dir(root, method, seed)
         if (out / "summary.json").is_file():  # finished: reused only if run with this piece's settings
-            saved = json.loads((out / "config.json").read_text())["config"]
+            saved = read_json(out / "config.json")["config"]
             check_same_config(saved, configs[method, seed].to_dict(), out, "the finished run")
             continue
         if max_hours is not None and time.monotonic() - start > max_hours * 3600:
@@ -354,8 +354,8 @@ def mean_std(values: list[float]) -> tuple[float, float] | None:
 def run_record(run: Path, seed: int, metrics: tuple[str, ...] = MEASURES["image"].metrics) -> dict[str, Any]:
     """One finished run: its summary, the rounds after the first LR decay (the local phase of post-local
     SGD, counted from the metrics, not computed), and its top Hessian eigenvalue if measured."""
-    summary = json.loads((run / "summary.json").read_text())
-    config = json.loads((run / "config.json").read_text())["config"]
+    summary = read_json(run / "summary.json")
+    config = read_json(run / "config.json")["config"]
     record: dict[str, Any] = {"seed": seed, **{k: summary.get(k) for k in metrics if k in summary}}
     record.update(rounds=summary["rounds"], bytes=summary["bytes"])
     rows = metrics_rows(run)
@@ -367,7 +367,7 @@ def run_record(run: Path, seed: int, metrics: tuple[str, ...] = MEASURES["image"
             level: n - at[0]["rounds"].get(level, 0) for level, n in summary["rounds"].items()
         }
     if (run / "sharpness.json").is_file():
-        record["eigenvalue"] = json.loads((run / "sharpness.json").read_text())["eigenvalue"]
+        record["eigenvalue"] = read_json(run / "sharpness.json")["eigenvalue"]
     return record
 
 

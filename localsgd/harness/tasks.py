@@ -160,6 +160,11 @@ class TextTask:
         self.corpus = corpus
         self.steps_per_epoch = self.streams.steps_per_epoch
         x, y = windows(corpus.valid, cfg.text_seq_len())
+        if len(x) == 0:
+            raise ConfigError(
+                f"seq_len = {cfg.text_seq_len()} is too long for the validation split: its "
+                f"{len(corpus.valid)} tokens allow at most seq_len = {len(corpus.valid) - 1}"
+            )
         x, y = subset(x, y, cfg.test_subset, cfg.seed + 1, "test", "validation windows")
         self.eval_x, self.eval_y = x.to(device), y.to(device)
         self.columns = torch.empty(0)

@@ -121,6 +121,12 @@ class Streams:
         self.column_length = (len(tokens) - seq_len) // columns  # room for every epoch's offset
         self.steps_per_epoch = (self.column_length - 1) // seq_len
         if self.steps_per_epoch < 1:
+            longest = (len(tokens) - columns) // (columns + 1)  # the largest L with a step per epoch
+            if longest >= 1:
+                raise CorpusError(
+                    f"seq_len = {seq_len} is too long for the training split: its {len(tokens)} tokens in "
+                    f"K·B_loc = {columns} columns allow at most seq_len = {longest}"
+                )
             raise CorpusError(
                 f"{len(tokens)} training tokens are too few for K·B_loc = {columns} columns of "
                 f"at least {2 * seq_len + 1} tokens (seq_len = {seq_len})"

@@ -81,6 +81,19 @@ def kept_models(cfg: Config, plan: Plan, period: int) -> dict[int, float]:
     return keep
 
 
+def check_compress_block(cfg: Config, task: Task) -> None:
+    """compress_block against the model: a block holds at most every parameter (a larger one only
+    pads each encoded chunk, and a huge one fails to allocate at the first average)."""
+    if cfg.compress_block is None:
+        return
+    parameters = sum(p.numel() for p in task.model().parameters())
+    if cfg.compress_block > parameters:
+        raise ConfigError(
+            f"compress_block = {cfg.compress_block} exceeds the {parameters:,} parameters of model = "
+            f"{cfg.model}: a block holds at most every parameter"
+        )
+
+
 def cross_entropy(logits: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """Cross-entropy over the last axis: (B, C) logits of images or (B, L, V) of text."""
     return F.cross_entropy(logits.flatten(0, -2), y.flatten(), reduction=reduction)
@@ -345,6 +358,7 @@ def train(cfg: Config, out: Path) -> Result:
     task = make_task(cfg, runtime.device)
     plan = make_plan(cfg, task.steps_per_epoch)
     keep = kept_models(cfg, plan, cfg.row_steps or plan.steps_per_epoch)
+    check_compress_block(cfg, task)
     lock = claim(cfg, out, runtime)  # the run directory is this run's until it returns
     try:
         return run_training(cfg, out, runtime, writer, task, plan, keep)
