@@ -245,10 +245,17 @@ def build_engine(cfg: Config, plan: Plan, runtime: Runtime, model: nn.Module) ->
 
 
 def resume(
-    cfg: Config, runtime: Runtime, engine: Engine, model: nn.Module, random: WorkerRandom, root: Path
+    cfg: Config,
+    runtime: Runtime,
+    engine: Engine,
+    model: nn.Module,
+    random: WorkerRandom,
+    task: Task,
+    root: Path,
 ) -> tuple[list[dict[str, Any]], float, float]:
     """With ``resume`` (or in a group torchrun restarted), load the last checkpoint into the engine,
-    the model and the random streams; returns the rows so far, evaluation and wall seconds."""
+    the model, the random streams and the task's carried state; returns the rows so far, evaluation
+    and wall seconds."""
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
     dev = runtime.device
     state = (
@@ -260,6 +267,7 @@ def resume(
         if runtime.distributed:
             model.load_state_dict(state["model"])
         random.load(state.get("random") or {"data": state["generators"]})  # older files: no dropout state
+        task.load(state.get("task", {}))
         history, eval_seconds, wall_seconds = state["history"], state["eval_seconds"], state["wall_seconds"]
     steps = runtime.all_sum(torch.tensor([float(engine.t)], dtype=torch.float64, device=dev))[0]
     if steps != engine.t * (cfg.workers if runtime.distributed else 1):
@@ -273,6 +281,7 @@ def save(
     engine: Engine,
     model: nn.Module,
     random: WorkerRandom,
+    task: Task,
     root: Path,
     run: dict[str, Any],
 ) -> None:
@@ -286,6 +295,7 @@ def save(
         "config": cfg.to_dict(),
         "engine": engine.state_dict(),
         "random": random.state(),
+        "task": task.state(),
         **run,
         "device": runtime.device.type,  # the random generators' states are per device type
     }
@@ -318,7 +328,7 @@ def train(cfg: Config, out: Path) -> Result:
 
     # --- resume: everything an uninterrupted run would hold at the checkpoint's step ---
     ckpt_root = out / "checkpoints"
-    history, eval_seconds, wall_offset = resume(cfg, runtime, engine, model, random, ckpt_root)
+    history, eval_seconds, wall_offset = resume(cfg, runtime, engine, model, random, task, ckpt_root)
     start_t = engine.t
     writer.history(history)
 
@@ -335,7 +345,7 @@ def train(cfg: Config, out: Path) -> Result:
         for t in range(start_t, plan.total_steps):
             epoch, i = divmod(t, plan.steps_per_epoch)
             if i == 0 or t == start_t:  # fresh disjoint data per worker every epoch
-                task.start_epoch(epoch)
+                task.start_epoch(epoch, i)
             lr = lr_at(cfg, plan, t)
             for opt in engine.optimizers:
                 for group in opt.param_groups:
@@ -346,7 +356,7 @@ def train(cfg: Config, out: Path) -> Result:
                     random.of(k),
                     torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"),
                 ):
-                    logits = m(x)
+                    logits = task.forward(k, m, x)
                     loss = cross_entropy(logits, y)
                 loss.backward()
                 tally.add(t, k, loss, logits, y)
@@ -410,7 +420,7 @@ def train(cfg: Config, out: Path) -> Result:
                     "eval_seconds": eval_seconds,
                     "wall_seconds": time.perf_counter() - start,
                 }
-                save(cfg, runtime, engine, model, random, ckpt_root, run)
+                save(cfg, runtime, engine, model, random, task, ckpt_root, run)
     finally:
         progress.close()
 
