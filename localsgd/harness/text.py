@@ -1,5 +1,6 @@
-"""Text corpora for language modelling: byte-level tokens, a documented split, and the paper's
-batching of one token stream into contiguous columns.
+"""Text corpora for language modelling: byte-level tokens, a documented split, and two ways to
+batch the training stream: windows in a seeded random order (models without carried state), and
+the paper's contiguous columns (a recurrent model carrying its state from window to window).
 
 * **Tokens**: the corpus's UTF-8 bytes (vocabulary 256): no tokenizer to download or train, and
   the loss per token is directly in bits per byte (``loss / ln 2``).
