@@ -1,5 +1,6 @@
 """The text task through the one training loop: optimizers and schedules by hand, a run that learns
-and logs what the docs say, resume bit for bit and simulator = torchrun with dropout on."""
+and logs what the docs say, rows without evaluation, resume bit for bit and simulator = torchrun with
+dropout on, for the GPT's random windows and the LSTM's carried state."""
 
 from __future__ import annotations
 
@@ -31,11 +32,21 @@ LM = [
     "--weight-decay", "0.1", "--lr-schedule", "cosine", "--warmup-epochs", "0.00005", "--test-subset", "64",
     "--row-steps", "10", "--seed", "4", "--threads", "1", "--ordered-averaging", "true", "--progress", "false",
 ]  # fmt: skip
-STEPS_PER_EPOCH = (9_987_579 - 32) // (2 * 4) // 32  # (tokens - L) // (K·B_loc) columns, // L windows
+# GPT: (tokens - L) // L windows, // (K·B_loc) per step; the LSTM's columns: (tokens - L) // (K·B_loc)
+# tokens each, less one, // L steps; both 39,013 here
+STEPS_PER_EPOCH = (9_987_579 - 32) // 32 // (2 * 4)
+assert STEPS_PER_EPOCH == ((9_987_579 - 32) // (2 * 4) - 1) // 32
 
 
-def lm_flags(steps: int) -> list[str]:
-    return [*LM, "--epochs", repr(steps / STEPS_PER_EPOCH)]
+def lm_flags(steps: int, model: str = "gpt") -> list[str]:
+    """``steps`` steps of the GPT above, or of a 2 x 32 LSTM with the same settings otherwise."""
+    flags = [*LM, "--epochs", repr(steps / STEPS_PER_EPOCH)]
+    if model == "lstm":
+        at = flags.index("--model")
+        flags[at + 1] = "lstm"
+        at = flags.index("--heads")
+        del flags[at : at + 2]
+    return flags
 
 
 def test_cosine_schedule_by_hand() -> None:
@@ -107,11 +118,42 @@ def test_lm_run_learns_and_logs_rows_by_steps(tmp_path: Path, capsys: pytest.Cap
 
 
 @needs_sotu
-def test_killed_lm_run_with_dropout_resumes_bit_for_bit(tmp_path: Path) -> None:
-    """Dropout draws from each worker's own random stream, saved in the checkpoint: a run killed
-    after a checkpoint and resumed ends with the uninterrupted run's model and rows. Catches a
-    resume that restarts the dropout streams (or shares one stream among workers)."""
-    flags = lm_flags(40)
+def test_lm_rows_between_evaluations(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--eval-every 2 with a row every 5 steps, 15 steps: rows after steps 5, 10 and 15, evaluated
+    after 10 and at the end; the row in between has training bits per byte and tokens but no
+    validation keys; the summary, the printed table and the plot read the evaluated rows. Catches
+    the task's metrics assuming every row was evaluated (it raised KeyError: 'valid_loss')."""
+    out = tmp_path / "run"
+    flags = [*lm_flags(15), "--row-steps", "5", "--eval-every", "2", "--eval-local", "every"]
+    assert main(["train", *flags, "--out", str(out)]) == 0
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [5, 10, 15]
+    assert [("valid_bpb" in r, "local_valid_bpb" in r) for r in rows] == [
+        (False, False),
+        (True, True),
+        (True, True),
+    ]
+    assert not any(key.startswith(("valid", "local")) for key in rows[0])
+    assert rows[0]["train_bpb"] == pytest.approx(rows[0]["train_loss"] / math.log(2))
+    assert rows[0]["tokens"] == 5 * 2 * 4 * 32
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["final_valid_bpb"] == rows[2]["valid_bpb"]
+    assert summary["best_valid_bpb"] == min(rows[1]["valid_bpb"], rows[2]["valid_bpb"])
+    printed = [line.split() for line in capsys.readouterr().out.splitlines()]
+    table = [line[0] for line in printed if line and line[0][0].isdigit()]
+    assert table == [f"{r['epoch']:g}" for r in rows[1:]]  # the table's rows: the evaluated ones
+    assert main(["plot", str(out), "--out", str(tmp_path / "p.png")]) == 0
+
+
+@needs_sotu
+@pytest.mark.parametrize("model", ["gpt", "lstm"])
+def test_killed_lm_run_with_dropout_resumes_bit_for_bit(tmp_path: Path, model: str) -> None:
+    """Dropout draws from each worker's own random stream, saved in the checkpoint, the GPT's
+    windows are a function of (seed, epoch), the LSTM's state carried along its columns is saved
+    too: a run killed after a checkpoint (mid-epoch) and resumed ends with the uninterrupted run's
+    model and rows. Catches a resume that restarts the dropout streams (or shares one stream among
+    workers), a sampler that counts its draws, an LSTM resumed from a zero state."""
+    flags = lm_flags(40, model)
     assert main(["train", *flags, "--out", str(tmp_path / "full")]) == 0
     step = kill_after_first_checkpoint(flags, tmp_path / "killed")
     assert step % 10 == 0 and step < 40
@@ -120,11 +162,30 @@ def test_killed_lm_run_with_dropout_resumes_bit_for_bit(tmp_path: Path) -> None:
 
 
 @needs_sotu
-def test_lm_simulator_equals_torchrun_with_dropout(tmp_path: Path) -> None:
+def test_torchrun_lstm_run_resumes_bit_for_bit(tmp_path: Path) -> None:
+    """Two gloo processes, each holding one worker's carried LSTM state: a run cut back to its
+    checkpoint of step 10 (mid-epoch) and resumed with --resume ends with the uninterrupted torchrun
+    run's model and rows. Catches a process checkpoint without its worker's state."""
+    flags = lm_flags(20, "lstm")
+    at = flags.index("--workers")
+    cmd = ["-m", "localsgd", "train", *flags[:at], *flags[at + 2 :]]
+    launch(2, [*cmd, "--out", str(tmp_path / "full")])
+    launch(2, [*cmd, "--out", str(tmp_path / "resumed")])
+    for name in ("model.pt", "summary.json"):  # as a crash after the checkpoint would have left it
+        (tmp_path / "resumed" / name).unlink()
+    assert json.loads((tmp_path / "resumed/checkpoints/latest").read_text())["step"] == 10
+    launch(2, [*cmd, "--out", str(tmp_path / "resumed"), "--resume", "true"])
+    same_run(tmp_path / "full", tmp_path / "resumed")
+
+
+@needs_sotu
+@pytest.mark.parametrize("model", ["gpt", "lstm"])
+def test_lm_simulator_equals_torchrun_with_dropout(tmp_path: Path, model: str) -> None:
     """K = 2 in the simulator and as 2 gloo processes: the same model bit for bit and the same rows.
-    Without per-worker dropout streams the simulator's second worker would continue the first one's
-    stream while rank 1 starts its own, and the models would differ after the first step."""
-    flags = lm_flags(20)
+    Without per-worker dropout streams (or windows, or LSTM states) the simulator's second worker
+    would continue the first one's while rank 1 starts its own, and the models would differ after
+    the first step."""
+    flags = lm_flags(20, model)
     assert main(["train", *flags, "--out", str(tmp_path / "sim")]) == 0
     at = flags.index("--workers")
     launch(2, ["-m", "localsgd", "train", *flags[:at], *flags[at + 2 :], "--out", str(tmp_path / "dist")])

@@ -267,3 +267,28 @@ def test_plot_without_out_writes_beside_the_runs(
     capsys.readouterr()
     assert main(["plot", str(a), str(elsewhere)]) == 2
     assert "the runs are in different folders; say where the plot goes with --out FILE.png" in one_error_line(capsys)
+
+
+def test_a_text_run_is_continued_only_with_the_sampling_it_began_with(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A text run from before localsgd sampled the GPT's windows at random (its config.json records
+    no sampling) cannot be continued or reused by a study as if it had been: one line, nothing
+    touched."""
+    from tests.test_language_task import LM
+
+    out = tmp_path / "run"
+    flags = [*LM, "--epochs", "0.0006", "--out", str(out)]  # 20 steps, a row and checkpoint every 10
+    assert main(["train", *flags]) == 0
+    record = json.loads((out / "config.json").read_text())
+    assert record["derived"]["sampling"].startswith("windows in a seeded permutation")
+    del record["derived"]["sampling"]  # as localsgd wrote it before
+    (out / "config.json").write_text(json.dumps(record))
+    (out / "summary.json").unlink()
+    before = snapshot(out)
+    capsys.readouterr()
+    assert main(["train", *flags, "--resume"]) == 2
+    err = one_error_line(capsys)
+    assert f"the run in {out} read its training data as columns, recorded by localsgd before" in err
+    assert "this localsgd reads them as windows in a seeded permutation per epoch" in err
+    assert snapshot(out) == before

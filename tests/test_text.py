@@ -1,5 +1,6 @@
-"""The text task's pieces: corpus loading and split, the per-worker column streams, the language
-models (shapes, tied weights, parameter counts by formula, causality)."""
+"""The text task's pieces: corpus loading and split, the GPT's random windows and the LSTM's column
+streams, the LSTM's state carried along a column, the language models (shapes, tied weights,
+parameter counts by formula, causality)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from localsgd.harness.config import Config
 from localsgd.harness.language import GPT, LSTMLM
-from localsgd.harness.text import CorpusError, Streams, load_corpus, windows
+from localsgd.harness.tasks import TextTask
+from localsgd.harness.text import CorpusError, RandomWindows, Streams, load_corpus, windows
 
 SOTU = Path(__file__).resolve().parents[2] / "shared/data/sotu"
 
@@ -113,6 +116,133 @@ def test_streams_are_contiguous_per_worker_and_disjoint_between_workers() -> Non
     ]
     with pytest.raises(CorpusError, match="too few"):
         Streams(tokens[:100], 8, 8, 7, seed=0)
+
+
+def epoch_windows(sampler: RandomWindows, epoch: int) -> dict[int, list[int]]:
+    """Every worker's window starts in an epoch, read off its batches of a stream whose token at
+    position p is p (each row checked to be L consecutive positions, the targets one further)."""
+    starts = sampler.starts(epoch)
+    seen: dict[int, list[int]] = {w: [] for w in range(sampler.workers)}
+    for step in range(sampler.steps_per_epoch):
+        for w in range(sampler.workers):
+            x, y = sampler.batch(starts, w, step)
+            assert (
+                x.shape == y.shape == (sampler.local_batch_size, sampler.seq_len) and x.dtype == torch.int64
+            )
+            for row, target in zip(x.tolist(), y.tolist(), strict=True):
+                assert row == list(range(row[0], row[0] + sampler.seq_len)) and target == [p + 1 for p in row]
+                seen[w].append(row[0])
+    return seen
+
+
+def test_random_windows_cover_the_corpus_once_per_epoch_disjoint_between_workers() -> None:
+    """Every epoch reads each window of its grid (a fresh offset plus multiples of L) once, except
+    fewer than K·B_loc, no two workers the same one; the first tenth of an epoch already spreads
+    over the whole stream (the columns' first tenth would hit only K·B_loc = 8 of 100 stretches).
+    Catches windows dealt in stream order, workers given the same windows, a fixed offset."""
+    n, k, b, seq = 100_000, 2, 4, 8
+    sampler = RandomWindows(torch.arange(n), k, b, seq, seed=4)
+    grid_size = (n - seq) // seq  # windows of L + 1 tokens at offset + j·L, for any offset < L
+    assert sampler.steps_per_epoch == grid_size // (k * b)
+    offsets = set()
+    for epoch in range(3):
+        seen = epoch_windows(sampler, epoch)
+        starts = seen[0] + seen[1]
+        offset = starts[0] % seq
+        offsets.add(offset)
+        grid = {offset + j * seq for j in range(grid_size)}
+        assert len(set(starts)) == len(starts) == sampler.steps_per_epoch * k * b  # each window once
+        assert set(starts) <= grid and len(grid - set(starts)) < k * b
+        assert not set(seen[0]) & set(seen[1])
+    assert len(offsets) > 1  # the boundaries move
+    tenth = sampler.steps_per_epoch // 10
+    first = sampler.starts(0)[: tenth * k * b]
+    stretches = {int(s) * 100 // n for s in first}
+    assert len(stretches) >= 95, sorted(stretches)
+    with pytest.raises(CorpusError, match="too few"):
+        RandomWindows(torch.arange(100), 4, 4, 8, seed=0)
+
+
+def test_random_windows_are_a_function_of_seed_worker_and_step() -> None:
+    """A batch depends on (seed, epoch, worker, step) only: the same from a fresh sampler, in any
+    order of calls; another seed gives other windows; step i's K·B_loc windows are the same for any
+    split of them into workers (K = 1, 2, 4). Catches a sampler that draws from a generator as it
+    goes (its batches would depend on the calls before them)."""
+    tokens = torch.arange(50_000)
+
+    def batch(seed: int, k: int, b: int, epoch: int, worker: int, step: int) -> torch.Tensor:
+        sampler = RandomWindows(tokens, k, b, 16, seed)
+        return sampler.batch(sampler.starts(epoch), worker, step)[0]
+
+    sampler = RandomWindows(tokens, 2, 4, 16, seed=7)
+    starts = sampler.starts(2)
+    later = sampler.batch(starts, 1, 9)[0]
+    assert torch.equal(sampler.batch(starts, 0, 3)[0], batch(7, 2, 4, 2, 0, 3))
+    assert torch.equal(later, batch(7, 2, 4, 2, 1, 9))
+    assert not torch.equal(later, batch(8, 2, 4, 2, 1, 9))
+    assert not torch.equal(later, batch(7, 2, 4, 1, 1, 9))
+    whole = batch(7, 1, 8, 2, 0, 9)
+    for k in (2, 4):
+        assert torch.equal(torch.cat([batch(7, k, 8 // k, 2, w, 9) for w in range(k)]), whole)
+
+
+def tiny_text_task(tmp_path: Path, model: str, **settings: object) -> TextTask:
+    """A TextTask on a 3,000-byte random corpus (K = 2, B_loc = 3, windows of 8 bytes)."""
+    g = torch.Generator().manual_seed(0)
+    folder = write_docs(
+        tmp_path / "corpus",
+        {name: bytes(torch.randint(0, 256, (size,), generator=g).tolist())
+         for name, size in (("1990_a.txt", 3000), ("2001_b.txt", 200))},
+    )  # fmt: skip
+    cfg = Config(
+        dataset="text", data_dir=str(folder), model=model, width=16, depth=2, seq_len=8, workers=2,
+        local_batch_size=3, seed=5, **settings,  # type: ignore[arg-type]
+    )  # fmt: skip
+    return TextTask(cfg, torch.device("cpu"))
+
+
+def test_lstm_state_is_carried_along_a_column_per_worker_and_reset_where_columns_restart(
+    tmp_path: Path,
+) -> None:
+    """Training logits of a worker's consecutive windows equal one pass of the LSTM over its
+    columns' text from a zero state (an independent computation: the model's own forward over the
+    concatenated windows), with the other worker's steps in between; the state kept between windows
+    has no graph; step 0 of the next epoch starts from a zero state again. Catches a state reset
+    every window, one state shared by the workers, a state never reset, a state not detached."""
+    task = tiny_text_task(tmp_path, "lstm")
+    torch.manual_seed(0)
+    model = task.model()
+    g = torch.Generator()
+    task.start_epoch(0, 0)
+    inputs, logits = [], []
+    for i in range(3):
+        for w in (0, 1):
+            x, _ = task.batch(w, i, g)
+            out = task.forward(w, model, x)
+            if w == 1:
+                inputs.append(x)
+                logits.append(out.detach())
+                h, c = task.carried[1]
+                assert out.grad_fn is not None and h.grad_fn is None and c.grad_fn is None
+    with torch.no_grad():
+        whole = model(torch.cat(inputs, dim=1))  # (B_loc, 3·L) of contiguous text
+    torch.testing.assert_close(torch.cat(logits, dim=1), whole, rtol=0, atol=1e-5)
+    assert (logits[1] - model(inputs[1]).detach()).abs().max() > 1e-3  # the state matters
+    task.start_epoch(1, 0)
+    x, _ = task.batch(1, 0, g)
+    with torch.no_grad():
+        assert torch.equal(task.forward(1, model, x), model(x))
+
+
+def test_gpt_task_forward_is_the_model_and_carries_nothing(tmp_path: Path) -> None:
+    task = tiny_text_task(tmp_path, "gpt", heads=2)
+    torch.manual_seed(0)
+    model = task.model().eval()
+    task.start_epoch(0, 0)
+    x, _ = task.batch(1, 2, torch.Generator())
+    with torch.no_grad():
+        assert torch.equal(task.forward(1, model, x), model(x))
+    assert task.state() == {"carried": {}}
 
 
 def test_evaluation_windows_cover_the_split_in_order() -> None:

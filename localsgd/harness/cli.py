@@ -187,6 +187,7 @@ def run_train(args: argparse.Namespace) -> int:
 
     from localsgd.harness.rundir import check_claim, inspect
     from localsgd.harness.runtime import resolve_workers
+    from localsgd.harness.tasks import sampling
     from localsgd.harness.train import table, train
 
     cfg = resolve_workers(train_config(args))
@@ -197,7 +198,7 @@ def run_train(args: argparse.Namespace) -> int:
     out = Path(cfg.out or f"runs/{name}")
     state = inspect(out)
     if cfg.resume and state.kind == "run" and state.finished:  # nothing to continue: same settings?
-        check_claim(state, cfg.resume, cfg.overwrite, cfg.to_dict())
+        check_claim(state, cfg.resume, cfg.overwrite, cfg.to_dict(), sampling(cfg))
         print(f"{out} holds a finished run with these settings; not running it again (see its summary.json)")
         return 0
     try:

@@ -3,7 +3,9 @@ vocab) logits and tie the output layer to the input embedding.
 
 * ``LSTMLM``: the paper's model (Lin et al. 2020, after Merity et al.): an embedding, a stack of
   LSTM layers with dropout between them, and the tied decoder; the embedding width equals the
-  hidden width (the paper: 3 layers of 650, dropout 0.4). Every window starts from a zero state.
+  hidden width (the paper: 3 layers of 650, dropout 0.4). ``forward`` starts from a zero state;
+  ``carry`` starts from a given state and returns the final one, so training can carry it from one
+  window of a column to the next (``tasks.TextTask``).
 * ``GPT``: a decoder-only transformer: token and learned position embeddings, pre-LayerNorm blocks
   of causal self-attention (``torch.nn.functional.scaled_dot_product_attention``) and a GELU MLP of
   4·d, a final LayerNorm, the tied decoder. GPT-2's initialisation (normal 0.02, residual
@@ -21,6 +23,8 @@ from torch.nn import functional as F
 
 from localsgd.harness.text import VOCAB
 
+LSTMState = tuple[torch.Tensor, torch.Tensor]  # (h, c) of every layer
+
 
 class LSTMLM(nn.Module):
     def __init__(self, vocab: int, hidden: int, layers: int, dropout: float = 0.0) -> None:
@@ -34,8 +38,13 @@ class LSTMLM(nn.Module):
         nn.init.zeros_(self.decoder.bias)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        h, _ = self.lstm(self.drop(self.embed(tokens)))
-        return self.decoder(self.drop(h))
+        return self.carry(tokens, None)[0]
+
+    def carry(self, tokens: torch.Tensor, state: LSTMState | None) -> tuple[torch.Tensor, LSTMState]:
+        """The logits of (B, L) ``tokens`` read from ``state`` (None: zeros) and the state after the
+        last token: (h, c), each (layers, B, hidden)."""
+        h, state = self.lstm(self.drop(self.embed(tokens)), state)
+        return self.decoder(self.drop(h)), state
 
 
 class Block(nn.Module):

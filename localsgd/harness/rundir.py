@@ -216,6 +216,7 @@ class RunState:
     path: Path
     kind: str
     config: dict[str, Any] | None = None
+    derived: dict[str, Any] | None = None
     finished: bool = False
     checkpoint_step: int | None = None
     contents: tuple[str, ...] = ()
@@ -243,8 +244,8 @@ def inspect(out: Path) -> RunState:
         raise RunDirectoryError(f"cannot read the run directory {out}: {e.strerror or e}") from None
     if not contents:
         return RunState(out, "new")
-    config = _run_config(out / "config.json")
-    if config is None:
+    record = _run_record(out / "config.json")
+    if record is None:
         return RunState(out, "foreign", contents=contents)
     pointer = out / "checkpoints" / "latest"
     step = None
@@ -254,11 +255,11 @@ def inspect(out: Path) -> RunState:
         except (OSError, ValueError, KeyError, TypeError):
             step = None  # an unreadable pointer is named when the checkpoint is read
     finished = (out / "summary.json").is_file()
-    return RunState(out, "run", config, finished, step, contents)
+    return RunState(out, "run", record["config"], record.get("derived", {}), finished, step, contents)
 
 
-def _run_config(path: Path) -> dict[str, Any] | None:
-    """The settings in a localsgd ``config.json`` (it records the versions), None for any other
+def _run_record(path: Path) -> dict[str, Any] | None:
+    """A localsgd ``config.json`` (settings, derived quantities and versions), None for any other
     file or none."""
     try:
         record = json.loads(path.read_text())
@@ -268,12 +269,15 @@ def _run_config(path: Path) -> dict[str, Any] | None:
         return None
     if not (isinstance(record, dict) and "config" in record and "localsgd" in record.get("versions", {})):
         return None
-    return record["config"]
+    return record
 
 
-def check_claim(state: RunState, resume: bool, overwrite: bool, config: dict[str, Any]) -> None:
+def check_claim(
+    state: RunState, resume: bool, overwrite: bool, config: dict[str, Any], sampling: str | None = None
+) -> None:
     """Raise RunDirectoryError (one line) unless this run may write into ``state.path``: a new
-    folder, or a run it continues (``resume``, with the same settings) or replaces (``overwrite``)."""
+    folder, or a run it continues (``resume``, with the same settings and the same ``sampling`` of
+    the training data, ``tasks.sampling``) or replaces (``overwrite``)."""
     out = state.path
     if state.kind == "new":
         return
@@ -283,6 +287,14 @@ def check_claim(state: RunState, resume: bool, overwrite: bool, config: dict[str
         return
     if resume:
         checkpoint.check_same_config(state.config or {}, config, out, "the run")
+        began = (state.derived or {}).get("sampling")
+        if began != sampling:
+            began = began or "columns, recorded by localsgd before it sampled text runs otherwise"
+            raise RunDirectoryError(
+                f"the run in {out} read its training data as {began}; this localsgd reads them as "
+                f"{sampling}, so it cannot continue that run; replace it with --overwrite or choose "
+                "another --out"
+            )
         return
     what = "continue it with --resume, " if not state.finished else ""
     what += "replace it with --overwrite"
@@ -321,15 +333,15 @@ class Lock:
             self.fd = None
 
 
-def claim(out: Path, resume: bool, overwrite: bool, config: dict[str, Any]) -> Lock:
+def claim(out: Path, resume: bool, overwrite: bool, config: dict[str, Any], sampling: str | None) -> Lock:
     """Check that this run may write into ``out`` (``check_claim``), lock it, check again under the
     lock (another run may have written in between) and, with ``overwrite``, delete the old run's
     files (``RUN_FILES``; nothing else). Returns the held lock."""
-    check_claim(inspect(out), resume, overwrite, config)
+    check_claim(inspect(out), resume, overwrite, config, sampling)
     lock = Lock(out)
     try:
         state = inspect(out)
-        check_claim(state, resume, overwrite, config)
+        check_claim(state, resume, overwrite, config, sampling)
         if overwrite and state.kind == "run":
             for name in RUN_FILES:
                 path = out / name

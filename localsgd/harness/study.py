@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from localsgd.harness.checkpoint import check_same_config
 from localsgd.harness.config import Config, ConfigError, from_mapping
-from localsgd.harness.rundir import metrics_rows, read_json
+from localsgd.harness.rundir import check_claim, inspect, metrics_rows, read_json
+from localsgd.harness.tasks import sampling
 
 
 @dataclass(frozen=True)
@@ -317,8 +317,8 @@ def run_study(
     for i, (method, seed) in enumerate(pieces):
         out = run_dir(root, method, seed)
         if (out / "summary.json").is_file():  # finished: reused only if run with this piece's settings
-            saved = read_json(out / "config.json")["config"]
-            check_same_config(saved, configs[method, seed].to_dict(), out, "the finished run")
+            cfg = configs[method, seed]
+            check_claim(inspect(out), True, False, cfg.to_dict(), sampling(cfg))
             continue
         if max_hours is not None and time.monotonic() - start > max_hours * 3600:
             print(f"time budget spent; {len(pieces) - i} pieces left, run the same command again to go on")

@@ -1,5 +1,6 @@
 """What differs between the training tasks, behind one small interface: the data (each worker's
-batch at step i of an epoch, the evaluation split), the model, and how inputs are prepared. The
+batch at step i of an epoch, the evaluation split), the model, how a worker's forward pass runs
+(and any state it carries from step to step), and how inputs are prepared. The
 training loop (``train.py``) owns everything else, the same for every task: steps, the LR schedule,
 the engine, the loss (cross-entropy over the last axis of the logits), the metrics (loss and
 accuracy; bits per byte for text), evaluation, checkpoints and resume.
@@ -7,9 +8,13 @@ accuracy; bits per byte for text), evaluation, checkpoints and resume.
 * ``ImageTask``: CIFAR-10/100, MNIST, Fashion-MNIST; a fresh random disjoint shard of the training
   images per worker every epoch, augmented with the worker's own generator; evaluation on the test
   split.
-* ``TextTask``: a byte-level corpus (``harness/text.py``); worker k reads its own contiguous columns
-  of the training stream (the paper's batching); evaluation on the validation split's consecutive
-  windows.
+* ``TextTask``: a byte-level corpus (``harness/text.py``). The GPT reads windows drawn from the
+  whole training stream (``RandomWindows``: a seeded permutation per epoch, disjoint across
+  workers). The LSTM reads the paper's contiguous columns (``Streams``) and carries its hidden
+  state from one window to the next within a column, per worker: detached between windows, reset
+  where the columns restart (each epoch's step 0), never averaged (it is not a parameter), and
+  saved in checkpoints. Evaluation on the validation split's consecutive windows, each from a zero
+  state.
 """
 
 from __future__ import annotations
@@ -23,9 +28,9 @@ from torch import nn
 
 from localsgd.harness.config import Config, ConfigError
 from localsgd.harness.data import augment, default_data_dir, epoch_shards, load_dataset, normalize
-from localsgd.harness.language import build_language_model
+from localsgd.harness.language import LSTMLM, LSTMState, build_language_model
 from localsgd.harness.models import build_model
-from localsgd.harness.text import CorpusError, Streams, load_corpus, windows
+from localsgd.harness.text import CorpusError, RandomWindows, Streams, load_corpus, windows
 
 
 class Task(Protocol):
@@ -43,12 +48,26 @@ class Task(Protocol):
         """A freshly initialised model on the device (the caller seeds torch)."""
         ...
 
-    def start_epoch(self, epoch: int) -> None:
-        """Lay out this epoch's data (every worker's shard or columns)."""
+    def start_epoch(self, epoch: int, i: int) -> None:
+        """Lay out this epoch's data (every worker's shard, windows or columns), to be read from its
+        step ``i`` on (0, or the step a resumed run starts at)."""
         ...
 
     def batch(self, worker: int, i: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Worker ``worker``'s inputs and targets at step ``i`` of the epoch."""
+        ...
+
+    def forward(self, worker: int, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """Worker ``worker``'s training logits for its batch ``x``, with any state the task carries
+        for it from the previous step."""
+        ...
+
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint must hold of the task besides the config: state carried per worker."""
+        ...
+
+    def load(self, state: dict[str, Any]) -> None:
+        """Restore ``state()`` from a checkpoint."""
         ...
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
@@ -62,6 +81,16 @@ class Task(Protocol):
     def baselines(self) -> dict[str, float]:
         """Reference values for the summary (text: the unigram entropy a model must beat)."""
         ...
+
+
+def sampling(cfg: Config) -> str | None:
+    """How a text run's workers read the training split (``config.json`` records it, and a run is
+    continued only with the sampling it began with); None for images."""
+    if cfg.dataset != "text":
+        return None
+    if cfg.model == "lstm":
+        return "columns (K·B_loc per epoch), the LSTM's state carried along them"
+    return "windows in a seeded permutation per epoch, disjoint across workers"
 
 
 def make_task(cfg: Config, device: torch.device) -> Task:
@@ -118,7 +147,7 @@ class ImageTask:
         m = build_model(self.cfg.model, self.num_classes, in_channels=self.train_x.shape[1]).to(self.device)
         return m.to(memory_format=torch.channels_last) if self.cfg.channels_last else m
 
-    def start_epoch(self, epoch: int) -> None:
+    def start_epoch(self, epoch: int, i: int) -> None:
         self.shards = [
             s.to(self.device) for s in epoch_shards(len(self.train_x), self.cfg.workers, epoch, self.cfg.seed)
         ]
@@ -130,6 +159,15 @@ class ImageTask:
         if self.cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x, self.train_y[idx]
+
+    def forward(self, worker: int, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return model(x)
+
+    def state(self) -> dict[str, Any]:
+        return {}
+
+    def load(self, state: dict[str, Any]) -> None:
+        pass
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
         x = normalize(x, self.mean, self.std)
@@ -150,15 +188,17 @@ class TextTask:
         self.cfg, self.device = cfg, device
         if cfg.data_dir is None:
             raise ConfigError("dataset = text needs data_dir: a folder of .txt files or one text file")
+        self.carries = cfg.model == "lstm"  # a recurrent state, carried along columns
+        sampler = Streams if self.carries else RandomWindows
         try:
             corpus = load_corpus(Path(cfg.data_dir))
-            self.streams = Streams(
+            self.sampler = sampler(
                 corpus.train.to(device), cfg.workers, cfg.local_batch_size, cfg.text_seq_len(), cfg.seed
             )
         except CorpusError as e:
             raise ConfigError(str(e)) from None
         self.corpus = corpus
-        self.steps_per_epoch = self.streams.steps_per_epoch
+        self.steps_per_epoch = self.sampler.steps_per_epoch
         x, y = windows(corpus.valid, cfg.text_seq_len())
         if len(x) == 0:
             raise ConfigError(
@@ -167,7 +207,8 @@ class TextTask:
             )
         x, y = subset(x, y, cfg.test_subset, cfg.seed + 1, "test", "validation windows")
         self.eval_x, self.eval_y = x.to(device), y.to(device)
-        self.columns = torch.empty(0)
+        self.layout = torch.empty(0)  # this epoch's columns or window starts
+        self.carried: dict[int, LSTMState] = {}  # each worker's state after its last window
 
     def sizes(self) -> dict[str, Any]:
         return {
@@ -175,6 +216,7 @@ class TextTask:
             "valid_tokens": len(self.corpus.valid),
             "valid_windows": len(self.eval_x),
             "split": self.corpus.rule,
+            "sampling": sampling(self.cfg),
             **self.baselines(),
         }
 
@@ -182,20 +224,39 @@ class TextTask:
         cfg = self.cfg
         return build_language_model(cfg.model, cfg.text_model_size(), cfg.text_seq_len()).to(self.device)
 
-    def start_epoch(self, epoch: int) -> None:
-        self.columns = self.streams.columns(epoch)
+    def start_epoch(self, epoch: int, i: int) -> None:
+        if isinstance(self.sampler, Streams):
+            self.layout = self.sampler.columns(epoch)
+        else:
+            self.layout = self.sampler.starts(epoch)
+        if i == 0:  # the columns restart, and with them every worker's state
+            self.carried.clear()
 
     def batch(self, worker: int, i: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.streams.batch(self.columns, worker, i)
+        return self.sampler.batch(self.layout, worker, i)
+
+    def forward(self, worker: int, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if not self.carries:
+            return model(x)
+        assert isinstance(model, LSTMLM)
+        logits, (h, c) = model.carry(x, self.carried.get(worker))
+        self.carried[worker] = (h.detach(), c.detach())  # backpropagation stops at the window
+        return logits
+
+    def state(self) -> dict[str, Any]:
+        return {"carried": dict(self.carried)}
+
+    def load(self, state: dict[str, Any]) -> None:
+        carried = state.get("carried", {})
+        self.carried = {k: (h.to(self.device), c.to(self.device)) for k, (h, c) in carried.items()}
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
         return x
 
     def annotate(self, row: dict[str, Any], steps: int) -> None:
-        for name in ("train", self.split):
-            row[f"{name}_bpb"] = row[f"{name}_loss"] / math.log(2)  # nats per byte -> bits per byte
-        if f"local_{self.split}_loss" in row:
-            row[f"local_{self.split}_bpb"] = row[f"local_{self.split}_loss"] / math.log(2)
+        for name in ("train", self.split, f"local_{self.split}"):
+            if f"{name}_loss" in row:  # rows between evaluations have no validation loss
+                row[f"{name}_bpb"] = row[f"{name}_loss"] / math.log(2)  # nats per byte -> bits per byte
         row["tokens"] = steps * self.cfg.workers * self.cfg.local_batch_size * self.cfg.text_seq_len()
         row["tokens_per_second"] = row["tokens"] / max(row["wall_seconds"] - row["eval_seconds"], 1e-9)
 

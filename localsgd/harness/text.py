@@ -1,5 +1,6 @@
-"""Text corpora for language modelling: byte-level tokens, a documented split, and the paper's
-batching of one token stream into contiguous columns.
+"""Text corpora for language modelling: byte-level tokens, a documented split, and two ways to
+batch the training stream: windows in a seeded random order (models without carried state), and
+the paper's contiguous columns (a recurrent model carrying its state from window to window).
 
 * **Tokens**: the corpus's UTF-8 bytes (vocabulary 256): no tokenizer to download or train, and
   the loss per token is directly in bits per byte (``loss / ln 2``).
@@ -8,12 +9,24 @@ batching of one token stream into contiguous columns.
   the State of the Union corpus), documents from before ``split_year`` are the training split and
   the rest the validation split; otherwise the last ``valid_fraction`` of the documents (of the
   bytes, for a single file) is the validation split.
-* **Streams** (the batching of the paper's code, ``batchify``): the training tokens are cut into
-  K·B_loc contiguous columns of equal length, one per sequence slot; worker k owns columns
-  k·B_loc .. (k+1)·B_loc − 1, so its batch rows are contiguous text and no two workers share a
-  token within an epoch. Step i of an epoch reads tokens [i·L, (i+1)·L) of every column as inputs
-  and the next token of each as targets (L = ``seq_len``). Each epoch starts the columns at a fresh
-  offset in [0, L) drawn from the seed, so the window boundaries move from epoch to epoch.
+* **RandomWindows** (models without carried state, the GPT): each epoch, the training stream is cut
+  into non-overlapping windows of L + 1 tokens (L inputs, the targets shifted by one) starting at
+  a fresh offset in [0, L); a seeded permutation of these windows is dealt out in order, step i's
+  K·B_loc windows being the next K·B_loc of the permutation and worker k taking its B_loc of
+  them. Without replacement, so an epoch reads every window of its grid once (the remainder of
+  fewer than K·B_loc windows is dropped) and no two workers read the same window in an epoch, as
+  the image task's disjoint shards; any part of an epoch is a uniform sample of the whole corpus,
+  not the beginning of each column. The order is a function of (seed, epoch) only: a resumed run
+  and every process compute it again, nothing is saved; and step i's K·B_loc windows are the same
+  for any split of them into K workers of B_loc.
+* **Streams** (the LSTM, the batching of the paper's code, ``batchify``): the training tokens are
+  cut into K·B_loc contiguous columns of equal length, one per sequence slot; worker k owns
+  columns k·B_loc .. (k+1)·B_loc − 1, so its batch rows are contiguous text and no two workers
+  share a token within an epoch. Step i of an epoch reads tokens [i·L, (i+1)·L) of every column as
+  inputs and the next token of each as targets (L = ``seq_len``), so a recurrent model can carry
+  its state from one window to the next. Each epoch starts the columns at a fresh offset in
+  [0, L) drawn from the seed, so the window boundaries move from epoch to epoch. A part of an
+  epoch reads only the beginning of each column: a biased sample of the corpus.
 """
 
 from __future__ import annotations
@@ -97,6 +110,64 @@ def load_corpus(path: Path, split_year: int = 2000, valid_fraction: float = 0.05
     )
 
 
+def _check_sizes(workers: int, local_batch_size: int, seq_len: int) -> None:
+    for name, value in (("workers (K)", workers), ("local_batch_size (B_loc)", local_batch_size),
+                        ("seq_len", seq_len)):  # fmt: skip
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise CorpusError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def _generator(seed: int, epoch: int) -> torch.Generator:
+    """The generator of one epoch's layout: the same in every process and after a resume."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+
+
+class RandomWindows:
+    """Each epoch, a seeded permutation of the stream's non-overlapping windows, dealt to the
+    workers step by step (see the module docstring).
+
+    Args:
+        tokens: the training split.
+        workers: K.
+        local_batch_size: B_loc, windows per worker and step.
+        seq_len: L, tokens per window.
+        seed: the epochs' offsets and permutations are drawn from it.
+    """
+
+    def __init__(
+        self, tokens: torch.Tensor, workers: int, local_batch_size: int, seq_len: int, seed: int
+    ) -> None:
+        _check_sizes(workers, local_batch_size, seq_len)
+        self.tokens, self.workers, self.local_batch_size = tokens, workers, local_batch_size
+        self.seq_len, self.seed = seq_len, seed
+        self.count = (len(tokens) - seq_len) // seq_len  # windows per epoch, room for every offset
+        self.steps_per_epoch = self.count // (workers * local_batch_size)
+        if self.steps_per_epoch < 1:
+            raise CorpusError(
+                f"{len(tokens)} training tokens are too few for K·B_loc = {workers * local_batch_size} "
+                f"windows of {seq_len + 1} tokens (seq_len = {seq_len}) per step"
+            )
+        self.span = torch.arange(seq_len + 1, device=tokens.device)
+
+    def starts(self, epoch: int) -> torch.Tensor:
+        """Where this epoch's windows start, in the order they are dealt: a fresh offset in [0, L)
+        plus L times a permutation of the window indices (steps_per_epoch·K·B_loc of them)."""
+        g = _generator(self.seed, epoch)
+        offset = int(torch.randint(self.seq_len, (1,), generator=g))
+        dealt = self.steps_per_epoch * self.workers * self.local_batch_size
+        order = torch.randperm(self.count, generator=g)[:dealt]
+        return (offset + order * self.seq_len).to(self.tokens.device)
+
+    def batch(self, starts: torch.Tensor, worker: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Worker ``worker``'s inputs and targets at step ``step`` of the epoch: (B_loc, L) each,
+        int64; its windows are ``starts[(step·K + worker)·B_loc :][:B_loc]``."""
+        if not 0 <= step < self.steps_per_epoch:
+            raise IndexError(f"step must be in [0, {self.steps_per_epoch}), got {step}")
+        first = (step * self.workers + worker) * self.local_batch_size
+        window = self.tokens[starts[first : first + self.local_batch_size, None] + self.span].long()
+        return window[:, :-1], window[:, 1:]
+
+
 class Streams:
     """The training stream cut into K·B_loc contiguous columns, per epoch (see the module docstring).
 
@@ -111,10 +182,7 @@ class Streams:
     def __init__(
         self, tokens: torch.Tensor, workers: int, local_batch_size: int, seq_len: int, seed: int
     ) -> None:
-        for name, value in (("workers (K)", workers), ("local_batch_size (B_loc)", local_batch_size),
-                            ("seq_len", seq_len)):  # fmt: skip
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise CorpusError(f"{name} must be an integer >= 1, got {value!r}")
+        _check_sizes(workers, local_batch_size, seq_len)
         self.tokens, self.workers, self.local_batch_size = tokens, workers, local_batch_size
         self.seq_len, self.seed = seq_len, seed
         columns = workers * local_batch_size
@@ -134,8 +202,7 @@ class Streams:
 
     def offset(self, epoch: int) -> int:
         """Where the columns start in this epoch: a fresh offset in [0, L)."""
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return int(torch.randint(self.seq_len, (1,), generator=g))
+        return int(torch.randint(self.seq_len, (1,), generator=_generator(self.seed, epoch)))
 
     def columns(self, epoch: int) -> torch.Tensor:
         """(K·B_loc, column_length) tokens of this epoch: row j is one contiguous piece of text."""

@@ -27,7 +27,7 @@ from localsgd.harness.interrupt import Interrupted, Signals
 from localsgd.harness.rundir import RunWriter
 from localsgd.harness.runtime import Runtime, resolve_workers
 from localsgd.harness.seeding import WorkerRandom
-from localsgd.harness.tasks import Task, make_task
+from localsgd.harness.tasks import Task, make_task, sampling
 from localsgd.schedule import Schedule
 
 
@@ -280,7 +280,7 @@ def claim(cfg: Config, out: Path, runtime: Runtime) -> rundir.Lock | None:
     lock, error = None, None
     if runtime.rank == 0:
         try:
-            lock = rundir.claim(out, resuming(cfg), cfg.overwrite, cfg.to_dict())
+            lock = rundir.claim(out, resuming(cfg), cfg.overwrite, cfg.to_dict(), sampling(cfg))
         except ValueError as e:
             error = str(e)
     if runtime.distributed:
@@ -298,12 +298,13 @@ def resume(
     engine: Engine,
     model: nn.Module,
     random: WorkerRandom,
+    task: Task,
     tally: Tally,
     root: Path,
 ) -> tuple[list[dict[str, Any]], float, float]:
     """With ``resume`` (or in a group torchrun restarted), load the last checkpoint into the engine,
-    the model, the random streams and the current row's sums; returns the rows so far, evaluation
-    and wall seconds."""
+    the model, the random streams, the task's carried state and the current row's sums; returns
+    the rows so far, evaluation and wall seconds."""
     dev = runtime.device
     state = checkpoint.restore(root, runtime.rank, cfg.to_dict(), dev.type) if resuming(cfg) else None
     history, eval_seconds, wall_seconds = [], 0.0, 0.0
@@ -312,6 +313,7 @@ def resume(
         if runtime.distributed:
             model.load_state_dict(state["model"])
         random.load(state.get("random") or {"data": state["generators"]})  # older files: no dropout state
+        task.load(state.get("task", {}))
         history, eval_seconds, wall_seconds = state["history"], state["eval_seconds"], state["wall_seconds"]
         if "tally" in state:  # older files: checkpoints were written at row ends only
             tally.load(state["tally"])
@@ -327,6 +329,7 @@ def save(
     engine: Engine,
     model: nn.Module,
     random: WorkerRandom,
+    task: Task,
     root: Path,
     run: dict[str, Any],
 ) -> None:
@@ -340,6 +343,7 @@ def save(
         "config": cfg.to_dict(),
         "engine": engine.state_dict(),
         "random": random.state(),
+        "task": task.state(),
         **run,
         "device": runtime.device.type,  # the random generators' states are per device type
     }
@@ -390,7 +394,7 @@ def run_training(
     # --- resume: everything an uninterrupted run would hold at the checkpoint's step ---
     ckpt_root = out / "checkpoints"
     tally = Tally(dev, plan.steps_per_epoch, ckpt_root)
-    history, eval_seconds, wall_offset = resume(cfg, runtime, engine, model, random, tally, ckpt_root)
+    history, eval_seconds, wall_offset = resume(cfg, runtime, engine, model, random, task, tally, ckpt_root)
     start_t = engine.t
     saved = start_t if (ckpt_root / "latest").exists() else None  # the step --resume would continue from
     writer.config(resolved_config(cfg, plan, runtime, task))  # the first write: everything is checked
@@ -416,12 +420,12 @@ def run_training(
                         "wall_seconds": time.perf_counter() - start,
                         "tally": tally.state(),
                     }
-                    save(cfg, runtime, engine, model, random, ckpt_root, run_state)
+                    save(cfg, runtime, engine, model, random, task, ckpt_root, run_state)
                     saved = t
                 raise Interrupted(signals.received, t, saved)
             epoch, i = divmod(t, plan.steps_per_epoch)
             if i == 0 or t == start_t:  # fresh disjoint data per worker every epoch
-                task.start_epoch(epoch)
+                task.start_epoch(epoch, i)
             lr = lr_at(cfg, plan, t)
             for opt in engine.optimizers:
                 for group in opt.param_groups:
@@ -432,7 +436,7 @@ def run_training(
                     random.of(k),
                     torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"),
                 ):
-                    logits = m(x)
+                    logits = task.forward(k, m, x)
                     loss = cross_entropy(logits, y)
                 loss.backward()
                 tally.add(t, k, loss, logits, y)
@@ -496,7 +500,7 @@ def run_training(
                     "eval_seconds": eval_seconds,
                     "wall_seconds": time.perf_counter() - start,
                 }
-                save(cfg, runtime, engine, model, random, ckpt_root, run)
+                save(cfg, runtime, engine, model, random, task, ckpt_root, run)
                 saved = t + 1
     except (CommunicationError, TrainingError) as e:  # a peer that stopped on the signal first
         if signals.received is None:
