@@ -286,7 +286,8 @@ def check_claim(
     if overwrite:
         return
     if resume:
-        checkpoint.check_same_config(state.config or {}, config, out, "the run")
+        what = "the finished run" if state.finished else "the run"
+        checkpoint.check_same_config(state.config or {}, config, out, what)
         began = (state.derived or {}).get("sampling")
         if began != sampling:
             began = began or "columns, recorded by localsgd before it sampled text runs otherwise"
