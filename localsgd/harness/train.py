@@ -407,6 +407,15 @@ def run_training(
     )  # fmt: skip
     start = time.perf_counter() - wall_offset
     averaged: nn.Module | None = None  # the last evaluated average of the workers' models
+
+    def progress_so_far() -> dict[str, Any]:  # what a checkpoint holds besides the workers' state
+        return {
+            "history": history,
+            "eval_seconds": eval_seconds,
+            "wall_seconds": time.perf_counter() - start,
+            "tally": tally.state(),
+        }
+
     signals = Signals(insist=not runtime.distributed).install()
     try:  # the bar ends its line before an error is printed
         for t in range(start_t, plan.total_steps):
@@ -414,13 +423,7 @@ def run_training(
                 if not runtime.distributed and saved != t:
                     tally.check()
                     check_finite(workers, t - 1, ckpt_root)
-                    run_state = {
-                        "history": history,
-                        "eval_seconds": eval_seconds,
-                        "wall_seconds": time.perf_counter() - start,
-                        "tally": tally.state(),
-                    }
-                    save(cfg, runtime, engine, model, random, task, ckpt_root, run_state)
+                    save(cfg, runtime, engine, model, random, task, ckpt_root, progress_so_far())
                     saved = t
                 raise Interrupted(signals.received, t, saved)
             epoch, i = divmod(t, plan.steps_per_epoch)
@@ -495,14 +498,9 @@ def run_training(
             writer.append(row, t + 1)
             if row_index % cfg.checkpoint_every == 0 and t + 1 < plan.total_steps:
                 check_finite(workers, t, ckpt_root)  # never replace a good checkpoint by a broken one
-                run = {
-                    "history": history,
-                    "eval_seconds": eval_seconds,
-                    "wall_seconds": time.perf_counter() - start,
-                }
-                save(cfg, runtime, engine, model, random, task, ckpt_root, run)
+                save(cfg, runtime, engine, model, random, task, ckpt_root, progress_so_far())
                 saved = t + 1
-    except (CommunicationError, TrainingError) as e:  # a peer that stopped on the signal first
+    except CommunicationError as e:  # a peer that stopped on the signal first
         if signals.received is None:
             raise
         raise Interrupted(signals.received, engine.t, saved) from e
