@@ -292,3 +292,18 @@ def test_a_text_run_is_continued_only_with_the_sampling_it_began_with(
     assert f"the run in {out} read its training data as columns, recorded by localsgd before" in err
     assert "this localsgd reads them as windows in a seeded permutation per epoch" in err
     assert snapshot(out) == before
+
+
+def test_an_interrupted_study_says_how_it_continues(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A study has no --resume: it continues when the same command runs again."""
+    from tests.test_train import CIFAR10
+
+    with monkeypatch.context() as m:
+        signal_at(m, 2, signal.SIGINT)
+        assert main(["study", "smoke", "--out", str(tmp_path), "--data-dir", str(CIFAR10)]) == 130
+    err = capsys.readouterr().err
+    assert err.endswith(
+        "localsgd: interrupted (SIGINT) at step 3; continue by running the same command again (from there)\n"
+    ), err

@@ -340,9 +340,13 @@ def command(argv: list[str] | None) -> int:
             if args.summary:
                 rows = study.summarize(args.name, root)
             else:
-                rows = study.run_study(
-                    args.name, root, args.data_dir, args.max_hours, args.methods, args.seeds
-                )
+                try:
+                    rows = study.run_study(
+                        args.name, root, args.data_dir, args.max_hours, args.methods, args.seeds
+                    )
+                except Interrupted as e:  # a study continues by running it again
+                    how = "by running the same command again"
+                    raise Interrupted(e.signum, e.step, e.checkpoint_step, how) from None
             named = study.get(args.name)
             print(study.table(rows, named.kind))
             comparisons = study.compare(rows, named.baseline, named.measures.compared)

@@ -12,10 +12,12 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class Interrupted(Exception):
-    """The run stopped at a step boundary on a signal; ``checkpoint_step``: where ``--resume``
-    continues from (None: from the start)."""
+    """The run stopped at a step boundary on a signal; ``checkpoint_step``: where it continues from
+    (None: from the start); ``how``: what continues it."""
 
-    def __init__(self, signum: int, step: int, checkpoint_step: int | None) -> None:
+    def __init__(
+        self, signum: int, step: int, checkpoint_step: int | None, how: str = "with --resume"
+    ) -> None:
         self.signum, self.step, self.checkpoint_step = signum, step, checkpoint_step
         if checkpoint_step == step:
             where = "from there"
@@ -24,7 +26,7 @@ class Interrupted(Exception):
         else:
             where = "from the start: no checkpoint was written yet"
         name = signal.Signals(signum).name
-        super().__init__(f"interrupted ({name}) at step {step}; continue with --resume ({where})")
+        super().__init__(f"interrupted ({name}) at step {step}; continue {how} ({where})")
 
     @property
     def exit_code(self) -> int:
