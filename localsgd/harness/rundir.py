@@ -263,9 +263,7 @@ def _run_record(path: Path) -> dict[str, Any] | None:
     file or none."""
     try:
         record = json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, UnicodeDecodeError, ValueError):
+    except (OSError, UnicodeDecodeError, ValueError):  # none, unreadable or not JSON: not a run's
         return None
     if not (isinstance(record, dict) and "config" in record and "localsgd" in record.get("versions", {})):
         return None
