@@ -893,6 +893,11 @@ def test_study_runs_pieces_skips_finished_ones_and_reproduces(
     alone = json.loads((c / "post-local_H4" / "seed-2" / "summary.json").read_text())
     assert alone["final_test_acc"] == post_local["runs"][1]["final_test_acc"]
     capsys.readouterr()
+    # threads are run control: the finished piece is reused; a bad count is refused before any piece
+    piece = ["study", "smoke", "--out", str(c), "--methods", "post-local H=4", "--seeds", "2"]
+    assert main([*piece, "--threads", "1"]) == 0 and "seed " not in capsys.readouterr().out
+    assert main(["study", "smoke", "--out", str(tmp_path / "d"), "--threads", "0"]) == 2
+    assert "threads" in capsys.readouterr().err and not (tmp_path / "d").exists()
     assert main(["study", "smoke", "--out", str(c), "--methods", "post-local H=8"]) == 2
     assert (
         "study 'smoke' has no method 'post-local H=8'; methods: 'mini-batch', 'post-local H=4'"

@@ -91,6 +91,11 @@ def parser() -> argparse.ArgumentParser:
     study.add_argument("--out", help="study directory (default runs/study-NAME)")
     study.add_argument("--data-dir", help="dataset folder for every run")
     study.add_argument("--max-hours", type=float, help="start no new run after this many hours")
+    study.add_argument(
+        "--threads",
+        type=int,
+        help="torch threads per run (default: the study's; e.g. 1 to run two studies' pieces side by side)",
+    )
     study.add_argument("--methods", nargs="+", metavar="METHOD", help="run only these methods (default: all)")
     study.add_argument(
         "--seeds", nargs="+", type=int, metavar="SEED", help="run only these seeds (default: all)"
@@ -342,7 +347,7 @@ def command(argv: list[str] | None) -> int:
             else:
                 try:
                     rows = study.run_study(
-                        args.name, root, args.data_dir, args.max_hours, args.methods, args.seeds
+                        args.name, root, args.data_dir, args.max_hours, args.methods, args.seeds, args.threads
                     )
                 except Interrupted as e:  # a study continues by running it again
                     how = "by running the same command again"

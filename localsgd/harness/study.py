@@ -97,10 +97,12 @@ class Study:
     def measures(self) -> Measures:
         return MEASURES[self.kind]
 
-    def config(self, method: str, seed: int, data_dir: str | None) -> Config:
+    def config(self, method: str, seed: int, data_dir: str | None, threads: int | None = None) -> Config:
         values = {**self.base, **self.methods[method], "seed": seed, "resume": True}
         if data_dir is not None:
             values["data_dir"] = data_dir
+        if threads is not None:  # run control, like data_dir: a finished piece is reused either way
+            values["threads"] = threads
         return from_mapping(values, f"study method {method!r}")
 
 
@@ -287,9 +289,11 @@ def run_study(
     max_hours: float | None,
     methods: list[str] | None = None,
     seeds: list[int] | None = None,
+    threads: int | None = None,
 ) -> list[dict[str, Any]]:
     """Run (or resume, or skip) every piece of study ``name`` (or only those of the given
-    ``methods`` and ``seeds``); returns the summary table rows."""
+    ``methods`` and ``seeds``, with ``threads`` torch threads if given); returns the summary
+    table rows."""
     from localsgd.harness.train import train
 
     study = get(name)
@@ -310,7 +314,7 @@ def run_study(
         for m in study.methods
         if (methods is None or m in methods) and (seeds is None or s in seeds)
     ]
-    configs = {(m, s): study.config(m, s, data_dir) for m, s in pieces}
+    configs = {(m, s): study.config(m, s, data_dir, threads) for m, s in pieces}
     for cfg in configs.values():
         cfg.validate()  # every piece is checked before the first one starts
     start = time.monotonic()
