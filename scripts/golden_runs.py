@@ -41,7 +41,8 @@ CASES: dict[str, tuple[int, list[str]]] = {
     "image-hierarchical": (0, [*IMAGE, "--workers", "4", "--local-steps", "2", "--workers-per-block", "2",
                                "--block-steps", "2", "--buffers", "average", "--optimizer-state", "average"]),
     "image-diloco-int8-overlap": (0, [*IMAGE, "--workers", "4", "--local-steps", "4",
-                                      "--outer-optimizer", "diloco", "--compress", "int8", "--overlap-steps", "1"]),
+                                      "--outer-optimizer", "diloco", "--compress", "int8",
+                                      "--overlap-steps", "1"]),
     "text-gpt": (0, [*TEXT, "--model", "gpt", "--workers", "2", "--local-steps", "4", "--max-grad-norm", "1",
                      "--eval-every", "2"]),
     "text-lstm-slowmo": (0, [*TEXT, "--model", "lstm", "--workers", "2", "--local-steps", "4",
@@ -58,7 +59,8 @@ def record(name: str, out: Path) -> None:
     nproc, settings = CASES[name]
     args = [*settings, "--threads", "1", "--seed", "3", "--out", str(out), "--no-progress"]
     if nproc:
-        launch = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "localsgd"]
+        torchrun = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+        launch = [*torchrun, "-m", "localsgd"]
     else:
         launch = ["-m", "localsgd"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -82,7 +84,8 @@ def main() -> None:
         print(f"{name}: running", flush=True)
         record(name, args.out / name)
         if args.against is not None:
-            done = subprocess.run([sys.executable, str(COMPARE), str(args.against / name), str(args.out / name)])
+            pair = [str(args.against / name), str(args.out / name)]
+            done = subprocess.run([sys.executable, str(COMPARE), *pair])
             ok &= done.returncode == 0
     if args.against is not None:
         print("every run equal" if ok else "SOME RUNS DIFFER")
