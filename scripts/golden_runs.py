@@ -37,7 +37,7 @@ TEXT = [
 # name: (processes under torchrun, or 0 for the simulator; settings)
 CASES: dict[str, tuple[int, list[str]]] = {
     "image-post-local": (0, [*IMAGE, "--workers", "4", "--local-steps", "4", "--switch-epoch", "first-decay",
-                             "--save-models-at", "1.5"]),
+                             "--save-models-at", "1"]),
     "image-hierarchical": (0, [*IMAGE, "--workers", "4", "--local-steps", "2", "--workers-per-block", "2",
                                "--block-steps", "2", "--buffers", "average", "--optimizer-state", "average"]),
     "image-diloco-int8-overlap": (0, [*IMAGE, "--workers", "4", "--local-steps", "4",
