@@ -38,7 +38,7 @@ class LocalSGD(Engine, torch.optim.Optimizer):
     >>> loss_fn(model(x), y).backward(); opt.step(); opt.zero_grad()
 
     It shares ``param_groups`` and ``state`` with the wrapped optimizer, so learning-rate
-    schedulers and ``GradScaler`` can be given the wrapper. See ``Engine`` for the policies.
+    schedulers and ``GradScaler`` can be given the wrapper. See ``Policy`` for the policies.
 
     Args:
         optimizer: the local optimizer of this worker.
@@ -50,7 +50,7 @@ class LocalSGD(Engine, torch.optim.Optimizer):
         grad_scaler: with mixed precision, pass the ``GradScaler`` here and call ``opt.step()``
             (not ``scaler.step(opt)``): a step the scaler skips on one worker must still count,
             or the workers' schedules would drift apart.
-        sync_initial: copy rank 0's parameters and buffers to every worker at construction.
+        sync_initial: copy worker 0's parameters and buffers to every worker at construction.
         policy, **policy_kwargs: how to average (``localsgd.Policy``), as a record or as its
             fields' keywords: ``outer_optimizer=diloco()`` or ``slowmo()`` (DiLoCo, SlowMo: global
             averages step an anchor with the averaged pseudo-gradient), ``compression="int8"``,
