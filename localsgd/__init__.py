@@ -4,6 +4,7 @@ from localsgd.averaging import FlatAverager
 from localsgd.comm import Communicator, DistCommunicator, SimCommunicator, init_process_group
 from localsgd.engine import CommStats, Engine
 from localsgd.outer import OuterStep, SlowMo, diloco, slowmo
+from localsgd.policy import Policy
 from localsgd.schedule import Level, Schedule, Sync
 from localsgd.simulator import Replica, Simulator
 from localsgd.wrapper import LocalSGD
@@ -17,6 +18,7 @@ __all__ = [
     "Level",
     "LocalSGD",
     "OuterStep",
+    "Policy",
     "Replica",
     "Schedule",
     "SimCommunicator",

@@ -147,6 +147,11 @@ class _Pack:
         )
 
 
+def check_bucket_bytes(bucket_bytes: object) -> None:
+    if isinstance(bucket_bytes, bool) or not isinstance(bucket_bytes, int) or bucket_bytes < 1:
+        raise ValueError(f"bucket_bytes must be a positive integer, got {bucket_bytes!r}")
+
+
 class FlatAverager:
     """Averages (or broadcasts) lists of tensors over a communicator with few collectives.
 
@@ -158,8 +163,7 @@ class FlatAverager:
     """
 
     def __init__(self, comm: Communicator, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> None:
-        if isinstance(bucket_bytes, bool) or not isinstance(bucket_bytes, int) or bucket_bytes < 1:
-            raise ValueError(f"bucket_bytes must be a positive integer, got {bucket_bytes!r}")
+        check_bucket_bytes(bucket_bytes)
         self.comm = comm
         self.bucket_bytes = bucket_bytes
         self._plans: dict[tuple, list[_Bucket]] = {}

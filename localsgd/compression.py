@@ -157,6 +157,18 @@ class CompressedMean:
         self.sent: dict[Any, list[torch.Tensor]] = {}  # stage 1: per worker, its whole buffer
         self.owned: dict[Any, list[torch.Tensor]] = {}  # stage 2: per worker, the chunk it owns
 
+    @classmethod
+    def of(cls, compression: Codec | str | None, packed: bool) -> CompressedMean | None:
+        """The compressed mean for a policy's ``compression`` (None: plain means). It encodes
+        whole flat buffers, so it needs the parameters ``packed`` in them."""
+        if compression is None:
+            return None
+        if not packed:
+            raise ValueError(
+                "compression needs the parameters packed in flat buffers (dense, not sharing memory)"
+            )
+        return cls(make_codec(compression) if isinstance(compression, str) else compression)
+
     def mean_(self, comm: Communicator, level: Level, flats: list[torch.Tensor], key: Any) -> int:
         """Replace each local worker's flat buffer by the compressed mean over its group; returns
         the bytes each worker contributed (its encoded buffer)."""

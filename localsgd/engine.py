@@ -17,18 +17,17 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from typing_extensions import Unpack
 
-from localsgd.averaging import DEFAULT_BUCKET_BYTES, FlatAverager
+from localsgd.averaging import FlatAverager
 from localsgd.checks import check_workers, describe
 from localsgd.comm import Communicator
-from localsgd.compression import Codec, CompressedMean, make_codec
+from localsgd.compression import CompressedMean
 from localsgd.ddp import DDPArming
-from localsgd.outer import OuterOptimizerFactory, OuterStep
+from localsgd.outer import OuterStep
+from localsgd.policy import Policy, PolicyKeywords, as_policy
 from localsgd.rounds import DelayedAverage, GradientAverage, ParameterAverage, Round, float_buffers
 from localsgd.schedule import Level, Schedule
-
-BUFFER_POLICIES = ("local", "average")
-OPTIMIZER_STATE_POLICIES = ("local", "average", "reset")
 
 
 class CommunicationError(RuntimeError):
@@ -49,14 +48,32 @@ class CommStats:
     seconds: float = 0.0
 
 
-def _check_choice(name: str, value: object, allowed: Sequence[str]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
-
-
 def _plain_outer(anchor: list[torch.Tensor]) -> torch.optim.Optimizer:
     """θ̄ ← θ̄ − mean Δ: plain averaging, for compression without an outer optimizer."""
     return torch.optim.SGD(anchor, lr=1.0)
+
+
+def _one_per_optimizer(
+    scalers: Sequence[torch.amp.GradScaler] | None, optimizers: list[torch.optim.Optimizer]
+) -> list[torch.amp.GradScaler] | None:
+    if scalers is not None and len(scalers) != len(optimizers):
+        raise ValueError(
+            f"need one GradScaler per optimizer: {len(optimizers)} optimizers, {len(scalers)} scalers"
+        )
+    return None if scalers is None else list(scalers)
+
+
+def _check_owned(models: list[nn.Module], optimizers: list[torch.optim.Optimizer]) -> None:
+    """ValueError if an optimizer holds a tensor that is not a parameter of its model."""
+    for model, opt in zip(models, optimizers, strict=True):
+        owned = {id(p) for p in model.parameters()}
+        for group in opt.param_groups:
+            for p in group["params"]:
+                if id(p) not in owned:
+                    raise ValueError(
+                        f"the optimizer holds a parameter of shape {tuple(p.shape)} that is not "
+                        "a parameter of the model; pass the model whose parameters it optimizes"
+                    )
 
 
 class Engine:
@@ -72,35 +89,13 @@ class Engine:
         optimizers: one optimizer per model, over (a subset of) that model's parameters.
         comm: averages flat buffers between workers.
         schedule: when to communicate.
-        buffers: floating-point buffers (BatchNorm statistics) at averaging rounds: ``"local"``
-            keeps each worker's own (the paper), ``"average"`` averages them. Integer buffers
-            (``num_batches_tracked``) are never averaged.
-        optimizer_state: at parameter averages, ``"local"`` keeps each worker's optimizer state
-            (the paper), ``"average"`` averages its floating tensors (e.g. momentum), ``"reset"``
-            clears it.
-        bucket_bytes: largest flat buffer per collective for copied tensors (buffers, optimizer
-            state); the packed parameters and gradient windows are one buffer per dtype and device.
         sync_initial: copy worker 0's parameters and buffers to all workers at construction.
         grad_scalers: one ``torch.amp.GradScaler`` per optimizer, or ``None``. The engine then
             calls ``scaler.step(optimizer)`` itself and keeps to the schedule when a scaler skips
             a step for inf/NaN gradients (the caller still calls ``scaler.update()``).
-        outer_optimizer: builds an optimizer over the anchor tensors (e.g. ``localsgd.outer.diloco()``):
-            scheduled global averages then step the anchor with the averaged pseudo-gradient
-            instead of plain averaging (``localsgd.outer``). Block averages stay plain.
-        anchor_device: where the anchor and the outer optimizer's state live (default: with the
-            parameters; ``"cpu"`` to save accelerator memory).
-        compression: ``"bf16"``, ``"fp16"``, ``"int8"``, ``"sign"`` or a ``localsgd.compression.Codec``:
-            scheduled global averages send the pseudo-gradient θ̄ − θ_k encoded, with error
-            feedback (``localsgd.compression``). Without an outer optimizer the anchor is then
-            stepped by plain SGD with lr 1 (θ̄ − mean Δ: plain averaging up to the compression).
-        overlap_steps: τ. A scheduled global average is started after its step and applied τ
-            local steps later, which keep training meanwhile (``rounds.DelayedAverage`` says how);
-            0: blocking. Needs τ < the global period and local buffer and optimizer-state
-            policies.
-        max_grad_norm: clip each worker's gradient to this total 2-norm before its optimizer
-            step: in local steps its own gradient, in steps that average gradients the average
-            (so workers in the mini-batch phase stay identical). With ``grad_scalers`` the
-            gradients are unscaled first. None: no clipping.
+        policy: how to average (``localsgd.Policy``: buffers, optimizer_state, bucket_bytes,
+            outer_optimizer, anchor_device, compression, overlap_steps, max_grad_norm).
+        **policy_kwargs: the same as keywords (``buffers="average"``), instead of ``policy``.
     """
 
     def __init__(
@@ -110,86 +105,22 @@ class Engine:
         comm: Communicator,
         schedule: Schedule,
         *,
-        buffers: str = "local",
-        optimizer_state: str = "local",
-        bucket_bytes: int = DEFAULT_BUCKET_BYTES,
         sync_initial: bool = True,
         grad_scalers: Sequence[torch.amp.GradScaler] | None = None,
-        outer_optimizer: OuterOptimizerFactory | None = None,
-        anchor_device: torch.device | str | None = None,
-        compression: Codec | str | None = None,
-        overlap_steps: int = 0,
-        max_grad_norm: float | None = None,
+        policy: Policy | None = None,
+        **policy_kwargs: Unpack[PolicyKeywords],
     ) -> None:
         if not isinstance(schedule, Schedule):
             raise TypeError(f"schedule must be a localsgd.Schedule, got {type(schedule).__name__}")
-        _check_choice("buffers", buffers, BUFFER_POLICIES)
-        _check_choice("optimizer_state", optimizer_state, OPTIMIZER_STATE_POLICIES)
-        if max_grad_norm is not None and (
-            isinstance(max_grad_norm, bool)
-            or not isinstance(max_grad_norm, int | float)
-            or not max_grad_norm > 0
-        ):
-            raise ValueError(f"max_grad_norm must be a number > 0 or None, got {max_grad_norm!r}")
-        self.max_grad_norm = max_grad_norm
+        self.policy = as_policy(policy, policy_kwargs)
         self.schedule = schedule
         self.comm = comm
-        self.buffers = buffers
-        self.optimizer_state = optimizer_state
         self.models = [m.module if isinstance(m, DistributedDataParallel) else m for m in models]
         self.optimizers = list(optimizers)
-        self.grad_scalers = list(grad_scalers) if grad_scalers is not None else None
-        if self.grad_scalers is not None and len(self.grad_scalers) != len(self.optimizers):
-            raise ValueError(
-                f"need one GradScaler per optimizer: {len(self.optimizers)} optimizers, "
-                f"{len(self.grad_scalers)} scalers"
-            )
-        for model, opt in zip(self.models, self.optimizers, strict=True):
-            owned = {id(p) for p in model.parameters()}
-            for group in opt.param_groups:
-                for p in group["params"]:
-                    if id(p) not in owned:
-                        raise ValueError(
-                            f"the optimizer holds a parameter of shape {tuple(p.shape)} that is not "
-                            "a parameter of the model; pass the model whose parameters it optimizes"
-                        )
+        self.grad_scalers = _one_per_optimizer(grad_scalers, self.optimizers)
+        _check_owned(self.models, self.optimizers)
         comm.prepare(schedule.levels(), collective=False)  # raises if the block size K' is unknown
-        self._ddp = DDPArming(models, comm, buffers)
-        self._averager = FlatAverager(comm, bucket_bytes)
-        # Parameters become views into the averager's flat buffers: model averages copy nothing.
-        # Whether that worked is part of the settings every worker must agree on (the packed and
-        # the copied path lay the buffers out differently).
-        self._packed = self._averager.pack_([list(m.parameters()) for m in self.models])
-        # Gradients, once averaged, live in flat buffers too (made at the first gradient average;
-        # DistributedDataParallel keeps its own buckets).
-        self._pack_gradients = self._packed and not self._ddp.any
-        self._gradient_average = GradientAverage(
-            self.models, self.optimizers, self._averager, self._ddp, self._pack_gradients, buffers
-        )
-        codec = make_codec(compression) if isinstance(compression, str) else compression
-        DelayedAverage.check(overlap_steps, schedule, buffers, optimizer_state)
-        if codec is not None and not self._packed:
-            raise ValueError(
-                "compression needs the parameters packed in flat buffers (dense, not sharing memory)"
-            )
-        if (codec is not None or overlap_steps) and outer_optimizer is None:
-            outer_optimizer = _plain_outer
-        self._outer = (
-            None
-            if outer_optimizer is None
-            else OuterStep(list(self.models[0].parameters()), outer_optimizer, anchor_device)
-        )
-        self._compressed = None if codec is None else CompressedMean(codec)
-        self.overlap_steps = overlap_steps
-        self._delayed = (
-            DelayedAverage(self.models, self._averager, self._outer, overlap_steps, self._compressed)
-            if overlap_steps and self._outer is not None
-            else None
-        )
-        self._parameter_average = ParameterAverage(
-            self.models, self.optimizers, self._averager, buffers, optimizer_state, self._outer,
-            self._compressed,
-        )  # fmt: skip
+        self._assemble(models)
         self.t = 0
         self.stats = {level.value: CommStats() for level in schedule.levels()}
         check_workers(
@@ -200,6 +131,43 @@ class Engine:
             self._averager.broadcast_([[*m.parameters(), *m.buffers()] for m in self.models])
         self._ddp.arm(self.schedule.sync_at(self.t).gradients)
 
+    def _assemble(self, models: Sequence[nn.Module]) -> None:
+        """The collaborators, in this order: packing the parameters lays out the buffers."""
+        policy = self.policy
+        self._ddp = DDPArming(models, self.comm, policy.buffers)
+        self._averager = FlatAverager(self.comm, policy.bucket_bytes)
+        # Parameters become views into the averager's flat buffers: model averages copy nothing.
+        # Whether that worked is part of the settings every worker must agree on (the packed and
+        # the copied path lay the buffers out differently).
+        self._packed = self._averager.pack_([list(m.parameters()) for m in self.models])
+        # Gradients, once averaged, live in flat buffers too (made at the first gradient average;
+        # DistributedDataParallel keeps its own buckets).
+        self._pack_gradients = self._packed and not self._ddp.any
+        self._gradient_average = GradientAverage(
+            self.models, self.optimizers, self._averager, self._ddp, self._pack_gradients, policy.buffers
+        )
+        DelayedAverage.check(policy.overlap_steps, self.schedule)
+        self._compressed = CompressedMean.of(policy.compression, self._packed)
+        self._outer = self._outer_step()
+        self._delayed = (
+            DelayedAverage(self.models, self._averager, self._outer, policy.overlap_steps, self._compressed)
+            if policy.overlap_steps and self._outer is not None
+            else None
+        )
+        self._parameter_average = ParameterAverage(
+            self.models, self.optimizers, self._averager, policy.buffers, policy.optimizer_state,
+            self._outer, self._compressed,
+        )  # fmt: skip
+
+    def _outer_step(self) -> OuterStep | None:
+        """The policy's outer step; compression and overlap need one (plain averaging by default)."""
+        make = self.policy.outer_optimizer
+        if make is None and (self.policy.compression is not None or self.policy.overlap_steps):
+            make = _plain_outer
+        if make is None:
+            return None
+        return OuterStep(list(self.models[0].parameters()), make, self.policy.anchor_device)
+
     # --- configuration -----------------------------------------------------------------------
 
     def _settings(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -208,8 +176,8 @@ class Engine:
             "workers": self.comm.workers,
             "workers_per_block": self.comm.workers_per_block,
             "ordered": self.comm.ordered,
-            "buffers": self.buffers,
-            "optimizer_state": self.optimizer_state,
+            "buffers": self.policy.buffers,
+            "optimizer_state": self.policy.optimizer_state,
             "bucket_bytes": self._averager.bucket_bytes,
             "packed_parameters": self._packed,
             "packed_gradients": self._pack_gradients,
@@ -217,8 +185,8 @@ class Engine:
             "param_groups": [len(g["params"]) for g in optimizer.param_groups],
             "outer": None if self._outer is None else self._outer.describe(),
             "compression": None if self._compressed is None else self._compressed.describe(),
-            "overlap_steps": self.overlap_steps,
-            "max_grad_norm": self.max_grad_norm,
+            "overlap_steps": self.policy.overlap_steps,
+            "max_grad_norm": self.policy.max_grad_norm,
         }
 
     # --- the step ----------------------------------------------------------------------------
@@ -246,11 +214,11 @@ class Engine:
                 self._outer.current = False
             elif not self._outer.current:  # the first local step: every worker holds the same model
                 self._outer.reset_(list(self.models[0].parameters()))
-        if self.max_grad_norm is not None:  # after any gradient average: the average is clipped
+        if self.policy.max_grad_norm is not None:  # after any gradient average: the average is clipped
             for k, (model, opt) in enumerate(zip(self.models, self.optimizers, strict=True)):
                 if self.grad_scalers is not None:
                     self.grad_scalers[k].unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), self.max_grad_norm)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), self.policy.max_grad_norm)
         # Every worker counts the step even if its GradScaler skips the update (inf/NaN gradients):
         # the schedule, and so every collective, stays in lockstep across workers.
         for k, opt in enumerate(self.optimizers):
@@ -346,7 +314,7 @@ class Engine:
 
     def _average_model(self, level: Level, buffers: bool | None = None, outer: bool = False) -> None:
         lone = self.comm.group_size(level) == 1
-        if lone and (self._outer is None or not outer) and self.optimizer_state != "reset":
+        if lone and (self._outer is None or not outer) and self.policy.optimizer_state != "reset":
             return  # nothing to average with, no outer step, no state to clear
         self._timed(level, self._parameter_average.prepare(level, buffers, outer, lone))
 
@@ -358,8 +326,8 @@ class Engine:
         state = {
             "t": self.t,
             "schedule": self.schedule.to_dict(),
-            "buffers": self.buffers,
-            "optimizer_state": self.optimizer_state,
+            "buffers": self.policy.buffers,
+            "optimizer_state": self.policy.optimizer_state,
             "stats": {level: asdict(s) for level, s in self.stats.items()},
         }
         if self._outer is not None:
@@ -372,7 +340,7 @@ class Engine:
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         for key in ("schedule", "buffers", "optimizer_state"):
-            mine = self.schedule.to_dict() if key == "schedule" else getattr(self, key)
+            mine = self.schedule.to_dict() if key == "schedule" else getattr(self.policy, key)
             if state_dict[key] != mine:
                 raise ValueError(
                     f"the checkpoint was written with {key}={state_dict[key]!r}, "

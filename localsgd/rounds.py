@@ -190,22 +190,13 @@ class DelayedAverage:
         self.pending: InFlight | None = None
 
     @staticmethod
-    def check(delay: int, schedule: Schedule, buffers: str, optimizer_state: str) -> None:
-        """ValueError unless τ = ``delay`` can be used with these settings."""
-        if isinstance(delay, bool) or not isinstance(delay, int) or delay < 0:
-            raise ValueError(f"overlap_steps (τ) must be an integer >= 0, got {delay!r}")
-        if not delay:
-            return
+    def check(delay: int, schedule: Schedule) -> None:
+        """ValueError unless τ = ``delay`` fits the schedule (``Policy`` checks the rest)."""
         period = schedule.period(Level.GLOBAL)
         if delay >= period:
             raise ValueError(
                 f"overlap_steps (τ) = {delay} must be less than the global period H·H_b = {period}: "
                 "one global average in flight at a time"
-            )
-        if buffers != "local" or optimizer_state != "local":
-            raise ValueError(
-                "overlap_steps > 0 needs buffers='local' and optimizer_state='local' (delaying their "
-                "average is not supported)"
             )
 
     def start(self, level: Level, t: int) -> Round:

@@ -10,12 +10,11 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import nn
+from typing_extensions import Unpack
 
-from localsgd.averaging import DEFAULT_BUCKET_BYTES
 from localsgd.comm import SimCommunicator
-from localsgd.compression import Codec
 from localsgd.engine import Engine
-from localsgd.outer import OuterOptimizerFactory
+from localsgd.policy import Policy, PolicyKeywords, as_policy
 from localsgd.schedule import Schedule
 
 
@@ -41,9 +40,8 @@ class Simulator(Engine):
         schedule: when to average.
         workers: K.
         workers_per_block: K', for hierarchical schedules.
-        buffers, optimizer_state, bucket_bytes, outer_optimizer, anchor_device, compression,
-            overlap_steps: as for ``Engine``.
-            max_grad_norm: as for ``Engine``.
+        policy, **policy_kwargs: how to average (``localsgd.Policy``), as a record or as its
+            fields' keywords (``buffers="average"``, ``outer_optimizer=diloco()``, ...).
     """
 
     def __init__(
@@ -54,31 +52,13 @@ class Simulator(Engine):
         workers: int,
         *,
         workers_per_block: int | None = None,
-        buffers: str = "local",
-        optimizer_state: str = "local",
-        bucket_bytes: int = DEFAULT_BUCKET_BYTES,
-        outer_optimizer: OuterOptimizerFactory | None = None,
-        anchor_device: torch.device | str | None = None,
-        compression: Codec | str | None = None,
-        overlap_steps: int = 0,
-        max_grad_norm: float | None = None,
+        policy: Policy | None = None,
+        **policy_kwargs: Unpack[PolicyKeywords],
     ) -> None:
         comm = SimCommunicator(workers, workers_per_block)
         models = [model] + [copy.deepcopy(model) for _ in range(workers - 1)]
-        super().__init__(
-            models,
-            [optimizer_fn(m) for m in models],
-            comm,
-            schedule,
-            buffers=buffers,
-            optimizer_state=optimizer_state,
-            bucket_bytes=bucket_bytes,
-            outer_optimizer=outer_optimizer,
-            anchor_device=anchor_device,
-            compression=compression,
-            overlap_steps=overlap_steps,
-            max_grad_norm=max_grad_norm,
-        )
+        optimizers = [optimizer_fn(m) for m in models]
+        super().__init__(models, optimizers, comm, schedule, policy=as_policy(policy, policy_kwargs))
 
     @property
     def replicas(self) -> list[Replica]:

@@ -9,12 +9,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from typing_extensions import Unpack
 
-from localsgd.averaging import DEFAULT_BUCKET_BYTES
 from localsgd.comm import Communicator, DistCommunicator, SimCommunicator
-from localsgd.compression import Codec
 from localsgd.engine import Engine
-from localsgd.outer import OuterOptimizerFactory
+from localsgd.policy import Policy, PolicyKeywords, as_policy
 from localsgd.schedule import Schedule
 
 
@@ -39,7 +38,7 @@ class LocalSGD(Engine, torch.optim.Optimizer):
     >>> loss_fn(model(x), y).backward(); opt.step(); opt.zero_grad()
 
     It shares ``param_groups`` and ``state`` with the wrapped optimizer, so learning-rate
-    schedulers and ``GradScaler`` can be given the wrapper. See ``Engine`` for the policies.
+    schedulers and ``GradScaler`` can be given the wrapper. See ``Policy`` for the policies.
 
     Args:
         optimizer: the local optimizer of this worker.
@@ -51,15 +50,13 @@ class LocalSGD(Engine, torch.optim.Optimizer):
         grad_scaler: with mixed precision, pass the ``GradScaler`` here and call ``opt.step()``
             (not ``scaler.step(opt)``): a step the scaler skips on one worker must still count,
             or the workers' schedules would drift apart.
-        outer_optimizer: e.g. ``localsgd.outer.diloco()`` or ``localsgd.outer.slowmo()``: scheduled
-            global averages step an anchor with the averaged pseudo-gradient (``localsgd.outer``).
-        anchor_device: where the anchor and the outer optimizer's state live (default: with the
-            parameters).
-        compression: ``"bf16"``, ``"fp16"``, ``"int8"`` or ``"sign"``: global averages send the
-            pseudo-gradient encoded, with error feedback (``localsgd.compression``).
-        overlap_steps: τ: a global average runs during the next τ local steps (``Engine``).
-        max_grad_norm: clip the gradient (in the mini-batch phase the averaged one) to this norm
-            before each step (``Engine``).
+        sync_initial: copy worker 0's parameters and buffers to every worker at construction.
+        policy, **policy_kwargs: how to average (``localsgd.Policy``), as a record or as its
+            fields' keywords: ``outer_optimizer=diloco()`` or ``slowmo()`` (DiLoCo, SlowMo: global
+            averages step an anchor with the averaged pseudo-gradient), ``compression="int8"``,
+            ``overlap_steps=τ``, ``max_grad_norm=c`` (clip the gradient, in the mini-batch phase
+            the averaged one), ``buffers``, ``optimizer_state``, ``bucket_bytes``,
+            ``anchor_device``.
     """
 
     def __init__(
@@ -70,16 +67,10 @@ class LocalSGD(Engine, torch.optim.Optimizer):
         *,
         comm: Communicator | None = None,
         workers_per_block: int | None = None,
-        buffers: str = "local",
-        optimizer_state: str = "local",
-        bucket_bytes: int = DEFAULT_BUCKET_BYTES,
         sync_initial: bool = True,
         grad_scaler: torch.amp.GradScaler | None = None,
-        outer_optimizer: OuterOptimizerFactory | None = None,
-        anchor_device: torch.device | str | None = None,
-        compression: Codec | str | None = None,
-        overlap_steps: int = 0,
-        max_grad_norm: float | None = None,
+        policy: Policy | None = None,
+        **policy_kwargs: Unpack[PolicyKeywords],
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
@@ -105,16 +96,9 @@ class LocalSGD(Engine, torch.optim.Optimizer):
             [optimizer],
             comm,
             schedule,
-            buffers=buffers,
-            optimizer_state=optimizer_state,
-            bucket_bytes=bucket_bytes,
             sync_initial=sync_initial,
             grad_scalers=None if grad_scaler is None else [grad_scaler],
-            outer_optimizer=outer_optimizer,
-            anchor_device=anchor_device,
-            compression=compression,
-            overlap_steps=overlap_steps,
-            max_grad_norm=max_grad_norm,
+            policy=as_policy(policy, policy_kwargs),
         )
 
     @property

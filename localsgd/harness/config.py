@@ -400,6 +400,7 @@ class Config:
             self._needs_local_steps("compress", self.compress)
 
     def _validate_overlap(self) -> None:
+        from localsgd.policy import Policy
         from localsgd.rounds import DelayedAverage
         from localsgd.schedule import Schedule
 
@@ -408,7 +409,10 @@ class Config:
             self._needs_local_steps("overlap_steps", str(self.overlap_steps))
         schedule = Schedule(local_steps=self.local_steps, block_steps=self.block_steps)
         try:  # the engine's own rules, checked before any work
-            DelayedAverage.check(self.overlap_steps, schedule, self.buffers, self.optimizer_state)
+            Policy(
+                buffers=self.buffers, optimizer_state=self.optimizer_state, overlap_steps=self.overlap_steps
+            )
+            DelayedAverage.check(self.overlap_steps, schedule)
         except ValueError as e:
             raise ConfigError(str(e)) from None
 

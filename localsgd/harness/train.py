@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from localsgd import DistCommunicator, Engine, LocalSGD, Simulator, outer
+from localsgd import DistCommunicator, Engine, LocalSGD, Policy, Simulator, outer
 from localsgd.compression import DEFAULT_BLOCK, make_codec
 from localsgd.engine import CommunicationError
 from localsgd.harness import checkpoint, optim, rundir
@@ -248,24 +248,34 @@ def build_engine(cfg: Config, plan: Plan, runtime: Runtime, model: nn.Module) ->
             return optim.adamw(m, plan.peak_lr, (betas[0], betas[1]), cfg.weight_decay)
         return optim.sgd(m, plan.peak_lr, cfg.momentum, cfg.nesterov, cfg.weight_decay)
 
-    policies: dict[str, Any] = {
-        "buffers": cfg.buffers,
-        "optimizer_state": cfg.optimizer_state,
-        "max_grad_norm": cfg.max_grad_norm,
-    }
-    outer_hyper = cfg.outer()
-    if outer_hyper is not None:
-        make_outer = {"diloco": outer.diloco, "slowmo": outer.slowmo}[cfg.outer_optimizer]
-        policies["outer_optimizer"] = make_outer(*outer_hyper)
-    if cfg.compress != "none":
-        policies["compression"] = make_codec(cfg.compress, cfg.compress_block or DEFAULT_BLOCK)
-    if cfg.overlap_steps:
-        policies["overlap_steps"] = cfg.overlap_steps
+    policy = build_policy(cfg)
     if runtime.distributed:
         comm = DistCommunicator(workers_per_block=cfg.workers_per_block, ordered=cfg.ordered_averaging)
-        return LocalSGD(make_optimizer(model), model, plan.schedule, comm=comm, **policies)
+        return LocalSGD(make_optimizer(model), model, plan.schedule, comm=comm, policy=policy)
     return Simulator(
-        model, make_optimizer, plan.schedule, cfg.workers, workers_per_block=cfg.workers_per_block, **policies
+        model,
+        make_optimizer,
+        plan.schedule,
+        cfg.workers,
+        workers_per_block=cfg.workers_per_block,
+        policy=policy,
+    )
+
+
+def build_policy(cfg: Config) -> Policy:
+    """The averaging policies the config asks for."""
+    outer_hyper = cfg.outer()
+    make_outer = None
+    if outer_hyper is not None:
+        make_outer = {"diloco": outer.diloco, "slowmo": outer.slowmo}[cfg.outer_optimizer](*outer_hyper)
+    codec = None if cfg.compress == "none" else make_codec(cfg.compress, cfg.compress_block or DEFAULT_BLOCK)
+    return Policy(
+        buffers=cfg.buffers,
+        optimizer_state=cfg.optimizer_state,
+        outer_optimizer=make_outer,
+        compression=codec,
+        overlap_steps=cfg.overlap_steps,
+        max_grad_norm=cfg.max_grad_norm,
     )
 
 

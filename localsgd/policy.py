@@ -1,0 +1,122 @@
+"""``Policy``: how the engine averages, as one record. ``Engine``, ``Simulator`` and ``LocalSGD``
+take it as ``policy=`` or as its fields' keywords (``buffers="average"``, ...), collected here by
+``as_policy``; the defaults are the fields' own."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Any, TypedDict
+
+import torch
+
+from localsgd.averaging import DEFAULT_BUCKET_BYTES, check_bucket_bytes
+from localsgd.compression import Codec, make_codec
+from localsgd.outer import OuterOptimizerFactory
+
+BUFFER_POLICIES = ("local", "average")
+OPTIMIZER_STATE_POLICIES = ("local", "average", "reset")
+
+
+def _check_choice(name: str, value: object, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Policy:
+    """The averaging policies; every value is checked at construction.
+
+    Args:
+        buffers: floating-point buffers (BatchNorm statistics) at averaging rounds: ``"local"``
+            keeps each worker's own (the paper), ``"average"`` averages them. Integer buffers
+            (``num_batches_tracked``) are never averaged.
+        optimizer_state: at parameter averages, ``"local"`` keeps each worker's optimizer state
+            (the paper), ``"average"`` averages its floating tensors (e.g. momentum), ``"reset"``
+            clears it.
+        bucket_bytes: largest flat buffer per collective for copied tensors (buffers, optimizer
+            state); the packed parameters and gradient windows are one buffer per dtype and device.
+        outer_optimizer: builds an optimizer over the anchor tensors (e.g. ``localsgd.outer.diloco()``):
+            scheduled global averages then step the anchor with the averaged pseudo-gradient
+            instead of plain averaging (``localsgd.outer``). Block averages stay plain.
+        anchor_device: where the anchor and the outer optimizer's state live (default: with the
+            parameters; ``"cpu"`` to save accelerator memory).
+        compression: ``"bf16"``, ``"fp16"``, ``"int8"``, ``"sign"`` or a ``localsgd.compression.Codec``:
+            scheduled global averages send the pseudo-gradient θ̄ − θ_k encoded, with error
+            feedback (``localsgd.compression``). Without an outer optimizer the anchor is then
+            stepped by plain SGD with lr 1 (θ̄ − mean Δ: plain averaging up to the compression).
+        overlap_steps: τ. A scheduled global average is started after its step and applied τ
+            local steps later, which keep training meanwhile (``rounds.DelayedAverage`` says how);
+            0: blocking. Needs local buffer and optimizer-state policies, and τ < the schedule's
+            global period (checked by the engine).
+        max_grad_norm: clip each worker's gradient to this total 2-norm before its optimizer
+            step: in local steps its own gradient, in steps that average gradients the average
+            (so workers in the mini-batch phase stay identical). With gradient scalers the
+            gradients are unscaled first. None: no clipping.
+    """
+
+    buffers: str = "local"
+    optimizer_state: str = "local"
+    bucket_bytes: int = DEFAULT_BUCKET_BYTES
+    outer_optimizer: OuterOptimizerFactory | None = None
+    anchor_device: torch.device | str | None = None
+    compression: Codec | str | None = None
+    overlap_steps: int = 0
+    max_grad_norm: float | None = None
+
+    def __post_init__(self) -> None:
+        _check_choice("buffers", self.buffers, BUFFER_POLICIES)
+        _check_choice("optimizer_state", self.optimizer_state, OPTIMIZER_STATE_POLICIES)
+        norm = self.max_grad_norm
+        if norm is not None and (isinstance(norm, bool) or not isinstance(norm, int | float) or not norm > 0):
+            raise ValueError(f"max_grad_norm must be a number > 0 or None, got {norm!r}")
+        check_bucket_bytes(self.bucket_bytes)
+        if isinstance(self.compression, str):
+            make_codec(self.compression)  # raises for an unknown name
+        elif not (self.compression is None or isinstance(self.compression, Codec)):
+            raise TypeError(
+                f"compression must be a codec name or a localsgd.compression.Codec, "
+                f"got {type(self.compression).__name__}"
+            )
+        tau = self.overlap_steps
+        if isinstance(tau, bool) or not isinstance(tau, int) or tau < 0:
+            raise ValueError(f"overlap_steps (τ) must be an integer >= 0, got {tau!r}")
+        if tau and (self.buffers != "local" or self.optimizer_state != "local"):
+            raise ValueError(
+                "overlap_steps > 0 needs buffers='local' and optimizer_state='local' (delaying their "
+                "average is not supported)"
+            )
+
+
+class PolicyKeywords(TypedDict, total=False):
+    """``Policy``'s fields as keywords (``**policy_kwargs: Unpack[PolicyKeywords]``), for type
+    checkers and IDEs; the defaults are ``Policy``'s."""
+
+    buffers: str
+    optimizer_state: str
+    bucket_bytes: int
+    outer_optimizer: OuterOptimizerFactory | None
+    anchor_device: torch.device | str | None
+    compression: Codec | str | None
+    overlap_steps: int
+    max_grad_norm: float | None
+
+
+POLICY_FIELDS = tuple(f.name for f in fields(Policy))
+
+
+def as_policy(policy: Policy | None, keywords: Mapping[str, Any]) -> Policy:
+    """``policy``, or the ``Policy`` of these keywords (the constructors' convenience); not both."""
+    for name in keywords:
+        if name not in POLICY_FIELDS:
+            raise TypeError(
+                f"unexpected keyword argument {name!r}; the policy keywords are {', '.join(POLICY_FIELDS)}"
+            )
+    if policy is None:
+        return Policy(**keywords)
+    if not isinstance(policy, Policy):
+        raise TypeError(f"policy must be a localsgd.Policy, got {type(policy).__name__}")
+    if keywords:
+        given = ", ".join(f"{name}=" for name in keywords)
+        raise ValueError(f"pass policy= or its keywords, not both: got policy= and {given}")
+    return policy
