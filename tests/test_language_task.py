@@ -284,7 +284,7 @@ def test_text_study_summarises_bits_per_byte_paired_by_seed(
 def test_every_study_piece_is_a_valid_config() -> None:
     """A study's pieces are checked before its first run; here every study's, so a broken
     definition fails in CI rather than hours into a sitting."""
-    from localsgd.harness.study import STUDIES
+    from localsgd.harness.studies import STUDIES
 
     for name, study in STUDIES.items():
         for method in study.methods:

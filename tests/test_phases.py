@@ -10,7 +10,7 @@ from unittest.mock import patch
 import pytest
 import torch
 
-from localsgd.harness import phases, sharpness, study
+from localsgd.harness import phases, sharpness, studies
 from localsgd.harness.cli import main
 from localsgd.harness.data import load_dataset, normalize
 from tests.test_train import CIFAR10, needs_cifar10
@@ -132,7 +132,7 @@ def test_phase_table_pairs_seeds_at_each_phase_length(tmp_path: Path, capsys) ->
     epoch, and the windowed test accuracy the rows of the last 2 epochs up to it (catches a window one
     row too wide or too narrow); differences are paired by seed with Student's t interval (values
     worked out by hand)."""
-    tiny = study.Study(
+    tiny = studies.Study(
         base={"save_models_at": [2, 3]},
         methods={"base": {}, "new": {}, "unrun": {}},
         seeds=(1, 2, 3),
@@ -142,7 +142,7 @@ def test_phase_table_pairs_seeds_at_each_phase_length(tmp_path: Path, capsys) ->
     for seed, shift in ((1, 0.00), (2, 0.01), (3, -0.01)):  # the baseline differs by seed
         base = {e: a + shift for e, a in accs.items()}
         fake_run(
-            study.run_dir(tmp_path, "base", seed),
+            studies.run_dir(tmp_path, "base", seed),
             seed,
             base,
             {2: (0.9, 10.0), 3: (0.9, 12.0), 4: (0.9, 14.0)},
@@ -150,13 +150,13 @@ def test_phase_table_pairs_seeds_at_each_phase_length(tmp_path: Path, capsys) ->
         # "new" is 0.02 better at epoch 3 on seeds 1, 2 and 0.05 on seed 3; elsewhere equal
         new = {**base, 3: base[3] + (0.05 if seed == 3 else 0.02)}
         fake_run(
-            study.run_dir(tmp_path, "new", seed),
+            studies.run_dir(tmp_path, "new", seed),
             seed,
             new,
             {2: (0.8, 7.0), 3: (0.8, 8.0), 4: (0.8, 9.0 + seed)},
         )
-    (study.run_dir(tmp_path, "new", 3) / "models" / "epoch-2.json").unlink()  # not measured yet: left out
-    with patch.dict(study.STUDIES, {"tiny": tiny}):
+    (studies.run_dir(tmp_path, "new", 3) / "models" / "epoch-2.json").unlink()  # not measured yet: left out
+    with patch.dict(studies.STUDIES, {"tiny": tiny}):
         rows = phases.phase_rows("tiny", tmp_path, window=2)
     assert [(p["phase"], p["epoch"]) for p in rows] == [(1, 2), (2, 3), (3, 4)]
     one, two, three = rows

@@ -244,7 +244,7 @@ def test_given_settings_survive_every_path_to_train(
     so checkpoints compare as before); a study's method is named too."""
     import dataclasses
 
-    from localsgd.harness import study
+    from localsgd.harness import studies
 
     toml = tmp_path / "run.toml"
     toml.write_text("momentum = 0.9\n")
@@ -260,7 +260,7 @@ def test_given_settings_survive_every_path_to_train(
     assert "given" not in cfg.to_dict() and cfg.to_dict() == Config(**cfg.to_dict()).to_dict()
     assert cfg == Config(optimizer="adamw", peak_lr=3e-3)  # given is not compared
     base = {"optimizer": "adamw", "peak_lr": 3e-3, "nesterov": True}
-    named = study.Study(base=base, methods={"m": {}}, seeds=(1,))
+    named = studies.Study(base=base, methods={"m": {}}, seeds=(1,))
     with pytest.raises(ConfigError, match=r"nesterov = True is sgd's; .* \(set by study method 'm'\)$"):
         named.config("m", 1, None).validate()
 
@@ -716,6 +716,7 @@ def fake_run(run: Path, text: bool = False) -> Path:
     ]  # fmt: skip
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     config = {"workers": 2, "local_steps": 1, "switch_epoch": None, "block_steps": None}
+    config["dataset"] = "text" if text else "cifar10"
     (run / "config.json").write_text(json.dumps({"config": config, "derived": {"switch_step": 0}}))
     (run / "summary.json").write_text(json.dumps({"rounds": {"global": 2}, "bytes": {"global": 8}}))
     return run
@@ -752,22 +753,36 @@ def test_a_damaged_file_is_one_line_naming_it(
     assert err.count("\n") == 1 and message in err, err
 
 
-def test_plot_of_image_and_text_runs_is_refused_naming_each_kind(
+def test_plot_of_image_and_text_runs_draws_each_kind_on_its_own_axes(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Accuracy against epochs and bits per byte against tokens share no axis: one line naming the
-    runs of each kind, and no file."""
+    """Accuracy against epochs and bits per byte against tokens share no axis: each kind gets its
+    own panels, every run drawn on its kind's; the kind is read from config.json (a config without
+    a dataset is an error naming the file), never guessed from the rows' keys."""
     image, text = fake_run(tmp_path / "image"), fake_run(tmp_path / "text", text=True)
     other = fake_run(tmp_path / "image2")
-    assert main(["plot", str(image), str(text), str(other), "--out", str(tmp_path / "runs.png")]) == 2
-    err = capsys.readouterr().err
-    assert err == (
-        f"localsgd: error: cannot plot image runs ({image}, {other}) with text runs ({text}) in one figure: "
-        "test accuracy against epochs and validation bits per byte against tokens share no axis; plot each "
-        "kind alone\n"
+    drawn: dict[str, list] = {}
+    real_save = plot.save
+
+    def keep(fig, axes, legend_ax, out):  # what is on the axes, before they are closed
+        for ax in axes.flat:
+            drawn[f"{ax.get_ylabel()} vs {ax.get_xlabel()}"] = [ln.get_xydata().tolist() for ln in ax.lines]
+        return real_save(fig, axes, legend_ax, out)
+
+    with patch.object(plot, "save", keep):
+        assert main(["plot", str(image), str(text), str(other), "--out", str(tmp_path / "runs.png")]) == 0
+    assert (tmp_path / "runs.png").read_bytes()[:4] == b"\x89PNG"
+    assert drawn["test accuracy (%) vs epoch"] == [[[1, 300.0], [2, 150.0]]] * 2  # both image runs, in %
+    assert drawn["validation bits per byte vs training tokens"] == [[[1000, 3.0], [2000, 1.5]]]
+    assert drawn["training loss vs training tokens"] == [[[1000, 2.0], [2000, 1.0]]]
+    assert len(drawn) == 8  # two kinds, four panels each
+    config = json.loads((text / "config.json").read_text())
+    del config["config"]["dataset"]
+    (text / "config.json").write_text(json.dumps(config))
+    assert main(["plot", str(text), "--out", str(tmp_path / "t.png")]) == 2
+    assert capsys.readouterr().err.startswith(
+        f"localsgd: error: {text / 'config.json'}: not a run's config.json"
     )
-    assert not (tmp_path / "runs.png").exists()
-    assert main(["plot", str(text), "--out", str(tmp_path / "text.png")]) == 0  # each kind alone draws
 
 
 def test_tensorboard_without_the_package_is_a_clear_error(
@@ -920,21 +935,23 @@ def test_study_runs_pieces_skips_finished_ones_and_reproduces(
 
 def test_paired_comparison_confidence_interval() -> None:
     """Differences are paired by seed; the 95% interval uses Student's t with n - 1 degrees of freedom."""
-    from localsgd.harness.study import compare
+    from localsgd.harness.stats import compare
 
     def row(method: str, accs: dict[int, float]) -> dict:
         return {"method": method, "runs": [{"seed": s, "final_test_acc": a} for s, a in accs.items()]}
 
     rows = [row("base", {1: 0.80, 2: 0.70, 3: 0.90}), row("new", {3: 0.921, 1: 0.82, 2: 0.719})]
-    (c,) = compare(rows, "base")
+    (c,) = compare(rows, "base", ("final_test_acc",))
     assert c["seeds"] == [1, 2, 3]
     assert c["differences"] == pytest.approx([0.02, 0.019, 0.021])  # seed by seed, not by position
     assert c["mean"] == pytest.approx(0.02) and c["std"] == pytest.approx(0.001)
     half = 4.303 * 0.001 / 3**0.5  # t(0.975, df=2)
     assert c["ci95"] == pytest.approx([0.02 - half, 0.02 + half]) and c["ci_excludes_zero"] is True
     rows[1]["runs"][0]["final_test_acc"] = 0.80  # seed 3 now -0.10: the interval spans zero
-    assert compare(rows, "base")[0]["ci_excludes_zero"] is False
-    assert compare(rows, "missing") == [] and compare(rows, None) == []
+    assert compare(rows, "base", ("final_test_acc",))[0]["ci_excludes_zero"] is False
+    assert (
+        compare(rows, "missing", ("final_test_acc",)) == [] and compare(rows, None, ("final_test_acc",)) == []
+    )
 
 
 HOST_READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__")

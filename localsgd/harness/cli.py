@@ -87,7 +87,7 @@ def parser() -> argparse.ArgumentParser:
         description="A finished run is skipped and an interrupted one resumes, so the same command can "
         "be repeated across sittings.",
     )
-    study.add_argument("name", help="the study (see localsgd.harness.study.STUDIES)")
+    study.add_argument("name", help="the study (see localsgd.harness.studies.STUDIES)")
     study.add_argument("--out", help="study directory (default runs/study-NAME)")
     study.add_argument("--data-dir", help="dataset folder for every run")
     study.add_argument("--max-hours", type=float, help="start no new run after this many hours")
@@ -190,10 +190,11 @@ def train_config(args: argparse.Namespace):
 def run_train(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
+    from localsgd.harness import report
     from localsgd.harness.rundir import check_claim, inspect
     from localsgd.harness.runtime import resolve_workers
-    from localsgd.harness.tasks import sampling
-    from localsgd.harness.train import table, train
+    from localsgd.harness.tasks import measures_of, sampling
+    from localsgd.harness.train import train
 
     cfg = resolve_workers(train_config(args))
     cfg.validate()
@@ -209,24 +210,9 @@ def run_train(args: argparse.Namespace) -> int:
     try:
         result = train(cfg, out)
         if result.main:
-            print(table(result.history))
-            s = result.summary
-            if "final_valid_bpb" in s:
-                line = (
-                    f"final validation loss (averaged model) {s['final_valid_bpb']:.4f} bits per byte, best "
-                    f"{s['best_valid_bpb']:.4f}; unigram entropy of the training bytes "
-                    f"{s['unigram_bits_per_byte']:.4f}; {s['tokens_per_second']:,.0f} tokens/s"
-                )
-            else:
-                line = f"final test accuracy (averaged model) {s['final_test_acc']:.2%}"
-                line += f", best {s['best_test_acc']:.2%}"
-                if "final_local_test_acc" in s:
-                    line += f"; mean of local models {s['final_local_test_acc']:.2%}"
-            rounds = ", ".join(f"{level} {n}" for level, n in s["rounds"].items())
-            print(line)
-            print(
-                f"rounds: {rounds}; wall {s['wall_seconds']:.0f} s (communication {s['comm_seconds']:.1f} s)"
-            )
+            measures = measures_of(cfg.dataset)
+            print(report.rows_table(result.history, measures))
+            print("\n".join(report.result_lines(result.summary, measures)))
             print(f"run directory: {out}")
         if dist.is_initialized():
             dist.barrier()  # no rank tears its connections down while a peer still uses them
@@ -272,6 +258,8 @@ def alphas(text: str) -> list[float]:
 
 def run_interpolate(args: argparse.Namespace) -> int:
     from localsgd.harness import sharpness
+    from localsgd.harness.measures import ACCURACY
+    from localsgd.harness.tables import Column, render
 
     points = alphas(args.alphas)
     a, b = Path(args.run_a), Path(args.run_b)
@@ -279,12 +267,14 @@ def run_interpolate(args: argparse.Namespace) -> int:
     out = Path(args.out)
     record = {"run_a": str(a), "run_b": str(b), "samples": args.samples, "seed": args.seed, "points": rows}
     out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
-    print(f"{'alpha':>6} {'train loss':>10} {'train acc':>9} {'test loss':>9} {'test acc':>8}")
-    for r in rows:
-        print(
-            f"{r['alpha']:6.2f} {r['train_loss']:10.4f} {100 * r['train_acc']:8.2f}% "
-            f"{r['test_loss']:9.4f} {100 * r['test_acc']:7.2f}%"
-        )
+    columns = [
+        Column("alpha", 6, lambda r: f"{r['alpha']:.2f}"),
+        Column("train loss", 10, lambda r: f"{r['train_loss']:.4f}"),
+        Column("train acc", 9, lambda r: ACCURACY.cell(r["train_acc"])),
+        Column("test loss", 9, lambda r: f"{r['test_loss']:.4f}"),
+        Column("test acc", 8, lambda r: ACCURACY.cell(r["test_acc"])),
+    ]
+    print(render(columns, rows, rule=False))
     print(sharpness.plot_interpolation(rows, (a.name, b.name), out.with_suffix(".png")))
     return 0
 
@@ -339,11 +329,11 @@ def command(argv: list[str] | None) -> int:
         if args.command == "demo":
             return finish(run_demo(args))
         if args.command == "study":
-            from localsgd.harness import study
+            from localsgd.harness import report, study
 
             root = Path(args.out or f"runs/study-{args.name}")
             if args.summary:
-                rows = study.summarize(args.name, root)
+                rows = report.summarize(args.name, root)
             else:
                 try:
                     rows = study.run_study(
@@ -352,25 +342,7 @@ def command(argv: list[str] | None) -> int:
                 except Interrupted as e:  # a study continues by running it again
                     how = "by running the same command again"
                     raise Interrupted(e.signum, e.step, e.checkpoint_step, how) from None
-            named = study.get(args.name)
-            print(study.table(rows, named.kind))
-            comparisons = study.compare(rows, named.baseline, named.measures.compared)
-            if comparisons:
-                print()
-                print(study.comparison_table(comparisons))
-            if args.plot:
-                from localsgd.harness.plot import plot_study
-
-                runs = {m: [study.run_dir(root, m, s) for s in named.seeds] for m in named.methods}
-                print(plot_study(rows, runs, root / "study.png", comparisons, named.measures))
-            if named.kept_models:  # the same runs read at every kept model: a row per phase length
-                from localsgd.harness import phases
-
-                points = phases.phase_rows(args.name, root)
-                print()
-                print(phases.phase_table(points))
-                if args.plot and points:
-                    print(phases.plot_phases(points, root / "phases.png"))
+            print(report.study_report(args.name, root, rows, args.plot))
             if args.export:
                 copied = study.export(args.name, root, Path(args.export))
                 print(f"{len(copied)} files copied to {args.export}")

@@ -18,6 +18,8 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from localsgd import Engine, LocalSGD, Schedule, Simulator
+from localsgd.harness.measures import ACCURACY
+from localsgd.harness.tables import Column, render
 
 FEATURES, CLASSES = 32, 10
 
@@ -137,17 +139,17 @@ def methods(steps: int, local_steps: int) -> list[tuple[str, Schedule]]:
 
 
 def table(results: list[Result]) -> str:
-    head = (
-        f"{'method':<13} {'schedule':<26} {'train loss':>10} {'test acc':>8} "
-        f"{'global rounds':>13} {'block rounds':>12} {'MB/worker':>9} {'seconds':>7}"
-    )
-    rows = [head, "-" * len(head)]
-    for r in results:
-        rows.append(
-            f"{r.method:<13} {r.schedule!s:<26} {r.train_loss:>10.4f} {r.test_accuracy:>8.2%} "
-            f"{r.global_rounds:>13} {r.block_rounds:>12} {r.megabytes:>9.2f} {r.seconds:>7.1f}"
-        )
-    return "\n".join(rows)
+    columns = [
+        Column("method", 13, lambda r: r.method, left=True),
+        Column("schedule", 26, lambda r: str(r.schedule), left=True),
+        Column("train loss", 10, lambda r: f"{r.train_loss:.4f}"),
+        Column("test acc", 8, lambda r: ACCURACY.cell(r.test_accuracy)),
+        Column("global rounds", 13, lambda r: str(r.global_rounds)),
+        Column("block rounds", 12, lambda r: str(r.block_rounds)),
+        Column("MB/worker", 9, lambda r: f"{r.megabytes:.2f}"),
+        Column("seconds", 7, lambda r: f"{r.seconds:.1f}"),
+    ]
+    return render(columns, results)
 
 
 def main(workers: int, epochs: int, local_steps: int, local_batch_size: int, seed: int) -> list[Result]:

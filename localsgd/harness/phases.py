@@ -8,7 +8,7 @@ mean over the ``WINDOW`` epochs up to the point (at a constant LR the test accur
 epoch; the mean over a few epochs is the steadier reading of the same run), loss and accuracy on the
 clean training subset and top Hessian eigenvalue (from ``localsgd sharpness``:
 ``models/epoch-E.json`` and ``sharpness.json``), and every method against the study's baseline,
-paired by seed (``study.compare``).
+paired by seed (``stats.compare``).
 """
 
 from __future__ import annotations
@@ -18,9 +18,12 @@ from pathlib import Path
 from statistics import mean
 from typing import Any
 
+from localsgd.harness.measures import ACCURACY, EIGENVALUE, Metric
 from localsgd.harness.plot import pyplot, save
 from localsgd.harness.rundir import metrics_rows, model_path, read_json
-from localsgd.harness.study import Study, compare, get, mean_std, plus_minus, run_dir
+from localsgd.harness.stats import compare, mean_std
+from localsgd.harness.studies import Study, get, run_dir
+from localsgd.harness.tables import Column, plus_minus, render
 
 METRICS = ("test_acc", "test_acc_window", "train_acc", "train_loss", "eigenvalue")
 COMPARED = ("test_acc", "test_acc_window", "train_acc", "eigenvalue")
@@ -92,13 +95,14 @@ def phase_rows(name: str, root: Path, window: float = WINDOW) -> list[dict[str, 
     return out
 
 
-def _diff(comparisons: list[dict[str, Any]], method: str, metric: str, scale: float, digits: int) -> str:
+def _diff(comparisons: list[dict[str, Any]], method: str, key: str, metric: Metric) -> str:
     for c in comparisons:
-        if c["method"] == method and c["metric"] == metric:
+        if c["method"] == method and c["metric"] == key:
+            d, f = metric.digits, metric.scale
             if c["ci95"] is None:
-                return f"{c['mean'] * scale:+.{digits}f}"
-            lo, hi = (v * scale for v in c["ci95"])
-            return f"{c['mean'] * scale:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]"
+                return f"{c['mean'] * f:+.{d}f}"
+            lo, hi = (v * f for v in c["ci95"])
+            return f"{c['mean'] * f:+.{d}f} [{lo:+.{d}f}, {hi:+.{d}f}]"
     return "-"
 
 
@@ -110,24 +114,27 @@ def phase_table(phases: list[dict[str, Any]]) -> str:
     """One line per phase length and method; the differences are to the baseline, same seed, with
     their 95% intervals (the test accuracy at the point and its mean over the last ``window`` epochs)."""
     window = f"last {_window(phases)} ep."
-    head = (
-        f"{'phase':>5} {'epoch':>5} {'method':<18} {'seeds':>5} {'test %':>13} {'test %, ' + window:>16} "
-        f"{'clean train %':>13} {'eigenvalue':>12} {'test diff (95% CI)':>24} "
-        f"{'diff, ' + window + ' (95% CI)':>28} {'eigenvalue diff (95% CI)':>26}"
-    )
-    lines = [head, "-" * len(head)]
-    for p in phases:
-        for r in p["methods"]:
-            c = p["comparisons"]
-            lines.append(
-                f"{p['phase']:>5g} {p['epoch']:>5g} {r['method']:<18} {r['seeds_done']:>5} "
-                f"{plus_minus(r['test_acc']):>13} {plus_minus(r['test_acc_window']):>16} "
-                f"{plus_minus(r['train_acc']):>13} {plus_minus(r['eigenvalue'], 1, 1):>12} "
-                f"{_diff(c, r['method'], 'test_acc', 100, 2):>24} "
-                f"{_diff(c, r['method'], 'test_acc_window', 100, 2):>28} "
-                f"{_diff(c, r['method'], 'eigenvalue', 1, 1):>26}"
-            )
-    return "\n".join(lines)
+
+    def measured(title: str, key: str, width: int, metric: Metric) -> Column:
+        return Column(title, width, lambda pr: plus_minus(pr[1][key], metric))
+
+    def diff(title: str, key: str, width: int, metric: Metric) -> Column:
+        return Column(title, width, lambda pr: _diff(pr[0]["comparisons"], pr[1]["method"], key, metric))
+
+    columns = [
+        Column("phase", 5, lambda pr: f"{pr[0]['phase']:g}"),
+        Column("epoch", 5, lambda pr: f"{pr[0]['epoch']:g}"),
+        Column("method", 18, lambda pr: pr[1]["method"], left=True),
+        Column("seeds", 5, lambda pr: str(pr[1]["seeds_done"])),
+        measured("test %", "test_acc", 13, ACCURACY),
+        measured(f"test %, {window}", "test_acc_window", 16, ACCURACY),
+        measured("clean train %", "train_acc", 13, ACCURACY),
+        measured("eigenvalue", "eigenvalue", 12, EIGENVALUE),
+        diff("test diff (95% CI)", "test_acc", 24, ACCURACY),
+        diff(f"diff, {window} (95% CI)", "test_acc_window", 28, ACCURACY),
+        diff("eigenvalue diff (95% CI)", "eigenvalue", 26, EIGENVALUE),
+    ]
+    return render(columns, [(p, r) for p in phases for r in p["methods"]])
 
 
 def _draw_differences(

@@ -1,18 +1,18 @@
-"""``localsgd plot RUN_DIR...``: compare runs in one PNG (test accuracy vs epochs and vs
-communication rounds, training loss, learning rate; for text runs validation bits per byte vs
-tokens and rounds)."""
+"""The figures: ``localsgd plot RUN_DIR...`` compares runs in one PNG (per kind of run, its
+headline metric against epochs or tokens and against communication rounds, training loss,
+learning rate); ``plot_study`` draws a study. Every label and scale comes from what the runs'
+task measures (``measures.py``)."""
 
 from __future__ import annotations
 
 import statistics
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from localsgd.harness.config import ConfigError
+from localsgd.harness.measures import Measures
 from localsgd.harness.rundir import metrics_rows, read_json
-
-if TYPE_CHECKING:
-    from localsgd.harness.study import Measures
+from localsgd.harness.tasks import measures_of
 
 
 def pyplot() -> Any:
@@ -37,49 +37,48 @@ def save(fig: Any, axes: Any, legend_ax: Any, out: Path) -> Path:
     return out
 
 
-def read_run(run: Path) -> tuple[str, list[dict[str, Any]]]:
+def read_run(run: Path) -> tuple[str, list[dict[str, Any]], Measures]:
+    """A run's legend label, metrics rows and what its task measures."""
     metrics = run / "metrics.jsonl"
     if not metrics.is_file():
         raise ConfigError(f"{str(run)!r} is not a run directory (no metrics.jsonl)")
     rows = metrics_rows(run)
     if not rows:
         raise ConfigError(f"{str(metrics)!r} holds no epochs yet")
-    label = run.name
     config = run / "config.json"
-    if config.is_file():
-        c = read_json(config)
-        try:
-            d = c["config"]
-            label = f"{run.name}: K={d['workers']}, H={d['local_steps']}"
-            if c["derived"]["switch_step"]:
-                label += f", t'={d['switch_epoch']}"
-            if d.get("block_steps"):
-                label += f", K'={d['workers_per_block']}, H_b={d['block_steps']}"
-        except (KeyError, TypeError, AttributeError) as e:
-            raise ConfigError(f"{config}: not a run's config.json ({type(e).__name__}: {e})") from None
-    return label, rows
+    if not config.is_file():
+        raise ConfigError(f"{str(run)!r} is not a run directory (no config.json)")
+    c = read_json(config)
+    try:
+        d = c["config"]
+        label = f"{run.name}: K={d['workers']}, H={d['local_steps']}"
+        if c["derived"]["switch_step"]:
+            label += f", t'={d['switch_epoch']}"
+        if d.get("block_steps"):
+            label += f", K'={d['workers_per_block']}, H_b={d['block_steps']}"
+        measures = measures_of(d["dataset"])
+    except (KeyError, TypeError, AttributeError) as e:
+        raise ConfigError(f"{config}: not a run's config.json ({type(e).__name__}: {e})") from None
+    return label, rows, measures
 
 
 def plot_runs(runs: list[Path], out: Path) -> Path:
-    """Write the comparison figure to ``out`` and return its path. Image runs: test accuracy against
-    epochs and rounds; text runs: validation bits per byte against tokens and rounds."""
+    """Write the comparison figure to ``out`` and return its path: per kind of run (image, text),
+    four panels: the task's headline metric (test accuracy, validation bits per byte) against its
+    x axis (epochs, tokens) and against global rounds, the training loss and the learning rate."""
     data = [read_run(r) for r in runs]
-    is_text = [any("valid_bpb" in r for r in rows) for _, rows in data]
-    if any(is_text) and not all(is_text):  # no axis in common: refused, not drawn side by side
-        image = ", ".join(str(r) for r, t in zip(runs, is_text, strict=True) if not t)
-        texts = ", ".join(str(r) for r, t in zip(runs, is_text, strict=True) if t)
-        raise ConfigError(
-            f"cannot plot image runs ({image}) with text runs ({texts}) in one figure: test accuracy "
-            "against epochs and validation bits per byte against tokens share no axis; plot each kind alone"
-        )
-    text = any(is_text)
+    kinds = {m.kind: m for _, _, m in data}  # in the order the runs name them
     plt = pyplot()
-    key, ylabel, scale = (
-        ("valid_bpb", "validation bits per byte", 1) if text else ("test_acc", "test accuracy (%)", 100)
-    )
-    xkey = "tokens" if text else "epoch"
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    fig, axes = plt.subplots(2 * len(kinds), 2, figsize=(12, 8 * len(kinds)), squeeze=False)
+    for i, measures in enumerate(kinds.values()):
+        group = [(label, rows) for label, rows, m in data if m.kind == measures.kind]
+        _draw_runs(axes[2 * i : 2 * i + 2], group, measures)
+    return save(fig, axes, axes[0][0], out)
+
+
+def _draw_runs(axes: Any, data: list[tuple[str, list[dict[str, Any]]]], measures: Measures) -> None:
     (by_x, by_rounds), (loss_ax, lr_ax) = axes
+    key, ylabel, scale, xkey = measures.curve, measures.label, measures.headline.scale, measures.x
     for label, rows in data:
         evals = [r for r in rows if key in r]
         xs = [r[xkey] for r in evals]
@@ -91,14 +90,14 @@ def plot_runs(runs: list[Path], out: Path) -> Path:
         by_rounds.plot([r["rounds"].get("global", 0) for r in evals], values, marker=".", label=label)
         loss_ax.plot([r[xkey] for r in rows], [r["train_loss"] for r in rows], label=label)
         lr_ax.plot([r[xkey] for r in rows], [r["lr"] for r in rows], label=label)
-    xlabel = "training tokens" if text else "epoch"
+    xlabel = measures.x_label
     by_x.set(xlabel=xlabel, ylabel=ylabel, title="averaged model (solid), mean of local models (dotted)")
+    by_x.legend(fontsize=8)
     by_rounds.set(xlabel="global communication rounds", ylabel=ylabel, title=f"{ylabel} vs communication")
     by_rounds.set_xscale("symlog")
     loss_ax.set(xlabel=xlabel, ylabel="training loss", title="training loss (workers' mini-batches)")
     loss_ax.set_yscale("log")
     lr_ax.set(xlabel=xlabel, ylabel="learning rate", title="learning rate (end of each row)")
-    return save(fig, axes, by_x, out)
 
 
 def _dots(
@@ -137,20 +136,16 @@ def plot_study(
     rows: list[dict[str, Any]],
     runs: dict[str, list[Path]],
     out: Path,
-    comparisons: list[dict[str, Any]] | None = None,
-    measures: Measures | None = None,
+    comparisons: list[dict[str, Any]] | None,
+    measures: Measures,
 ) -> Path:
     """A study in one PNG: per method, the mean over seeds (band: min to max) of the headline metric
     (image studies: test accuracy; text: validation bits per byte) vs epochs or tokens and vs global
     rounds, and training loss; every seed's final value with the mean ± std; every seed's
     difference to the baseline with the mean and its 95% interval; and (images) the top Hessian
-    eigenvalue per seed with the mean ± std. ``measures``: the study's ``Measures`` (default: the
-    image study's)."""
-    from localsgd.harness.study import MEASURES
-
-    m_ = measures or MEASURES["image"]
-    key, x, scale, label = m_.curve, m_.x, m_.scale, m_.label
-    xlabel = "training tokens" if x == "tokens" else "epoch"
+    eigenvalue per seed with the mean ± std. ``measures``: what the study's runs measure."""
+    key, x, scale, label = measures.curve, measures.x, measures.headline.scale, measures.label
+    xlabel = measures.x_label
     plt = pyplot()
     fig, axes = plt.subplots(2, 3, figsize=(19, 9))
     (by_x, by_rounds, loss_ax), (final_ax, diff_ax, eig_ax) = axes
@@ -175,12 +170,13 @@ def plot_study(
         return None if pair is None else (f * pair[0], f * pair[1])
 
     by_method = {r["method"]: r for r in rows}
-    head = m_.headline
+    head = measures.final
     finals = [
         (m, [scale * d[head] for d in by_method[m]["runs"]], scaled(by_method[m][head], scale)) for m in runs
     ]
     colors = {m: f"C{i}" for i, m in enumerate(runs)}
-    spread = 5.0 if scale == 100 else None  # accuracy: one far-off method does not flatten the others
+    # a percentage: one far-off method does not flatten the others
+    spread = 5.0 if measures.headline.unit == "%" else None
     _dots(
         final_ax,
         finals,
@@ -207,12 +203,13 @@ def plot_study(
              None if c["ci95"] is None else (scale * c["mean"], scale * (c["ci95"][1] - c["mean"])))
             for c in paired
         ]  # fmt: skip
-        floor = _floor([v for _, vs, _ in diffs for v in vs], 3.0) if scale == 100 else None
+        percent = measures.headline.unit == "%"
+        floor = _floor([v for _, vs, _ in diffs for v in vs], 3.0) if percent else None
         _dots(diff_ax, diffs, floor, colors)
         diff_ax.axhline(0, color="gray", lw=1)
-        final_name = "final test accuracy" if scale == 100 else "final validation bits per byte"
+        final_name = f"final {measures.split_label} {measures.headline.label}"
         diff_ax.set(
-            ylabel="points" if scale == 100 else "bits per byte",
+            ylabel="points" if percent else measures.headline.label,
             title=f"{final_name} minus {paired[0]['baseline']}, same seed; mean ± 95% CI",
         )
     by_x.set(xlabel=xlabel, ylabel=label, title="averaged model: mean over seeds, band min-max")

@@ -29,12 +29,13 @@ from torch import nn
 from localsgd.harness.config import Config, ConfigError
 from localsgd.harness.data import augment, default_data_dir, epoch_shards, load_dataset, normalize
 from localsgd.harness.language import LSTMLM, LSTMState, build_language_model
+from localsgd.harness.measures import IMAGE, TEXT, Measures
 from localsgd.harness.models import build_model
 from localsgd.harness.text import CorpusError, RandomWindows, Streams, load_corpus, windows
 
 
 class Task(Protocol):
-    split: str  # the evaluation split's name in metrics ("test", "valid")
+    measures: Measures  # what runs of the task measure, and the evaluation split's name in rows
     steps_per_epoch: int
     eval_x: torch.Tensor  # the evaluation split, on the device
     eval_y: torch.Tensor
@@ -93,8 +94,18 @@ def sampling(cfg: Config) -> str | None:
     return "windows in a seeded permutation per epoch, disjoint across workers"
 
 
+def task_class(dataset: str) -> type[ImageTask] | type[TextTask]:
+    """The task that trains on ``dataset`` (a config's ``dataset``)."""
+    return TextTask if dataset == "text" else ImageTask
+
+
+def measures_of(dataset: str) -> Measures:
+    """What runs on ``dataset`` measure: their task's ``measures``."""
+    return task_class(dataset).measures
+
+
 def make_task(cfg: Config, device: torch.device) -> Task:
-    return TextTask(cfg, device) if cfg.dataset == "text" else ImageTask(cfg, device)
+    return task_class(cfg.dataset)(cfg, device)
 
 
 def subset(
@@ -125,7 +136,7 @@ def shard_steps(cfg: Config, train_size: int) -> int:
 
 
 class ImageTask:
-    split = "test"
+    measures = IMAGE
     eval_batch = 1000
 
     def __init__(self, cfg: Config, device: torch.device) -> None:
@@ -181,7 +192,7 @@ class ImageTask:
 
 
 class TextTask:
-    split = "valid"
+    measures = TEXT
     eval_batch = 64
 
     def __init__(self, cfg: Config, device: torch.device) -> None:
@@ -254,7 +265,8 @@ class TextTask:
         return x
 
     def annotate(self, row: dict[str, Any], steps: int) -> None:
-        for name in ("train", self.split, f"local_{self.split}"):
+        split = self.measures.split
+        for name in ("train", split, f"local_{split}"):
             if f"{name}_loss" in row:  # rows between evaluations have no validation loss
                 row[f"{name}_bpb"] = row[f"{name}_loss"] / math.log(2)  # nats per byte -> bits per byte
         row["tokens"] = steps * self.cfg.workers * self.cfg.local_batch_size * self.cfg.text_seq_len()

@@ -24,6 +24,7 @@ from localsgd.engine import CommunicationError
 from localsgd.harness import checkpoint, optim, rundir
 from localsgd.harness.config import Config, ConfigError
 from localsgd.harness.interrupt import Interrupted, Signals
+from localsgd.harness.measures import ACCURACY, Measures
 from localsgd.harness.rundir import RunWriter
 from localsgd.harness.runtime import Runtime, resolve_workers
 from localsgd.harness.seeding import WorkerRandom
@@ -176,7 +177,7 @@ def evaluation(
     """Loss and accuracy on the evaluation split of the averaged model and, if ``workers`` are
     given, the mean over every worker's own model (each on the whole split), summed over all
     processes."""
-    x, y, split = task.eval_x, task.eval_y, task.split
+    x, y, split = task.eval_x, task.eval_y, task.measures.split
     if runtime.distributed:  # each rank evaluates its share of the split
         part = slice(runtime.rank, None, runtime.processes)
         ev = runtime.all_sum(evaluate(averaged, x[part], y[part], task))
@@ -391,7 +392,7 @@ def run_training(
     keep: dict[int, float],
 ) -> Result:
     """The run itself, once ``train`` has checked everything and holds the run directory."""
-    dev, main, split = runtime.device, runtime.rank == 0, task.split
+    dev, main, measures = runtime.device, runtime.rank == 0, task.measures
     period = cfg.row_steps or plan.steps_per_epoch  # steps per metrics row
 
     # --- workers: the same initial model everywhere ---
@@ -477,7 +478,8 @@ def run_training(
                 "train_loss": loss_sum / seen,
                 "train_acc": correct / seen,
             }
-            if row_index % cfg.eval_every == 0 or t == plan.total_steps - 1:
+            evaluated = row_index % cfg.eval_every == 0 or t == plan.total_steps - 1
+            if evaluated:
                 eval_start = time.perf_counter()
                 averaged = engine.averaged_model()
                 final = t == plan.total_steps - 1
@@ -485,7 +487,7 @@ def run_training(
                 row.update(evaluation(averaged, workers if local else [], runtime, task))
                 eval_seconds += time.perf_counter() - eval_start
             if t + 1 in keep:  # the model this row evaluated (averaged again if it evaluated none)
-                kept = averaged if f"{split}_loss" in row else engine.averaged_model()
+                kept = averaged if evaluated else engine.averaged_model()
                 writer.model_at(kept, cfg.to_dict(), keep[t + 1])
             comm = sum(s.seconds for s in engine.stats.values())
             wall = time.perf_counter() - start
@@ -500,10 +502,8 @@ def run_training(
             task.annotate(row, t + 1)
             history.append(row)
             shown = f"epoch {epoch + 1} lr {lr:.3g} loss {row['train_loss']:.3f}"
-            if f"{split}_bpb" in row:
-                shown += f" {split} {row[f'{split}_bpb']:.3f} bpb"
-            elif f"{split}_acc" in row:
-                shown += f" {split} {row[f'{split}_acc']:.2%}"
+            if evaluated:
+                shown += f" {measures.split} {measures.headline.cell(row[measures.curve])}"
             progress.set_postfix_str(shown)
             writer.append(row, t + 1)
             if row_index % cfg.checkpoint_every == 0 and t + 1 < plan.total_steps:
@@ -521,13 +521,15 @@ def run_training(
     # --- final model and summary ---
     check_finite(workers, plan.total_steps - 1, ckpt_root)
     final = averaged if averaged is not None else engine.averaged_model()  # the last step evaluates it
-    summary = summarize(cfg, plan, history, split) | task.baselines()
+    summary = summarize(cfg, plan, history, measures) | task.baselines()
     writer.final(final, cfg.to_dict(), summary)
     return Result(summary, history, final, engine, main)
 
 
-def summarize(cfg: Config, plan: Plan, history: list[dict[str, Any]], split: str = "test") -> dict[str, Any]:
-    """The run's headline numbers; ``split``: the evaluation split's name in the rows."""
+def summarize(cfg: Config, plan: Plan, history: list[dict[str, Any]], measures: Measures) -> dict[str, Any]:
+    """The run's headline numbers: accuracy on the evaluation split always, and the task's own
+    headline (text: bits per byte, with the loss it comes from) where that is another metric."""
+    split, h = measures.split, measures.headline
     evals = [r for r in history if f"{split}_acc" in r]
     last = history[-1]
     summary: dict[str, Any] = {
@@ -538,11 +540,13 @@ def summarize(cfg: Config, plan: Plan, history: list[dict[str, Any]], split: str
         f"final_{split}_acc": evals[-1][f"{split}_acc"],
         f"best_{split}_acc": max(r[f"{split}_acc"] for r in evals),
     }
-    if f"{split}_bpb" in evals[-1]:  # text: the loss is the headline
+    if h is not ACCURACY:
+        best = max if h.higher_is_better else min
         summary[f"final_{split}_loss"] = evals[-1][f"{split}_loss"]
         summary[f"best_{split}_loss"] = min(r[f"{split}_loss"] for r in evals)
-        summary[f"final_{split}_bpb"] = evals[-1][f"{split}_bpb"]
-        summary[f"best_{split}_bpb"] = min(r[f"{split}_bpb"] for r in evals)
+        summary[measures.final] = evals[-1][measures.curve]
+        summary[f"best_{measures.curve}"] = best(r[measures.curve] for r in evals)
+    if measures.x == "tokens":
         summary["tokens"] = last["tokens"]
         summary["tokens_per_second"] = last["tokens_per_second"]
     summary.update(
@@ -554,29 +558,8 @@ def summarize(cfg: Config, plan: Plan, history: list[dict[str, Any]], split: str
     )
     if f"local_{split}_acc" in evals[-1]:
         summary[f"final_local_{split}_acc"] = evals[-1][f"local_{split}_acc"]
-        if f"local_{split}_bpb" in evals[-1]:
-            summary[f"final_local_{split}_bpb"] = evals[-1][f"local_{split}_bpb"]
+        if h is not ACCURACY:
+            summary[f"final_local_{measures.curve}"] = evals[-1][f"local_{measures.curve}"]
     if cfg.eval_local == "every":
         summary[f"best_local_{split}_acc"] = max(r[f"local_{split}_acc"] for r in evals)
     return summary
-
-
-def table(history: list[dict[str, Any]]) -> str:
-    """The evaluated epochs as a fixed-width table (images: accuracies; text: bits per byte)."""
-    split = "valid" if any("valid_acc" in r for r in history) else "test"
-    unit, fmt = ("bpb", ">9.4f") if split == "valid" else ("acc", ">9.2%")
-    head = (
-        f"{'epoch':>6} {'lr':>8} {'train loss':>10} {'train ' + unit:>9} {split + ' ' + unit:>9} "
-        f"{'local ' + unit:>9} {'rounds':>14}"
-    )
-    rows = [head, "-" * len(head)]
-    for r in history:
-        if f"{split}_acc" not in r:
-            continue
-        local = format(r[f"local_{split}_{unit}"], fmt) if f"local_{split}_{unit}" in r else "-"
-        rounds = "/".join(str(n) for n in r["rounds"].values())
-        rows.append(
-            f"{r['epoch']:>6g} {r['lr']:>8.4f} {r['train_loss']:>10.4f} {format(r['train_' + unit], fmt)} "
-            f"{format(r[split + '_' + unit], fmt)} {local:>9} {rounds:>14}"
-        )
-    return "\n".join(rows)
