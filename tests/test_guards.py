@@ -12,7 +12,7 @@ import torch
 
 from localsgd import Engine, LocalSGD, Schedule, SimCommunicator, Simulator
 from localsgd.harness.cli import main
-from localsgd.harness.train import TrainingError, check_finite
+from localsgd.harness.rows import TrainingError, check_finite
 from tests.helpers import mlp, sgd, torchrun
 from tests.test_train import CIFAR10, TINY, needs_cifar10
 

@@ -785,6 +785,21 @@ def test_plot_of_image_and_text_runs_draws_each_kind_on_its_own_axes(
     )
 
 
+def test_plot_names_runs_of_the_same_folder_name_by_their_parent_too(tmp_path: Path) -> None:
+    """seed-1 of two studies: the legend tells them apart."""
+    a, b = fake_run(tmp_path / "a" / "seed-1"), fake_run(tmp_path / "b" / "seed-1")
+    legends: list[str] = []
+    real_save = plot.save
+
+    def keep(fig, axes, legend_ax, out):
+        legends.extend(t.get_text() for t in axes[0][0].get_legend().get_texts())
+        return real_save(fig, axes, legend_ax, out)
+
+    with patch.object(plot, "save", keep):
+        assert main(["plot", str(a), str(b), "--out", str(tmp_path / "runs.png")]) == 0
+    assert legends == ["a/seed-1: K=2, H=1", "b/seed-1: K=2, H=1"]
+
+
 def test_tensorboard_without_the_package_is_a_clear_error(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

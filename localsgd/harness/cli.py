@@ -321,7 +321,7 @@ def command(argv: list[str] | None) -> int:
     args = parser().parse_args(argv)
     from localsgd.engine import CommunicationError
     from localsgd.harness.interrupt import Interrupted
-    from localsgd.harness.train import TrainingError
+    from localsgd.harness.rows import TrainingError
 
     try:
         if args.command == "train":

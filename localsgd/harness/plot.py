@@ -37,8 +37,9 @@ def save(fig: Any, axes: Any, legend_ax: Any, out: Path) -> Path:
     return out
 
 
-def read_run(run: Path) -> tuple[str, list[dict[str, Any]], Measures]:
-    """A run's legend label, metrics rows and what its task measures."""
+def read_run(run: Path, name: str | None = None) -> tuple[str, list[dict[str, Any]], Measures]:
+    """A run's legend label (``name``, default the folder's), metrics rows and what its task
+    measures."""
     metrics = run / "metrics.jsonl"
     if not metrics.is_file():
         raise ConfigError(f"{str(run)!r} is not a run directory (no metrics.jsonl)")
@@ -51,7 +52,7 @@ def read_run(run: Path) -> tuple[str, list[dict[str, Any]], Measures]:
     c = read_json(config)
     try:
         d = c["config"]
-        label = f"{run.name}: K={d['workers']}, H={d['local_steps']}"
+        label = f"{name or run.name}: K={d['workers']}, H={d['local_steps']}"
         if c["derived"]["switch_step"]:
             label += f", t'={d['switch_epoch']}"
         if d.get("block_steps"):
@@ -66,7 +67,10 @@ def plot_runs(runs: list[Path], out: Path) -> Path:
     """Write the comparison figure to ``out`` and return its path: per kind of run (image, text),
     four panels: the task's headline metric (test accuracy, validation bits per byte) against its
     x axis (epochs, tokens) and against global rounds, the training loss and the learning rate."""
-    data = [read_run(r) for r in runs]
+    names = [r.name for r in runs]
+    if len(set(names)) < len(names):  # e.g. seed-1 of two studies: name their folders too
+        names = [f"{r.parent.name}/{r.name}" for r in runs]
+    data = [read_run(r, n) for r, n in zip(runs, names, strict=True)]
     kinds = {m.kind: m for _, _, m in data}  # in the order the runs name them
     plt = pyplot()
     fig, axes = plt.subplots(2 * len(kinds), 2, figsize=(12, 8 * len(kinds)), squeeze=False)

@@ -4,18 +4,16 @@ top to bottom."""
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.nn import functional as F
 from tqdm import tqdm
 
 from localsgd import DistCommunicator, Engine, LocalSGD, Policy, Simulator, outer
@@ -24,16 +22,12 @@ from localsgd.engine import CommunicationError
 from localsgd.harness import checkpoint, optim, rundir
 from localsgd.harness.config import Config, ConfigError
 from localsgd.harness.interrupt import Interrupted, Signals
-from localsgd.harness.measures import ACCURACY, Measures
+from localsgd.harness.rows import Tally, check_finite, cross_entropy, evaluation, summarize
 from localsgd.harness.rundir import RunWriter
 from localsgd.harness.runtime import Runtime, resolve_workers
 from localsgd.harness.seeding import WorkerRandom
 from localsgd.harness.tasks import Task, make_task, sampling
 from localsgd.schedule import Schedule
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (e.g. a non-finite loss): one line naming step and worker."""
 
 
 @dataclass
@@ -93,124 +87,6 @@ def check_compress_block(cfg: Config, task: Task) -> None:
             f"compress_block = {cfg.compress_block} exceeds the {parameters:,} parameters of model = "
             f"{cfg.model}: a block holds at most every parameter"
         )
-
-
-def cross_entropy(logits: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Cross-entropy over the last axis: (B, C) logits of images or (B, L, V) of text."""
-    return F.cross_entropy(logits.flatten(0, -2), y.flatten(), reduction=reduction)
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: Task) -> torch.Tensor:
-    """[loss sum, correct, count] of ``model`` on (x, y), per target: float64 on the data's device
-    (not read)."""
-    model.eval()
-    sums = torch.zeros(3, dtype=torch.float64, device=x.device)
-    for i in range(0, len(x), task.eval_batch):
-        out = model(task.prepare(x[i : i + task.eval_batch]))
-        yb = y[i : i + task.eval_batch]
-        sums[0] += cross_entropy(out, yb, reduction="sum").double()
-        sums[1] += (out.argmax(-1) == yb).sum()
-    sums[2] = y.numel()
-    model.train()
-    return sums
-
-
-class Tally:
-    """The row's training sums and every loss since the last check, kept on the device: the loop
-    reads them at averaging rounds, checkpoints and epoch ends, never per step or per worker."""
-
-    MAX_PENDING = 4096  # losses held between reads (a read comes sooner if no round comes)
-
-    def __init__(self, device: torch.device, steps_per_epoch: int, ckpt_root: Path) -> None:
-        self.device, self.steps_per_epoch, self.ckpt_root = device, steps_per_epoch, ckpt_root
-        self.pending: list[tuple[int, int, torch.Tensor]] = []  # (step, worker, loss)
-        self.new_row()
-
-    def new_row(self) -> None:
-        self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        self.correct = torch.zeros((), dtype=torch.int64, device=self.device)
-        self.seen = 0
-
-    def add(self, t: int, k: int, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
-        loss = loss.detach()
-        self.pending.append((t, k, loss))
-        self.loss_sum += loss.double() * y.numel()  # as a float64 sum of float32 losses on the host would
-        self.correct += (logits.argmax(-1) == y).sum()
-        self.seen += y.numel()
-        if len(self.pending) >= self.MAX_PENDING:
-            self.check()
-
-    def state(self) -> dict[str, Any]:
-        """The row's sums so far (a checkpoint between two rows carries them)."""
-        return {"loss_sum": self.loss_sum, "correct": self.correct, "seen": self.seen}
-
-    def load(self, state: dict[str, Any]) -> None:
-        self.loss_sum = state["loss_sum"].to(self.device)
-        self.correct = state["correct"].to(self.device)
-        self.seen = state["seen"]
-
-    def sums(self) -> torch.Tensor:
-        """[loss sum, correct, samples] of this epoch, float64 on the device."""
-        return torch.stack([self.loss_sum, self.correct.double(), self.loss_sum.new_tensor(self.seen)])
-
-    def check(self) -> None:
-        """Raise TrainingError at the first non-finite loss since the last check (its step and
-        worker); one host read."""
-        if not self.pending:
-            return
-        pending, self.pending = self.pending, []
-        losses = torch.stack([loss for _, _, loss in pending])
-        if bool(torch.isfinite(losses).all()):
-            return
-        for (t, k, _), value in zip(pending, losses.tolist(), strict=True):
-            if not math.isfinite(value):
-                raise TrainingError(
-                    f"loss is {value} at step {t} (epoch {t // self.steps_per_epoch + 1}) on worker {k}; "
-                    f"{last_good(self.ckpt_root)}"
-                )
-
-
-def evaluation(
-    averaged: nn.Module, workers: list[tuple[int, nn.Module]], runtime: Runtime, task: Task
-) -> dict[str, float]:
-    """Loss and accuracy on the evaluation split of the averaged model and, if ``workers`` are
-    given, the mean over every worker's own model (each on the whole split), summed over all
-    processes."""
-    x, y, split = task.eval_x, task.eval_y, task.measures.split
-    if runtime.distributed:  # each rank evaluates its share of the split
-        part = slice(runtime.rank, None, runtime.processes)
-        ev = runtime.all_sum(evaluate(averaged, x[part], y[part], task))
-    else:
-        ev = evaluate(averaged, x, y, task).tolist()
-    row = {f"{split}_loss": ev[0] / ev[2], f"{split}_acc": ev[1] / ev[2]}
-    if workers:
-        local = torch.zeros(3, dtype=torch.float64, device=x.device)
-        for _, m in workers:
-            local = local + evaluate(m, x, y, task)
-        loss_sum, correct, seen = runtime.all_sum(local)
-        row.update({f"local_{split}_loss": loss_sum / seen, f"local_{split}_acc": correct / seen})
-    return row
-
-
-def check_finite(workers: list[tuple[int, nn.Module]], t: int, ckpt_root: Path) -> None:
-    """Raise TrainingError if a worker's parameter or buffer is not finite (one host read)."""
-    tensors = [
-        (k, name, value)
-        for k, m in workers
-        for name, value in m.state_dict().items()
-        if value.is_floating_point()
-    ]
-    finite = torch.stack([torch.isfinite(v).all() for _, _, v in tensors]).tolist()
-    for (k, name, _), ok in zip(tensors, finite, strict=True):
-        if not ok:
-            raise TrainingError(f"{name} is not finite after step {t} on worker {k}; {last_good(ckpt_root)}")
-
-
-def last_good(ckpt_root: Path) -> str:
-    if (ckpt_root / "latest").exists():
-        return f"the last good checkpoint is in {ckpt_root}"
-    return "no checkpoint was written before"
 
 
 @dataclass
@@ -303,64 +179,230 @@ def claim(cfg: Config, out: Path, runtime: Runtime) -> rundir.Lock | None:
     return lock
 
 
-def resume(
-    cfg: Config,
-    runtime: Runtime,
-    engine: Engine,
-    model: nn.Module,
-    random: WorkerRandom,
-    task: Task,
-    tally: Tally,
-    root: Path,
-) -> tuple[list[dict[str, Any]], float, float]:
-    """With ``resume`` (or in a group torchrun restarted), load the last checkpoint into the engine,
-    the model, the random streams, the task's carried state and the current row's sums; returns
-    the rows so far, evaluation and wall seconds."""
-    dev = runtime.device
-    state = checkpoint.restore(root, runtime.rank, cfg.to_dict(), dev.type) if resuming(cfg) else None
-    history, eval_seconds, wall_seconds = [], 0.0, 0.0
-    if state is not None:
-        engine.load_state_dict(state["engine"])
+@dataclass
+class Run:
+    """One run in this process, from its first step to its final model: the workers and what a
+    step, a row and a checkpoint read and change. ``setup`` builds it (and resumes it); the loop in
+    ``run_training`` calls ``step`` for every step and ``row`` at the end of each row."""
+
+    cfg: Config
+    runtime: Runtime
+    writer: RunWriter
+    task: Task
+    plan: Plan
+    keep: dict[int, float]  # step -> epoch of the models save_models_at keeps
+    model: nn.Module
+    engine: Engine
+    random: WorkerRandom
+    tally: Tally
+    ckpt_root: Path
+    history: list[dict[str, Any]] = field(default_factory=list)
+    eval_seconds: float = 0.0
+    wall_offset: float = 0.0  # seconds of the earlier sittings of a resumed run
+    start: float = 0.0  # the clock's reading at step 0 (less the earlier sittings)
+    first_step: int = 0  # this sitting's
+    saved: int | None = None  # the step --resume would continue from
+    averaged: nn.Module | None = None  # the last evaluated average of the workers' models
+
+    @property
+    def workers(self) -> list[tuple[int, nn.Module]]:
+        """This process's workers: (k, model)."""
+        return list(zip(self.engine.comm.local_workers, self.engine.models, strict=True))
+
+    @property
+    def period(self) -> int:
+        """Steps per metrics row."""
+        return self.cfg.row_steps or self.plan.steps_per_epoch
+
+    # --- setup --------------------------------------------------------------------------------
+
+    @classmethod
+    def setup(
+        cls, cfg: Config, out: Path, runtime: Runtime, writer: RunWriter, task: Task, plan: Plan,
+        keep: dict[int, float],
+    ) -> Run:  # fmt: skip
+        """The same initial model everywhere, the engine around it and, resuming, everything an
+        uninterrupted run would hold at the checkpoint's step; then ``config.json`` is written
+        (the first write: everything is checked)."""
+        torch.manual_seed(cfg.seed)
+        model = task.model()
+        engine = build_engine(cfg, plan, runtime, model)
+        random = WorkerRandom(cfg.seed, list(engine.comm.local_workers), runtime.device)
+        ckpt_root = out / "checkpoints"
+        tally = Tally(runtime.device, plan.steps_per_epoch, ckpt_root)
+        run = cls(cfg, runtime, writer, task, plan, keep, model, engine, random, tally, ckpt_root)
+        run.resume()
+        run.first_step = engine.t
+        run.saved = engine.t if (ckpt_root / "latest").exists() else None
+        writer.config(resolved_config(cfg, plan, runtime, task))
+        writer.history(run.history)
+        return run
+
+    def resume(self) -> None:
+        """With ``resume`` (or in a group torchrun restarted), load the last checkpoint into the
+        engine, the model, the random streams, the task's carried state and the current row's
+        sums, with the rows and seconds so far."""
+        cfg, runtime, engine, root = self.cfg, self.runtime, self.engine, self.ckpt_root
+        dev = runtime.device
+        state = checkpoint.restore(root, runtime.rank, cfg.to_dict(), dev.type) if resuming(cfg) else None
+        if state is not None:
+            engine.load_state_dict(state["engine"])
+            if runtime.distributed:
+                self.model.load_state_dict(state["model"])
+            self.random.load(state.get("random") or {"data": state["generators"]})  # older: no dropout state
+            self.task.load(state.get("task", {}))
+            self.history, self.eval_seconds = state["history"], state["eval_seconds"]
+            self.wall_offset = state["wall_seconds"]
+            if "tally" in state:  # older files: checkpoints were written at row ends only
+                self.tally.load(state["tally"])
+        steps = runtime.all_sum(torch.tensor([float(engine.t)], dtype=torch.float64, device=dev))[0]
+        if steps != engine.t * (cfg.workers if runtime.distributed else 1):
+            raise checkpoint.CheckpointError(f"{root}: the processes found checkpoints of different steps")
+
+    def start_clock(self) -> None:
+        self.start = time.perf_counter() - self.wall_offset
+
+    # --- a step -------------------------------------------------------------------------------
+
+    def step(self, t: int) -> float:
+        """Step ``t`` of every worker of this process: its batch, forward and backward pass, then
+        the engine's step (which averages when the schedule says); returns the step's LR."""
+        cfg, plan, task, engine, dev = self.cfg, self.plan, self.task, self.engine, self.runtime.device
+        epoch, i = divmod(t, plan.steps_per_epoch)
+        if i == 0 or t == self.first_step:  # fresh disjoint data per worker every epoch
+            task.start_epoch(epoch, i)
+        lr = lr_at(cfg, plan, t)
+        for opt in engine.optimizers:
+            for group in opt.param_groups:
+                group["lr"] = lr
+        for k, m in self.workers:
+            x, y = task.batch(k, i, self.random.data[k])
+            with (
+                self.random.of(k),
+                torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"),
+            ):
+                logits = task.forward(k, m, x)
+                loss = cross_entropy(logits, y)
+            loss.backward()
+            self.tally.add(t, k, loss, logits, y)
+        sync = engine.schedule.sync_at(engine.t)
+        if sync.gradients is not None or sync.parameters is not None:
+            self.tally.check()  # nothing non-finite reaches an average
+        engine.step()
+        engine.zero_grad()
+        if t == plan.total_steps - 1:
+            engine.flush()  # an overlapped average still in flight belongs to the final model
+        return lr
+
+    # --- a row --------------------------------------------------------------------------------
+
+    def ends_row(self, t: int) -> bool:
+        """A row at every period's end (default: every epoch's) and at the end."""
+        return (t + 1) % self.period == 0 or t == self.plan.total_steps - 1
+
+    def row(self, t: int, lr: float) -> dict[str, Any]:
+        """The row that step ``t`` ends: the training sums since the last row, the evaluation if
+        one is due, the communication and the seconds so far; written to the run directory, with
+        the model ``save_models_at`` keeps at this step."""
+        cfg, last = self.cfg, t == self.plan.total_steps - 1
+        self.tally.check()
+        loss_sum, correct, seen = self.runtime.all_sum(self.tally.sums())
+        self.tally.new_row()
+        row: dict[str, Any] = {
+            "epoch": round((t + 1) / self.plan.steps_per_epoch, 4),
+            "step": t + 1,
+            "lr": lr,
+            "train_loss": loss_sum / seen,
+            "train_acc": correct / seen,
+        }
+        evaluated = ((t + 1) // self.period) % cfg.eval_every == 0 or last
+        if evaluated:
+            eval_start = time.perf_counter()
+            self.averaged = self.engine.averaged_model()
+            local = cfg.eval_local == "every" or (cfg.eval_local == "final" and last)
+            row.update(evaluation(self.averaged, self.workers if local else [], self.runtime, self.task))
+            self.eval_seconds += time.perf_counter() - eval_start
+        if t + 1 in self.keep:  # the model this row evaluated (averaged again if it evaluated none)
+            kept = self.averaged if evaluated else self.engine.averaged_model()
+            self.writer.model_at(kept, cfg.to_dict(), self.keep[t + 1])
+        row.update(self.costs())
+        self.task.annotate(row, t + 1)
+        self.history.append(row)
+        self.writer.append(row, t + 1)
+        return row
+
+    def costs(self) -> dict[str, Any]:
+        """Rounds and bytes per level, and where the seconds went, so far."""
+        stats = self.engine.stats
+        comm = sum(s.seconds for s in stats.values())
+        wall = time.perf_counter() - self.start
+        return {
+            "rounds": {level: s.rounds for level, s in stats.items()},
+            "bytes": {level: s.bytes for level, s in stats.items()},
+            "comm_seconds": comm,
+            "eval_seconds": self.eval_seconds,
+            "compute_seconds": wall - comm - self.eval_seconds,
+            "wall_seconds": wall,
+        }
+
+    def shown(self, row: dict[str, Any]) -> str:
+        """The row on the progress bar."""
+        m = self.task.measures
+        epoch = (row["step"] - 1) // self.plan.steps_per_epoch + 1
+        text = f"epoch {epoch} lr {row['lr']:.3g} loss {row['train_loss']:.3f}"
+        return text + (f" {m.split} {m.headline.cell(row[m.curve])}" if m.curve in row else "")
+
+    # --- checkpoints and the end ----------------------------------------------------------------
+
+    def checkpoint_due(self, t: int) -> bool:
+        """A checkpoint after the row step ``t`` ends, every ``checkpoint_every`` rows (not at the end)."""
+        return ((t + 1) // self.period) % self.cfg.checkpoint_every == 0 and t + 1 < self.plan.total_steps
+
+    def checkpoint(self, steps: int) -> None:
+        """Checkpoint this process's state after ``steps`` steps, never replacing a good checkpoint
+        by a broken one."""
+        check_finite(self.workers, steps - 1, self.ckpt_root)
+        self.save()
+        self.saved = steps
+
+    def save(self) -> None:
+        runtime, engine = self.runtime, self.engine
+
+        def exchange(mine: bytes) -> list[bytes]:  # checkpoint digests, every process's in rank order
+            return engine.comm.all_gather_bytes([mine]) if runtime.distributed else [mine]
+
+        state = {
+            "config": self.cfg.to_dict(),
+            "engine": engine.state_dict(),
+            "random": self.random.state(),
+            "task": self.task.state(),
+            "history": self.history,
+            "eval_seconds": self.eval_seconds,
+            "wall_seconds": time.perf_counter() - self.start,
+            "tally": self.tally.state(),
+            "device": runtime.device.type,  # the random generators' states are per device type
+        }
         if runtime.distributed:
-            model.load_state_dict(state["model"])
-        random.load(state.get("random") or {"data": state["generators"]})  # older files: no dropout state
-        task.load(state.get("task", {}))
-        history, eval_seconds, wall_seconds = state["history"], state["eval_seconds"], state["wall_seconds"]
-        if "tally" in state:  # older files: checkpoints were written at row ends only
-            tally.load(state["tally"])
-    steps = runtime.all_sum(torch.tensor([float(engine.t)], dtype=torch.float64, device=dev))[0]
-    if steps != engine.t * (cfg.workers if runtime.distributed else 1):
-        raise checkpoint.CheckpointError(f"{root}: the processes found checkpoints of different steps")
-    return history, eval_seconds, wall_seconds
+            state["model"] = self.model.state_dict()
+        checkpoint.save(self.ckpt_root, engine.t, state, runtime.rank, exchange)
 
+    def interrupted(self, signum: int, t: int) -> Interrupted:
+        """Stop before step ``t`` on a signal: the simulator checkpoints this step (under torchrun
+        the workers could not agree on one without another collective: the last checkpoint stays)."""
+        if not self.runtime.distributed and self.saved != t:
+            self.tally.check()
+            self.checkpoint(t)
+        return Interrupted(signum, t, self.saved)
 
-def save(
-    cfg: Config,
-    runtime: Runtime,
-    engine: Engine,
-    model: nn.Module,
-    random: WorkerRandom,
-    task: Task,
-    root: Path,
-    run: dict[str, Any],
-) -> None:
-    """Checkpoint this process's state after step ``engine.t``; ``run``: the rows so far and the
-    seconds spent."""
-
-    def exchange(mine: bytes) -> list[bytes]:  # checkpoint digests, every process's in rank order
-        return engine.comm.all_gather_bytes([mine]) if runtime.distributed else [mine]
-
-    state = {
-        "config": cfg.to_dict(),
-        "engine": engine.state_dict(),
-        "random": random.state(),
-        "task": task.state(),
-        **run,
-        "device": runtime.device.type,  # the random generators' states are per device type
-    }
-    if runtime.distributed:
-        state["model"] = model.state_dict()
-    checkpoint.save(root, engine.t, state, runtime.rank, exchange)
+    def finish(self) -> Result:
+        """The final model (the last row evaluated it) and the summary, written."""
+        check_finite(self.workers, self.plan.total_steps - 1, self.ckpt_root)
+        final = self.averaged if self.averaged is not None else self.engine.averaged_model()
+        local_every = self.cfg.eval_local == "every"
+        summary = summarize(self.history, self.task.measures, str(self.plan.schedule), local_every)
+        summary |= self.task.baselines()
+        self.writer.final(final, self.cfg.to_dict(), summary)
+        return Result(summary, self.history, final, self.engine, self.runtime.rank == 0)
 
 
 def train(cfg: Config, out: Path) -> Result:
@@ -391,175 +433,31 @@ def run_training(
     plan: Plan,
     keep: dict[int, float],
 ) -> Result:
-    """The run itself, once ``train`` has checked everything and holds the run directory."""
-    dev, main, measures = runtime.device, runtime.rank == 0, task.measures
-    period = cfg.row_steps or plan.steps_per_epoch  # steps per metrics row
-
-    # --- workers: the same initial model everywhere ---
-    torch.manual_seed(cfg.seed)
-    model = task.model()
-    engine = build_engine(cfg, plan, runtime, model)
-    workers = list(zip(engine.comm.local_workers, engine.models, strict=True))
-    random = WorkerRandom(cfg.seed, [k for k, _ in workers], dev)
-
-    # --- resume: everything an uninterrupted run would hold at the checkpoint's step ---
-    ckpt_root = out / "checkpoints"
-    tally = Tally(dev, plan.steps_per_epoch, ckpt_root)
-    history, eval_seconds, wall_offset = resume(cfg, runtime, engine, model, random, task, tally, ckpt_root)
-    start_t = engine.t
-    saved = start_t if (ckpt_root / "latest").exists() else None  # the step --resume would continue from
-    writer.config(resolved_config(cfg, plan, runtime, task))  # the first write: everything is checked
-    writer.history(history)
-
-    # --- training ---
+    """The run itself, once ``train`` has checked everything and holds the run directory: setup,
+    then a step at a time, a row at each row's end."""
+    run = Run.setup(cfg, out, runtime, writer, task, plan, keep)
     progress = tqdm(
-        total=plan.total_steps, initial=start_t, desc="train", unit="step", dynamic_ncols=True,
-        disable=not (main and cfg.progress), mininterval=0.2 if sys.stderr.isatty() else 30.0,
+        total=plan.total_steps, initial=run.first_step, desc="train", unit="step", dynamic_ncols=True,
+        disable=not (runtime.rank == 0 and cfg.progress), mininterval=0.2 if sys.stderr.isatty() else 30.0,
     )  # fmt: skip
-    start = time.perf_counter() - wall_offset
-    averaged: nn.Module | None = None  # the last evaluated average of the workers' models
-
-    def progress_so_far() -> dict[str, Any]:  # what a checkpoint holds besides the workers' state
-        return {
-            "history": history,
-            "eval_seconds": eval_seconds,
-            "wall_seconds": time.perf_counter() - start,
-            "tally": tally.state(),
-        }
-
+    run.start_clock()
     signals = Signals(insist=not runtime.distributed).install()
     try:  # the bar ends its line before an error is printed
-        for t in range(start_t, plan.total_steps):
-            if signals.received is not None:  # stop between steps; the simulator checkpoints this one
-                if not runtime.distributed and saved != t:
-                    tally.check()
-                    check_finite(workers, t - 1, ckpt_root)
-                    save(cfg, runtime, engine, model, random, task, ckpt_root, progress_so_far())
-                    saved = t
-                raise Interrupted(signals.received, t, saved)
-            epoch, i = divmod(t, plan.steps_per_epoch)
-            if i == 0 or t == start_t:  # fresh disjoint data per worker every epoch
-                task.start_epoch(epoch, i)
-            lr = lr_at(cfg, plan, t)
-            for opt in engine.optimizers:
-                for group in opt.param_groups:
-                    group["lr"] = lr
-            for k, m in workers:
-                x, y = task.batch(k, i, random.data[k])
-                with (
-                    random.of(k),
-                    torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"),
-                ):
-                    logits = task.forward(k, m, x)
-                    loss = cross_entropy(logits, y)
-                loss.backward()
-                tally.add(t, k, loss, logits, y)
-            sync = engine.schedule.sync_at(engine.t)
-            if sync.gradients is not None or sync.parameters is not None:
-                tally.check()  # nothing non-finite reaches an average
-            engine.step()
-            engine.zero_grad()
-            if t == plan.total_steps - 1:
-                engine.flush()  # an overlapped average still in flight belongs to the final model
-            progress.set_postfix_str(f"epoch {epoch + 1} lr {lr:.3g}", refresh=False)
+        for t in range(run.first_step, plan.total_steps):
+            if signals.received is not None:  # stop between steps
+                raise run.interrupted(signals.received, t)
+            lr = run.step(t)
+            progress.set_postfix_str(f"epoch {t // plan.steps_per_epoch + 1} lr {lr:.3g}", refresh=False)
             progress.update()
-
-            if (t + 1) % period and t < plan.total_steps - 1:
-                continue  # a row at every period's end (default: every epoch's) and at the end
-            row_index = (t + 1) // period
-            tally.check()
-            done_epochs = (t + 1) / plan.steps_per_epoch
-            loss_sum, correct, seen = runtime.all_sum(tally.sums())
-            tally.new_row()
-            row: dict[str, Any] = {
-                "epoch": round(done_epochs, 4),
-                "step": t + 1,
-                "lr": lr,
-                "train_loss": loss_sum / seen,
-                "train_acc": correct / seen,
-            }
-            evaluated = row_index % cfg.eval_every == 0 or t == plan.total_steps - 1
-            if evaluated:
-                eval_start = time.perf_counter()
-                averaged = engine.averaged_model()
-                final = t == plan.total_steps - 1
-                local = cfg.eval_local == "every" or (cfg.eval_local == "final" and final)
-                row.update(evaluation(averaged, workers if local else [], runtime, task))
-                eval_seconds += time.perf_counter() - eval_start
-            if t + 1 in keep:  # the model this row evaluated (averaged again if it evaluated none)
-                kept = averaged if evaluated else engine.averaged_model()
-                writer.model_at(kept, cfg.to_dict(), keep[t + 1])
-            comm = sum(s.seconds for s in engine.stats.values())
-            wall = time.perf_counter() - start
-            row.update(
-                rounds={level: s.rounds for level, s in engine.stats.items()},
-                bytes={level: s.bytes for level, s in engine.stats.items()},
-                comm_seconds=comm,
-                eval_seconds=eval_seconds,
-                compute_seconds=wall - comm - eval_seconds,
-                wall_seconds=wall,
-            )
-            task.annotate(row, t + 1)
-            history.append(row)
-            shown = f"epoch {epoch + 1} lr {lr:.3g} loss {row['train_loss']:.3f}"
-            if evaluated:
-                shown += f" {measures.split} {measures.headline.cell(row[measures.curve])}"
-            progress.set_postfix_str(shown)
-            writer.append(row, t + 1)
-            if row_index % cfg.checkpoint_every == 0 and t + 1 < plan.total_steps:
-                check_finite(workers, t, ckpt_root)  # never replace a good checkpoint by a broken one
-                save(cfg, runtime, engine, model, random, task, ckpt_root, progress_so_far())
-                saved = t + 1
+            if run.ends_row(t):
+                progress.set_postfix_str(run.shown(run.row(t, lr)))
+                if run.checkpoint_due(t):
+                    run.checkpoint(t + 1)
     except CommunicationError as e:  # a peer that stopped on the signal first
         if signals.received is None:
             raise
-        raise Interrupted(signals.received, engine.t, saved) from e
+        raise Interrupted(signals.received, run.engine.t, run.saved) from e
     finally:
         signals.restore()
         progress.close()
-
-    # --- final model and summary ---
-    check_finite(workers, plan.total_steps - 1, ckpt_root)
-    final = averaged if averaged is not None else engine.averaged_model()  # the last step evaluates it
-    summary = summarize(cfg, plan, history, measures) | task.baselines()
-    writer.final(final, cfg.to_dict(), summary)
-    return Result(summary, history, final, engine, main)
-
-
-def summarize(cfg: Config, plan: Plan, history: list[dict[str, Any]], measures: Measures) -> dict[str, Any]:
-    """The run's headline numbers: accuracy on the evaluation split always, and the task's own
-    headline (text: bits per byte, with the loss it comes from) where that is another metric."""
-    split, h = measures.split, measures.headline
-    evals = [r for r in history if f"{split}_acc" in r]
-    last = history[-1]
-    summary: dict[str, Any] = {
-        "schedule": str(plan.schedule),
-        "epochs": last["epoch"],
-        "steps": last["step"],
-        "final_train_loss": last["train_loss"],
-        f"final_{split}_acc": evals[-1][f"{split}_acc"],
-        f"best_{split}_acc": max(r[f"{split}_acc"] for r in evals),
-    }
-    if h is not ACCURACY:
-        best = max if h.higher_is_better else min
-        summary[f"final_{split}_loss"] = evals[-1][f"{split}_loss"]
-        summary[f"best_{split}_loss"] = min(r[f"{split}_loss"] for r in evals)
-        summary[measures.final] = evals[-1][measures.curve]
-        summary[f"best_{measures.curve}"] = best(r[measures.curve] for r in evals)
-    if measures.x == "tokens":
-        summary["tokens"] = last["tokens"]
-        summary["tokens_per_second"] = last["tokens_per_second"]
-    summary.update(
-        rounds=last["rounds"],
-        bytes=last["bytes"],
-        comm_seconds=last["comm_seconds"],
-        compute_seconds=last["compute_seconds"],
-        wall_seconds=last["wall_seconds"],
-    )
-    if f"local_{split}_acc" in evals[-1]:
-        summary[f"final_local_{split}_acc"] = evals[-1][f"local_{split}_acc"]
-        if h is not ACCURACY:
-            summary[f"final_local_{measures.curve}"] = evals[-1][f"local_{measures.curve}"]
-    if cfg.eval_local == "every":
-        summary[f"best_local_{split}_acc"] = max(r[f"local_{split}_acc"] for r in evals)
-    return summary
+    return run.finish()
