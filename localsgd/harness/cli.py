@@ -133,7 +133,7 @@ def parser() -> argparse.ArgumentParser:
     interp.add_argument("--data-dir", help="dataset folder (default: the one run A used)")
     interp.add_argument("--out", default="interpolation", help="output stem: .json and .png")
 
-    from localsgd import plan as cost
+    from localsgd.harness import planning
 
     plan = sub.add_parser(
         "plan",
@@ -141,7 +141,7 @@ def parser() -> argparse.ArgumentParser:
         description="A cost model of gloo's ring all-reduce (latency d, bandwidth, K) plus measured compute "
         "time per step; benchmarks/network.py checks it on emulated networks.",
     )
-    cost.add_arguments(plan)
+    planning.add_arguments(plan)
 
     download = sub.add_parser("download", help="download a dataset and verify its official checksums")
     download.add_argument("dataset")
@@ -368,9 +368,9 @@ def command(argv: list[str] | None) -> int:
                     )
             return 0
         if args.command == "plan":
-            from localsgd import plan as cost
+            from localsgd.harness import planning
 
-            return cost.run(args)
+            return planning.run(args)
         if args.command == "interpolate":
             return run_interpolate(args)
         if args.command == "download":
