@@ -55,23 +55,12 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from localsgd._validate import check_int, check_number, is_number
+
 GLOO_MAX_SEGMENT_BYTES = 2**20  # gloo's AllreduceOptions::kMaxSegmentSize
 
 _RATE_UNITS = {"bit": 1, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9, "tbit": 1e12}
 _SIZE_UNITS = {"b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
-
-
-def _finite(name: str, value: float) -> float:
-    """``value`` as a finite float >= 0; ValueError otherwise."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < math.inf:
-        raise ValueError(f"{name} must be a number >= 0, got {value!r}")
-    return float(value)
-
-
-def _int(name: str, value: int, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
 
 
 def parse_rate(text: str) -> float:
@@ -101,9 +90,9 @@ def parse_size(text: str) -> int:
 def steps_per_epoch(train_samples: int, workers: int, local_batch_size: int) -> int:
     """N: steps per epoch when K workers share ``train_samples`` in batches of B_loc (the training
     harness's rule: ceil((samples // K) / B_loc), the last batch may be short)."""
-    _int("train_samples", train_samples, 1)
-    _int("workers (K)", workers, 1)
-    _int("local_batch_size (B_loc)", local_batch_size, 1)
+    check_int("train_samples", train_samples, 1)
+    check_int("workers (K)", workers, 1)
+    check_int("local_batch_size (B_loc)", local_batch_size, 1)
     if train_samples < workers:
         raise ValueError(f"train_samples must be at least workers (K) = {workers}, got {train_samples}")
     if local_batch_size > train_samples // workers:
@@ -129,12 +118,10 @@ class Network:
     overhead: float = 0.0
 
     def __post_init__(self) -> None:
-        _finite("latency", self.latency)
-        if isinstance(self.bandwidth, bool) or not (
-            isinstance(self.bandwidth, int | float) and self.bandwidth > 0
-        ):
+        check_number("latency", self.latency)
+        if not (is_number(self.bandwidth) and self.bandwidth > 0):
             raise ValueError(f"bandwidth must be a number of bytes/s > 0 or inf, got {self.bandwidth!r}")
-        _finite("overhead", self.overhead)
+        check_number("overhead", self.overhead)
 
 
 def ring_segments(nbytes: int, workers: int) -> int:
@@ -146,8 +133,8 @@ def ring_segments(nbytes: int, workers: int) -> int:
 def allreduce_seconds(nbytes: int, workers: int, network: Network) -> float:
     """Seconds of one gloo ring all-reduce of ``nbytes`` (S) over K = ``workers`` (see the module
     docstring for the model)."""
-    _int("nbytes (S)", nbytes, 0)
-    _int("workers (K)", workers, 1)
+    check_int("nbytes (S)", nbytes, 0)
+    check_int("workers (K)", workers, 1)
     if workers == 1 or nbytes == 0:
         return 0.0
     n = ring_segments(nbytes, workers)
@@ -164,8 +151,8 @@ def encoded_bytes(model_bytes: int, workers: int, codec: str, block_size: int = 
     (what ``CompressedMean.mean_`` returns): K chunks of the encoded buffer."""
     from localsgd.compression import make_codec
 
-    numel = math.ceil(_int("model_bytes (S)", model_bytes, 0) / 4)
-    k = _int("workers (K)", workers, 1)
+    numel = math.ceil(check_int("model_bytes (S)", model_bytes, 0) / 4)
+    k = check_int("workers (K)", workers, 1)
     return k * make_codec(codec, block_size).nbytes(math.ceil(numel / k))
 
 
@@ -173,8 +160,8 @@ def compressed_stages(encoded: int, workers: int, network: Network) -> tuple[flo
     """Seconds of the two collectives of one compressed mean whose encoded buffer is ``encoded``
     bytes per worker: (the all-to-all, the ring all-gather), each of K − 1 chunks of encoded / K
     bytes (see the module docstring). Encoding and decoding are not included."""
-    _int("encoded bytes", encoded, 0)
-    k = _int("workers (K)", workers, 1)
+    check_int("encoded bytes", encoded, 0)
+    k = check_int("workers (K)", workers, 1)
     if k == 1 or encoded == 0:
         return 0.0, 0.0
     x = encoded / k / network.bandwidth  # one chunk on the link
@@ -203,12 +190,12 @@ def hierarchical_seconds_per_step(
     blocks (that average replaces the block average of its step). A ring over all K workers is as
     slow as its slowest hop, the outer link; with two blocks each direction of a block's uplink
     carries one hop of the ring, so the global average costs ``allreduce_seconds`` on ``outer``."""
-    c = _finite("compute_seconds (c)", compute_seconds)
-    k, kb = _int("workers (K)", workers, 1), _int("workers_per_block (K')", workers_per_block, 1)
+    c = check_number("compute_seconds (c)", compute_seconds)
+    k, kb = check_int("workers (K)", workers, 1), check_int("workers_per_block (K')", workers_per_block, 1)
     if k % kb:
         raise ValueError(f"workers_per_block (K') = {kb} must divide workers (K) = {k}")
-    h, hb = _int("local_steps (H)", local_steps, 1), _int("block_steps (H_b)", block_steps, 1)
-    local = _finite("average_overhead", average_overhead)
+    h, hb = check_int("local_steps (H)", local_steps, 1), check_int("block_steps (H_b)", block_steps, 1)
+    local = check_number("average_overhead", average_overhead)
     block = allreduce_seconds(model_bytes, kb, inner) + local if kb > 1 else 0.0
     whole = allreduce_seconds(model_bytes, k, outer) + local if k > 1 else 0.0
     return c + ((hb - 1) * block + whole) / (h * hb)
@@ -265,29 +252,29 @@ def predict(
 
     The last row is the compute-only bound (H = inf).
     """
-    c = _finite("compute_seconds (c)", compute_seconds)
-    s = _int("model_bytes (S)", model_bytes, 1)
-    k = _int("workers (K)", workers, 1)
-    n = _int("steps_per_epoch (N)", steps_per_epoch, 1)
+    c = check_number("compute_seconds (c)", compute_seconds)
+    s = check_int("model_bytes (S)", model_bytes, 1)
+    k = check_int("workers (K)", workers, 1)
+    n = check_int("steps_per_epoch (N)", steps_per_epoch, 1)
     if not isinstance(network, Network):
         raise ValueError(f"network must be a localsgd.cost_model.Network, got {type(network).__name__}")
     if isinstance(local_steps, int | str) or not local_steps:
         raise ValueError(f"local_steps must be a non-empty list of integers H >= 1, got {local_steps!r}")
-    hs = [_int("local_steps (H)", h, 1) for h in local_steps]
+    hs = [check_int("local_steps (H)", h, 1) for h in local_steps]
     if post_local is not None:
-        _int("post_local (H after the switch)", post_local, 1)
-    total_epochs = _finite("epochs", epochs)
+        check_int("post_local (H after the switch)", post_local, 1)
+    total_epochs = check_number("epochs", epochs)
     if total_epochs == 0:
         raise ValueError("epochs must be a number > 0, got 0")
-    switch = _finite("switch_epoch (t' in epochs)", switch_epoch)
+    switch = check_number("switch_epoch (t' in epochs)", switch_epoch)
     if switch > total_epochs:
         raise ValueError(f"switch_epoch (t') must be at most epochs = {total_epochs:g}, got {switch:g}")
-    local = _finite("average_overhead", average_overhead)
-    tau = _int("overlap_steps (τ)", overlap_steps, 0)
+    local = check_number("average_overhead", average_overhead)
+    tau = check_int("overlap_steps (τ)", overlap_steps, 0)
     too_short = [h for h in [*hs, post_local or 1] if 1 < h <= tau]
     if too_short:
         raise ValueError(f"overlap_steps (τ) = {tau} must be less than every H > 1, got H = {too_short[0]}")
-    codec = _finite("codec_overhead", codec_overhead)
+    codec = check_number("codec_overhead", codec_overhead)
     average = allreduce_seconds(s, k, network) + local if k > 1 else 0.0  # a lone worker never averages
     # A parameter average: CPU work on the worker's own thread (copies, encoding), which shows
     # whole, and time on the network, of which τ steps' worth is hidden when overlapped. A

@@ -13,10 +13,10 @@ import sys
 from collections.abc import Sequence
 from dataclasses import asdict
 
+from localsgd._validate import check_number
 from localsgd.cost_model import (
     Network,
     Prediction,
-    _finite,
     parse_rate,
     parse_size,
     predict,
@@ -78,7 +78,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def check_command(args: argparse.Namespace) -> None:
     """What makes ``localsgd plan``'s prediction meaningless: no measured compute time, an option
     nothing reads, a block larger than the model. ValueError, one line."""
-    if args.compute_ms <= 0:  # (NaN and inf: _finite)
+    if args.compute_ms <= 0:  # (NaN and inf: check_number)
         raise ValueError(
             f"--compute-ms must be a local step's measured time, a number > 0 (ms), got {args.compute_ms:g}"
         )
@@ -103,13 +103,13 @@ def run(args: argparse.Namespace) -> int:
         check_command(args)
         n = steps_per_epoch(args.train_samples, args.workers, args.local_batch_size)
         network = Network(
-            latency=_finite("--latency-ms", args.latency_ms) / 1e3,
+            latency=check_number("--latency-ms", args.latency_ms) / 1e3,
             bandwidth=parse_rate(args.bandwidth),
-            overhead=_finite("--overhead-ms", args.overhead_ms) / 1e3,
+            overhead=check_number("--overhead-ms", args.overhead_ms) / 1e3,
         )
         switch = args.epochs / 2 if args.switch_epoch is None else args.switch_epoch
         rows = predict(
-            compute_seconds=_finite("--compute-ms", args.compute_ms) / 1e3,
+            compute_seconds=check_number("--compute-ms", args.compute_ms) / 1e3,
             model_bytes=parse_size(args.model_bytes),
             workers=args.workers,
             network=network,
@@ -118,10 +118,10 @@ def run(args: argparse.Namespace) -> int:
             post_local=args.post_local,
             switch_epoch=switch if args.post_local is not None else 0.0,
             epochs=args.epochs,
-            average_overhead=_finite("--average-overhead-ms", args.average_overhead_ms) / 1e3,
+            average_overhead=check_number("--average-overhead-ms", args.average_overhead_ms) / 1e3,
             compression=args.compress,
             block_size=args.compress_block or 256,
-            codec_overhead=_finite("--codec-overhead-ms", args.codec_overhead_ms or 0.0) / 1e3,
+            codec_overhead=check_number("--codec-overhead-ms", args.codec_overhead_ms or 0.0) / 1e3,
             overlap_steps=args.overlap_steps,
         )
     except ValueError as e:
