@@ -287,14 +287,6 @@ def plot_path(runs: list[Path]) -> Path:
     return runs[0].parent / "runs.png"
 
 
-def error_line(e: Exception) -> str:
-    """One line for the user: an OS error names its path and the OS's reason."""
-    if isinstance(e, OSError) and e.strerror:
-        paths = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
-        return f"{paths}: {e.strerror}" if paths else e.strerror
-    return str(e).splitlines()[0] if str(e) else type(e).__name__
-
-
 def finish(code: int) -> int:
     """Leave a torchrun worker without C++ teardown: torch 2.13's gloo backend sometimes aborts in
     static destructors after Python has finished ("terminate called without an active exception"),
@@ -319,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
 def command(argv: list[str] | None) -> int:
     """Run one ``localsgd`` command; bad input, OS errors and signals end it with one line."""
     args = parser().parse_args(argv)
-    from localsgd.engine import CommunicationError
+    from localsgd.engine import CommunicationError, first_line
     from localsgd.harness.interrupt import Interrupted
     from localsgd.harness.train import TrainingError
 
@@ -383,7 +375,7 @@ def command(argv: list[str] | None) -> int:
             print(f"localsgd: {e}", file=sys.stderr)
         return finish(e.exit_code)
     except (ValueError, TrainingError, CommunicationError, OSError) as e:  # one line, no traceback
-        print(f"localsgd: error: {error_line(e)}", file=sys.stderr)
+        print(f"localsgd: error: {first_line(e)}", file=sys.stderr)
         return finish(2)  # under torchrun also on the error path: no gloo teardown abort
     return 0
 
