@@ -14,14 +14,7 @@ from collections.abc import Sequence
 from dataclasses import asdict
 
 from localsgd._validate import check_number
-from localsgd.cost_model import (
-    Network,
-    Prediction,
-    parse_rate,
-    parse_size,
-    predict,
-    steps_per_epoch,
-)
+from localsgd.cost_model import Network, Prediction, parse_rate, parse_size, predict, steps_per_epoch
 from localsgd.harness.tables import Column, render
 
 CIFAR10_TRAIN_SAMPLES = 50_000
