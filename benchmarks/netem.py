@@ -70,7 +70,7 @@ MAX_PACKET_SECONDS = 0.75e-3  # the automatic MTU's packet time at the link rate
 
 def parse_rate(rate: str) -> float:
     """Bytes per second of a tc rate (imported lazily: the delayer must not load torch)."""
-    from localsgd.plan import parse_rate as parse
+    from localsgd.cost_model import parse_rate as parse
 
     return parse(rate)
 

@@ -1,5 +1,5 @@
 """Local SGD over an emulated network: K real gloo ranks, one per network namespace, on links of a
-given rate and latency (benchmarks/netem.py), against the cost model of ``localsgd.plan``.
+given rate and latency (benchmarks/netem.py), against the cost model of ``localsgd.cost_model``.
 
     python benchmarks/network.py --workers 2 --resume --out benchmarks/results/network.json  # root; 45 min
     python benchmarks/network.py --workers 4 --resume --out benchmarks/results/network.json  # adds K=4
@@ -44,13 +44,14 @@ from types import SimpleNamespace
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from localsgd import plan  # noqa: E402
+from localsgd import cost_model  # noqa: E402
 from localsgd.compression import CODECS  # noqa: E402
+from localsgd.harness.planning import CIFAR10_TRAIN_SAMPLES  # noqa: E402
 
 from common import commit, write_result  # noqa: E402
 from netem import Link, Network  # noqa: E402
 
-SAMPLES = plan.CIFAR10_TRAIN_SAMPLES
+SAMPLES = CIFAR10_TRAIN_SAMPLES
 UNSHAPED = Link()
 COMPRESSED = {f"{codec} average": codec for codec in CODECS}  # all-reduce rows of compressed averages
 
@@ -323,10 +324,10 @@ def calibrate(allreduce: list[dict], workers: int) -> dict:
         "codec_overhead": {},
     }
     # a compressed average beyond its two collectives on this link: encoding and decoding
-    net = plan.Network(0.0, cal["host_bandwidth"], cal["overhead"])
+    net = cost_model.Network(0.0, cal["host_bandwidth"], cal["overhead"])
     for r in allreduce:
         if r["method"] in COMPRESSED:
-            wire = plan.compressed_mean_seconds(r["bytes"], workers, net)
+            wire = cost_model.compressed_mean_seconds(r["bytes"], workers, net)
             cal["codec_overhead"][COMPRESSED[r["method"]]] = max(0.0, min(r["seconds"]) - wire)
     return cal
 
@@ -345,9 +346,9 @@ def scaled(cal: dict, calibrated_at: int, workers: int) -> dict:
             "codec_overhead": codecs}  # fmt: skip
 
 
-def model_network(link: Link, cal: dict) -> plan.Network:
-    rate = math.inf if link.rate is None else plan.parse_rate(link.rate)
-    return plan.Network(link.delay_ms / 1e3, min(rate, cal["host_bandwidth"]), cal["overhead"])
+def model_network(link: Link, cal: dict) -> cost_model.Network:
+    rate = math.inf if link.rate is None else cost_model.parse_rate(link.rate)
+    return cost_model.Network(link.delay_ms / 1e3, min(rate, cal["host_bandwidth"]), cal["overhead"])
 
 
 def waited_compute(traces: list[list[list[float]]], h: int, start: int = 0, stop: int | None = None) -> float:
@@ -367,15 +368,16 @@ def predict_rows(entry: dict, cal: dict, cfg: dict) -> None:
     k, link = entry["workers"], Link(entry["rate"], entry["delay_ms"])
     net = model_network(link, cal)
     for r in entry["allreduce"]:
-        pred = plan.allreduce_seconds(r["bytes"], k, net)
+        pred = cost_model.allreduce_seconds(r["bytes"], k, net)
         if r["method"] == "localsgd average":
             pred += cal["average_overhead"]
         if r["method"] == "localsgd block average":  # inside a block: the unshaped inner links
             inner = model_network(UNSHAPED, cal)
-            pred = plan.allreduce_seconds(r["bytes"], r["workers_per_block"], inner) + cal["average_overhead"]
+            pred = cost_model.allreduce_seconds(r["bytes"], r["workers_per_block"], inner)
+            pred += cal["average_overhead"]
         if r["method"] in COMPRESSED:
             codec = COMPRESSED[r["method"]]
-            pred = plan.compressed_mean_seconds(r["bytes"], k, net) + cal["codec_overhead"][codec]
+            pred = cost_model.compressed_mean_seconds(r["bytes"], k, net) + cal["codec_overhead"][codec]
         r["model_seconds"] = pred
         r["error"] = pred / _med(r["seconds"]) - 1
     if not entry["training"]:
@@ -386,11 +388,12 @@ def predict_rows(entry: dict, cal: dict, cfg: dict) -> None:
         r["bytes"] for r in entry["allreduce"] if r["model"] and r["method"] == "raw all_reduce"
     )
     steps = cfg["steps"]
-    preds = plan.predict(compute, model_bytes, k, net, steps_per_epoch=steps, local_steps=cfg["local_steps"],
-                         post_local=cfg["post_local"] or None, switch_epoch=(steps // 2) / steps, epochs=1,
-                         average_overhead=cal["average_overhead"])  # fmt: skip
+    preds = cost_model.predict(compute, model_bytes, k, net, steps_per_epoch=steps,
+                               local_steps=cfg["local_steps"], post_local=cfg["post_local"] or None,
+                               switch_epoch=(steps // 2) / steps, epochs=1,
+                               average_overhead=cal["average_overhead"])  # fmt: skip
     by_h = {p.local_steps: p for p in preds if p.switch_epochs == 0}
-    n = plan.steps_per_epoch(SAMPLES, k, cfg["local_batch_size"])
+    n = cost_model.steps_per_epoch(SAMPLES, k, cfg["local_batch_size"])
     minibatch = _med(rows["mini-batch SGD (H=1)"]["seconds_per_step"]) if 1 in cfg["local_steps"] else None
     for r in entry["training"]:
         fields, options = r["fields"], r.get("options", {})
@@ -398,13 +401,13 @@ def predict_rows(entry: dict, cal: dict, cfg: dict) -> None:
             p = by_h[None]
         elif options.get("overlap_steps") or options.get("compression"):
             codec = options.get("compression")
-            p = plan.predict(compute, model_bytes, k, net, steps_per_epoch=steps,
-                             local_steps=[fields["local_steps"]], average_overhead=cal["average_overhead"],
-                             compression=codec,
-                             codec_overhead=cal["codec_overhead"].get(codec, 0.0),
-                             overlap_steps=options.get("overlap_steps", 0))[0]  # fmt: skip
+            p = cost_model.predict(compute, model_bytes, k, net, steps_per_epoch=steps,
+                                   local_steps=[fields["local_steps"]],
+                                   average_overhead=cal["average_overhead"], compression=codec,
+                                   codec_overhead=cal["codec_overhead"].get(codec, 0.0),
+                                   overlap_steps=options.get("overlap_steps", 0))[0]  # fmt: skip
         elif fields.get("block_steps"):
-            seconds = plan.hierarchical_seconds_per_step(
+            seconds = cost_model.hierarchical_seconds_per_step(
                 compute, model_bytes, k, entry["workers_per_block"], model_network(UNSHAPED, cal), net,
                 fields["local_steps"], fields["block_steps"], cal["average_overhead"],
             )  # fmt: skip
@@ -514,7 +517,7 @@ def plot(entries: list[dict], local_batch_size: int, out: Path) -> Path:
     for e in trained:
         ax = axes[ks.index(e["workers"]), nets.index(e["network"])]
         rows = [r for r in e["training"] if r["schedule"] != "compute only"]
-        n = plan.steps_per_epoch(SAMPLES, e["workers"], local_batch_size)
+        n = cost_model.steps_per_epoch(SAMPLES, e["workers"], local_batch_size)
         med = [r["epoch_seconds"] for r in rows]
         lo = [m - n * min(r["seconds_per_step"]) for m, r in zip(med, rows, strict=True)]
         hi = [n * max(r["seconds_per_step"]) - m for m, r in zip(med, rows, strict=True)]
@@ -642,7 +645,7 @@ def main() -> None:
     if bad:
         p.error(f"--steps {args.steps}: every H (and steps/2 for --post-local) must divide it, not H={bad}")
     for rate in args.rates:
-        plan.parse_rate(rate)
+        cost_model.parse_rate(rate)
     cfg = {
         "sizes": args.sizes, "ar_repeats": args.ar_repeats, "local_batch_size": args.local_batch_size,
         "local_steps": args.local_steps, "post_local": args.post_local, "steps": args.steps,

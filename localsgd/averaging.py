@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from localsgd._validate import is_int
 from localsgd.comm import Communicator, Wait
 from localsgd.compression import CompressedMean
 from localsgd.schedule import Level
@@ -148,7 +149,7 @@ class _Pack:
 
 
 def check_bucket_bytes(bucket_bytes: object) -> None:
-    if isinstance(bucket_bytes, bool) or not isinstance(bucket_bytes, int) or bucket_bytes < 1:
+    if not is_int(bucket_bytes, 1):
         raise ValueError(f"bucket_bytes must be a positive integer, got {bucket_bytes!r}")
 
 

@@ -15,6 +15,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from localsgd._validate import check_int
 from localsgd.schedule import Level
 
 Wait = Callable[[], None]
@@ -23,8 +24,7 @@ Wait = Callable[[], None]
 def _check_blocks(workers: int, workers_per_block: int | None) -> None:
     if workers_per_block is None:
         return
-    if isinstance(workers_per_block, bool) or not isinstance(workers_per_block, int) or workers_per_block < 1:
-        raise ValueError(f"workers_per_block (K') must be an integer >= 1, got {workers_per_block!r}")
+    check_int("workers_per_block (K')", workers_per_block, 1)
     if workers % workers_per_block:
         raise ValueError(
             f"workers_per_block (K') = {workers_per_block} must divide the number of workers K = {workers}"
@@ -101,8 +101,7 @@ class SimCommunicator(Communicator):
     """K workers inside one process: a level's mean is a mean over rows of a stacked buffer."""
 
     def __init__(self, workers: int, workers_per_block: int | None = None) -> None:
-        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-            raise ValueError(f"workers (K) must be an integer >= 1, got {workers!r}")
+        check_int("workers (K)", workers, 1)
         _check_blocks(workers, workers_per_block)
         self.workers = workers
         self.workers_per_block = workers_per_block

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from localsgd._validate import check_int
 from localsgd.comm import Communicator
 from localsgd.schedule import Level
 
@@ -77,9 +78,7 @@ class _Blocked(Codec):
     """Per block of ``block_size`` values: a float32 scale and a payload."""
 
     def __init__(self, block_size: int) -> None:
-        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 8:
-            raise ValueError(f"block_size must be an integer >= 8, got {block_size!r}")
-        self.block_size = block_size
+        self.block_size = check_int("block_size", block_size, 8)
 
     def blocks(self, numel: int) -> int:
         return math.ceil(numel / self.block_size)

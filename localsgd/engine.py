@@ -35,6 +35,11 @@ class CommunicationError(RuntimeError):
 
 
 def first_line(error: BaseException) -> str:
+    """One line for the user: an OS error's path(s) and the OS's reason, else the error's first
+    non-blank line (its type's name if it has none)."""
+    if isinstance(error, OSError) and error.strerror:
+        paths = " -> ".join(str(f) for f in (error.filename, error.filename2) if f is not None)
+        return f"{paths}: {error.strerror}" if paths else error.strerror
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     return lines[0] if lines else type(error).__name__
 

@@ -10,6 +10,7 @@ from typing import Any, TypedDict
 
 import torch
 
+from localsgd._validate import check_int, is_number
 from localsgd.averaging import DEFAULT_BUCKET_BYTES, check_bucket_bytes
 from localsgd.compression import Codec, make_codec
 from localsgd.outer import OuterOptimizerFactory
@@ -68,7 +69,7 @@ class Policy:
         _check_choice("buffers", self.buffers, BUFFER_POLICIES)
         _check_choice("optimizer_state", self.optimizer_state, OPTIMIZER_STATE_POLICIES)
         norm = self.max_grad_norm
-        if norm is not None and (isinstance(norm, bool) or not isinstance(norm, int | float) or not norm > 0):
+        if norm is not None and not (is_number(norm) and norm > 0):
             raise ValueError(f"max_grad_norm must be a number > 0 or None, got {norm!r}")
         check_bucket_bytes(self.bucket_bytes)
         if isinstance(self.compression, str):
@@ -78,9 +79,7 @@ class Policy:
                 f"compression must be a codec name or a localsgd.compression.Codec, "
                 f"got {type(self.compression).__name__}"
             )
-        tau = self.overlap_steps
-        if isinstance(tau, bool) or not isinstance(tau, int) or tau < 0:
-            raise ValueError(f"overlap_steps (τ) must be an integer >= 0, got {tau!r}")
+        tau = check_int("overlap_steps (τ)", self.overlap_steps, 0)
         if tau and (self.buffers != "local" or self.optimizer_state != "local"):
             raise ValueError(
                 "overlap_steps > 0 needs buffers='local' and optimizer_state='local' (delaying their "

@@ -21,6 +21,8 @@ from dataclasses import asdict, dataclass
 from enum import Enum
 from typing import Any
 
+from localsgd._validate import check_int
+
 
 class Level(str, Enum):
     """A communication level: all K workers, or one block of K' workers."""
@@ -35,11 +37,6 @@ class Sync:
 
     gradients: Level | None = None
     parameters: Level | None = None
-
-
-def _check_int(name: str, value: object, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -57,10 +54,10 @@ class Schedule:
     block_steps: int | None = None
 
     def __post_init__(self) -> None:
-        _check_int("local_steps (H)", self.local_steps, 1)
-        _check_int("switch_step (t')", self.switch_step, 0)
+        check_int("local_steps (H)", self.local_steps, 1)
+        check_int("switch_step (t')", self.switch_step, 0)
         if self.block_steps is not None:
-            _check_int("block_steps (H_b)", self.block_steps, 1)
+            check_int("block_steps (H_b)", self.block_steps, 1)
 
     @classmethod
     def local(cls, local_steps: int) -> Schedule:

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from localsgd import Engine, LocalSGD, Schedule, SimCommunicator, Simulator
+from localsgd.engine import first_line
 from localsgd.harness.cli import main
 from localsgd.harness.rows import TrainingError, check_finite
 from tests.helpers import mlp, sgd, torchrun
@@ -76,6 +77,26 @@ def test_misuse_of_the_api_is_a_clear_error() -> None:
         ValueError, match=r"the optimizer holds a parameter of shape .* that is not a parameter of the model"
     ):
         LocalSGD(sgd(other), model, Schedule.local(2))
+
+
+def test_first_line_is_one_line_for_the_user() -> None:
+    """The one error text of the engine's messages and the command's last line: an OS error's
+    path(s) and reason, else the first non-blank line, else the error's type."""
+    assert first_line(FileNotFoundError(2, "No such file or directory", "runs/a")) == (
+        "runs/a: No such file or directory"
+    )
+    assert (
+        first_line(OSError(18, "Invalid cross-device link", "a", None, "b"))
+        == "a -> b: Invalid cross-device link"
+    )
+    assert first_line(OSError(28, "No space left on device")) == "No space left on device"
+    assert first_line(OSError("no errno")) == "no errno"
+    assert (
+        first_line(RuntimeError("\n  gloo: Connection closed by peer  \n at ..."))
+        == "gloo: Connection closed by peer"
+    )
+    assert first_line(KeyError("model")) == "'model'"
+    assert first_line(ValueError()) == "ValueError"
 
 
 def test_ddp_in_the_simulator_is_refused(tmp_path: Path) -> None:

@@ -1,4 +1,5 @@
-"""The cost model (localsgd.plan): bounds, limits, monotonicity, post-local mixing, bad inputs."""
+"""The cost model (localsgd.cost_model): bounds, limits, monotonicity, post-local mixing, bad inputs;
+the `localsgd plan` command (localsgd.harness.planning)."""
 
 from __future__ import annotations
 
@@ -8,18 +9,19 @@ import math
 
 import pytest
 
-from localsgd import plan
-from localsgd.plan import Network, allreduce_seconds, predict
+from localsgd import cost_model
+from localsgd.cost_model import Network, allreduce_seconds, predict
+from localsgd.harness import planning
 
 RESNET20 = 1_089_896  # bytes of ResNet-20's parameters in fp32
-MBIT100 = plan.parse_rate("100mbit")
+MBIT100 = cost_model.parse_rate("100mbit")
 
 
-def by_label(rows: list[plan.Prediction]) -> dict[str, plan.Prediction]:
+def by_label(rows: list[cost_model.Prediction]) -> dict[str, cost_model.Prediction]:
     return {r.label: r for r in rows}
 
 
-def epochs(rows: list[plan.Prediction]) -> list[float]:
+def epochs(rows: list[cost_model.Prediction]) -> list[float]:
     return [r.seconds_per_epoch for r in rows]
 
 
@@ -29,19 +31,19 @@ def slow_net() -> Network:
 
 
 def test_rates_and_sizes_parse() -> None:
-    assert plan.parse_rate("100mbit") == 12.5e6
-    assert plan.parse_rate("1gbit") == plan.parse_rate("1000mbit") == 125e6
-    assert plan.parse_rate("inf") == math.inf
-    assert plan.parse_size("1089896") == RESNET20
-    assert plan.parse_size("1.5MB") == 1_500_000
-    assert plan.parse_size("1MiB") == 2**20
+    assert cost_model.parse_rate("100mbit") == 12.5e6
+    assert cost_model.parse_rate("1gbit") == cost_model.parse_rate("1000mbit") == 125e6
+    assert cost_model.parse_rate("inf") == math.inf
+    assert cost_model.parse_size("1089896") == RESNET20
+    assert cost_model.parse_size("1.5MB") == 1_500_000
+    assert cost_model.parse_size("1MiB") == 2**20
 
 
 def test_ring_segments_follow_gloo() -> None:
-    assert plan.ring_segments(RESNET20, 2) == 4  # 2K segments below 2K MiB
-    assert plan.ring_segments(RESNET20, 16) == 32
-    assert plan.ring_segments(5 * 2**20, 2) == 6  # 5 segments of 1 MiB, rounded up to a multiple of K
-    assert plan.ring_segments(100 * 2**20, 4) == 100
+    assert cost_model.ring_segments(RESNET20, 2) == 4  # 2K segments below 2K MiB
+    assert cost_model.ring_segments(RESNET20, 16) == 32
+    assert cost_model.ring_segments(5 * 2**20, 2) == 6  # 5 segments of 1 MiB, rounded up to a multiple of K
+    assert cost_model.ring_segments(100 * 2**20, 4) == 100
 
 
 def test_allreduce_without_latency_is_the_ring_bandwidth_bound() -> None:
@@ -62,7 +64,7 @@ def test_allreduce_latency_bound_and_link_bound_regimes(slow_net: Network) -> No
     x = RESNET20 / 4 / MBIT100
     assert allreduce_seconds(RESNET20, 2, slow_net) == pytest.approx(2 * (2 * x + 2e-3) + 0.5e-3)
     # Faster link than latency: each phase is 2d + x, then the second segment x later.
-    fast = Network(latency=5e-3, bandwidth=plan.parse_rate("1gbit"))
+    fast = Network(latency=5e-3, bandwidth=cost_model.parse_rate("1gbit"))
     x = RESNET20 / 4 / fast.bandwidth
     assert allreduce_seconds(RESNET20, 2, fast) == pytest.approx(2 * (2 * 5e-3 + 2 * x))
 
@@ -118,7 +120,7 @@ def test_epoch_is_compute_plus_one_average_per_h_steps(slow_net: Network) -> Non
 
 
 def test_post_local_mixes_the_two_phases(slow_net: Network) -> None:
-    def post(switch: float) -> plan.Prediction:
+    def post(switch: float) -> cost_model.Prediction:
         rows = predict(
             0.1, RESNET20, 4, slow_net, 160, [1, 16], post_local=16, switch_epoch=switch, epochs=300
         )
@@ -142,26 +144,26 @@ def test_post_local_counts_whole_periods_after_the_switch() -> None:
 
 def test_encoded_bytes_by_hand() -> None:
     # 1000 fp32 values over K = 2: chunks of 500 values; blocks of 256 give 2 scales per chunk
-    assert plan.encoded_bytes(4000, 2, "bf16") == 2 * 500 * 2
-    assert plan.encoded_bytes(4000, 2, "int8") == 2 * (500 + 2 * 4)
-    assert plan.encoded_bytes(4000, 2, "sign") == 2 * (63 + 2 * 4)  # ceil(500 / 8) bytes of signs
-    assert plan.encoded_bytes(4000, 3, "int8", block_size=64) == 3 * (334 + 6 * 4)  # 334 = ceil(1000/3)
+    assert cost_model.encoded_bytes(4000, 2, "bf16") == 2 * 500 * 2
+    assert cost_model.encoded_bytes(4000, 2, "int8") == 2 * (500 + 2 * 4)
+    assert cost_model.encoded_bytes(4000, 2, "sign") == 2 * (63 + 2 * 4)  # ceil(500 / 8) bytes of signs
+    assert cost_model.encoded_bytes(4000, 3, "int8", block_size=64) == 3 * (334 + 6 * 4)  # 334 = ceil(1000/3)
 
 
 def test_compressed_mean_costs_by_hand() -> None:
     # K = 2, no latency: each stage sends one chunk of encoded / 2 bytes; one call each
     net = Network(bandwidth=100.0, overhead=0.5)
-    assert plan.compressed_mean_seconds(1000, 2, net) == pytest.approx(1000 / 2 / 100 * 2 + 2 * 0.5)
+    assert cost_model.compressed_mean_seconds(1000, 2, net) == pytest.approx(1000 / 2 / 100 * 2 + 2 * 0.5)
     # K = 4, latency only: the all-to-all is one exchange (2d), the ring all-gather 3 rounds (3 * 2d)
-    assert plan.compressed_mean_seconds(1000, 4, Network(latency=1.0)) == pytest.approx(2.0 + 6.0)
+    assert cost_model.compressed_mean_seconds(1000, 4, Network(latency=1.0)) == pytest.approx(2.0 + 6.0)
     # K = 4, bandwidth only: 3 chunks of 250 bytes in each stage
-    assert plan.compressed_mean_seconds(1000, 4, Network(bandwidth=10.0)) == pytest.approx(2 * 3 * 25.0)
-    assert plan.compressed_mean_seconds(1000, 1, net) == 0.0
+    assert cost_model.compressed_mean_seconds(1000, 4, Network(bandwidth=10.0)) == pytest.approx(2 * 3 * 25.0)
+    assert cost_model.compressed_mean_seconds(1000, 1, net) == 0.0
 
 
 def test_compression_changes_only_the_parameter_averages(slow_net: Network) -> None:
-    encoded = plan.encoded_bytes(RESNET20, 4, "int8")
-    wire = plan.compressed_mean_seconds(encoded, 4, slow_net)
+    encoded = cost_model.encoded_bytes(RESNET20, 4, "int8")
+    wire = cost_model.compressed_mean_seconds(encoded, 4, slow_net)
     plain = by_label(predict(0.1, RESNET20, 4, slow_net, 160, [1, 16]))
     rows = by_label(
         predict(0.1, RESNET20, 4, slow_net, 160, [1, 16], compression="int8", codec_overhead=0.01)
@@ -186,8 +188,10 @@ def test_overlap_hides_what_fits_in_tau_steps() -> None:
 def test_compressed_overlap_hides_the_all_to_all_only() -> None:
     """K = 2, 1000 B/s, 100 B per chunk of int8 (2 x 100 encoded): each stage 0.1 s."""
     net = Network(bandwidth=1000.0)
-    encoded = plan.encoded_bytes(4 * 192, 2, "int8", block_size=96)  # 2 chunks of 96 + one scale
-    assert encoded == 2 * (96 + 4) and plan.compressed_stages(encoded, 2, net) == pytest.approx((0.1, 0.1))
+    encoded = cost_model.encoded_bytes(4 * 192, 2, "int8", block_size=96)  # 2 chunks of 96 + one scale
+    assert encoded == 2 * (96 + 4) and cost_model.compressed_stages(encoded, 2, net) == pytest.approx(
+        (0.1, 0.1)
+    )
     rows = predict(0.03, 4 * 192, 2, net, 64, [8], compression="int8", block_size=96,
                    codec_overhead=0.005, overlap_steps=2)  # fmt: skip
     # the all-to-all less two steps of compute, the all-gather whole, encoding whole
@@ -197,13 +201,17 @@ def test_compressed_overlap_hides_the_all_to_all_only() -> None:
 def test_hierarchical_step_by_hand() -> None:
     inner, outer = Network(latency=0.5), Network(latency=2.0)  # no bandwidth limit: 2d per round
     # K' = 2: one round per phase, 2 * 2d = 2 s; K = 4 over the outer link: 4 (K - 1) d = 24 s
-    seconds = plan.hierarchical_seconds_per_step(0.1, 1000, 4, 2, inner, outer, 4, 3, average_overhead=0.5)
+    seconds = cost_model.hierarchical_seconds_per_step(
+        0.1, 1000, 4, 2, inner, outer, 4, 3, average_overhead=0.5
+    )
     assert seconds == pytest.approx(0.1 + (2 * (2.0 + 0.5) + (24.0 + 0.5)) / 12)
     # H_b = 1 is flat local SGD on the outer link
     flat = by_label(predict(0.1, 1000, 4, outer, 10, [4]))["local SGD H=4"].seconds_per_step
-    assert plan.hierarchical_seconds_per_step(0.1, 1000, 4, 2, inner, outer, 4, 1) == pytest.approx(flat)
+    assert cost_model.hierarchical_seconds_per_step(0.1, 1000, 4, 2, inner, outer, 4, 1) == pytest.approx(
+        flat
+    )
     with pytest.raises(ValueError, match=r"^workers_per_block \(K'\) = 3 must divide"):
-        plan.hierarchical_seconds_per_step(0.1, 1000, 4, 3, inner, outer, 4, 3)
+        cost_model.hierarchical_seconds_per_step(0.1, 1000, 4, 3, inner, outer, 4, 3)
 
 
 @pytest.mark.parametrize(
@@ -237,13 +245,13 @@ def test_hierarchical_step_by_hand() -> None:
         (lambda n: Network(latency=-1e-3), "latency"),
         (lambda n: Network(bandwidth=0), "bandwidth"),
         (lambda n: Network(overhead=math.inf), "overhead"),
-        (lambda n: plan.parse_rate("fast"), "bandwidth"),
-        (lambda n: plan.parse_rate("-100mbit"), "bandwidth"),
-        (lambda n: plan.parse_rate("100mbps"), "bandwidth"),
-        (lambda n: plan.parse_size("1.09 parsecs"), "model size"),
-        (lambda n: plan.steps_per_epoch(50_000, 4, 0), "local_batch_size (B_loc)"),
-        (lambda n: plan.steps_per_epoch(3, 4, 32), "train_samples"),
-        (lambda n: plan.steps_per_epoch(100, 4, 32), "local_batch_size (B_loc)"),
+        (lambda n: cost_model.parse_rate("fast"), "bandwidth"),
+        (lambda n: cost_model.parse_rate("-100mbit"), "bandwidth"),
+        (lambda n: cost_model.parse_rate("100mbps"), "bandwidth"),
+        (lambda n: cost_model.parse_size("1.09 parsecs"), "model size"),
+        (lambda n: cost_model.steps_per_epoch(50_000, 4, 0), "local_batch_size (B_loc)"),
+        (lambda n: cost_model.steps_per_epoch(3, 4, 32), "train_samples"),
+        (lambda n: cost_model.steps_per_epoch(100, 4, 32), "local_batch_size (B_loc)"),
     ],
 )
 def test_bad_input_is_one_clear_line(call, named: str, slow_net: Network) -> None:
@@ -260,26 +268,26 @@ def test_steps_per_epoch_matches_the_training_harness() -> None:
 
     for k, b in [(2, 32), (4, 64), (16, 128), (3, 100)]:
         harness = shard_steps(Config(workers=k, local_batch_size=b), 50_000)
-        assert plan.steps_per_epoch(50_000, k, b) == harness
+        assert cost_model.steps_per_epoch(50_000, k, b) == harness
 
 
 def test_command_line_table_and_json(capsys: pytest.CaptureFixture[str]) -> None:
     args = ["--compute-ms", "130", "--workers", "4", "--local-batch-size", "32", "--latency-ms", "1"]
     args += ["--bandwidth", "100mbit", "--post-local", "16", "--epochs", "300"]
-    assert plan.main(args) == 0
+    assert planning.main(args) == 0
     out = capsys.readouterr().out
     assert "N=391 steps/epoch" in out and "local SGD H=64" in out and "post-local H=16, t'=150/300" in out
-    assert plan.main([*args, "--json"]) == 0
+    assert planning.main([*args, "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["steps_per_epoch"] == 391
     assert [r["local_steps"] for r in data["rows"]] == [1, 4, 16, 64, 16, None]
 
 
 def test_command_line_bad_value_prints_one_line(capsys: pytest.CaptureFixture[str]) -> None:
-    assert plan.main(["--compute-ms", "130", "--workers", "4", "--bandwidth", "fast"]) == 2
+    assert planning.main(["--compute-ms", "130", "--workers", "4", "--bandwidth", "fast"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "bandwidth" in err and "'fast'" in err
-    assert plan.main(["--compute-ms", "-1", "--workers", "4"]) == 2
+    assert planning.main(["--compute-ms", "-1", "--workers", "4"]) == 2
     assert "--compute-ms" in capsys.readouterr().err
 
 
@@ -304,7 +312,7 @@ def test_command_line_inputs_that_make_the_model_meaningless_are_one_line(
 ) -> None:
     """No measured compute time, an option nothing reads (silently ignored before), a block larger
     than the model, a batch larger than a worker's shard (the training harness refuses it too)."""
-    assert plan.main(args) == 2
+    assert planning.main(args) == 2
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err.startswith(f"localsgd plan: error: {message}")
     assert captured.err.count("\n") == 1

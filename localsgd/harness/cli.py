@@ -133,7 +133,7 @@ def parser() -> argparse.ArgumentParser:
     interp.add_argument("--data-dir", help="dataset folder (default: the one run A used)")
     interp.add_argument("--out", default="interpolation", help="output stem: .json and .png")
 
-    from localsgd import plan as cost
+    from localsgd.harness import planning
 
     plan = sub.add_parser(
         "plan",
@@ -141,7 +141,7 @@ def parser() -> argparse.ArgumentParser:
         description="A cost model of gloo's ring all-reduce (latency d, bandwidth, K) plus measured compute "
         "time per step; benchmarks/network.py checks it on emulated networks.",
     )
-    cost.add_arguments(plan)
+    planning.add_arguments(plan)
 
     download = sub.add_parser("download", help="download a dataset and verify its official checksums")
     download.add_argument("dataset")
@@ -287,14 +287,6 @@ def plot_path(runs: list[Path]) -> Path:
     return runs[0].parent / "runs.png"
 
 
-def error_line(e: Exception) -> str:
-    """One line for the user: an OS error names its path and the OS's reason."""
-    if isinstance(e, OSError) and e.strerror:
-        paths = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
-        return f"{paths}: {e.strerror}" if paths else e.strerror
-    return str(e).splitlines()[0] if str(e) else type(e).__name__
-
-
 def finish(code: int) -> int:
     """Leave a torchrun worker without C++ teardown: torch 2.13's gloo backend sometimes aborts in
     static destructors after Python has finished ("terminate called without an active exception"),
@@ -319,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
 def command(argv: list[str] | None) -> int:
     """Run one ``localsgd`` command; bad input, OS errors and signals end it with one line."""
     args = parser().parse_args(argv)
-    from localsgd.engine import CommunicationError
+    from localsgd.engine import CommunicationError, first_line
     from localsgd.harness.interrupt import Interrupted
     from localsgd.harness.rows import TrainingError
 
@@ -368,9 +360,9 @@ def command(argv: list[str] | None) -> int:
                     )
             return 0
         if args.command == "plan":
-            from localsgd import plan as cost
+            from localsgd.harness import planning
 
-            return cost.run(args)
+            return planning.run(args)
         if args.command == "interpolate":
             return run_interpolate(args)
         if args.command == "download":
@@ -383,7 +375,7 @@ def command(argv: list[str] | None) -> int:
             print(f"localsgd: {e}", file=sys.stderr)
         return finish(e.exit_code)
     except (ValueError, TrainingError, CommunicationError, OSError) as e:  # one line, no traceback
-        print(f"localsgd: error: {error_line(e)}", file=sys.stderr)
+        print(f"localsgd: error: {first_line(e)}", file=sys.stderr)
         return finish(2)  # under torchrun also on the error path: no gloo teardown abort
     return 0
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from localsgd._validate import check_int, check_number, is_number
 from localsgd.compression import CODECS
 
 if sys.version_info >= (3, 11):
@@ -222,18 +222,14 @@ class Config:
         number(self, "momentum", 0)
         number(self, "weight_decay", 0)
         number(self, "timeout", 0, strict=True)
-        if not isinstance(self.decay_at, list) or not all(
-            isinstance(f, int | float) and not isinstance(f, bool) and 0 < f < 1 for f in self.decay_at
-        ):
+        if not isinstance(self.decay_at, list) or not all(is_number(f) and 0 < f < 1 for f in self.decay_at):
             raise ConfigError(
                 f"decay_at must be a list of fractions of training in (0, 1), got {self.decay_at!r}"
             )
         if self.decay_at != sorted(self.decay_at):
             raise ConfigError(f"decay_at must be increasing, got {self.decay_at!r}")
         at = self.save_models_at
-        if not isinstance(at, list) or not all(
-            isinstance(e, int | float) and not isinstance(e, bool) and 0 < e <= self.epochs for e in at
-        ):
+        if not isinstance(at, list) or not all(is_number(e) and 0 < e <= self.epochs for e in at):
             allowed = f"a list of epochs in (0, epochs={self.epochs:g}]"
             raise ConfigError(f"save_models_at must be {allowed}, got {at!r}")
         if at != sorted(set(at)):
@@ -254,7 +250,7 @@ class Config:
                 "resume and overwrite exclude each other: resume continues the run, overwrite replaces it"
             )
         s = self.switch_epoch
-        is_epoch = isinstance(s, int | float) and not isinstance(s, bool) and 0 <= s <= self.epochs
+        is_epoch = is_number(s) and 0 <= s <= self.epochs
         if s is not None and s != FIRST_DECAY and not is_epoch:
             allowed = f"an epoch in [0, epochs={self.epochs:g}] or {FIRST_DECAY!r}"
             raise ConfigError(f"switch_epoch (t') must be {allowed}, got {s!r}")
@@ -320,9 +316,7 @@ class Config:
                 )
             b = self.betas
             if b is not None and not (
-                isinstance(b, list)
-                and len(b) == 2
-                and all(isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v < 1 for v in b)
+                isinstance(b, list) and len(b) == 2 and all(is_number(v) and 0 <= v < 1 for v in b)
             ):
                 raise ConfigError(f"betas must be two numbers in [0, 1), got {b!r}")
         if self.lr_schedule == "cosine" and self.switch_epoch == FIRST_DECAY:
@@ -478,17 +472,11 @@ def choice(cfg: Config, name: str, allowed: tuple[str, ...]) -> None:
 
 
 def integer(cfg: Config, name: str, minimum: int) -> None:
-    value = getattr(cfg, name)
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    check_int(name, getattr(cfg, name), minimum, ConfigError)
 
 
 def number(cfg: Config, name: str, minimum: float, strict: bool = False) -> None:
-    value = getattr(cfg, name)
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value < minimum or (strict and value == minimum):
-        op = ">" if strict else ">="
-        raise ConfigError(f"{name} must be a number {op} {minimum:g}, got {value!r}")
+    check_number(name, getattr(cfg, name), minimum, strict, ConfigError)
 
 
 # --- presets ----------------------------------------------------------------------------------

@@ -37,6 +37,8 @@ from pathlib import Path
 
 import torch
 
+from localsgd._validate import check_int
+
 VOCAB = 256
 SEPARATOR = b"\n"
 
@@ -113,8 +115,7 @@ def load_corpus(path: Path, split_year: int = 2000, valid_fraction: float = 0.05
 def _check_sizes(workers: int, local_batch_size: int, seq_len: int) -> None:
     for name, value in (("workers (K)", workers), ("local_batch_size (B_loc)", local_batch_size),
                         ("seq_len", seq_len)):  # fmt: skip
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise CorpusError(f"{name} must be an integer >= 1, got {value!r}")
+        check_int(name, value, 1, CorpusError)
 
 
 def _generator(seed: int, epoch: int) -> torch.Generator:

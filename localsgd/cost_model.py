@@ -43,36 +43,24 @@ post-local SGD before t') stay fp32 all-reduces:
   all-to-all is in flight; the all-gather runs when the average is applied. The model assumes the
   communication does not slow the computation down (the CPU time of the transport is spare); the
   measurements in ``benchmarks/network.py`` show what that is worth.
+
+Everything here is a pure function of its arguments (no I/O, no printing); the ``localsgd plan``
+command, which reads them from the command line and prints the table, is ``localsgd.harness.planning``.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import re
-import sys
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+
+from localsgd._validate import check_int, check_number, is_number
 
 GLOO_MAX_SEGMENT_BYTES = 2**20  # gloo's AllreduceOptions::kMaxSegmentSize
-CIFAR10_TRAIN_SAMPLES = 50_000
 
 _RATE_UNITS = {"bit": 1, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9, "tbit": 1e12}
 _SIZE_UNITS = {"b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
-
-
-def _finite(name: str, value: float) -> float:
-    """``value`` as a finite float >= 0; ValueError otherwise."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < math.inf:
-        raise ValueError(f"{name} must be a number >= 0, got {value!r}")
-    return float(value)
-
-
-def _int(name: str, value: int, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
 
 
 def parse_rate(text: str) -> float:
@@ -102,9 +90,9 @@ def parse_size(text: str) -> int:
 def steps_per_epoch(train_samples: int, workers: int, local_batch_size: int) -> int:
     """N: steps per epoch when K workers share ``train_samples`` in batches of B_loc (the training
     harness's rule: ceil((samples // K) / B_loc), the last batch may be short)."""
-    _int("train_samples", train_samples, 1)
-    _int("workers (K)", workers, 1)
-    _int("local_batch_size (B_loc)", local_batch_size, 1)
+    check_int("train_samples", train_samples, 1)
+    check_int("workers (K)", workers, 1)
+    check_int("local_batch_size (B_loc)", local_batch_size, 1)
     if train_samples < workers:
         raise ValueError(f"train_samples must be at least workers (K) = {workers}, got {train_samples}")
     if local_batch_size > train_samples // workers:
@@ -130,12 +118,10 @@ class Network:
     overhead: float = 0.0
 
     def __post_init__(self) -> None:
-        _finite("latency", self.latency)
-        if isinstance(self.bandwidth, bool) or not (
-            isinstance(self.bandwidth, int | float) and self.bandwidth > 0
-        ):
+        check_number("latency", self.latency)
+        if not (is_number(self.bandwidth) and self.bandwidth > 0):
             raise ValueError(f"bandwidth must be a number of bytes/s > 0 or inf, got {self.bandwidth!r}")
-        _finite("overhead", self.overhead)
+        check_number("overhead", self.overhead)
 
 
 def ring_segments(nbytes: int, workers: int) -> int:
@@ -147,8 +133,8 @@ def ring_segments(nbytes: int, workers: int) -> int:
 def allreduce_seconds(nbytes: int, workers: int, network: Network) -> float:
     """Seconds of one gloo ring all-reduce of ``nbytes`` (S) over K = ``workers`` (see the module
     docstring for the model)."""
-    _int("nbytes (S)", nbytes, 0)
-    _int("workers (K)", workers, 1)
+    check_int("nbytes (S)", nbytes, 0)
+    check_int("workers (K)", workers, 1)
     if workers == 1 or nbytes == 0:
         return 0.0
     n = ring_segments(nbytes, workers)
@@ -165,8 +151,8 @@ def encoded_bytes(model_bytes: int, workers: int, codec: str, block_size: int = 
     (what ``CompressedMean.mean_`` returns): K chunks of the encoded buffer."""
     from localsgd.compression import make_codec
 
-    numel = math.ceil(_int("model_bytes (S)", model_bytes, 0) / 4)
-    k = _int("workers (K)", workers, 1)
+    numel = math.ceil(check_int("model_bytes (S)", model_bytes, 0) / 4)
+    k = check_int("workers (K)", workers, 1)
     return k * make_codec(codec, block_size).nbytes(math.ceil(numel / k))
 
 
@@ -174,8 +160,8 @@ def compressed_stages(encoded: int, workers: int, network: Network) -> tuple[flo
     """Seconds of the two collectives of one compressed mean whose encoded buffer is ``encoded``
     bytes per worker: (the all-to-all, the ring all-gather), each of K − 1 chunks of encoded / K
     bytes (see the module docstring). Encoding and decoding are not included."""
-    _int("encoded bytes", encoded, 0)
-    k = _int("workers (K)", workers, 1)
+    check_int("encoded bytes", encoded, 0)
+    k = check_int("workers (K)", workers, 1)
     if k == 1 or encoded == 0:
         return 0.0, 0.0
     x = encoded / k / network.bandwidth  # one chunk on the link
@@ -204,12 +190,12 @@ def hierarchical_seconds_per_step(
     blocks (that average replaces the block average of its step). A ring over all K workers is as
     slow as its slowest hop, the outer link; with two blocks each direction of a block's uplink
     carries one hop of the ring, so the global average costs ``allreduce_seconds`` on ``outer``."""
-    c = _finite("compute_seconds (c)", compute_seconds)
-    k, kb = _int("workers (K)", workers, 1), _int("workers_per_block (K')", workers_per_block, 1)
+    c = check_number("compute_seconds (c)", compute_seconds)
+    k, kb = check_int("workers (K)", workers, 1), check_int("workers_per_block (K')", workers_per_block, 1)
     if k % kb:
         raise ValueError(f"workers_per_block (K') = {kb} must divide workers (K) = {k}")
-    h, hb = _int("local_steps (H)", local_steps, 1), _int("block_steps (H_b)", block_steps, 1)
-    local = _finite("average_overhead", average_overhead)
+    h, hb = check_int("local_steps (H)", local_steps, 1), check_int("block_steps (H_b)", block_steps, 1)
+    local = check_number("average_overhead", average_overhead)
     block = allreduce_seconds(model_bytes, kb, inner) + local if kb > 1 else 0.0
     whole = allreduce_seconds(model_bytes, k, outer) + local if k > 1 else 0.0
     return c + ((hb - 1) * block + whole) / (h * hb)
@@ -266,29 +252,29 @@ def predict(
 
     The last row is the compute-only bound (H = inf).
     """
-    c = _finite("compute_seconds (c)", compute_seconds)
-    s = _int("model_bytes (S)", model_bytes, 1)
-    k = _int("workers (K)", workers, 1)
-    n = _int("steps_per_epoch (N)", steps_per_epoch, 1)
+    c = check_number("compute_seconds (c)", compute_seconds)
+    s = check_int("model_bytes (S)", model_bytes, 1)
+    k = check_int("workers (K)", workers, 1)
+    n = check_int("steps_per_epoch (N)", steps_per_epoch, 1)
     if not isinstance(network, Network):
-        raise ValueError(f"network must be a localsgd.plan.Network, got {type(network).__name__}")
+        raise ValueError(f"network must be a localsgd.cost_model.Network, got {type(network).__name__}")
     if isinstance(local_steps, int | str) or not local_steps:
         raise ValueError(f"local_steps must be a non-empty list of integers H >= 1, got {local_steps!r}")
-    hs = [_int("local_steps (H)", h, 1) for h in local_steps]
+    hs = [check_int("local_steps (H)", h, 1) for h in local_steps]
     if post_local is not None:
-        _int("post_local (H after the switch)", post_local, 1)
-    total_epochs = _finite("epochs", epochs)
+        check_int("post_local (H after the switch)", post_local, 1)
+    total_epochs = check_number("epochs", epochs)
     if total_epochs == 0:
         raise ValueError("epochs must be a number > 0, got 0")
-    switch = _finite("switch_epoch (t' in epochs)", switch_epoch)
+    switch = check_number("switch_epoch (t' in epochs)", switch_epoch)
     if switch > total_epochs:
         raise ValueError(f"switch_epoch (t') must be at most epochs = {total_epochs:g}, got {switch:g}")
-    local = _finite("average_overhead", average_overhead)
-    tau = _int("overlap_steps (τ)", overlap_steps, 0)
+    local = check_number("average_overhead", average_overhead)
+    tau = check_int("overlap_steps (τ)", overlap_steps, 0)
     too_short = [h for h in [*hs, post_local or 1] if 1 < h <= tau]
     if too_short:
         raise ValueError(f"overlap_steps (τ) = {tau} must be less than every H > 1, got H = {too_short[0]}")
-    codec = _finite("codec_overhead", codec_overhead)
+    codec = check_number("codec_overhead", codec_overhead)
     average = allreduce_seconds(s, k, network) + local if k > 1 else 0.0  # a lone worker never averages
     # A parameter average: CPU work on the worker's own thread (copies, encoding), which shows
     # whole, and time on the network, of which τ steps' worth is hidden when overlapped. A
@@ -326,135 +312,3 @@ def predict(
         rows.append(row(label, post_local, seconds, switch))
     rows.append(row("compute only (H=inf)", None, n * c))
     return rows
-
-
-def table(rows: Sequence[Prediction]) -> str:
-    """The predictions as a text table."""
-    lines = [f"{'schedule':<34} {'s/step':>8} {'s/epoch':>9} {'comm':>6} {'speed-up':>8}"]
-    for r in rows:
-        lines.append(
-            f"{r.label:<34} {r.seconds_per_step:>8.4f} {r.seconds_per_epoch:>9.1f} "
-            f"{100 * r.communication_share:>5.1f}% {r.speedup:>7.2f}x"
-        )
-    return "\n".join(lines)
-
-
-# --- command line (``localsgd plan``) -----------------------------------------------------------
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The arguments of ``localsgd plan`` (shared by ``main`` and the ``localsgd`` command)."""
-    add = p.add_argument
-    add("--compute-ms", type=float, required=True, metavar="C",
-        help="measured compute time of one local step of one worker (B_loc samples), ms")  # fmt: skip
-    add("--workers", type=int, required=True, metavar="K", help="number of workers K")
-    add("--model-bytes", default="1089896", metavar="S",
-        help="bytes per average: 1089896, 1.09MB, 1.04MiB (default: ResNet-20, fp32)")  # fmt: skip
-    add("--latency-ms", type=float, default=0.0, metavar="D",
-        help="one-way latency d, ms (a round trip is 2d; default 0)")  # fmt: skip
-    add("--bandwidth", default="inf", metavar="RATE",
-        help="each worker's link rate per direction: 100mbit, 1gbit, inf (default inf)")  # fmt: skip
-    add("--local-steps", type=int, nargs="+", default=[1, 4, 16, 64], metavar="H",
-        help="averaging periods H of local SGD to compare (default 1 4 16 64)")  # fmt: skip
-    add("--post-local", type=int, metavar="H", help="also post-local SGD with this H after t'")
-    add("--epochs", type=float, default=300.0, help="run length in epochs (default 300)")
-    add("--switch-epoch", type=float, metavar="EPOCH",
-        help="t' of post-local SGD in epochs (default: half of --epochs)")  # fmt: skip
-    add("--local-batch-size", type=int, default=128, metavar="B_LOC",
-        help="samples per worker and step (default 128)")  # fmt: skip
-    add("--train-samples", type=int, default=CIFAR10_TRAIN_SAMPLES,
-        help="training set size (default 50000, CIFAR-10)")  # fmt: skip
-    add("--overhead-ms", type=float, default=0.0,
-        help="fixed cost of one all-reduce call, ms (measured on loopback; default 0)")  # fmt: skip
-    add("--average-overhead-ms", type=float, default=0.0,
-        help="cost of one average besides the all-reduce (flatten, copy back), ms (default 0)")  # fmt: skip
-    add("--compress", metavar="CODEC",
-        help="codec of the global parameter averages: bf16, fp16, int8, sign (default: fp32)")  # fmt: skip
-    add("--compress-block", type=int, metavar="N", help="int8/sign block size (default 256)")
-    add("--codec-overhead-ms", type=float,
-        help="encoding and decoding time of one compressed average, ms (default 0)")  # fmt: skip
-    add("--overlap-steps", type=int, default=0, metavar="TAU",
-        help="apply each parameter average TAU steps after it starts (default 0: blocking)")  # fmt: skip
-    add("--json", action="store_true", help="print JSON instead of a table")
-
-
-def check_command(args: argparse.Namespace) -> None:
-    """What makes ``localsgd plan``'s prediction meaningless: no measured compute time, an option
-    nothing reads, a block larger than the model. ValueError, one line."""
-    if args.compute_ms <= 0:  # (NaN and inf: _finite)
-        raise ValueError(
-            f"--compute-ms must be a local step's measured time, a number > 0 (ms), got {args.compute_ms:g}"
-        )
-    if args.switch_epoch is not None and args.post_local is None:
-        raise ValueError(f"--switch-epoch {args.switch_epoch:g} needs --post-local H (t' is post-local's)")
-    if args.compress_block is not None and args.compress not in ("int8", "sign"):
-        raise ValueError(f"--compress-block {args.compress_block} needs --compress int8 or sign")
-    if args.codec_overhead_ms is not None and args.compress is None:
-        raise ValueError(f"--codec-overhead-ms {args.codec_overhead_ms:g} needs --compress")
-    if args.compress_block is not None:
-        parameters = math.ceil(parse_size(args.model_bytes) / 4)
-        if args.compress_block > parameters:
-            raise ValueError(
-                f"--compress-block {args.compress_block} exceeds the model's {parameters} parameters "
-                f"(--model-bytes / 4): a block holds at most every parameter"
-            )
-
-
-def run(args: argparse.Namespace) -> int:
-    """Run ``localsgd plan`` on parsed arguments; a bad value prints one line and returns 2."""
-    try:
-        check_command(args)
-        n = steps_per_epoch(args.train_samples, args.workers, args.local_batch_size)
-        network = Network(
-            latency=_finite("--latency-ms", args.latency_ms) / 1e3,
-            bandwidth=parse_rate(args.bandwidth),
-            overhead=_finite("--overhead-ms", args.overhead_ms) / 1e3,
-        )
-        switch = args.epochs / 2 if args.switch_epoch is None else args.switch_epoch
-        rows = predict(
-            compute_seconds=_finite("--compute-ms", args.compute_ms) / 1e3,
-            model_bytes=parse_size(args.model_bytes),
-            workers=args.workers,
-            network=network,
-            steps_per_epoch=n,
-            local_steps=args.local_steps,
-            post_local=args.post_local,
-            switch_epoch=switch if args.post_local is not None else 0.0,
-            epochs=args.epochs,
-            average_overhead=_finite("--average-overhead-ms", args.average_overhead_ms) / 1e3,
-            compression=args.compress,
-            block_size=args.compress_block or 256,
-            codec_overhead=_finite("--codec-overhead-ms", args.codec_overhead_ms or 0.0) / 1e3,
-            overlap_steps=args.overlap_steps,
-        )
-    except ValueError as e:
-        print(f"localsgd plan: error: {e}", file=sys.stderr)
-        return 2
-    if args.json:
-        rows_json = [asdict(r) for r in rows]
-        print(json.dumps({"steps_per_epoch": n, "network": asdict(network), "rows": rows_json}))
-    else:
-        bits = network.bandwidth * 8
-        bw = f"{bits / 1e9:g} Gbit/s" if bits >= 1e9 else f"{bits / 1e6:g} Mbit/s"
-        bw = "unlimited" if math.isinf(bits) else bw
-        print(
-            f"K={args.workers}, B_loc={args.local_batch_size}, N={n} steps/epoch, c={args.compute_ms:g} ms, "
-            f"S={parse_size(args.model_bytes)} B, d={args.latency_ms:g} ms, {bw}"
-            + (f", {args.compress} averages" if args.compress else "")
-            + (f", overlap τ={args.overlap_steps}" if args.overlap_steps else "")
-        )
-        print(table(rows))
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="localsgd plan",
-        description="Predict seconds per epoch and the speed-up of local SGD (H) over mini-batch SGD.",
-    )
-    add_arguments(p)
-    return run(p.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())
