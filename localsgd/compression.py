@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 
@@ -33,7 +33,8 @@ from localsgd._validate import check_int
 from localsgd.comm import Communicator
 from localsgd.schedule import Level
 
-CODECS = ("bf16", "fp16", "int8", "sign")
+CodecName = Literal["bf16", "fp16", "int8", "sign"]
+CODECS: tuple[str, ...] = get_args(CodecName)
 DEFAULT_BLOCK = 256
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
-from typing import Any, TypedDict
+from typing import Any, Literal, TypedDict, get_args
 
 import torch
 
@@ -15,8 +15,10 @@ from localsgd.averaging import DEFAULT_BUCKET_BYTES, check_bucket_bytes
 from localsgd.compression import Codec, make_codec
 from localsgd.outer import OuterOptimizerFactory
 
-BUFFER_POLICIES = ("local", "average")
-OPTIMIZER_STATE_POLICIES = ("local", "average", "reset")
+BufferPolicy = Literal["local", "average"]
+OptimizerStatePolicy = Literal["local", "average", "reset"]
+BUFFER_POLICIES: tuple[str, ...] = get_args(BufferPolicy)
+OPTIMIZER_STATE_POLICIES: tuple[str, ...] = get_args(OptimizerStatePolicy)
 
 
 def _check_choice(name: str, value: object, allowed: Sequence[str]) -> None:
@@ -56,8 +58,8 @@ class Policy:
             gradients are unscaled first. None: no clipping.
     """
 
-    buffers: str = "local"
-    optimizer_state: str = "local"
+    buffers: BufferPolicy = "local"
+    optimizer_state: OptimizerStatePolicy = "local"
     bucket_bytes: int = DEFAULT_BUCKET_BYTES
     outer_optimizer: OuterOptimizerFactory | None = None
     anchor_device: torch.device | str | None = None
@@ -91,8 +93,8 @@ class PolicyKeywords(TypedDict, total=False):
     """``Policy``'s fields as keywords (``**policy_kwargs: Unpack[PolicyKeywords]``), for type
     checkers and IDEs; the defaults are ``Policy``'s."""
 
-    buffers: str
-    optimizer_state: str
+    buffers: BufferPolicy
+    optimizer_state: OptimizerStatePolicy
     bucket_bytes: int
     outer_optimizer: OuterOptimizerFactory | None
     anchor_device: torch.device | str | None

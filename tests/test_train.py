@@ -465,7 +465,7 @@ def test_train_help_shows_every_default_and_a_line_per_preset() -> None:
     is, the same line as in README's table."""
     from localsgd.compression import DEFAULT_BLOCK
     from localsgd.harness.cli import parser
-    from localsgd.harness.config import DEFAULT_WORKERS, OUTER_DEFAULTS, PRESET_NOTES, SETTINGS
+    from localsgd.harness.config import DEFAULT_WORKERS, OUTER_DEFAULTS, PRESET_NOTES, SETTINGS, choices
     from localsgd.harness.language import SIZES
 
     train = parser()._subparsers._group_actions[0].choices["train"]  # type: ignore[union-attr]
@@ -481,6 +481,7 @@ def test_train_help_shows_every_default_and_a_line_per_preset() -> None:
     for key in ("width", "depth"):
         assert f"(default: gpt {SIZES['gpt'][key]}, lstm {SIZES['lstm'][key]})" in helps[key]
     assert f"(default {SIZES['gpt']['heads']})" in helps["heads"]
+    assert ("none", *OUTER_DEFAULTS) == choices("outer_optimizer")
     lr, momentum = OUTER_DEFAULTS["diloco"], OUTER_DEFAULTS["slowmo"]
     assert f"diloco {lr[0]}, slowmo's alpha {momentum[0]}" in helps["outer_lr"]
     assert f"diloco {lr[1]}, slowmo's beta {momentum[1]}" in helps["outer_momentum"]
@@ -491,6 +492,62 @@ def test_train_help_shows_every_default_and_a_line_per_preset() -> None:
     readme = (ROOT / "README.md").read_text()
     table = re.findall(r"^\| `([\w-]+)` \| (.*) \|$", readme, re.M)
     assert table == list(PRESET_NOTES.items())
+
+
+def test_choices_and_flag_types_come_from_the_settings_types() -> None:
+    """A choice setting's names are its Literal type's, the same lists the core and the data
+    module check against; every setting's flag is parsed as its declared type."""
+    from localsgd.compression import CODECS
+    from localsgd.harness.config import CHOICES, SETTINGS, choices, kind, optional, parse_value
+    from localsgd.harness.data import DATASETS
+    from localsgd.policy import BUFFER_POLICIES, OPTIMIZER_STATE_POLICIES
+
+    assert choices("dataset") == (*DATASETS, "text") and choices("compress") == ("none", *CODECS)
+    assert choices("buffers") == BUFFER_POLICIES and choices("optimizer_state") == OPTIMIZER_STATE_POLICIES
+    assert set(CHOICES) == {
+        "dataset", "buffers", "optimizer_state", "outer_optimizer", "compress", "optimizer", "lr_schedule",
+        "eval_local", "precision", "device",
+    }  # fmt: skip
+    for name in CHOICES:
+        with pytest.raises(
+            ConfigError, match=rf"^{name} must be one of {', '.join(choices(name))}; got 'x'$"
+        ):
+            Config(**{name: "x"}).validate()
+    defaults = Config().to_dict()
+    for name in SETTINGS:  # each default has its declared type, and its flag text parses back to it
+        value = defaults[name]
+        declared = (int, float) if kind(name) is float else kind(name)  # epochs: float = 300
+        assert (value is None and optional(name)) or isinstance(value, declared), name
+        if value is not None and not isinstance(value, list):
+            text = str(value).lower() if isinstance(value, bool) else str(value)
+            assert parse_value(name, text) == value and type(parse_value(name, text)) is kind(name), name
+    assert parse_value("workers", "none") is None and parse_value("epochs", "3") == 3.0
+    assert parse_value("decay_at", "0.5,0.8") == [0.5, 0.8] and parse_value("switch_epoch", "first-decay")
+    with pytest.raises(ConfigError, match=r"^--epochs must be a number, got 'none'$"):
+        parse_value("epochs", "none")  # not optional: none is not a value
+
+
+def test_a_config_is_checked_once_until_a_setting_changes() -> None:
+    """The CLI, a study and train() all validate the config they hold; a config that passed is
+    not checked again, and any assignment makes it checked again."""
+    calls = []
+    real = Config._check
+
+    def counted(self: Config) -> None:
+        calls.append(1)
+        real(self)
+
+    with patch.object(Config, "_check", counted):
+        cfg = Config(epochs=2, warmup_epochs=1)
+        cfg.validate()
+        cfg.validate()
+        assert len(calls) == 1
+        cfg.local_steps = 0
+        with pytest.raises(ConfigError, match=r"^local_steps must be an integer >= 1, got 0$"):
+            cfg.validate()
+        cfg.local_steps = 4
+        cfg.validate()
+        assert len(calls) == 3
 
 
 def test_workers_follow_torchrun_unless_set(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -9,6 +9,7 @@ import shutil
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 
 def positive_int(text: str) -> int:
@@ -21,15 +22,34 @@ def positive_int(text: str) -> int:
     return value
 
 
+def setting_flag(group: Any, name: str, doc: str, default: Any) -> None:
+    """The flag of setting ``name``: ``--name VALUE``, or for true/false settings ``--name``,
+    ``--name true|false`` and ``--no-name``."""
+    from localsgd.harness.config import kind, shown
+
+    flag = name.replace("_", "-")
+    if "default" not in doc:  # a None default says in its doc what none means
+        doc += f" (default: {shown(default)})"
+    if kind(name) is not bool:
+        group.add_argument(f"--{flag}", dest=name, metavar="VALUE", default=argparse.SUPPRESS, help=doc)
+        return
+    group.add_argument(
+        f"--{flag}", dest=name, nargs="?", const="true", metavar="true|false",
+        default=argparse.SUPPRESS, help=f"{doc} [--no-{flag} turns it off]",
+    )  # fmt: skip
+    group.add_argument(
+        f"--no-{flag}", dest=name, action="store_const", const="false",
+        default=argparse.SUPPRESS, help=argparse.SUPPRESS,
+    )  # fmt: skip
+
+
 def parser() -> argparse.ArgumentParser:
     from localsgd.harness.config import (
         PRESET_NOTES,
         PRESETS,
-        SETTINGS,
+        SECTIONS,
         Config,
         field_docs,
-        field_types,
-        shown,
     )
 
     p = argparse.ArgumentParser(
@@ -57,23 +77,12 @@ def parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--preset", choices=list(PRESETS), help="start from a named preset (listed below)")
     train.add_argument("--config", metavar="FILE", help="TOML file of settings (keys as below, with _ or -)")
-    docs, types, defaults = field_docs(), field_types(), Config().to_dict()
-    for name in SETTINGS:
-        flag = name.replace("_", "-")
-        doc = docs[name]
-        if "default" not in doc:  # a None default says in its doc what none means
-            doc += f" (default: {shown(defaults[name])})"
-        if types[name] == "bool":  # --flag, --flag true|false, --no-flag
-            train.add_argument(
-                f"--{flag}", dest=name, nargs="?", const="true", metavar="true|false",
-                default=argparse.SUPPRESS, help=f"{doc} [--no-{flag} turns it off]",
-            )  # fmt: skip
-            train.add_argument(
-                f"--no-{flag}", dest=name, action="store_const", const="false",
-                default=argparse.SUPPRESS, help=argparse.SUPPRESS,
-            )  # fmt: skip
-            continue
-        train.add_argument(f"--{flag}", dest=name, metavar="VALUE", default=argparse.SUPPRESS, help=doc)
+    docs, defaults = field_docs(), Config().to_dict()
+    for section, names in SECTIONS.items():
+        title = section.__name__.removesuffix("Settings").lower()
+        group = train.add_argument_group(f"{title} settings", section.__doc__)
+        for name in names:
+            setting_flag(group, name, docs[name], defaults[name])
 
     plot = sub.add_parser("plot", help="plot runs against each other (PNG)")
     plot.add_argument("runs", nargs="+", metavar="RUN_DIR")

@@ -5,13 +5,19 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import sys
+import types
+import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Union, get_args, get_origin
 
+from localsgd import outer
 from localsgd._validate import check_int, check_number, is_number
-from localsgd.compression import CODECS
+from localsgd.compression import CodecName
+from localsgd.harness.data import ImageDataset
+from localsgd.policy import BufferPolicy, OptimizerStatePolicy
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -19,15 +25,27 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 FIRST_DECAY = "first-decay"
-EVAL_LOCAL = ("every", "final", "never")
 DEFAULT_WORKERS = 16  # K outside torchrun when no preset, file or flag sets it
-DEVICES = ("auto", "cpu", "cuda")
-# outer optimizer: (lr, momentum) by default; DiLoCo's paper values, SlowMo's (fairscale's) defaults
-OUTER_DEFAULTS: dict[str, tuple[float, float]] = {
-    "none": (1.0, 0.0),
-    "diloco": (0.7, 0.9),
-    "slowmo": (1.0, 0.5),
-}
+# The settings that take one of a few names: each a Literal type, the one place its names are listed.
+Dataset = Literal[ImageDataset, "text"]
+InnerOptimizer = Literal["sgd", "adamw"]
+LRSchedule = Literal["step", "cosine"]
+OuterOptimizer = Literal["none", "diloco", "slowmo"]
+Compress = Literal["none", CodecName]
+EvalLocal = Literal["every", "final", "never"]
+Precision = Literal["fp32", "bf16"]
+Device = Literal["auto", "cpu", "cuda"]
+DEVICES: tuple[str, ...] = get_args(Device)
+OUTER_OPTIMIZERS = {"diloco": outer.diloco, "slowmo": outer.slowmo}  # outer_optimizer's other names
+
+
+def _lr_momentum(make: Any) -> tuple[float, float]:
+    parameters = inspect.signature(make).parameters
+    return parameters["lr"].default, parameters["momentum"].default
+
+
+# (lr, momentum) by default: the core's (DiLoCo's paper values, SlowMo's as fairscale has them)
+OUTER_DEFAULTS: dict[str, tuple[float, float]] = {n: _lr_momentum(f) for n, f in OUTER_OPTIMIZERS.items()}
 
 
 class ConfigError(ValueError):
@@ -35,22 +53,37 @@ class ConfigError(ValueError):
 
 
 @dataclass
-class Config:
-    # --- workload ---
-    dataset: str = "cifar10"
+class TaskSettings:
+    """What is learned: the data (and how much of it is read or evaluated)."""
+
+    dataset: Dataset = "cifar10"
     """cifar10, cifar100, mnist or fashion-mnist (images), or text (a byte-level corpus in data_dir)"""
     data_dir: str | None = None
     """folder holding the dataset files (default: the cache `localsgd download` writes to); for
     text: a folder of .txt files or one file"""
-    model: str = "resnet20"
-    """images: resnet8, resnet14, resnet20, resnet32, resnet56, densenet40 or wrn28_10; text: gpt or
-    lstm"""
     train_subset: int | None = None
     """train on a fixed random subset of N training images (quick runs; images only; default: all)"""
     test_subset: int | None = None
     """evaluate on a fixed random subset of N test images (text: N validation windows; default: all)"""
     seq_len: int | None = None
     """text: tokens (bytes) per window (default 128)"""
+
+    def text_seq_len(self) -> int:
+        return self.seq_len or 128
+
+    def _check_task(self) -> None:
+        for name in ("train_subset", "test_subset"):
+            if getattr(self, name) is not None:
+                integer(self, name, 1)
+
+
+@dataclass
+class ModelSettings:
+    """The model and how its numbers are laid out."""
+
+    model: str = "resnet20"
+    """images: resnet8, resnet14, resnet20, resnet32, resnet56, densenet40 or wrn28_10; text: gpt or
+    lstm"""
     width: int | None = None
     """text: the model's width (default: gpt 128, lstm 256)"""
     depth: int | None = None
@@ -59,225 +92,16 @@ class Config:
     """text: attention heads of the gpt (default 4)"""
     dropout: float | None = None
     """text: dropout (default 0); each worker draws from its own random stream"""
-
-    # --- workers and communication (paper symbols) ---
-    workers: int | None = None
-    """K: workers. Under torchrun, K is the number of processes (one worker each) unless you set it,
-    and a K that differs from it is an error; outside torchrun K workers are simulated in this
-    process (default 16)"""
-    local_batch_size: int = 128
-    """B_loc: mini-batch per worker"""
-    local_steps: int = 1
-    """H: local steps between averages (1 = mini-batch SGD)"""
-    switch_epoch: float | str | None = None
-    """t': epoch of the switch from mini-batch to local SGD ("first-decay": the first LR decay;
-    default: none, local SGD from the start)"""
-    workers_per_block: int | None = None
-    """K': workers per block for hierarchical local SGD (under torchrun default: the processes of a node)"""
-    block_steps: int | None = None
-    """H_b: block averages between two global averages (hierarchical local SGD; default: none, flat)"""
-    buffers: str = "local"
-    """BatchNorm statistics at averages: local (paper) or average"""
-    optimizer_state: str = "local"
-    """momentum at averages: local (paper), average or reset"""
-    outer_optimizer: str = "none"
-    """none (plain averaging), diloco (Nesterov SGD on the averaged pseudo-gradient at every global
-    average) or slowmo (slow momentum, Wang et al. 2020); see localsgd.outer"""
-    outer_lr: float | None = None
-    """the outer optimizer's learning rate (default: diloco 0.7, slowmo's alpha 1.0)"""
-    outer_momentum: float | None = None
-    """the outer optimizer's momentum (default: diloco 0.9, slowmo's beta 0.5)"""
-    compress: str = "none"
-    """none, bf16, fp16, int8 or sign: send each global average's pseudo-gradient (the change since
-    the last one) encoded, with error feedback; see localsgd.compression"""
-    compress_block: int | None = None
-    """values per scale for int8 and sign (default 256)"""
-    overlap_steps: int = 0
-    """tau: run each global average during the next tau local steps instead of waiting for it (0:
-    blocking); see docs/design.md, Overlapped averaging"""
-    ordered_averaging: bool = False
-    """under torchrun, average by all-gather and a sum in worker order: bitwise the simulator's result"""
-
-    # --- optimisation (the paper's protocol) ---
-    epochs: float = 300
-    """training epochs"""
-    lr_per_64: float = 0.1
-    """learning rate per 64 samples; peak LR = lr_per_64 * B_loc/64 * K (linear scaling)"""
-    peak_lr: float | None = None
-    """set the peak LR directly instead of the linear-scaling rule (default: none, the rule)"""
-    warmup_epochs: float = 5
-    """linear per-step warm-up to the peak LR over this many epochs, from lr_per_64 (sgd) or from 0
-    (adamw)"""
-    decay_at: list[float] = field(default_factory=lambda: [0.5, 0.75])
-    """step schedule: LR decays at these fractions of training"""
-    decay_factor: float = 0.1
-    """factor of each LR decay (cosine: the final LR as a fraction of the peak)"""
-    momentum: float = 0.9
-    """sgd's momentum"""
-    nesterov: bool = True
-    """sgd's Nesterov momentum"""
-    weight_decay: float = 1e-4
-    """sgd: L2 weight decay, not applied to BatchNorm parameters; adamw: decoupled weight decay, not
-    applied to norms, biases and embeddings"""
-    optimizer: str = "sgd"
-    """the inner optimizer: sgd (the paper) or adamw"""
-    betas: list[float] | None = None
-    """adamw's (beta1, beta2) (default 0.9, 0.95)"""
-    lr_schedule: str = "step"
-    """step: warm-up, then the LR times decay_factor at each decay_at (the paper); cosine: warm-up,
-    then a cosine from the peak LR to peak * decay_factor at the end"""
-    max_grad_norm: float | None = None
-    """clip each worker's gradient to this 2-norm before its step (the averaged gradient in the
-    mini-batch phase; default: none, no clipping)"""
-
-    # --- run ---
-    seed: int = 6
-    """seeds the initial model, every worker's data order, augmentation and dropout"""
-    out: str | None = None
-    """run directory (default: runs/<preset or model>-<dataset>-K<K>-H<H>-seed<seed>)"""
-    row_steps: int | None = None
-    """write a metrics row every this many steps instead of at every epoch's end (text: an epoch is
-    long); eval_every and checkpoint_every then count rows (default: none, a row per epoch)"""
-    eval_every: int = 1
-    """evaluate every this many epochs (rows, with row_steps), and always at the end"""
-    checkpoint_every: int = 1
-    """write a resumable checkpoint every this many epochs (rows, with row_steps)"""
-    save_models_at: list[float] = field(default_factory=list)
-    """also keep the averaged model at these epochs (each at a row's end) as models/epoch-E.pt, for
-    measurements along one run (``localsgd sharpness`` measures them too)"""
-    resume: bool = False
-    """continue the run in the run directory from its last checkpoint, with the same settings (a
-    finished run is not run again)"""
-    overwrite: bool = False
-    """replace the run in the run directory (its files are deleted when the new run starts); without
-    resume or overwrite an existing run directory is an error"""
-    eval_local: str = "final"
-    """when to also evaluate each worker's own model, whose mean accuracy the paper's code reports:
-    every, final or never"""
     channels_last: bool = True
     """channels_last memory format (faster on CPU, same numerics)"""
-    precision: str = "fp32"
+    precision: Precision = "fp32"
     """fp32, or bf16: bfloat16 autocast of forward and loss (a speed mode that changes the numerics;
     needs native bf16: a GPU or a CPU with AVX-512 BF16/AMX)"""
-    timeout: float = 600
-    """seconds a collective may wait for a peer before the run stops with an error (torchrun)"""
-    threads: int | None = None
-    """torch threads per process (default: all cores, 1 under torchrun with several processes per node)"""
-    device: str = "auto"
-    """auto (CUDA if available), cpu or cuda: where the workers, the data and the evaluation live
-    (under torchrun each process takes GPU LOCAL_RANK)"""
-    tensorboard: bool = False
-    """also log to TensorBoard (needs the tensorboard package)"""
-    progress: bool = True
-    """progress bar on stderr (rank 0)"""
 
-    # Not a setting: the settings given on purpose, each with where ("flag", a file's path, "preset
-    # 'NAME'", "study method 'NAME'"; "" for Config(...)). Left out of to_dict(), so checkpoints and
-    # config.json hold settings only (older checkpoints resume as before); dataclasses.replace
-    # passes it on.
-    given: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
+    def text_model_size(self) -> dict[str, Any]:
+        return {"width": self.width, "depth": self.depth, "heads": self.heads, "dropout": self.dropout}
 
-    def validate(self) -> None:
-        """Raise ConfigError on the first bad value, before any work."""
-        from localsgd.harness.data import DATASETS
-
-        choice(self, "dataset", (*DATASETS, "text"))
-        choice(self, "optimizer", ("sgd", "adamw"))
-        choice(self, "lr_schedule", ("step", "cosine"))
-        choice(self, "buffers", ("local", "average"))
-        choice(self, "optimizer_state", ("local", "average", "reset"))
-        choice(self, "eval_local", EVAL_LOCAL)
-        choice(self, "precision", ("fp32", "bf16"))
-        choice(self, "device", DEVICES)
-        choice(self, "outer_optimizer", tuple(OUTER_DEFAULTS))
-        choice(self, "compress", ("none", *CODECS))
-        self._validate_task()
-        self._validate_optimizer()
-        for name in ("local_batch_size", "local_steps", "eval_every", "checkpoint_every"):
-            integer(self, name, 1)
-        for name in (
-            "workers",
-            "train_subset",
-            "test_subset",
-            "workers_per_block",
-            "block_steps",
-            "threads",
-            "row_steps",
-        ):
-            if getattr(self, name) is not None:
-                integer(self, name, 1)
-        integer(self, "seed", 0)
-        number(self, "epochs", 0, strict=True)
-        number(self, "lr_per_64", 0, strict=True)
-        if self.peak_lr is not None:
-            number(self, "peak_lr", 0, strict=True)
-        number(self, "warmup_epochs", 0)
-        if self.warmup_epochs > self.epochs:
-            default = "" if "warmup_epochs" in self.given else " (the default)"
-            raise ConfigError(
-                f"warmup_epochs = {self.warmup_epochs:g}{default} exceeds epochs = {self.epochs:g}: the LR "
-                f"would never reach its peak; give --warmup-epochs between 0 and {self.epochs:g}"
-            )
-        number(self, "decay_factor", 0, strict=True)
-        number(self, "momentum", 0)
-        number(self, "weight_decay", 0)
-        number(self, "timeout", 0, strict=True)
-        if not isinstance(self.decay_at, list) or not all(is_number(f) and 0 < f < 1 for f in self.decay_at):
-            raise ConfigError(
-                f"decay_at must be a list of fractions of training in (0, 1), got {self.decay_at!r}"
-            )
-        if self.decay_at != sorted(self.decay_at):
-            raise ConfigError(f"decay_at must be increasing, got {self.decay_at!r}")
-        at = self.save_models_at
-        if not isinstance(at, list) or not all(is_number(e) and 0 < e <= self.epochs for e in at):
-            allowed = f"a list of epochs in (0, epochs={self.epochs:g}]"
-            raise ConfigError(f"save_models_at must be {allowed}, got {at!r}")
-        if at != sorted(set(at)):
-            raise ConfigError(f"save_models_at must be strictly increasing, got {at!r}")
-        for name in (
-            "nesterov",
-            "channels_last",
-            "tensorboard",
-            "progress",
-            "ordered_averaging",
-            "resume",
-            "overwrite",
-        ):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
-        if self.resume and self.overwrite:
-            raise ConfigError(
-                "resume and overwrite exclude each other: resume continues the run, overwrite replaces it"
-            )
-        s = self.switch_epoch
-        is_epoch = is_number(s) and 0 <= s <= self.epochs
-        if s is not None and s != FIRST_DECAY and not is_epoch:
-            allowed = f"an epoch in [0, epochs={self.epochs:g}] or {FIRST_DECAY!r}"
-            raise ConfigError(f"switch_epoch (t') must be {allowed}, got {s!r}")
-        if s == FIRST_DECAY and not self.decay_at:
-            raise ConfigError("switch_epoch (t') is 'first-decay' but decay_at is empty")
-        if (self.block_steps is None) != (self.workers_per_block is None) and self.block_steps is None:
-            raise ConfigError(
-                f"workers_per_block (K') = {self.workers_per_block} needs block_steps (H_b) for "
-                "hierarchical local SGD"
-            )
-        workers = self.workers or DEFAULT_WORKERS
-        if self.workers_per_block is not None and workers % self.workers_per_block:
-            raise ConfigError(
-                f"workers_per_block (K') = {self.workers_per_block} must divide workers (K) = {workers}"
-            )
-        self._validate_outer()
-        self._validate_compress()
-        self._validate_overlap()
-        for name, reason in self.unused().items():  # a setting given on purpose that nothing reads
-            where = self.given.get(name, "")
-            where = f" (set by {where})" if where not in ("", "flag") else ""
-            raise ConfigError(f"{name} = {getattr(self, name)!r} {reason}{where}")
-        if self.optimizer == "sgd" and self.nesterov and self.momentum == 0:
-            hint = "" if "nesterov" in self.given else " (nesterov is on by default: give --no-nesterov)"
-            raise ConfigError(f"nesterov needs momentum > 0, got momentum = 0{hint}")
-
-    def _validate_task(self) -> None:
+    def _check_model(self) -> None:
         from localsgd.harness.language import LANGUAGE_MODELS
         from localsgd.harness.models import MODELS
 
@@ -308,66 +132,74 @@ class Config:
             if self.dropout >= 1:
                 raise ConfigError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
 
-    def _validate_optimizer(self) -> None:
-        if self.optimizer == "adamw":
-            if self.peak_lr is None:
-                raise ConfigError(
-                    "optimizer = adamw needs peak_lr: the linear-scaling rule (lr_per_64) is sgd's"
-                )
-            b = self.betas
-            if b is not None and not (
-                isinstance(b, list) and len(b) == 2 and all(is_number(v) and 0 <= v < 1 for v in b)
-            ):
-                raise ConfigError(f"betas must be two numbers in [0, 1), got {b!r}")
-        if self.lr_schedule == "cosine" and self.switch_epoch == FIRST_DECAY:
-            raise ConfigError("switch_epoch (t') = first-decay needs lr_schedule = step; give an epoch")
-        if self.max_grad_norm is not None:
-            number(self, "max_grad_norm", 0, strict=True)
 
-    def unused(self) -> dict[str, str]:
-        """The settings given on purpose (``given``, or a None-default setting that has a value)
-        that this run does not read, each with why: the rest of "name = value ..." in an error."""
-        text, sgd = self.dataset == "text", self.optimizer == "sgd"
-        why: dict[str, str] = {}
-        if text:
-            for name in ("train_subset", "channels_last", "buffers"):
-                why[name] = f"is not used by dataset = {self.dataset}"
-            if self.model != "gpt":
-                why["heads"] = f"is for model = gpt, not {self.model}"
-        else:
-            for name in ("seq_len", "width", "depth", "heads", "dropout"):
-                why[name] = f"is not used by dataset = {self.dataset}"
-        if not sgd:
-            for name in ("momentum", "nesterov", "lr_per_64"):
-                why[name] = f"is sgd's; optimizer = {self.optimizer} does not use it"
-        else:
-            why["betas"] = "needs optimizer = adamw"
-            if self.peak_lr is not None and (self.lr_schedule == "cosine" or self.warmup_epochs == 0):
-                why["lr_per_64"] = (
-                    "is not used: peak_lr sets the peak LR, and the warm-up starts from lr_per_64 only "
-                    "with lr_schedule = step and warmup_epochs > 0"
-                )
-        if self.lr_schedule == "cosine":
-            why["decay_at"] = "is for lr_schedule = step; cosine decays smoothly"
-        elif not self.decay_at:
-            why["decay_factor"] = "is not used: decay_at is empty (no LR decay)"
-        if self.outer_optimizer == "none":
-            for name in ("outer_lr", "outer_momentum"):
-                why[name] = "needs an outer_optimizer (diloco or slowmo)"
-        if self.compress not in ("int8", "sign"):
-            why["compress_block"] = "needs compress = int8 or sign"
-        defaults = Config()
-        return {
-            name: reason
-            for name, reason in why.items()
-            if name in self.given or (getattr(defaults, name) is None and getattr(self, name) is not None)
-        }
+@dataclass
+class AveragingSettings:
+    """The workers and when and how they average (the paper's symbols, and the outer step)."""
 
-    def text_seq_len(self) -> int:
-        return self.seq_len or 128
+    workers: int | None = None
+    """K: workers. Under torchrun, K is the number of processes (one worker each) unless you set it,
+    and a K that differs from it is an error; outside torchrun K workers are simulated in this
+    process (default 16)"""
+    local_batch_size: int = 128
+    """B_loc: mini-batch per worker"""
+    local_steps: int = 1
+    """H: local steps between averages (1 = mini-batch SGD)"""
+    switch_epoch: float | str | None = None
+    """t': epoch of the switch from mini-batch to local SGD ("first-decay": the first LR decay;
+    default: none, local SGD from the start)"""
+    workers_per_block: int | None = None
+    """K': workers per block for hierarchical local SGD (under torchrun default: the processes of a node)"""
+    block_steps: int | None = None
+    """H_b: block averages between two global averages (hierarchical local SGD; default: none, flat)"""
+    buffers: BufferPolicy = "local"
+    """BatchNorm statistics at averages: local (paper) or average"""
+    optimizer_state: OptimizerStatePolicy = "local"
+    """momentum at averages: local (paper), average or reset"""
+    outer_optimizer: OuterOptimizer = "none"
+    """none (plain averaging), diloco (Nesterov SGD on the averaged pseudo-gradient at every global
+    average) or slowmo (slow momentum, Wang et al. 2020); see localsgd.outer"""
+    outer_lr: float | None = None
+    """the outer optimizer's learning rate (default: diloco 0.7, slowmo's alpha 1.0)"""
+    outer_momentum: float | None = None
+    """the outer optimizer's momentum (default: diloco 0.9, slowmo's beta 0.5)"""
+    compress: Compress = "none"
+    """none, bf16, fp16, int8 or sign: send each global average's pseudo-gradient (the change since
+    the last one) encoded, with error feedback; see localsgd.compression"""
+    compress_block: int | None = None
+    """values per scale for int8 and sign (default 256)"""
+    overlap_steps: int = 0
+    """tau: run each global average during the next tau local steps instead of waiting for it (0:
+    blocking); see docs/design.md, Overlapped averaging"""
+    ordered_averaging: bool = False
+    """under torchrun, average by all-gather and a sum in worker order: bitwise the simulator's result"""
 
-    def text_model_size(self) -> dict[str, Any]:
-        return {"width": self.width, "depth": self.depth, "heads": self.heads, "dropout": self.dropout}
+    def _check_averaging(self) -> None:
+        for name in ("local_batch_size", "local_steps"):
+            integer(self, name, 1)
+        for name in ("workers", "workers_per_block", "block_steps"):
+            if getattr(self, name) is not None:
+                integer(self, name, 1)
+        s = self.switch_epoch
+        is_epoch = is_number(s) and 0 <= s <= self.epochs
+        if s is not None and s != FIRST_DECAY and not is_epoch:
+            allowed = f"an epoch in [0, epochs={self.epochs:g}] or {FIRST_DECAY!r}"
+            raise ConfigError(f"switch_epoch (t') must be {allowed}, got {s!r}")
+        if s == FIRST_DECAY and not self.decay_at:
+            raise ConfigError("switch_epoch (t') is 'first-decay' but decay_at is empty")
+        if (self.block_steps is None) != (self.workers_per_block is None) and self.block_steps is None:
+            raise ConfigError(
+                f"workers_per_block (K') = {self.workers_per_block} needs block_steps (H_b) for "
+                "hierarchical local SGD"
+            )
+        workers = self.workers or DEFAULT_WORKERS
+        if self.workers_per_block is not None and workers % self.workers_per_block:
+            raise ConfigError(
+                f"workers_per_block (K') = {self.workers_per_block} must divide workers (K) = {workers}"
+            )
+        self._validate_outer()
+        self._validate_compress()
+        self._validate_overlap()
 
     def _validate_outer(self) -> None:
         if self.outer_optimizer == "none":
@@ -428,6 +260,244 @@ class Config:
             return self.decay_at[0] * self.epochs
         return float(self.switch_epoch)
 
+
+@dataclass
+class OptimizerSettings:
+    """The inner optimizer each worker steps."""
+
+    optimizer: InnerOptimizer = "sgd"
+    """the inner optimizer: sgd (the paper) or adamw"""
+    lr_per_64: float = 0.1
+    """learning rate per 64 samples; peak LR = lr_per_64 * B_loc/64 * K (linear scaling)"""
+    peak_lr: float | None = None
+    """set the peak LR directly instead of the linear-scaling rule (default: none, the rule)"""
+    momentum: float = 0.9
+    """sgd's momentum"""
+    nesterov: bool = True
+    """sgd's Nesterov momentum"""
+    weight_decay: float = 1e-4
+    """sgd: L2 weight decay, not applied to BatchNorm parameters; adamw: decoupled weight decay, not
+    applied to norms, biases and embeddings"""
+    betas: list[float] | None = None
+    """adamw's (beta1, beta2) (default 0.9, 0.95)"""
+    max_grad_norm: float | None = None
+    """clip each worker's gradient to this 2-norm before its step (the averaged gradient in the
+    mini-batch phase; default: none, no clipping)"""
+
+    def _check_optimizer(self) -> None:
+        if self.optimizer == "adamw":
+            if self.peak_lr is None:
+                raise ConfigError(
+                    "optimizer = adamw needs peak_lr: the linear-scaling rule (lr_per_64) is sgd's"
+                )
+            b = self.betas
+            if b is not None and not (
+                isinstance(b, list) and len(b) == 2 and all(is_number(v) and 0 <= v < 1 for v in b)
+            ):
+                raise ConfigError(f"betas must be two numbers in [0, 1), got {b!r}")
+        if self.lr_schedule == "cosine" and self.switch_epoch == FIRST_DECAY:
+            raise ConfigError("switch_epoch (t') = first-decay needs lr_schedule = step; give an epoch")
+        if self.max_grad_norm is not None:
+            number(self, "max_grad_norm", 0, strict=True)
+        number(self, "lr_per_64", 0, strict=True)
+        if self.peak_lr is not None:
+            number(self, "peak_lr", 0, strict=True)
+        number(self, "momentum", 0)
+        number(self, "weight_decay", 0)
+
+
+@dataclass
+class ScheduleSettings:
+    """How long training runs and the learning rate at each step."""
+
+    epochs: float = 300
+    """training epochs"""
+    warmup_epochs: float = 5
+    """linear per-step warm-up to the peak LR over this many epochs, from lr_per_64 (sgd) or from 0
+    (adamw)"""
+    lr_schedule: LRSchedule = "step"
+    """step: warm-up, then the LR times decay_factor at each decay_at (the paper); cosine: warm-up,
+    then a cosine from the peak LR to peak * decay_factor at the end"""
+    decay_at: list[float] = field(default_factory=lambda: [0.5, 0.75])
+    """step schedule: LR decays at these fractions of training"""
+    decay_factor: float = 0.1
+    """factor of each LR decay (cosine: the final LR as a fraction of the peak)"""
+
+    def _check_schedule(self) -> None:
+        number(self, "epochs", 0, strict=True)
+        number(self, "warmup_epochs", 0)
+        if self.warmup_epochs > self.epochs:
+            default = "" if "warmup_epochs" in self.given else " (the default)"
+            raise ConfigError(
+                f"warmup_epochs = {self.warmup_epochs:g}{default} exceeds epochs = {self.epochs:g}: the LR "
+                f"would never reach its peak; give --warmup-epochs between 0 and {self.epochs:g}"
+            )
+        number(self, "decay_factor", 0, strict=True)
+        if not isinstance(self.decay_at, list) or not all(is_number(f) and 0 < f < 1 for f in self.decay_at):
+            raise ConfigError(
+                f"decay_at must be a list of fractions of training in (0, 1), got {self.decay_at!r}"
+            )
+        if self.decay_at != sorted(self.decay_at):
+            raise ConfigError(f"decay_at must be increasing, got {self.decay_at!r}")
+
+
+@dataclass
+class OutputSettings:
+    """What the run writes: rows, evaluations, checkpoints, kept models, logs."""
+
+    out: str | None = None
+    """run directory (default: runs/<preset or model>-<dataset>-K<K>-H<H>-seed<seed>)"""
+    row_steps: int | None = None
+    """write a metrics row every this many steps instead of at every epoch's end (text: an epoch is
+    long); eval_every and checkpoint_every then count rows (default: none, a row per epoch)"""
+    eval_every: int = 1
+    """evaluate every this many epochs (rows, with row_steps), and always at the end"""
+    eval_local: EvalLocal = "final"
+    """when to also evaluate each worker's own model, whose mean accuracy the paper's code reports:
+    every, final or never"""
+    checkpoint_every: int = 1
+    """write a resumable checkpoint every this many epochs (rows, with row_steps)"""
+    save_models_at: list[float] = field(default_factory=list)
+    """also keep the averaged model at these epochs (each at a row's end) as models/epoch-E.pt, for
+    measurements along one run (``localsgd sharpness`` measures them too)"""
+    tensorboard: bool = False
+    """also log to TensorBoard (needs the tensorboard package)"""
+    progress: bool = True
+    """progress bar on stderr (rank 0)"""
+
+    def _check_output(self) -> None:
+        for name in ("eval_every", "checkpoint_every"):
+            integer(self, name, 1)
+        if self.row_steps is not None:
+            integer(self, "row_steps", 1)
+        at = self.save_models_at
+        if not isinstance(at, list) or not all(is_number(e) and 0 < e <= self.epochs for e in at):
+            allowed = f"a list of epochs in (0, epochs={self.epochs:g}]"
+            raise ConfigError(f"save_models_at must be {allowed}, got {at!r}")
+        if at != sorted(set(at)):
+            raise ConfigError(f"save_models_at must be strictly increasing, got {at!r}")
+
+
+@dataclass
+class RunSettings:
+    """This run of it: the seed, the run directory's fate, where and how the processes run."""
+
+    seed: int = 6
+    """seeds the initial model, every worker's data order, augmentation and dropout"""
+    resume: bool = False
+    """continue the run in the run directory from its last checkpoint, with the same settings (a
+    finished run is not run again)"""
+    overwrite: bool = False
+    """replace the run in the run directory (its files are deleted when the new run starts); without
+    resume or overwrite an existing run directory is an error"""
+    timeout: float = 600
+    """seconds a collective may wait for a peer before the run stops with an error (torchrun)"""
+    threads: int | None = None
+    """torch threads per process (default: all cores, 1 under torchrun with several processes per node)"""
+    device: Device = "auto"
+    """auto (CUDA if available), cpu or cuda: where the workers, the data and the evaluation live
+    (under torchrun each process takes GPU LOCAL_RANK)"""
+
+    def _check_run(self) -> None:
+        integer(self, "seed", 0)
+        number(self, "timeout", 0, strict=True)
+        if self.threads is not None:
+            integer(self, "threads", 1)
+        if self.resume is True and self.overwrite is True:
+            raise ConfigError(
+                "resume and overwrite exclude each other: resume continues the run, overwrite replaces it"
+            )
+
+
+@dataclass
+class Config(
+    RunSettings, OutputSettings, ScheduleSettings, OptimizerSettings, AveragingSettings, ModelSettings,
+    TaskSettings,
+):  # fmt: skip
+    """Every setting of a run, in sections (task, model, averaging, optimizer, schedule, output, run:
+    the order of ``--help``); each section checks its own settings and ``validate`` checks them all,
+    in that order, with the rules between sections. The names are flat (``cfg.local_steps``,
+    ``--local-steps``, the keys of TOML files and ``config.json``)."""
+
+    # Not a setting: the settings given on purpose, each with where ("flag", a file's path, "preset
+    # 'NAME'", "study method 'NAME'"; "" for Config(...)). Left out of to_dict(), so checkpoints and
+    # config.json hold settings only (older checkpoints resume as before); dataclasses.replace
+    # passes it on.
+    given: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        object.__setattr__(self, "_checked", False)  # any change is checked again
+        object.__setattr__(self, name, value)
+
+    def validate(self) -> None:
+        """Raise ConfigError on the first bad value, before any work. Checked once: validating a
+        config no setting of which was assigned since it passed does nothing (a list changed in
+        place is not seen: assign a new one)."""
+        if getattr(self, "_checked", False):
+            return
+        self._check()
+        object.__setattr__(self, "_checked", True)
+
+    def _check(self) -> None:
+        for name in CHOICES:
+            choice(self, name)
+        for name in SETTINGS:
+            if kind(name) is bool and not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        self._check_model()
+        self._check_optimizer()
+        self._check_task()
+        self._check_schedule()
+        self._check_output()
+        self._check_run()
+        self._check_averaging()
+        for name, reason in self.unused().items():  # a setting given on purpose that nothing reads
+            where = self.given.get(name, "")
+            where = f" (set by {where})" if where not in ("", "flag") else ""
+            raise ConfigError(f"{name} = {getattr(self, name)!r} {reason}{where}")
+        if self.optimizer == "sgd" and self.nesterov and self.momentum == 0:
+            hint = "" if "nesterov" in self.given else " (nesterov is on by default: give --no-nesterov)"
+            raise ConfigError(f"nesterov needs momentum > 0, got momentum = 0{hint}")
+
+    def unused(self) -> dict[str, str]:
+        """The settings given on purpose (``given``, or a None-default setting that has a value)
+        that this run does not read, each with why: the rest of "name = value ..." in an error."""
+        text, sgd = self.dataset == "text", self.optimizer == "sgd"
+        why: dict[str, str] = {}
+        if text:
+            for name in ("train_subset", "channels_last", "buffers"):
+                why[name] = f"is not used by dataset = {self.dataset}"
+            if self.model != "gpt":
+                why["heads"] = f"is for model = gpt, not {self.model}"
+        else:
+            for name in ("seq_len", "width", "depth", "heads", "dropout"):
+                why[name] = f"is not used by dataset = {self.dataset}"
+        if not sgd:
+            for name in ("momentum", "nesterov", "lr_per_64"):
+                why[name] = f"is sgd's; optimizer = {self.optimizer} does not use it"
+        else:
+            why["betas"] = "needs optimizer = adamw"
+            if self.peak_lr is not None and (self.lr_schedule == "cosine" or self.warmup_epochs == 0):
+                why["lr_per_64"] = (
+                    "is not used: peak_lr sets the peak LR, and the warm-up starts from lr_per_64 only "
+                    "with lr_schedule = step and warmup_epochs > 0"
+                )
+        if self.lr_schedule == "cosine":
+            why["decay_at"] = "is for lr_schedule = step; cosine decays smoothly"
+        elif not self.decay_at:
+            why["decay_factor"] = "is not used: decay_at is empty (no LR decay)"
+        if self.outer_optimizer == "none":
+            for name in ("outer_lr", "outer_momentum"):
+                why[name] = "needs an outer_optimizer (diloco or slowmo)"
+        if self.compress not in ("int8", "sign"):
+            why["compress_block"] = "needs compress = int8 or sign"
+        defaults = Config()
+        return {
+            name: reason
+            for name, reason in why.items()
+            if name in self.given or (getattr(defaults, name) is None and getattr(self, name) is not None)
+        }
+
     def to_dict(self) -> dict[str, Any]:
         """The settings (without ``given``)."""
         return {name: value for name, value in dataclasses.asdict(self).items() if name != "given"}
@@ -449,6 +519,46 @@ def _record_given(init: Any) -> Any:
 Config.__init__ = _record_given(Config.__init__)  # type: ignore[method-assign]
 SETTINGS: tuple[str, ...] = tuple(f.name for f in fields(Config) if f.name != "given")
 """The names of the settings, in the class's order."""
+SECTIONS: dict[type, tuple[str, ...]] = {
+    c: tuple(f.name for f in fields(c)) for c in reversed(Config.__mro__) if c.__name__.endswith("Settings")
+}
+"""Each section's settings, in order (``--help`` groups the flags so)."""
+
+
+@functools.cache
+def _hints() -> dict[str, Any]:
+    return typing.get_type_hints(Config)
+
+
+def _types(name: str) -> list[Any]:
+    """The types a setting's value may have, None's left out."""
+    hint = _hints()[name]
+    if get_origin(hint) in (Union, types.UnionType):
+        return [t for t in get_args(hint) if t is not type(None)]
+    return [hint]
+
+
+def kind(name: str) -> type:
+    """The Python type of a setting's value (besides None): bool, int, float, str (a choice of
+    names too) or list (of numbers); ``switch_epoch`` (a number or "first-decay") is a float."""
+    first = _types(name)[0]
+    if get_origin(first) is Literal:
+        return str
+    return get_origin(first) or first
+
+
+def optional(name: str) -> bool:
+    """Whether the setting may be None (none: its default)."""
+    return type(None) in get_args(_hints()[name])
+
+
+def choices(name: str) -> tuple[str, ...]:
+    """The names a choice setting allows (its Literal type's), in order."""
+    return get_args(_types(name)[0])
+
+
+CHOICES: tuple[str, ...] = tuple(n for n in SETTINGS if get_origin(_types(n)[0]) is Literal)
+"""The settings that take one of a few names."""
 
 
 def drop_unused_preset_settings(cfg: Config) -> list[str]:
@@ -465,8 +575,8 @@ def drop_unused_preset_settings(cfg: Config) -> list[str]:
     return lines
 
 
-def choice(cfg: Config, name: str, allowed: tuple[str, ...]) -> None:
-    value = getattr(cfg, name)
+def choice(cfg: Config, name: str) -> None:
+    value, allowed = getattr(cfg, name), choices(name)
     if value not in allowed:
         raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
 
@@ -608,7 +718,8 @@ def field_docs() -> dict[str, str]:
     import inspect
     import itertools
 
-    body = ast.parse(inspect.getsource(Config)).body[0].body  # type: ignore[attr-defined]
+    sections = [c for c in Config.__mro__ if c.__name__.endswith("Settings")]
+    body = [n for c in sections for n in ast.parse(inspect.getsource(c)).body[0].body]  # type: ignore[attr-defined]
     docs = {}
     for node, nxt in itertools.pairwise(body):
         if (
@@ -620,20 +731,14 @@ def field_docs() -> dict[str, str]:
     return docs
 
 
-def field_types() -> dict[str, Any]:
-    """Each setting's type (as written in the class)."""
-    return {f.name: f.type for f in fields(Config) if f.name != "given"}
-
-
 def from_mapping(values: dict[str, Any], source: str, base: Config | None = None) -> Config:
     """Apply ``values`` (TOML or preset) over ``base``; unknown keys are errors."""
-    known = field_types()
     cfg = dataclasses.replace(base) if base is not None else Config()
     for key, value in values.items():
         name = key.replace("-", "_")
-        if name not in known:
-            raise ConfigError(f"{source}: unknown key {key!r}; known keys: {', '.join(sorted(known))}")
-        if isinstance(value, int) and not isinstance(value, bool) and known[name].startswith("float"):
+        if name not in SETTINGS:
+            raise ConfigError(f"{source}: unknown key {key!r}; known keys: {', '.join(sorted(SETTINGS))}")
+        if isinstance(value, int) and not isinstance(value, bool) and kind(name) is float:
             value = float(value)
         setattr(cfg, name, value)
         cfg.given = {**cfg.given, name: source}
@@ -666,23 +771,21 @@ def preset(name: str) -> Config:
 
 def parse_value(name: str, text: str) -> Any:
     """A ``--key value`` flag's text as the field's type."""
-    kind = field_types()[name]
-    if text.lower() in ("none", "null") and "None" in kind:
+    k = kind(name)
+    if text.lower() in ("none", "null") and optional(name):
         return None
     if name == "switch_epoch" and text == FIRST_DECAY:
         return text
-    if name in ("decay_at", "betas", "save_models_at"):
+    if k is list:
         return [_number(name, t, float) for t in text.split(",") if t.strip()] if text.strip() else []
-    if kind.startswith("bool"):
+    if k is bool:
         if text.lower() in ("true", "1", "yes", "on"):
             return True
         if text.lower() in ("false", "0", "no", "off"):
             return False
         raise ConfigError(f"--{name.replace('_', '-')} must be true or false, got {text!r}")
-    if kind.startswith("int"):
-        return _number(name, text, int)
-    if kind.startswith("float"):
-        return _number(name, text, float)
+    if k in (int, float):
+        return _number(name, text, k)
     return text
 
 

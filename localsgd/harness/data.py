@@ -20,7 +20,7 @@ import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
@@ -32,7 +32,8 @@ try:  # numpy >= 2
 except ImportError:  # numpy 1.x
     from numpy.core.multiarray import _reconstruct  # type: ignore[attr-defined,no-redef]
 
-DATASETS = ("cifar10", "cifar100", "mnist", "fashion-mnist")
+ImageDataset = Literal["cifar10", "cifar100", "mnist", "fashion-mnist"]
+DATASETS: tuple[str, ...] = get_args(ImageDataset)
 
 
 class DataError(ValueError):

@@ -16,11 +16,11 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from localsgd import DistCommunicator, Engine, LocalSGD, Policy, Simulator, outer
+from localsgd import DistCommunicator, Engine, LocalSGD, Policy, Simulator
 from localsgd.compression import DEFAULT_BLOCK, make_codec
 from localsgd.engine import CommunicationError
 from localsgd.harness import checkpoint, optim, rundir
-from localsgd.harness.config import Config, ConfigError
+from localsgd.harness.config import OUTER_OPTIMIZERS, Config, ConfigError
 from localsgd.harness.interrupt import Interrupted, Signals
 from localsgd.harness.rows import Tally, check_finite, cross_entropy, evaluation, summarize
 from localsgd.harness.rundir import RunWriter
@@ -144,7 +144,7 @@ def build_policy(cfg: Config) -> Policy:
     outer_hyper = cfg.outer()
     make_outer = None
     if outer_hyper is not None:
-        make_outer = {"diloco": outer.diloco, "slowmo": outer.slowmo}[cfg.outer_optimizer](*outer_hyper)
+        make_outer = OUTER_OPTIMIZERS[cfg.outer_optimizer](*outer_hyper)
     codec = None if cfg.compress == "none" else make_codec(cfg.compress, cfg.compress_block or DEFAULT_BLOCK)
     return Policy(
         buffers=cfg.buffers,
