@@ -478,6 +478,7 @@ def test_train_help_shows_every_default_and_a_line_per_preset() -> None:
     assert f"(default {Config().text_seq_len()})" in helps["seq_len"]
     assert f"(default {DEFAULT_WORKERS})" in helps["workers"]
     assert f"(default {DEFAULT_BLOCK})" in helps["compress_block"]
+    assert f"(default {optim.ADAMW_BETAS[0]}, {optim.ADAMW_BETAS[1]})" in helps["betas"]
     for key in ("width", "depth"):
         assert f"(default: gpt {SIZES['gpt'][key]}, lstm {SIZES['lstm'][key]})" in helps[key]
     assert f"(default {SIZES['gpt']['heads']})" in helps["heads"]

@@ -10,6 +10,7 @@ import math
 import torch
 from torch import nn
 
+ADAMW_BETAS = (0.9, 0.95)  # adamw's (beta1, beta2) unless betas is set
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.LayerNorm, nn.GroupNorm)
 
 

@@ -121,7 +121,7 @@ def build_engine(cfg: Config, plan: Plan, runtime: Runtime, model: nn.Module) ->
 
     def make_optimizer(m: nn.Module) -> torch.optim.Optimizer:
         if cfg.optimizer == "adamw":
-            betas = cfg.betas or (0.9, 0.95)
+            betas = cfg.betas or optim.ADAMW_BETAS
             return optim.adamw(m, plan.peak_lr, (betas[0], betas[1]), cfg.weight_decay)
         return optim.sgd(m, plan.peak_lr, cfg.momentum, cfg.nesterov, cfg.weight_decay)
 
