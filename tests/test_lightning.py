@@ -1,0 +1,148 @@
+"""PyTorch Lightning (localsgd.integrations.lightning): 2 gloo processes under torchrun, no mocks.
+
+Each multi-process test starts tests/lightning_worker.py (2 ranks, 40 optimizer steps of a small
+MLP with BatchNorm, each rank its own shard) and takes a few seconds.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from tests.helpers import HERE, launch
+
+needs_lightning = pytest.mark.skipif(
+    importlib.util.find_spec("lightning") is None,
+    reason="PyTorch Lightning is not installed (pip install 'localsgd[lightning]')",
+)
+
+# Global rounds in 40 steps. post_local (t' = 6, H = 4): 6 gradient averages (done by DDP's
+# all-reduce) and parameter averages after steps 10, 14, ..., 38 (8). diloco (H = 6): outer steps
+# after 6, 12, ..., 36.
+ROUNDS = {"post_local": 14, "diloco": 6}
+
+
+def worker(mode: str, out: Path, config: str, *mutation: str) -> list[dict]:
+    launch(2, [str(HERE / "lightning_worker.py"), mode, str(out), config, *mutation])
+    return [torch.load(out / f"{mode}_rank{r}.pt", weights_only=True) for r in range(2)]
+
+
+def max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    return max((x.double() - y.double()).abs().max().item() for x, y in zip(a, b, strict=True))
+
+
+def test_importing_localsgd_does_not_import_lightning() -> None:
+    code = "import sys, localsgd, localsgd.integrations; assert 'lightning' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_missing_lightning_is_one_clear_error() -> None:
+    code = (
+        "import sys; sys.modules['lightning'] = None\n"  # as if it were not installed
+        "try:\n    import localsgd.integrations.lightning\n"
+        "except ImportError as e:\n    print(e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    assert "pip install 'localsgd[lightning]'" in out
+
+
+@needs_lightning
+@pytest.mark.parametrize("config", ["post_local", "diloco"])
+def test_lightning_equals_the_plain_loop_bitwise(tmp_path: Path, config: str) -> None:
+    """Same init, data order and schedule: Trainer.fit with LocalSGDStrategy ends bit for bit where
+    the README's own loop (LocalSGD with and without DistributedDataParallel) ends, with the
+    rounds the schedule names."""
+    results = worker("equal", tmp_path, config)
+    for r in results:
+        lightning, plain_ddp, plain = r["lightning"], r["plain_ddp"], r["plain"]
+        assert lightning["t"] == plain["t"] == 40
+        for other in (plain_ddp, plain):
+            assert all(torch.equal(a, b) for a, b in zip(lightning["state"], other["state"], strict=True))
+            assert (
+                lightning["stats"]["global"]["rounds"] == other["stats"]["global"]["rounds"] == ROUNDS[config]
+            )
+        assert lightning["stats"]["global"]["bytes"] == plain_ddp["stats"]["global"]["bytes"]
+    r0, r1 = (r["lightning"]["state"] for r in results)
+    assert max_diff(r0, r1) > 1e-4  # the last steps were local: the ranks differ, as they should
+
+
+@needs_lightning
+@pytest.mark.parametrize("config", ["post_local", "diloco"])
+@pytest.mark.parametrize("mutation", ["no_average", "ddp_on"])
+def test_a_broken_engine_is_caught(tmp_path: Path, config: str, mutation: str) -> None:
+    """The equality above notices averaging left out and DDP's all-reduce left on in local steps."""
+    for r in worker("equal", tmp_path, config, mutation):
+        assert max_diff(r["lightning"]["state"], r["plain"]["state"]) > 1e-2
+
+
+@needs_lightning
+@pytest.mark.parametrize("config", ["post_local", "diloco"])
+def test_kill_and_resume_from_lightnings_checkpoint_is_bitwise(tmp_path: Path, config: str) -> None:
+    """ModelCheckpoint after epoch 1 (step 20, mid-period: the ranks differ), the job killed 3 steps
+    later, Trainer.fit(ckpt_path=last.ckpt): the same final state on every rank as a run that was
+    never interrupted, and the same rounds."""
+    full = worker("full_then_killed", tmp_path, config)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
+        "epoch=1-step=20.ckpt",
+        "last.ckpt",
+    ]
+    resumed = worker("resume", tmp_path, config)
+    for f, r in zip(full, resumed, strict=True):
+        f, r = f["full"], r["resumed"]
+        assert r["t"] == 40
+        assert all(torch.equal(a, b) for a, b in zip(f["state"], r["state"], strict=True))
+        assert r["stats"]["global"]["rounds"] == f["stats"]["global"]["rounds"] == ROUNDS[config]
+
+
+@needs_lightning
+def test_resuming_every_rank_from_rank_0s_state_would_differ(tmp_path: Path) -> None:
+    """Why every rank's state is in the checkpoint: restoring rank 0's on both ranks (what a
+    checkpoint of rank 0 alone gives) does not continue the run."""
+    full = worker("full_then_killed", tmp_path, "post_local")
+    resumed = worker("resume", tmp_path, "post_local", "rank0_state")
+    for f, r in zip(full, resumed, strict=True):
+        assert max_diff(f["full"]["state"], r["resumed"]["state"]) > 1e-2
+
+
+@needs_lightning
+def test_refused_settings_are_clear_errors() -> None:
+    from localsgd import Schedule
+    from localsgd.integrations.lightning import LocalSGDStrategy
+
+    with pytest.raises(ValueError, match="model_averaging_period"):
+        LocalSGDStrategy(Schedule.local(4), model_averaging_period=4)
+    with pytest.raises(TypeError, match=r"localsgd\.Schedule"):
+        LocalSGDStrategy(4)  # type: ignore[arg-type]
+    strategy = LocalSGDStrategy(Schedule.local(4), max_grad_norm=1.0, find_unused_parameters=True)
+    assert strategy.policy.max_grad_norm == 1.0
+    buffers = {k: v for k, v in strategy._ddp_kwargs.items() if k != "find_unused_parameters"}
+    assert buffers in ({"forward_sync_buffers": False}, {"broadcast_buffers": False})  # per-rank BatchNorm
+
+
+@needs_lightning
+def test_gradient_clip_val_is_refused_for_max_grad_norm(tmp_path: Path) -> None:
+    """Trainer(gradient_clip_val=...) clips inside Lightning's closure, before localsgd's own
+    gradient averages; the error names the strategy's max_grad_norm instead."""
+    for r in worker("refuse", tmp_path, "post_local", "gradient_clip_val"):
+        assert r["error"].startswith("LocalSGDStrategy: Trainer(gradient_clip_val=...)")
+        assert "max_grad_norm" in r["error"]
+
+
+@needs_lightning
+def test_16_bit_mixed_precision_is_refused() -> None:
+    """Its GradScaler may skip a step on one rank only (on a CPU Lightning turns '16-mixed' into
+    bf16, so the refusal is checked on the strategy directly)."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    from localsgd import Schedule
+    from localsgd.integrations.lightning import LocalSGDStrategy
+
+    strategy = LocalSGDStrategy(Schedule.local(4), precision_plugin=MixedPrecision("16-mixed", "cpu"))
+    with pytest.raises(ValueError, match="16-mixed"):
+        strategy.setup(SimpleNamespace(gradient_clip_val=None))  # type: ignore[arg-type]
