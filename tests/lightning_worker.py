@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import sys
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -46,12 +46,20 @@ CONFIGS: dict[str, tuple[Schedule, Any, dict[str, Any]]] = {
         lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-4),
         {},
     ),
+    # Trainer(accumulate_grad_batches=2): 20 optimizer steps, each of 2 batches
+    "post_local_accum": (
+        Schedule.post_local(local_steps=2, switch_step=3),
+        lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-4),
+        {},
+    ),
     "diloco": (
         Schedule.local(6),
         lambda ps: torch.optim.AdamW(ps, lr=3e-3),
         {"outer_optimizer": diloco(lr=0.7, momentum=0.9)},
     ),
 }
+
+ACCUMULATE = {"post_local_accum": 2}
 
 
 def shard(rank: int, world: int) -> DataLoader:
@@ -135,6 +143,7 @@ def lightning_run(
         enable_model_summary=False,
         use_distributed_sampler=False,  # each rank's shard is made explicitly, as in the plain loop
         num_sanity_val_steps=0,
+        accumulate_grad_batches=ACCUMULATE.get(config, 1),
         **trainer_kwargs,
     )
     module = Net(config)
@@ -150,11 +159,16 @@ def plain_loop(config: str, ddp: bool) -> dict:
     wrapped = DistributedDataParallel(model, forward_sync_buffers=False) if ddp else model
     opt = LocalSGD(make_optimizer(model.parameters()), wrapped, schedule, **policy)
     loader = shard(dist.get_rank(), dist.get_world_size())
+    accumulate = ACCUMULATE.get(config, 1)
     for _ in range(EPOCHS):
-        for x, y in loader:
-            opt.zero_grad()
-            F.cross_entropy(wrapped(x), y).backward()
-            opt.step()
+        for i, (x, y) in enumerate(loader):
+            if i % accumulate == 0:
+                opt.zero_grad()
+            last = i % accumulate == accumulate - 1
+            with nullcontext() if last or not ddp else wrapped.no_sync():  # DDP: all-reduce once
+                (F.cross_entropy(wrapped(x), y) / accumulate).backward()
+            if last:
+                opt.step()
     return {"state": state(model), "t": opt.t, "stats": {k: vars(v) for k, v in opt.stats.items()}}
 
 

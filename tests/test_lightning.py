@@ -24,8 +24,10 @@ needs_lightning = pytest.mark.skipif(
 
 # Global rounds in 40 steps. post_local (t' = 6, H = 4): 6 gradient averages (done by DDP's
 # all-reduce) and parameter averages after steps 10, 14, ..., 38 (8). diloco (H = 6): outer steps
-# after 6, 12, ..., 36.
-ROUNDS = {"post_local": 14, "diloco": 6}
+# after 6, 12, ..., 36. post_local_accum (accumulate_grad_batches=2: 20 optimizer steps, t' = 3,
+# H = 2): 3 gradient averages and parameter averages after steps 5, 7, ..., 19 (8).
+ROUNDS = {"post_local": 14, "diloco": 6, "post_local_accum": 11}
+STEPS = {"post_local": 40, "diloco": 40, "post_local_accum": 20}
 
 
 def worker(mode: str, out: Path, config: str, *mutation: str) -> list[dict]:
@@ -53,15 +55,16 @@ def test_missing_lightning_is_one_clear_error() -> None:
 
 
 @needs_lightning
-@pytest.mark.parametrize("config", ["post_local", "diloco"])
+@pytest.mark.parametrize("config", ["post_local", "diloco", "post_local_accum"])
 def test_lightning_equals_the_plain_loop_bitwise(tmp_path: Path, config: str) -> None:
     """Same init, data order and schedule: Trainer.fit with LocalSGDStrategy ends bit for bit where
     the README's own loop (LocalSGD with and without DistributedDataParallel) ends, with the
-    rounds the schedule names."""
+    rounds the schedule names. With accumulate_grad_batches=2 a localsgd step is an optimizer
+    step of 2 batches (the loop accumulates 2 halved losses, under no_sync with DDP)."""
     results = worker("equal", tmp_path, config)
     for r in results:
         lightning, plain_ddp, plain = r["lightning"], r["plain_ddp"], r["plain"]
-        assert lightning["t"] == plain["t"] == 40
+        assert lightning["t"] == plain["t"] == STEPS[config]
         for other in (plain_ddp, plain):
             assert all(torch.equal(a, b) for a, b in zip(lightning["state"], other["state"], strict=True))
             assert (
