@@ -7,6 +7,7 @@ MLP with BatchNorm, each rank its own shard) and takes a few seconds.
 from __future__ import annotations
 
 import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -149,3 +150,17 @@ def test_16_bit_mixed_precision_is_refused() -> None:
     strategy = LocalSGDStrategy(Schedule.local(4), precision_plugin=MixedPrecision("16-mixed", "cpu"))
     with pytest.raises(ValueError, match="16-mixed"):
         strategy.setup(SimpleNamespace(gradient_clip_val=None))  # type: ignore[arg-type]
+
+
+@needs_lightning
+def test_example_runs_in_one_command() -> None:
+    """examples/lightning_post_local.py under Lightning's own launcher (2 CPU processes, gloo):
+    640 steps, 200 mini-batch rounds, 27 averages after t' and the final average_now()."""
+    example = HERE.parent / "examples" / "lightning_post_local.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent)}
+    run = subprocess.run([sys.executable, str(example)], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    line = next(s for s in run.stdout.splitlines() if s.startswith("after "))
+    assert line.startswith("after 640 steps: training accuracy ")
+    assert "rounds=228," in line
+    assert float(line.split("accuracy ")[1].split("%")[0]) > 85
