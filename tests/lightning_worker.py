@@ -186,7 +186,8 @@ def main() -> None:
     elif mode == "full_then_killed":
         result["full"] = lightning_run(config, EPOCHS, [])
         torch.save(result, out / f"{mode}_rank{rank}.pt")
-        checkpoints = ModelCheckpoint(dirpath=out / "checkpoints", save_last=True)
+        every = int(os.environ.get("CKPT_EVERY_STEPS", "0")) or None  # default: at epoch ends
+        checkpoints = ModelCheckpoint(dirpath=out / "checkpoints", save_last=True, every_n_train_steps=every)
         lightning_run(config, EPOCHS, [checkpoints, Kill()])
         raise AssertionError("the killed run was not killed")
     elif mode == "resume":

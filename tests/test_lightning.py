@@ -31,8 +31,10 @@ ROUNDS = {"post_local": 14, "diloco": 6, "post_local_accum": 11}
 STEPS = {"post_local": 40, "diloco": 40, "post_local_accum": 20}
 
 
-def worker(mode: str, out: Path, config: str, *mutation: str) -> list[dict]:
-    launch(2, [str(HERE / "lightning_worker.py"), mode, str(out), config, *mutation])
+def worker(
+    mode: str, out: Path, config: str, *mutation: str, env: dict[str, str] | None = None
+) -> list[dict]:
+    launch(2, [str(HERE / "lightning_worker.py"), mode, str(out), config, *mutation], env=env)
     return [torch.load(out / f"{mode}_rank{r}.pt", weights_only=True) for r in range(2)]
 
 
@@ -86,16 +88,23 @@ def test_a_broken_engine_is_caught(tmp_path: Path, config: str, mutation: str) -
 
 
 @needs_lightning
-@pytest.mark.parametrize("config", ["post_local", "diloco"])
-def test_kill_and_resume_from_lightnings_checkpoint_is_bitwise(tmp_path: Path, config: str) -> None:
-    """ModelCheckpoint after epoch 1 (step 20, mid-period: the ranks differ), the job killed 3 steps
-    later, Trainer.fit(ckpt_path=last.ckpt): the same final state on every rank as a run that was
-    never interrupted, and the same rounds."""
-    full = worker("full_then_killed", tmp_path, config)
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
-        "epoch=1-step=20.ckpt",
-        "last.ckpt",
-    ]
+@pytest.mark.parametrize(
+    "config,every,checkpoint",
+    [
+        ("post_local", 0, "epoch=1-step=20.ckpt"),
+        ("diloco", 0, "epoch=1-step=20.ckpt"),
+        ("post_local", 13, "epoch=1-step=13.ckpt"),
+    ],
+)
+def test_kill_and_resume_from_lightnings_checkpoint_is_bitwise(
+    tmp_path: Path, config: str, every: int, checkpoint: str
+) -> None:
+    """ModelCheckpoint after epoch 1 (step 20), or every 13 steps (step 13, mid-epoch); either is
+    mid-period, where the ranks differ. The job is killed 3 steps into epoch 2 (step 23), then
+    Trainer.fit(ckpt_path=last.ckpt): the same final state on every rank as a run that was never
+    interrupted, and the same rounds."""
+    full = worker("full_then_killed", tmp_path, config, env={"CKPT_EVERY_STEPS": str(every)})
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [checkpoint, "last.ckpt"]
     resumed = worker("resume", tmp_path, config)
     for f, r in zip(full, resumed, strict=True):
         f, r = f["full"], r["resumed"]
