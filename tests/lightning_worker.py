@@ -52,6 +52,18 @@ CONFIGS: dict[str, tuple[Schedule, Any, dict[str, Any]]] = {
         lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-4),
         {},
     ),
+    # 2 nodes x 2 processes (blocks: the nodes). H = 2, H_b = 2: block and global parameter
+    # averages; H = 1, H_b = 4: a block gradient average every step, done by localsgd, not DDP
+    "hierarchical": (
+        Schedule.hierarchical(local_steps=2, block_steps=2, switch_step=3),
+        lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-4),
+        {},
+    ),
+    "hierarchical_h1": (
+        Schedule.hierarchical(local_steps=1, block_steps=4, switch_step=2),
+        lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-4),
+        {},
+    ),
     "diloco": (
         Schedule.local(6),
         lambda ps: torch.optim.AdamW(ps, lr=3e-3),
@@ -134,6 +146,7 @@ def lightning_run(
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=int(os.environ["LOCAL_WORLD_SIZE"]),
+        num_nodes=int(os.environ["WORLD_SIZE"]) // int(os.environ["LOCAL_WORLD_SIZE"]),
         strategy=strategy,
         max_epochs=epochs,
         logger=False,
