@@ -52,6 +52,12 @@ CONFIGS: dict[str, tuple[Schedule, Any, dict[str, Any]]] = {
         lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-4),
         {},
     ),
+    # the same with manual optimization (training_step calls zero_grad, manual_backward, step)
+    "post_local_manual": (
+        Schedule.post_local(local_steps=4, switch_step=6),
+        lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-4),
+        {},
+    ),
     # 2 nodes x 2 processes (blocks: the nodes). H = 2, H_b = 2: block and global parameter
     # averages; H = 1, H_b = 4: a block gradient average every step, done by localsgd, not DDP
     "hierarchical": (
@@ -88,10 +94,17 @@ class Net(pl.LightningModule):
         super().__init__()
         self.net = mlp(seed=1)  # with BatchNorm: each rank keeps its own statistics
         self.make_optimizer = CONFIGS[config][1]
+        self.automatic_optimization = not config.endswith("_manual")
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = batch
-        return F.cross_entropy(self.net(x), y)
+        loss = F.cross_entropy(self.net(x), y)
+        if not self.automatic_optimization:
+            opt = self.optimizers()
+            opt.zero_grad()
+            self.manual_backward(loss)
+            opt.step()
+        return loss
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return self.make_optimizer(self.parameters())

@@ -35,6 +35,7 @@ ROUNDS = {
     "post_local": {"global": 14},
     "diloco": {"global": 6},
     "post_local_accum": {"global": 11},
+    "post_local_manual": {"global": 14},
     "hierarchical": {"global": 12, "block": 9},
     "hierarchical_h1": {"global": 11, "block": 38},
 }
@@ -71,7 +72,8 @@ def test_missing_lightning_is_one_clear_error() -> None:
 
 @needs_lightning
 @pytest.mark.parametrize(
-    "config", ["post_local", "diloco", "post_local_accum", "hierarchical", "hierarchical_h1"]
+    "config",
+    ["post_local", "diloco", "post_local_accum", "post_local_manual", "hierarchical", "hierarchical_h1"],
 )
 def test_lightning_equals_the_plain_loop(tmp_path: Path, config: str) -> None:
     """Same init, data order and schedule: Trainer.fit with LocalSGDStrategy ends bit for bit where
@@ -80,7 +82,9 @@ def test_lightning_equals_the_plain_loop(tmp_path: Path, config: str) -> None:
     all-reduce of the mini-batch gradients sums in another order than localsgd's own mean
     (measured max difference after 40 steps: 2.4e-7), hence 1e-6 there. With
     accumulate_grad_batches=2 a localsgd step is an optimizer step of 2 batches (the loop
-    accumulates 2 halved losses, under no_sync with DDP)."""
+    accumulates 2 halved losses, under no_sync with DDP). With manual optimization (training_step
+    calls zero_grad, manual_backward and step) Lightning's own switching of DDP's sync around
+    training_step must not override localsgd's."""
     results = worker("equal", tmp_path, config)
     for r in results:
         lightning, plain_ddp, plain = r["lightning"], r["plain_ddp"], r["plain"]

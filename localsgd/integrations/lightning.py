@@ -50,6 +50,7 @@ try:
     from lightning.pytorch.core.optimizer import LightningOptimizer
     from lightning.pytorch.plugins.precision import MixedPrecision
     from lightning.pytorch.strategies import DDPStrategy
+    from lightning.pytorch.strategies.ddp import _DDPForwardRedirection
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError(
         "localsgd.integrations.lightning needs PyTorch Lightning (the 'lightning' package): "
@@ -75,6 +76,31 @@ def _to_cpu(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return type(obj)(_to_cpu(v) for v in obj)
     return obj
+
+
+class _KeepArming(_DDPForwardRedirection):
+    """With manual optimization, Lightning switches DDP's gradient sync off after ``training_step``
+    and back on (for every step) after DDP's forward; this puts back the setting ``LocalSGD`` made
+    for the next step instead (``training_step`` called ``opt.step()``, which armed it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._armed: bool | None = None
+
+    def on_after_inner_forward(
+        self, wrapper_module: torch.nn.Module, original_module: pl.LightningModule
+    ) -> None:
+        if isinstance(wrapper_module, DistributedDataParallel):
+            self._armed = wrapper_module.require_backward_grad_sync
+        super().on_after_inner_forward(wrapper_module, original_module)
+
+    def on_after_outer_forward(
+        self, wrapper_module: torch.nn.Module, original_module: pl.LightningModule
+    ) -> None:
+        super().on_after_outer_forward(wrapper_module, original_module)
+        if isinstance(wrapper_module, DistributedDataParallel) and self._armed is not None:
+            wrapper_module.require_backward_grad_sync = self._armed
+            self._armed = None
 
 
 class LocalSGDStrategy(DDPStrategy):
@@ -118,6 +144,7 @@ class LocalSGDStrategy(DDPStrategy):
             name = "forward_sync_buffers" if "forward_sync_buffers" in ddp_args else "broadcast_buffers"
             kwargs[name] = False
         super().__init__(**kwargs)
+        self._forward_redirection = _KeepArming()
         self._engines: list[LocalSGD] = []
 
     @property
