@@ -165,6 +165,21 @@ def test_refused_settings_are_clear_errors() -> None:
 
 
 @needs_lightning
+def test_checkpoints_of_another_strategy_or_world_size_are_refused() -> None:
+    from localsgd import Schedule
+    from localsgd.integrations.lightning import LocalSGDStrategy
+
+    strategy = LocalSGDStrategy(Schedule.local(4))  # no cluster environment: a world of 1
+    strategy.optimizers = [torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1)]
+    with pytest.raises(ValueError, match="not written by LocalSGDStrategy"):
+        strategy.load_optimizer_state_dict({"optimizer_states": [{"state": {}, "param_groups": []}]})
+    with pytest.raises(ValueError, match="written by 2 workers, but this run has 1"):
+        strategy.load_optimizer_state_dict({"optimizer_states": [{"localsgd_workers": [{}, {}]}]})
+    with pytest.raises(ValueError, match="holds 2 optimizer states, this run has 1"):
+        strategy.load_optimizer_state_dict({"optimizer_states": [{}, {}]})
+
+
+@needs_lightning
 def test_gradient_clip_val_is_refused_for_max_grad_norm(tmp_path: Path) -> None:
     """Trainer(gradient_clip_val=...) clips inside Lightning's closure, before localsgd's own
     gradient averages; the error names the strategy's max_grad_norm instead."""

@@ -16,6 +16,8 @@ How it hooks into Lightning (``DDPStrategy`` otherwise unchanged):
   exactly as a hand-written loop does: the closure (forward, backward, Lightning's
   ``on_before_optimizer_step``) runs first, then the schedule's communication, then the inner
   step. DDP's gradient all-reduce runs only in steps that average gradients (``DDPArming``).
+  With manual optimization, Lightning's DDP forward redirection would switch that all-reduce on
+  after every ``training_step``; the strategy's redirection keeps ``LocalSGD``'s setting instead.
 * ``optimizer_state`` / ``load_optimizer_state_dict``: Lightning writes a checkpoint from rank 0
   only, but local SGD's workers differ between averages (parameters, optimizer state, error
   feedback), so each rank's state (its module ``state_dict`` and ``LocalSGD.state_dict()``: step
@@ -217,7 +219,6 @@ class LocalSGDStrategy(DDPStrategy):
             raise ValueError(
                 f"the checkpoint holds {len(states)} optimizer states, this run has {len(self.optimizers)}"
             )
-        assert self.lightning_module is not None
         for optimizer, state in zip(self.optimizers, states, strict=True):
             if _WORKERS_KEY not in state:
                 raise ValueError(
@@ -231,6 +232,7 @@ class LocalSGDStrategy(DDPStrategy):
                     f"{self.world_size}; local SGD's workers differ and cannot be resharded"
                 )
             mine = workers[self.global_rank]
+            assert self.lightning_module is not None
             self.lightning_module.load_state_dict(mine["model"])
             optimizer.load_state_dict(mine["optimizer"])
             _optimizer_to_device(optimizer, self.root_device)
