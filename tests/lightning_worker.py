@@ -8,7 +8,8 @@ Lightning run, then one that checkpoints every epoch and is killed (``os._exit``
 epoch 2. ``resume``: ``Trainer.fit(ckpt_path=...)`` from the killed run's last checkpoint.
 MUTATION breaks the run on purpose (the test must notice): ``no_average`` leaves averaging out,
 ``ddp_on`` leaves DDP's all-reduce on in local steps, ``rank0_state`` resumes every rank from rank
-0's state (what a checkpoint of rank 0 alone would give).
+0's state (what a checkpoint of rank 0 alone would give), ``inner_optimizer_only`` resumes each
+rank's model and inner optimizer but not the engine (step counter, anchor, outer momentum).
 """
 
 from __future__ import annotations
@@ -139,6 +140,16 @@ def mutation(name: str | None):
             load(self, {**checkpoint, "optimizer_states": states})
 
         LocalSGDStrategy.load_optimizer_state_dict = rank0  # type: ignore[method-assign]
+    elif name == "inner_optimizer_only":  # what checkpointing only the wrapped optimizer would give
+        load = LocalSGDStrategy.load_optimizer_state_dict
+
+        def inner_only(self: LocalSGDStrategy, checkpoint: Any) -> None:
+            for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"], strict=True):
+                mine = state["localsgd_workers"][self.global_rank]
+                self.lightning_module.load_state_dict(mine["model"])
+                optimizer.optimizer.load_state_dict(mine["optimizer"]["optimizer"])
+
+        LocalSGDStrategy.load_optimizer_state_dict = inner_only  # type: ignore[method-assign]
     elif name is not None:
         raise ValueError(f"unknown mutation {name!r}")
     try:

@@ -141,11 +141,15 @@ def test_kill_and_resume_from_lightnings_checkpoint_is_bitwise(
 
 
 @needs_lightning
-def test_resuming_every_rank_from_rank_0s_state_would_differ(tmp_path: Path) -> None:
-    """Why every rank's state is in the checkpoint: restoring rank 0's on both ranks (what a
-    checkpoint of rank 0 alone gives) does not continue the run."""
-    full = worker("full_then_killed", tmp_path, "post_local")
-    resumed = worker("resume", tmp_path, "post_local", "rank0_state")
+@pytest.mark.parametrize(
+    "config,mutation", [("post_local", "rank0_state"), ("diloco", "inner_optimizer_only")]
+)
+def test_resuming_with_less_state_would_differ(tmp_path: Path, config: str, mutation: str) -> None:
+    """Why every rank's whole state is in the checkpoint: restoring rank 0's on both ranks (what a
+    checkpoint of rank 0 alone gives), or each rank's model and inner optimizer without the engine
+    (step counter, DiLoCo's anchor and outer momentum), does not continue the run."""
+    full = worker("full_then_killed", tmp_path, config)
+    resumed = worker("resume", tmp_path, config, mutation)
     for f, r in zip(full, resumed, strict=True):
         assert max_diff(f["full"]["state"], r["resumed"]["state"]) > 1e-2
 
