@@ -1,7 +1,14 @@
 """PyTorch Lightning (localsgd.integrations.lightning): 2 gloo processes under torchrun, no mocks.
 
 Each multi-process test starts tests/lightning_worker.py (2 ranks, 40 optimizer steps of a small
-MLP with BatchNorm, each rank its own shard) and takes a few seconds.
+MLP with BatchNorm, each rank its own shard) and takes 7-14 seconds on 2 busy cores.
+
+The ranks are started by torchrun (tests/helpers.launch, as in tests/test_dist.py): Lightning
+recognises torchrun's environment and uses its processes (accelerator="cpu", devices = torchrun's
+processes per node, num_nodes = its nodes, gloo). Lightning's own launcher (the example's) re-runs
+``sys.argv``, which under pytest would be pytest itself, and "spawn" would need every object
+pickled into the children and back; torchrun also gives real multi-node rendezvous for the
+hierarchical tests.
 """
 
 from __future__ import annotations
