@@ -29,13 +29,22 @@ needs_hf = pytest.mark.skipif(
 # all-reduce) and parameter averages after steps 10, 14, ..., 38 (8). diloco (H = 6): outer steps
 # after 6, 12, ..., 36. post_local_accum (gradient_accumulation_steps=2: 20 steps of 2 batches,
 # t' = 3, H = 2): 3 gradient averages and parameter averages after steps 5, 7, ..., 19 (8).
-ROUNDS = {"post_local": {"global": 14}, "diloco": {"global": 6}, "post_local_accum": {"global": 11}}
+# On 2 nodes x 2 processes (blocks: the nodes), t' = 2, H = 1, H_b = 4: 2 global gradient averages,
+# then a block gradient average in each of the other 38 steps and 9 global parameter averages.
+ROUNDS = {
+    "post_local": {"global": 14},
+    "diloco": {"global": 6},
+    "post_local_accum": {"global": 11},
+    "hierarchical_h1": {"global": 11, "block": 38},
+}
 STEPS = {"post_local_accum": 20}  # 40 for the others
+NODES = {"hierarchical_h1": 2}  # 1 for the others
 
 
 def worker(mode: str, out: Path, config: str, *mutation: str) -> list[dict]:
-    launch(2, [str(HERE / "transformers_worker.py"), mode, str(out), config, *mutation])
-    return [torch.load(out / f"{mode}_rank{r}.pt", weights_only=True) for r in range(2)]
+    nodes = NODES.get(config, 1)
+    launch(2, [str(HERE / "transformers_worker.py"), mode, str(out), config, *mutation], nodes=nodes)
+    return [torch.load(out / f"{mode}_rank{r}.pt", weights_only=True) for r in range(2 * nodes)]
 
 
 def max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
@@ -63,11 +72,12 @@ def test_missing_transformers_is_one_clear_error(package: str) -> None:
 
 
 @needs_hf
-@pytest.mark.parametrize("config", ["post_local", "diloco", "post_local_accum"])
+@pytest.mark.parametrize("config", ["post_local", "diloco", "post_local_accum", "hierarchical_h1"])
 def test_trainer_equals_the_plain_loop(tmp_path: Path, config: str) -> None:
     """Same init, batches and schedule: LocalSGDTrainer.train() ends bit for bit where the README's
     own loop with a DistributedDataParallel model ends (post-local with max_grad_norm=0.5, which
-    localsgd applies inside its step; DiLoCo; 2 micro-batches per step), with the rounds the
+    localsgd applies inside its step, in the hierarchical run after its own block gradient
+    averages on 2 nodes x 2 processes; DiLoCo; 2 micro-batches per step), with the rounds the
     schedule names; the Trainer fed the batches the loop uses. The only collective outside
     localsgd's step is the Trainer's own after the last step (its FLOP count), none in a step."""
     steps = STEPS.get(config, 40)
@@ -81,7 +91,9 @@ def test_trainer_equals_the_plain_loop(tmp_path: Path, config: str) -> None:
         for run in (trainer, plain):
             assert {level: s["rounds"] for level, s in run["stats"].items()} == ROUNDS[config]
         assert [t for t, _ in trainer["outside"]] == [steps]
-    assert max_diff(results[0]["trainer"]["state"], results[1]["trainer"]["state"]) > 1e-4  # local at the end
+    assert (
+        max_diff(results[0]["trainer"]["state"], results[-1]["trainer"]["state"]) > 1e-4
+    )  # local at the end
 
 
 @needs_hf

@@ -57,6 +57,15 @@ CONFIGS: dict[str, tuple[Schedule, Any, dict[str, Any], int, float]] = {
         2,
         0.5,
     ),
+    # 2 nodes x 2 processes (blocks: the nodes): a block gradient average in every local step,
+    # done by localsgd, not DDP; the clipping must come after it
+    "hierarchical_h1": (
+        Schedule.hierarchical(local_steps=1, block_steps=4, switch_step=2),
+        lambda ps: torch.optim.SGD(ps, lr=0.2, momentum=0.9, nesterov=True, weight_decay=1e-4),
+        {},
+        1,
+        0.5,
+    ),
     "diloco": (
         Schedule.local(6),
         lambda ps: torch.optim.AdamW(ps, lr=3e-3),
