@@ -44,7 +44,7 @@ def main() -> None:
     loader = accelerator.prepare(DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True))
 
     checkpoint = Path(tempfile.gettempdir()) / "localsgd-accelerate-example"
-    for epoch in range(5):
+    for _ in range(5):
         for xb, yb in loader:
             with accelerator.accumulate(model):
                 accelerator.backward(F.cross_entropy(model(xb), yb))
@@ -57,7 +57,9 @@ def main() -> None:
     local_sgd.average_now()  # one model on every worker, for evaluation or saving
     with torch.no_grad():
         accuracy = (model(x.to(accelerator.device)).argmax(1).cpu() == y).float().mean().item()
-    accelerator.print(f"after {local_sgd.t} steps: training accuracy {accuracy:.1%}; {local_sgd.stats['global']}")
+    accelerator.print(
+        f"after {local_sgd.t} steps: training accuracy {accuracy:.1%}; {local_sgd.stats['global']}"
+    )
     accelerator.end_training()
 
 

@@ -1,18 +1,18 @@
 """One rank of an Accelerate test, started by torchrun (see tests/test_accelerate.py).
 
-Usage: accelerate_worker.py MODE OUT_DIR CONFIG [MUTATION]; each rank writes OUT_DIR/{MODE}_rank{r}.pt.
+Usage: accelerate_worker.py MODE OUT_DIR CONFIG [MUTATION,...]; each rank writes
+OUT_DIR/{MODE}_rank{r}.pt.
 
-MODE ``equal``: an Accelerate loop (``localsgd.integrations.accelerate.prepare``, a prepared
-DataLoader, ``accelerator.accumulate``/``backward``) and the same training in a plain loop with
-``LocalSGD`` around a plain ``DistributedDataParallel`` model. ``full_then_killed``: an
-uninterrupted Accelerate run, then one that calls ``accelerator.save_state`` after step SAVE_AT and
-is killed (``os._exit``) a few steps later. ``resume``: ``accelerator.load_state`` from that
-checkpoint, ``skip_first_batches`` to where it was taken, and on to the end.
+MODE ``equal_then_killed``: an Accelerate loop (``localsgd.integrations.accelerate.prepare``, a
+prepared DataLoader, ``accelerator.accumulate``/``backward``), the same loop once per MUTATION, and
+the same training in a plain loop with ``LocalSGD`` around a plain ``DistributedDataParallel``
+model; then an Accelerate run that calls ``accelerator.save_state`` after step SAVE_AT and is
+killed (``os._exit``) 3 steps later. ``resume``: ``accelerator.load_state`` from that checkpoint,
+``skip_first_batches`` to where it was taken, and on to the end (again once per MUTATION).
 MUTATION breaks the run on purpose (the test must notice): ``no_average`` leaves averaging out,
 ``ddp_on`` leaves DDP's all-reduce on in local steps, ``unwrapped`` gives ``LocalSGD`` the module
-inside DDP (so it cannot switch DDP's all-reduce off), ``rank0_state`` resumes without the
-per-rank states (what Accelerate's own files give: the main process's model and optimizer on every
-rank).
+inside DDP (so it cannot switch DDP's all-reduce off), ``rank0_state`` resumes every rank from
+rank 0's model and ``LocalSGD`` state (what files of the main process alone would give).
 """
 
 from __future__ import annotations
@@ -146,7 +146,12 @@ def mutation(name: str | None):
 
         LocalSGD.__init__ = inner_module  # type: ignore[method-assign]
     elif name == "rank0_state":
-        integration.WorkerStates.load_state_dict = lambda self, state: None  # type: ignore[method-assign]
+        load = integration.WorkerStates.load_state_dict
+
+        def rank0(self: integration.WorkerStates, state: Any) -> None:
+            load(self, {"workers": [state["workers"][0]] * len(state["workers"])})
+
+        integration.WorkerStates.load_state_dict = rank0  # type: ignore[method-assign]
     elif name is not None:
         raise ValueError(f"unknown mutation {name!r}")
     try:
@@ -237,21 +242,23 @@ def plain_loop(config: str) -> dict[str, Any]:
 
 def main() -> None:
     mode, out, config = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
-    mutate = sys.argv[4] if len(sys.argv) > 4 else None
+    mutations = [m for m in sys.argv[4].split(",") if m] if len(sys.argv) > 4 else []
     warnings.filterwarnings("ignore")  # torch's notice that broadcast_buffers is deprecated
-    result: dict[str, Any] = {}
-    if mode == "equal":
-        with mutation(mutate):
-            result["accelerate"] = accelerate_run(config)
+    result: dict[str, Any] = {"mutated": {}}
+    if mode == "equal_then_killed":
+        result["accelerate"] = accelerate_run(config)
+        for name in mutations:
+            with mutation(name):
+                result["mutated"][name] = accelerate_run(config)
         result["plain_ddp"] = plain_loop(config)
-    elif mode == "full_then_killed":
-        result["full"] = accelerate_run(config)
         torch.save(result, out / f"{mode}_rank{dist.get_rank()}.pt")
         accelerate_run(config, out / "checkpoint", save=True)
         raise AssertionError("the killed run was not killed")
     elif mode == "resume":
-        with mutation(mutate):
-            result["resumed"] = accelerate_run(config, out / "checkpoint", resume=True)
+        result["resumed"] = accelerate_run(config, out / "checkpoint", resume=True)
+        for name in mutations:
+            with mutation(name):
+                result["mutated"][name] = accelerate_run(config, out / "checkpoint", resume=True)
     else:
         raise ValueError(f"unknown mode {mode!r}")
     torch.save(result, out / f"{mode}_rank{dist.get_rank()}.pt")

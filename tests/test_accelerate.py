@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -37,9 +38,35 @@ STEPS = {"post_local_accum": 20}  # 40 for the others
 SAVE_AT = {"post_local": 13, "post_local_accum": 7, "diloco": 13}  # as in the worker
 
 
-def worker(mode: str, out: Path, config: str, *mutation: str) -> list[dict]:
-    launch(2, [str(HERE / "accelerate_worker.py"), mode, str(out), config, *mutation])
+MUTATIONS = {
+    "post_local": ("no_average", "ddp_on", "unwrapped"),
+    "diloco": ("no_average", "ddp_on", "unwrapped"),
+}
+RESUME_MUTATIONS = {"post_local": ("rank0_state",), "diloco": ("rank0_state",)}
+
+
+def worker(mode: str, out: Path, config: str, mutations: tuple[str, ...]) -> list[dict]:
+    launch(2, [str(HERE / "accelerate_worker.py"), mode, str(out), config, ",".join(mutations)])
     return [torch.load(out / f"{mode}_rank{r}.pt", weights_only=True) for r in range(2)]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str, str], tuple[Path, list[dict]]]:
+    """Two launches per config, shared by the tests: ``equal_then_killed`` (the Accelerate run,
+    its mutations, the plain loop, then the run that saves and is killed) and ``resume``."""
+    done: dict[tuple[str, str], tuple[Path, list[dict]]] = {}
+
+    def get(mode: str, config: str) -> tuple[Path, list[dict]]:
+        if (mode, config) not in done:
+            if mode == "equal_then_killed":
+                out = tmp_path_factory.mktemp(config)
+                done[mode, config] = out, worker(mode, out, config, MUTATIONS.get(config, ()))
+            else:
+                out = get("equal_then_killed", config)[0]
+                done[mode, config] = out, worker(mode, out, config, RESUME_MUTATIONS.get(config, ()))
+        return done[mode, config]
+
+    return get
 
 
 def max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
@@ -68,13 +95,13 @@ def test_missing_accelerate_is_one_clear_error() -> None:
 
 @needs_accelerate
 @pytest.mark.parametrize("config", ["post_local", "post_local_accum", "diloco"])
-def test_accelerate_equals_the_plain_loop(tmp_path: Path, config: str) -> None:
+def test_accelerate_equals_the_plain_loop(runs: Callable, config: str) -> None:
     """Same init, data order and schedule: the Accelerate loop (prepare, a prepared DataLoader,
     accelerator.accumulate and backward, opt.step() and zero_grad() every batch) ends bit for bit
     where LocalSGD around a plain DistributedDataParallel model ends, on both ranks, having
     communicated in exactly the scheduled steps: DDP's all-reduce in the mini-batch phase only, one
     all-reduce per parameter average, no collective of Accelerate's."""
-    results = worker("equal", tmp_path, config)
+    _, results = runs("equal_then_killed", config)
     for r in results:
         accelerate, plain = r["accelerate"], r["plain_ddp"]
         assert accelerate["t"] == plain["t"] == STEPS.get(config, 40)
@@ -83,43 +110,35 @@ def test_accelerate_equals_the_plain_loop(tmp_path: Path, config: str) -> None:
             assert run["traffic"]["steps"] == SCHEDULED[config]
             assert run["traffic"]["ddp_syncs"] == GRADIENT_STEPS[config]
             assert run["traffic"]["calls"] == {"all_reduce": len(SCHEDULED[config]) - GRADIENT_STEPS[config]}
-            assert {level: s["rounds"] for level, s in run["stats"].items()} == {"global": len(SCHEDULED[config])}
+            assert {level: s["rounds"] for level, s in run["stats"].items()} == {
+                "global": len(SCHEDULED[config])
+            }
         assert accelerate["stats"]["global"]["bytes"] == plain["stats"]["global"]["bytes"]
     r0, r1 = (r["accelerate"]["state"] for r in results)
     assert max_diff(r0, r1) > 1e-4  # the last steps were local: the ranks differ, as they should
 
 
 @needs_accelerate
-@pytest.mark.parametrize(
-    "config,mutation",
-    [
-        ("post_local", "no_average"),
-        ("diloco", "no_average"),
-        ("post_local", "ddp_on"),
-        ("diloco", "ddp_on"),
-        ("post_local", "unwrapped"),
-    ],
-)
-def test_a_broken_engine_is_caught(tmp_path: Path, config: str, mutation: str) -> None:
+@pytest.mark.parametrize("config,mutation", [(c, m) for c, ms in MUTATIONS.items() for m in ms])
+def test_a_broken_engine_is_caught(runs: Callable, config: str, mutation: str) -> None:
     """The equality above notices averaging left out, DDP's all-reduce left on in local steps, and
     LocalSGD given the module inside DDP (it cannot switch DDP's all-reduce off then)."""
-    for r in worker("equal", tmp_path, config, mutation):
-        assert max_diff(r["accelerate"]["state"], r["plain_ddp"]["state"]) > 1e-2
+    for r in runs("equal_then_killed", config)[1]:
+        assert max_diff(r["mutated"][mutation]["state"], r["plain_ddp"]["state"]) > 1e-2
 
 
 @needs_accelerate
 @pytest.mark.parametrize("config", ["post_local", "post_local_accum", "diloco"])
-def test_kill_and_resume_through_save_state_is_bitwise(tmp_path: Path, config: str) -> None:
+def test_kill_and_resume_through_save_state_is_bitwise(runs: Callable, config: str) -> None:
     """accelerator.save_state after step SAVE_AT (mid-epoch and mid-period: the ranks differ), the
     job killed 3 steps later, then accelerator.load_state and skip_first_batches: the same final
     state on every rank as a run that was never interrupted, with the same rounds. The model is
-    in WorkerStates' file only (not in Accelerate's model file)."""
-    full = worker("full_then_killed", tmp_path, config)
-    files = sorted(p.name for p in (tmp_path / "checkpoint").iterdir())
+    in WorkerStates' file only, not in a model file of Accelerate's."""
+    out, full = runs("equal_then_killed", config)
+    files = sorted(p.name for p in (out / "checkpoint").iterdir())
     assert files == ["custom_checkpoint_0.pkl", "optimizer.bin", "random_states_0.pkl", "random_states_1.pkl"]
-    resumed = worker("resume", tmp_path, config)
-    for f, r in zip(full, resumed, strict=True):
-        f, r = f["full"], r["resumed"]
+    for f, r in zip(full, runs("resume", config)[1], strict=True):
+        f, r = f["accelerate"], r["resumed"]
         assert r["t"] == STEPS.get(config, 40)
         assert same(f["state"], r["state"])
         assert f["stats"]["global"]["rounds"] == r["stats"]["global"]["rounds"] == len(SCHEDULED[config])
@@ -127,14 +146,12 @@ def test_kill_and_resume_through_save_state_is_bitwise(tmp_path: Path, config: s
 
 
 @needs_accelerate
-@pytest.mark.parametrize("config", ["post_local", "diloco"])
-def test_resuming_from_accelerates_own_files_would_differ(tmp_path: Path, config: str) -> None:
-    """Why every rank's state is saved: without WorkerStates' per-rank entries, load_state gives
-    every rank the main process's optimizer (and LocalSGD) state, and the run does not continue."""
-    full = worker("full_then_killed", tmp_path, config)
-    resumed = worker("resume", tmp_path, config, "rank0_state")
-    for f, r in zip(full, resumed, strict=True):
-        assert max_diff(f["full"]["state"], r["resumed"]["state"]) > 1e-2
+@pytest.mark.parametrize("config", list(RESUME_MUTATIONS))
+def test_resuming_every_rank_from_rank_0s_state_would_differ(runs: Callable, config: str) -> None:
+    """Why every rank's state is saved: resuming every rank from the main process's model and
+    LocalSGD state (what Accelerate's own files hold) does not continue the run."""
+    for f, r in zip(runs("equal_then_killed", config)[1], runs("resume", config)[1], strict=True):
+        assert max_diff(f["accelerate"]["state"], r["mutated"]["rank0_state"]["state"]) > 1e-2
 
 
 @needs_accelerate
@@ -152,7 +169,7 @@ def test_refused_settings_are_clear_errors(monkeypatch: pytest.MonkeyPatch) -> N
     accelerator = Accelerator(cpu=True)
     model = torch.nn.Linear(3, 2)
     sgd = torch.optim.SGD(model.parameters(), lr=0.1)
-    with pytest.raises(TypeError, match="before accelerator.prepare"):
+    with pytest.raises(TypeError, match=r"before accelerator\.prepare"):
         prepare(accelerator, model, accelerator.prepare(sgd), Schedule.local(4))
     monkeypatch.setattr(Accelerator, "distributed_type", property(lambda self: DistributedType.FSDP))
     with pytest.raises(ValueError, match="not FSDP"):
