@@ -64,10 +64,18 @@ CONFIGS: dict[str, tuple[Schedule, Any, dict[str, Any], int]] = {
         {"outer_optimizer": diloco(lr=0.7, momentum=0.9)},
         1,
     ),
+    # compressed, overlapped DiLoCo: the checkpoint after step 13 holds an average in flight
+    # (started after step 12, applied after step 14) and error-feedback residuals
+    "diloco_overlap_int8": (
+        Schedule.local(6),
+        lambda ps: torch.optim.AdamW(ps, lr=3e-3),
+        {"outer_optimizer": diloco(lr=0.7, momentum=0.9), "compression": "int8", "overlap_steps": 2},
+        1,
+    ),
 }
 # the killed run saves after this optimizer step (mid-epoch and mid-period: the ranks differ) and
 # dies 3 steps later
-SAVE_AT = {"post_local": 13, "post_local_accum": 7, "diloco": 13}
+SAVE_AT = {"post_local": 13, "post_local_accum": 7, "diloco": 13, "diloco_overlap_int8": 13}
 
 
 def dataset(world: int) -> TensorDataset:

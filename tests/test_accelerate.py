@@ -23,26 +23,40 @@ needs_accelerate = pytest.mark.skipif(
     reason="Hugging Face Accelerate is not installed (pip install 'localsgd[hf]')",
 )
 
-# Optimizer steps (1-based) in which anything was communicated, and the global rounds. post_local
-# (t' = 6, H = 4, 40 steps): DDP's all-reduce in steps 1-6, parameter averages after steps 10, 14,
-# ..., 38 (8). post_local_accum (accelerator.accumulate over 2 batches: 20 optimizer steps, t' = 3,
-# H = 2): DDP's all-reduce in steps 1-3 (once per step, in its second backward), averages after
-# 5, 7, ..., 19 (8). diloco (H = 6): outer steps after 6, 12, ..., 36, nothing else.
+# Optimizer steps (1-based) in which anything was communicated, the collectives called from
+# Python, and the global rounds. post_local (t' = 6, H = 4, 40 steps): DDP's all-reduce in steps
+# 1-6, parameter averages after steps 10, 14, ..., 38 (8). post_local_accum (accelerator.accumulate
+# over 2 batches: 20 optimizer steps, t' = 3, H = 2): DDP's all-reduce in steps 1-3 (once per step,
+# in its second backward), averages after 5, 7, ..., 19 (8). diloco (H = 6): outer steps after 6,
+# 12, ..., 36, nothing else. diloco_overlap_int8: the same rounds, each an int8 all-to-all started
+# after step 6k and its all-gather when it is applied, τ = 2 steps later.
 SCHEDULED = {
     "post_local": [*range(1, 7), *range(10, 41, 4)],
     "post_local_accum": [1, 2, 3, *range(5, 21, 2)],
     "diloco": list(range(6, 41, 6)),
+    "diloco_overlap_int8": sorted([*range(6, 41, 6), *range(8, 41, 6)]),
 }
-GRADIENT_STEPS = {"post_local": 6, "post_local_accum": 3, "diloco": 0}
+GRADIENT_STEPS = {"post_local": 6, "post_local_accum": 3, "diloco": 0, "diloco_overlap_int8": 0}
+CALLS = {
+    "post_local": {"all_reduce": 8},
+    "post_local_accum": {"all_reduce": 8},
+    "diloco": {"all_reduce": 6},
+    "diloco_overlap_int8": {"all_to_all_single": 6, "all_gather": 6},
+}
+ROUNDS = {"post_local": 14, "post_local_accum": 11, "diloco": 6, "diloco_overlap_int8": 6}
 STEPS = {"post_local_accum": 20}  # 40 for the others
-SAVE_AT = {"post_local": 13, "post_local_accum": 7, "diloco": 13}  # as in the worker
-
-
+SAVE_AT = {
+    "post_local": 13,
+    "post_local_accum": 7,
+    "diloco": 13,
+    "diloco_overlap_int8": 13,
+}  # as in the worker
+CONFIGS = list(SCHEDULED)
 MUTATIONS = {
     "post_local": ("no_average", "ddp_on", "unwrapped"),
     "diloco": ("no_average", "ddp_on", "unwrapped"),
 }
-RESUME_MUTATIONS = {"post_local": ("rank0_state",), "diloco": ("rank0_state",)}
+RESUME_MUTATIONS = {c: ("rank0_state",) for c in ("post_local", "diloco", "diloco_overlap_int8")}
 
 
 def worker(mode: str, out: Path, config: str, mutations: tuple[str, ...]) -> list[dict]:
@@ -94,13 +108,14 @@ def test_missing_accelerate_is_one_clear_error() -> None:
 
 
 @needs_accelerate
-@pytest.mark.parametrize("config", ["post_local", "post_local_accum", "diloco"])
+@pytest.mark.parametrize("config", CONFIGS)
 def test_accelerate_equals_the_plain_loop(runs: Callable, config: str) -> None:
     """Same init, data order and schedule: the Accelerate loop (prepare, a prepared DataLoader,
     accelerator.accumulate and backward, opt.step() and zero_grad() every batch) ends bit for bit
     where LocalSGD around a plain DistributedDataParallel model ends, on both ranks, having
     communicated in exactly the scheduled steps: DDP's all-reduce in the mini-batch phase only, one
-    all-reduce per parameter average, no collective of Accelerate's."""
+    all-reduce per parameter average (or an int8 all-to-all and all-gather), no collective of
+    Accelerate's."""
     _, results = runs("equal_then_killed", config)
     for r in results:
         accelerate, plain = r["accelerate"], r["plain_ddp"]
@@ -109,10 +124,8 @@ def test_accelerate_equals_the_plain_loop(runs: Callable, config: str) -> None:
         for run in (accelerate, plain):
             assert run["traffic"]["steps"] == SCHEDULED[config]
             assert run["traffic"]["ddp_syncs"] == GRADIENT_STEPS[config]
-            assert run["traffic"]["calls"] == {"all_reduce": len(SCHEDULED[config]) - GRADIENT_STEPS[config]}
-            assert {level: s["rounds"] for level, s in run["stats"].items()} == {
-                "global": len(SCHEDULED[config])
-            }
+            assert run["traffic"]["calls"] == CALLS[config]
+            assert {level: s["rounds"] for level, s in run["stats"].items()} == {"global": ROUNDS[config]}
         assert accelerate["stats"]["global"]["bytes"] == plain["stats"]["global"]["bytes"]
     r0, r1 = (r["accelerate"]["state"] for r in results)
     assert max_diff(r0, r1) > 1e-4  # the last steps were local: the ranks differ, as they should
@@ -128,12 +141,14 @@ def test_a_broken_engine_is_caught(runs: Callable, config: str, mutation: str) -
 
 
 @needs_accelerate
-@pytest.mark.parametrize("config", ["post_local", "post_local_accum", "diloco"])
+@pytest.mark.parametrize("config", CONFIGS)
 def test_kill_and_resume_through_save_state_is_bitwise(runs: Callable, config: str) -> None:
     """accelerator.save_state after step SAVE_AT (mid-epoch and mid-period: the ranks differ), the
     job killed 3 steps later, then accelerator.load_state and skip_first_batches: the same final
-    state on every rank as a run that was never interrupted, with the same rounds. The model is
-    in WorkerStates' file only, not in a model file of Accelerate's."""
+    state on every rank as a run that was never interrupted, with the same rounds (with
+    diloco_overlap_int8 the checkpoint holds an average in flight and error-feedback residuals;
+    loading sends the average again). The model is in WorkerStates' file only, not in a model
+    file of Accelerate's."""
     out, full = runs("equal_then_killed", config)
     files = sorted(p.name for p in (out / "checkpoint").iterdir())
     assert files == ["custom_checkpoint_0.pkl", "optimizer.bin", "random_states_0.pkl", "random_states_1.pkl"]
@@ -141,7 +156,7 @@ def test_kill_and_resume_through_save_state_is_bitwise(runs: Callable, config: s
         f, r = f["accelerate"], r["resumed"]
         assert r["t"] == STEPS.get(config, 40)
         assert same(f["state"], r["state"])
-        assert f["stats"]["global"]["rounds"] == r["stats"]["global"]["rounds"] == len(SCHEDULED[config])
+        assert f["stats"]["global"]["rounds"] == r["stats"]["global"]["rounds"] == ROUNDS[config]
         assert r["traffic"]["steps"] == [s for s in SCHEDULED[config] if s > SAVE_AT[config]]
 
 
