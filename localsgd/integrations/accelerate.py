@@ -26,8 +26,16 @@ What it does, in Accelerate's own calls (each a public API):
   workers differ, so ``WorkerStates`` gathers every rank's module and ``LocalSGD`` state (step
   counter, inner optimizer, anchor and outer optimizer, compression residuals, an overlapped
   average in flight) into the main process's file, and on ``load_state`` (which loads registered
-  objects last) each rank takes its own back. ``optimizer.bin`` and the model file hold the main
-  process's state, which this replaces.
+  objects last) each rank takes its own back. ``optimizer.bin`` still holds the main process's
+  ``LocalSGD`` state, which this replaces; the model is left out of Accelerate's model file
+  (``register_save_state_pre_hook``/``register_load_state_pre_hook``), where safetensors would
+  keep one of the parameters only: ``LocalSGD`` makes them views of one flat buffer, and
+  Accelerate drops all but one of the tensors that share a storage.
+
+Steps are optimizer steps; a checkpoint is taken between them (after ``opt.step()``), and a run
+resumes with as many processes as wrote it. Resume mid-epoch with Accelerate's
+``skip_first_batches(loader, batches_done)``; ``accelerator.step`` (the accumulation counter) and
+the RNG states are Accelerate's own, per process.
 
 Refused, with the reason: FSDP, DeepSpeed, Megatron-LM and XLA (local SGD needs a whole replica
 per process), fp16 mixed precision (its GradScaler may skip a step on one rank only, and the
