@@ -11,7 +11,8 @@ killed (``os._exit``) 3 steps later. ``resume``: ``accelerator.load_state`` from
 ``skip_first_batches`` to where it was taken, and on to the end (again once per MUTATION).
 MUTATION breaks the run on purpose (the test must notice): ``no_average`` leaves averaging out,
 ``ddp_on`` leaves DDP's all-reduce on in local steps, ``unwrapped`` gives ``LocalSGD`` the module
-inside DDP (so it cannot switch DDP's all-reduce off), ``rank0_state`` resumes every rank from
+inside DDP (so it cannot switch DDP's all-reduce off), ``outside`` wraps Accelerate's optimizer in
+``LocalSGD`` instead of the other way round (so it counts every batch as a step), ``rank0_state`` resumes every rank from
 rank 0's model and ``LocalSGD`` state (what files of the main process alone would give).
 """
 
@@ -73,6 +74,7 @@ CONFIGS: dict[str, tuple[Schedule, Any, dict[str, Any], int]] = {
         1,
     ),
 }
+WRAP_OUTSIDE = False  # set by the mutation ``outside``
 # the killed run saves after this optimizer step (mid-epoch and mid-period: the ranks differ) and
 # dies 3 steps later
 SAVE_AT = {"post_local": 13, "post_local_accum": 7, "diloco": 13, "diloco_overlap_int8": 13}
@@ -135,6 +137,7 @@ class Traffic:
 @contextmanager
 def mutation(name: str | None):
     """Break the engine or the integration on purpose."""
+    global WRAP_OUTSIDE
     saved = Engine._average_model, DDPArming.arm, LocalSGD.__init__, integration.WorkerStates.load_state_dict
     if name == "no_average":
         Engine._average_model = lambda self, *a, **k: None  # type: ignore[method-assign]
@@ -153,6 +156,8 @@ def mutation(name: str | None):
             init(self, optimizer, model.module, *args, **kwargs)
 
         LocalSGD.__init__ = inner_module  # type: ignore[method-assign]
+    elif name == "outside":
+        WRAP_OUTSIDE = True
     elif name == "rank0_state":
         load = integration.WorkerStates.load_state_dict
 
@@ -165,6 +170,7 @@ def mutation(name: str | None):
     try:
         yield
     finally:
+        WRAP_OUTSIDE = False
         (
             Engine._average_model,  # type: ignore[method-assign]
             DDPArming.arm,  # type: ignore[method-assign]
@@ -189,9 +195,15 @@ def accelerate_run(
         kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
     )
     net = mlp(seed=1)  # with BatchNorm: each rank keeps its own statistics
-    model, opt = integration.prepare(accelerator, net, make_optimizer(net.parameters()), schedule, **policy)
+    if WRAP_OUTSIDE:  # the mutation ``outside``: LocalSGD around Accelerate's optimizer
+        model = accelerator.prepare(net)
+        opt = LocalSGD(accelerator.prepare(make_optimizer(net.parameters())), model, schedule, **policy)
+    else:
+        model, opt = integration.prepare(
+            accelerator, net, make_optimizer(net.parameters()), schedule, **policy
+        )
     loader = accelerator.prepare(DataLoader(dataset(accelerator.num_processes), batch_size=BATCH))
-    engine = opt.optimizer
+    engine = opt if WRAP_OUTSIDE else opt.optimizer
     done = 0  # batches of this rank already trained
     if resume:
         assert checkpoint is not None

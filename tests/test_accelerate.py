@@ -54,6 +54,7 @@ SAVE_AT = {
 CONFIGS = list(SCHEDULED)
 MUTATIONS = {
     "post_local": ("no_average", "ddp_on", "unwrapped"),
+    "post_local_accum": ("outside",),
     "diloco": ("no_average", "ddp_on", "unwrapped"),
 }
 RESUME_MUTATIONS = {c: ("rank0_state",) for c in ("post_local", "diloco", "diloco_overlap_int8")}
@@ -134,8 +135,10 @@ def test_accelerate_equals_the_plain_loop(runs: Callable, config: str) -> None:
 @needs_accelerate
 @pytest.mark.parametrize("config,mutation", [(c, m) for c, ms in MUTATIONS.items() for m in ms])
 def test_a_broken_engine_is_caught(runs: Callable, config: str, mutation: str) -> None:
-    """The equality above notices averaging left out, DDP's all-reduce left on in local steps, and
-    LocalSGD given the module inside DDP (it cannot switch DDP's all-reduce off then)."""
+    """The equality above notices averaging left out, DDP's all-reduce left on in local steps,
+    LocalSGD given the module inside DDP (it cannot switch DDP's all-reduce off then), and, with
+    gradient accumulation, LocalSGD wrapped around Accelerate's optimizer rather than inside it
+    (every batch would count as a step)."""
     for r in runs("equal_then_killed", config)[1]:
         assert max_diff(r["mutated"][mutation]["state"], r["plain_ddp"]["state"]) > 1e-2
 
