@@ -356,6 +356,8 @@ class Engine:
             raise ValueError(
                 f"the checkpoint was written with {saved} outer optimizer, but this run has {mine}"
             )
+        if self._delayed is not None:
+            self._delayed.drop()  # an average in flight: before what it writes into is replaced
         self.t = int(state_dict["t"])
         self.stats = {level: CommStats(**s) for level, s in state_dict["stats"].items()}
         if self._outer is not None:

@@ -249,6 +249,13 @@ class DelayedAverage:
             state["residuals"] = pending.residuals
         return state
 
+    def drop(self) -> None:
+        """Wait for an average still in flight and forget it: call before a state is loaded over
+        it (an engine loaded twice), since it writes into the buffers a resent average uses."""
+        if self.pending is not None:
+            self.pending.wait()
+            self.pending = None
+
     def load_state_dict(self, state: dict[str, Any] | None) -> None:
         """Call after the outer step's and the compression's states are loaded (the anchor, the
         error feedback)."""

@@ -81,9 +81,8 @@ class LocalSGD(Engine, torch.optim.Optimizer):
         if len(comm.local_workers) != 1:
             raise ValueError("LocalSGD holds one worker; use localsgd.Simulator for K in one process")
         self.optimizer = optimizer
-        # The torch.optim.Optimizer interface, shared with the wrapped optimizer (no copy).
-        self.defaults = optimizer.defaults
-        self.param_groups = optimizer.param_groups
+        # The torch.optim.Optimizer interface, shared with the wrapped optimizer (no copy):
+        # param_groups, defaults and state are properties that read the wrapped optimizer's.
         self._optimizer_step_pre_hooks: dict = {}
         self._optimizer_step_post_hooks: dict = {}
         self._optimizer_state_dict_pre_hooks: dict = {}
@@ -104,6 +103,23 @@ class LocalSGD(Engine, torch.optim.Optimizer):
     @property
     def state(self) -> Any:  # type: ignore[override]
         return self.optimizer.state
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        """The wrapped optimizer's (its ``load_state_dict`` replaces the list; this follows it)."""
+        return self.optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, groups: list[dict[str, Any]]) -> None:
+        self.optimizer.param_groups = groups
+
+    @property
+    def defaults(self) -> dict[str, Any]:  # type: ignore[override]
+        return self.optimizer.defaults
+
+    @defaults.setter
+    def defaults(self, defaults: dict[str, Any]) -> None:
+        self.optimizer.defaults = defaults
 
     def step(self, closure: Any = None) -> Any:  # type: ignore[override]
         return Engine.step(self, closure)

@@ -149,6 +149,23 @@ def test_state_dict_mid_period_continues_bitwise() -> None:
     assert full.stats["block"].bytes == resumed.stats["block"].bytes
 
 
+def test_the_wrapper_follows_the_wrapped_optimizer_after_load_state_dict() -> None:
+    """torch.optim.Optimizer.load_state_dict replaces its param_groups list (Accelerate's prepare
+    loads every optimizer's state back into it): an LR scheduler given the wrapper afterwards must
+    still set the learning rate the wrapped optimizer steps with."""
+    model = mlp(seed=1)
+    inner = sgd(model, lr=0.1)
+    opt = LocalSGD(inner, model, Schedule.local(2))
+    opt.load_state_dict(opt.state_dict())
+    assert opt.param_groups is inner.param_groups and opt.defaults is inner.defaults
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, 1, 0.5)
+    x, y = batch(seed=3, worker=0, t=0)
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    scheduler.step()
+    assert inner.param_groups[0]["lr"] == 0.05
+
+
 def momentum(sim: Simulator) -> list[torch.Tensor]:
     return [
         torch.cat([o.state[p]["momentum_buffer"].reshape(-1) for p in m.parameters()])
