@@ -118,14 +118,21 @@ def test_token_counts_are_not_gathered_in_every_step(tmp_path: Path) -> None:
 def test_kill_and_resume_from_the_trainers_checkpoint_is_bitwise(tmp_path: Path, config: str) -> None:
     """A checkpoint every 13 steps (mid-period, mid-epoch: the ranks differ), the job killed at
     step 16, then train(resume_from_checkpoint=checkpoint-13): the same final parameters on every
-    rank as a run that was never interrupted, and the same rounds. Each rank wrote its own state
+    rank as a run that was never interrupted (the learning rate decaying as before), and the same
+    rounds. The Trainer's model file holds every parameter of rank 0's model (GPT-2's output
+    layer shares the embedding's weight: 28 tensors). Each rank wrote its own state
     beside the Trainer's files. Resuming every rank from rank 0's state instead (what the
     Trainer's own rank-0 files give) does not continue the run."""
+    from safetensors.torch import load_file
+
     full = worker("full_then_killed", tmp_path, config)
     checkpoint = tmp_path / "trainer" / "checkpoint-13"
     assert {"localsgd_worker_0.pt", "localsgd_worker_1.pt", "optimizer.pt"} <= {
         p.name for p in checkpoint.iterdir()
     }
+    model_file = load_file(checkpoint / "model.safetensors")  # the Trainer's: rank 0's worker
+    rank0 = torch.load(checkpoint / "localsgd_worker_0.pt", weights_only=True)["model"]
+    assert len(model_file) == 28 and all(torch.equal(model_file[k], rank0[k]) for k in model_file)
     resumed = worker("resume", tmp_path, config)
     for f, r in zip(full, resumed, strict=True):
         f, r = f["full"], r["resumed"]

@@ -26,7 +26,13 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset, SequentialSampler
-from transformers import GPT2Config, GPT2LMHeadModel, TrainerCallback, TrainingArguments
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    TrainerCallback,
+    TrainingArguments,
+    get_linear_schedule_with_warmup,
+)
 from transformers.utils import logging as hf_logging
 
 from localsgd import LocalSGD, Schedule, diloco
@@ -214,7 +220,7 @@ def trainer_run(
         gradient_accumulation_steps=accumulate,
         num_train_epochs=EPOCHS,
         max_grad_norm=norm,
-        lr_scheduler_type="constant",
+        lr_scheduler_type="linear",  # to 0 at the last step: resumed, it must reach the optimizer
         save_strategy="steps" if every else "no",
         save_steps=every or 500,
         logging_steps=1000,
@@ -249,8 +255,9 @@ def trainer_run(
 
 
 def plain_loop(config: str) -> dict:
-    """The README's own loop: LocalSGD around the same optimizer, same data, same schedule; the
-    loss as the Trainer's (summed over the step's tokens, divided by their number)."""
+    """The README's own loop: LocalSGD around the same optimizer, same data, same schedule, the
+    Trainer's default learning-rate decay; the loss as the Trainer's (summed over the step's
+    tokens, divided by their number)."""
     schedule, make_optimizer, policy, accumulate, norm = CONFIGS[config]
     model = gpt2()
     wrapped = DistributedDataParallel(model, broadcast_buffers=False, find_unused_parameters=True)
@@ -259,6 +266,7 @@ def plain_loop(config: str) -> dict:
     ids = dataset().ids
     rank, world = dist.get_rank(), dist.get_world_size()
     batches = [ids[i * BATCH : (i + 1) * BATCH] for i in range(len(ids) // BATCH)][rank::world]
+    learning_rate = get_linear_schedule_with_warmup(opt, 0, EPOCHS * len(batches) // accumulate)
     fed = []
     for _ in range(EPOCHS):
         for first in range(0, len(batches), accumulate):
@@ -269,6 +277,7 @@ def plain_loop(config: str) -> dict:
                 with nullcontext() if i == len(step) - 1 else wrapped.no_sync():
                     wrapped(input_ids=b, labels=b, num_items_in_batch=tokens).loss.backward()
             opt.step()
+            learning_rate.step()
             opt.zero_grad()
     return {"state": state(model), "t": opt.t, "stats": {k: vars(v) for k, v in opt.stats.items()},
             "fed": torch.stack(fed)}  # fmt: skip
