@@ -5,7 +5,8 @@ Usage: lightning_worker.py MODE OUT_DIR CONFIG [MUTATION]; each rank writes OUT_
 MODE ``equal``: a Lightning run (``LocalSGDStrategy``) and the same training in a plain loop with
 ``LocalSGD`` (with and without DistributedDataParallel). ``full_then_killed``: an uninterrupted
 Lightning run, then one that checkpoints every epoch and is killed (``os._exit``) a few steps into
-epoch 2. ``resume``: ``Trainer.fit(ckpt_path=...)`` from the killed run's last checkpoint.
+epoch 2. ``resume``: ``Trainer.fit(ckpt_path=...)`` from the killed run's checkpoint named by
+``RESUME_FROM``.
 MUTATION breaks the run on purpose (the test must notice): ``no_average`` leaves averaging out,
 ``ddp_on`` leaves DDP's all-reduce on in local steps, ``rank0_state`` resumes every rank from rank
 0's state (what a checkpoint of rank 0 alone would give), ``inner_optimizer_only`` resumes each
@@ -81,13 +82,39 @@ CONFIGS: dict[str, tuple[Schedule, Any, dict[str, Any]]] = {
 ACCUMULATE = {"post_local_accum": 2}
 
 
+class Resumable(DataLoader):
+    """A DataLoader that Lightning resumes mid-epoch: it has the ``state_dict``/``load_state_dict``
+    Lightning looks for (as torchdata's ``StatefulDataLoader`` has), and skips the batches the
+    checkpoint's run had taken. Lightning starts a plain DataLoader's epoch over at a mid-epoch
+    checkpoint (it warns), so the resumed run would see other batches than the uninterrupted one."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.taken = self.skip = 0
+
+    def __iter__(self) -> Any:
+        batches = super().__iter__()
+        for _ in range(self.skip):
+            next(batches)
+        self.taken, self.skip = self.skip, 0
+        for batch in batches:
+            self.taken += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"taken": self.taken}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.skip = state["taken"]
+
+
 def shard(rank: int, world: int) -> DataLoader:
     """This rank's data: every world-th sample of one synthetic set, in order."""
     g = torch.Generator().manual_seed(7)
     n = world * BATCHES_PER_EPOCH * BATCH
     x = torch.randn(n, 6, generator=g)
     y = (x[:, 0] * x[:, 1] > 0).long() + (x[:, 2] > 1).long()
-    return DataLoader(TensorDataset(x[rank::world], y[rank::world]), batch_size=BATCH, shuffle=False)
+    return Resumable(TensorDataset(x[rank::world], y[rank::world]), batch_size=BATCH, shuffle=False)
 
 
 class Net(pl.LightningModule):
@@ -230,7 +257,7 @@ def main() -> None:
     elif mode == "resume":
         with mutation(mutate):
             result["resumed"] = lightning_run(
-                config, EPOCHS, [], ckpt_path=str(out / "checkpoints" / "last.ckpt")
+                config, EPOCHS, [], ckpt_path=str(out / "checkpoints" / os.environ["RESUME_FROM"])
             )
     elif mode == "refuse":  # MUTATION names the Trainer setting that must be refused
         try:

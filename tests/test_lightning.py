@@ -134,11 +134,13 @@ def test_kill_and_resume_from_lightnings_checkpoint_is_bitwise(
 ) -> None:
     """ModelCheckpoint after epoch 1 (step 20), or every 13 steps (step 13, mid-epoch); either is
     mid-period, where the ranks differ. The job is killed 3 steps into epoch 2 (step 23), then
-    Trainer.fit(ckpt_path=last.ckpt): the same final state on every rank as a run that was never
-    interrupted, and the same rounds."""
+    Trainer.fit(ckpt_path=that checkpoint): the same final state on every rank as a run that was
+    never interrupted, and the same rounds. Mid-epoch, the loader must be resumable
+    (tests/lightning_worker.Resumable): Lightning starts a plain DataLoader's epoch over. (Which
+    checkpoint last.ckpt is differs between Lightning versions: at step 20 with 2.5, 13 with 2.6.)"""
     full = worker("full_then_killed", tmp_path, config, env={"CKPT_EVERY_STEPS": str(every)})
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [checkpoint, "last.ckpt"]
-    resumed = worker("resume", tmp_path, config)
+    resumed = worker("resume", tmp_path, config, env={"RESUME_FROM": checkpoint})
     for f, r in zip(full, resumed, strict=True):
         f, r = f["full"], r["resumed"]
         assert r["t"] == 40
@@ -156,7 +158,7 @@ def test_resuming_with_less_state_would_differ(tmp_path: Path, config: str, muta
     checkpoint of rank 0 alone gives), or each rank's model and inner optimizer without the engine
     (step counter, DiLoCo's anchor and outer momentum), does not continue the run."""
     full = worker("full_then_killed", tmp_path, config)
-    resumed = worker("resume", tmp_path, config, mutation)
+    resumed = worker("resume", tmp_path, config, mutation, env={"RESUME_FROM": "epoch=1-step=20.ckpt"})
     for f, r in zip(full, resumed, strict=True):
         assert max_diff(f["full"]["state"], r["resumed"]["state"]) > 1e-2
 
