@@ -38,6 +38,7 @@ ROUNDS = {
     "hierarchical_h1": {"global": 11, "block": 38},
 }
 STEPS = {"post_local_accum": 20}  # 40 for the others
+SWITCH = {"post_local": 6, "post_local_accum": 3, "hierarchical_h1": 2, "diloco": 0}  # t''
 NODES = {"hierarchical_h1": 2}  # 1 for the others
 
 
@@ -79,7 +80,8 @@ def test_trainer_equals_the_plain_loop(tmp_path: Path, config: str) -> None:
     localsgd applies inside its step, in the hierarchical run after its own block gradient
     averages on 2 nodes x 2 processes; DiLoCo; 2 micro-batches per step), with the rounds the
     schedule names; the Trainer fed the batches the loop uses. The only collective outside
-    localsgd's step is the Trainer's own after the last step (its FLOP count), none in a step."""
+    localsgd's step is the Trainer's own after the last step (its FLOP count), none in a step, and
+    DDP's all-reduce runs once in each step before t' (on the last micro-batch), in no other."""
     steps = STEPS.get(config, 40)
     results = worker("equal", tmp_path, config)
     for r in results:
@@ -91,6 +93,7 @@ def test_trainer_equals_the_plain_loop(tmp_path: Path, config: str) -> None:
         for run in (trainer, plain):
             assert {level: s["rounds"] for level, s in run["stats"].items()} == ROUNDS[config]
         assert [t for t, _ in trainer["outside"]] == [steps]
+        assert trainer["ddp_synced"] == list(range(SWITCH[config]))  # once in each step before t'
     assert (
         max_diff(results[0]["trainer"]["state"], results[-1]["trainer"]["state"]) > 1e-4
     )  # local at the end

@@ -116,17 +116,21 @@ def gpt2() -> GPT2LMHeadModel:
 
 
 class Recording(LocalSGDTrainer):
-    """Sequential sampling (the plain loop's order, checked against the batches recorded here)."""
+    """Sequential sampling (the plain loop's order, checked against the batches recorded here);
+    records the batches and in which steps DDP all-reduced the gradients."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.fed: list[torch.Tensor] = []
+        self.synced: list[tuple[int, bool]] = []
 
     def _get_train_sampler(self, train_dataset: Any = None) -> SequentialSampler:
         return SequentialSampler(train_dataset if train_dataset is not None else self.train_dataset)
 
     def compute_loss(self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
         self.fed.append(inputs["input_ids"].detach().clone())
+        # whether DDP all-reduces this micro-batch's gradients (it reads the flag in forward)
+        self.synced.append((self.localsgd.t, bool(model.require_backward_grad_sync)))
         return super().compute_loss(model, inputs, *args, **kwargs)
 
 
@@ -250,6 +254,7 @@ def trainer_run(
         "stats": {k: vars(v) for k, v in engine.stats.items()},
         "fed": torch.stack(trainer.fed),
         "outside": calls,
+        "ddp_synced": [t for t, on in trainer.synced if on],
         "ddp": type(trainer.model_wrapped).__name__,
     }
 
