@@ -189,11 +189,76 @@ def state(module: torch.nn.Module) -> list[torch.Tensor]:
     return [t.detach().clone() for t in (*module.parameters(), *module.buffers())]
 
 
+COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_object", "broadcast",
+               "broadcast_object_list", "gather", "gather_object", "reduce", "reduce_scatter_tensor",
+               "all_to_all_single", "barrier")  # fmt: skip
+
+
+class Communication(pl.Callback):
+    """Records, by localsgd's step counter, every collective Python issues outside localsgd's own
+    step while training, and every forward after which DDP all-reduces the gradients (DDP reads
+    ``require_backward_grad_sync`` when its forward starts)."""
+
+    def __init__(self, strategy: LocalSGDStrategy) -> None:
+        self.strategy, self.outside, self.ddp_synced = strategy, [], []
+        self.training = self.inside = False
+        self.saved = {name: getattr(dist, name) for name in COLLECTIVES}
+        self.engine_step = Engine.step
+
+    def on_train_start(self, trainer: pl.Trainer, module: Any) -> None:
+        me = self
+
+        def counted(name: str) -> Any:
+            def call(*args: Any, **kwargs: Any) -> Any:
+                if me.training and not me.inside:
+                    me.outside.append((me.strategy.engine.t, name))
+                return me.saved[name](*args, **kwargs)
+
+            return call
+
+        def step(engine: Engine, closure: Any = None) -> Any:
+            if closure is not None:  # Lightning's closure (forward, backward) runs inside the step
+                closure = self.outside_of_step(closure)
+            me.inside = True
+            try:
+                return me.engine_step(engine, closure)
+            finally:
+                me.inside = False
+
+        for name in COLLECTIVES:
+            setattr(dist, name, counted(name))
+        Engine.step = step  # type: ignore[method-assign]
+        trainer.strategy.model.register_forward_pre_hook(self.forward)
+        self.training = True
+
+    def outside_of_step(self, closure: Any) -> Any:
+        def run() -> Any:
+            self.inside = False
+            try:
+                return closure()
+            finally:
+                self.inside = True
+
+        return run
+
+    def forward(self, ddp: DistributedDataParallel, args: Any) -> None:
+        if ddp.require_backward_grad_sync:
+            self.ddp_synced.append(self.strategy.engine.t)
+
+    def on_train_end(self, trainer: pl.Trainer, module: Any) -> None:
+        self.training = False
+        for name, fn in self.saved.items():
+            setattr(dist, name, fn)
+        Engine.step = self.engine_step  # type: ignore[method-assign]
+
+
 def lightning_run(
     config: str, epochs: int, callbacks: list, ckpt_path: str | None = None, **trainer_kwargs: Any
 ) -> dict:
     schedule, _, policy = CONFIGS[config]
     strategy = LocalSGDStrategy(schedule, **policy)
+    communication = Communication(strategy)
+    callbacks = [*callbacks, communication]
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=int(os.environ["LOCAL_WORLD_SIZE"]),
@@ -213,7 +278,13 @@ def lightning_run(
     module = Net(config)
     trainer.fit(module, shard(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])), ckpt_path=ckpt_path)
     engine = strategy.engine
-    return {"state": state(module.net), "t": engine.t, "stats": {k: vars(v) for k, v in engine.stats.items()}}
+    return {
+        "state": state(module.net),
+        "t": engine.t,
+        "stats": {k: vars(v) for k, v in engine.stats.items()},
+        "outside": communication.outside,
+        "ddp_synced": communication.ddp_synced,
+    }
 
 
 def plain_loop(config: str, ddp: bool) -> dict:

@@ -47,6 +47,25 @@ ROUNDS = {
     "hierarchical_h1": {"global": 11, "block": 38},
 }
 STEPS = {"post_local_accum": 20}  # 40 for the others
+ACCUMULATE = {"post_local_accum": 2}  # batches per optimizer step; 1 for the others
+# The steps (0-based, before them) that communicate globally: every step before t', then the
+# global parameter averages above (post_local: after steps 10, 14, ..., 38 counted from 1).
+GLOBAL_STEPS = {
+    "post_local": [*range(6), *range(9, 40, 4)],
+    "diloco": [*range(5, 40, 6)],
+    "post_local_accum": [*range(3), *range(4, 20, 2)],
+    "post_local_manual": [*range(6), *range(9, 40, 4)],
+    "hierarchical": [*range(3), *range(6, 40, 4)],
+    "hierarchical_h1": [*range(2), *range(5, 40, 4)],
+}
+SWITCH = {
+    "post_local": 6,
+    "diloco": 0,
+    "post_local_accum": 3,
+    "post_local_manual": 6,
+    "hierarchical": 3,
+    "hierarchical_h1": 2,
+}  # t'
 NODES = {"hierarchical": 2, "hierarchical_h1": 2}  # 1 for the others
 
 
@@ -91,7 +110,8 @@ def test_lightning_equals_the_plain_loop(tmp_path: Path, config: str) -> None:
     accumulate_grad_batches=2 a localsgd step is an optimizer step of 2 batches (the loop
     accumulates 2 halved losses, under no_sync with DDP). With manual optimization (training_step
     calls zero_grad, manual_backward and step) Lightning's own switching of DDP's sync around
-    training_step must not override localsgd's."""
+    training_step must not override localsgd's. Lightning's broadcast of a SIGTERM flag before
+    every batch is made only before steps that communicate globally anyway."""
     results = worker("equal", tmp_path, config)
     for r in results:
         lightning, plain_ddp, plain = r["lightning"], r["plain_ddp"], r["plain"]
@@ -107,6 +127,13 @@ def test_lightning_equals_the_plain_loop(tmp_path: Path, config: str) -> None:
             level: {**s, "seconds": lightning["stats"][level]["seconds"]}
             for level, s in plain_ddp["stats"].items()
         }  # the same bytes
+        # outside localsgd's step, Python issues collectives (Lightning's SIGTERM broadcast) only
+        # before steps that communicate globally, once per batch; DDP all-reduces once per step
+        # before t' and never after
+        outside = [t for t, _ in lightning["outside"]]
+        assert sorted(set(outside)) == GLOBAL_STEPS[config]
+        assert len(outside) == len(GLOBAL_STEPS[config]) * ACCUMULATE.get(config, 1)
+        assert lightning["ddp_synced"] == list(range(SWITCH[config]))
     r0, r1 = (r["lightning"]["state"] for r in results[:2])
     assert max_diff(r0, r1) > 1e-4  # the last steps were local: the ranks differ, as they should
 

@@ -27,6 +27,9 @@ How it hooks into Lightning (``DDPStrategy`` otherwise unchanged):
   0's module. A resumed run then continues exactly. The checkpoint's ``state_dict`` is rank 0's
   worker model (between averages not the mean of the workers).
 
+* ``setup``: Lightning broadcasts rank 0's SIGTERM flag before every batch; the strategy makes
+  that broadcast only before steps that communicate globally anyway, so local steps send nothing.
+
 Steps, H and t' count optimizer steps: with ``accumulate_grad_batches=N`` one localsgd step is N
 batches (Lightning's ``no_sync`` for the first N - 1 restores localsgd's setting, so the
 accumulated gradient is all-reduced only in the mini-batch phase). Clip with the strategy's
@@ -60,7 +63,7 @@ except ImportError as e:  # pragma: no cover - depends on the environment
     ) from e
 
 from localsgd.policy import POLICY_FIELDS, Policy, as_policy
-from localsgd.schedule import Schedule
+from localsgd.schedule import Level, Schedule
 from localsgd.wrapper import LocalSGD
 
 __all__ = ["LocalSGDStrategy"]
@@ -173,6 +176,24 @@ class LocalSGDStrategy(DDPStrategy):
                 "'bf16-mixed' or 32-bit"
             )
         super().setup(trainer)
+        self._check_sigterm_at_rounds(trainer)
+
+    def _check_sigterm_at_rounds(self, trainer: pl.Trainer) -> None:
+        """Lightning (2.5 and later) broadcasts rank 0's SIGTERM flag before every batch, a
+        collective in every local step; it is broadcast only before steps that communicate
+        globally anyway (every step before t', then every H steps), so a SIGTERM stops the run
+        within one period."""
+        loop = trainer.fit_loop.epoch_loop
+        broadcast = getattr(loop, "_broadcast_sigterm_tensor", None)
+        if broadcast is None:  # a Lightning without it
+            return
+
+        def at_global_rounds() -> None:
+            sync = self.schedule.sync_at(self.engine.t) if self._engines else None
+            if sync is None or Level.GLOBAL in (sync.gradients, sync.parameters):
+                broadcast()
+
+        loop._broadcast_sigterm_tensor = at_global_rounds
 
     def setup_optimizers(self, trainer: pl.Trainer) -> None:
         super().setup_optimizers(trainer)
