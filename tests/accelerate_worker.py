@@ -34,15 +34,12 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, TensorDataset
 
 from localsgd import LocalSGD, Schedule, diloco
-from localsgd.ddp import DDPArming
-from localsgd.engine import Engine
 from localsgd.integrations import accelerate as integration
-from tests.helpers import mlp
+from tests.helpers import COLLECTIVES, ENGINE_MUTATIONS, broken_engine, mlp
 
 EPOCHS = 4
 BATCHES_PER_EPOCH = 10  # per rank
 BATCH = 8
-COLLECTIVES = ("all_reduce", "broadcast", "all_gather", "all_to_all_single", "reduce_scatter", "barrier")
 
 # name: (schedule, inner optimizer, policy keywords, gradient accumulation steps).
 CONFIGS: dict[str, tuple[Schedule, Any, dict[str, Any], int]] = {
@@ -138,17 +135,9 @@ class Traffic:
 def mutation(name: str | None):
     """Break the engine or the integration on purpose."""
     global WRAP_OUTSIDE
-    saved = Engine._average_model, DDPArming.arm, LocalSGD.__init__, integration.WorkerStates.load_state_dict
-    if name == "no_average":
-        Engine._average_model = lambda self, *a, **k: None  # type: ignore[method-assign]
-    elif name == "ddp_on":
-
-        def always_on(self: DDPArming, level: Any) -> None:
-            for ddp in self.wrappers:
-                if ddp is not None:
-                    ddp.require_backward_grad_sync = True
-
-        DDPArming.arm = always_on  # type: ignore[method-assign]
+    saved = LocalSGD.__init__, integration.WorkerStates.load_state_dict
+    if name in (None, *ENGINE_MUTATIONS):  # tests.helpers.broken_engine
+        pass
     elif name == "unwrapped":
         init = LocalSGD.__init__
 
@@ -168,15 +157,11 @@ def mutation(name: str | None):
     elif name is not None:
         raise ValueError(f"unknown mutation {name!r}")
     try:
-        yield
+        with broken_engine(name):
+            yield
     finally:
         WRAP_OUTSIDE = False
-        (
-            Engine._average_model,  # type: ignore[method-assign]
-            DDPArming.arm,  # type: ignore[method-assign]
-            LocalSGD.__init__,  # type: ignore[method-assign]
-            integration.WorkerStates.load_state_dict,  # type: ignore[method-assign]
-        ) = saved
+        LocalSGD.__init__, integration.WorkerStates.load_state_dict = saved  # type: ignore[method-assign]
 
 
 def state(module: torch.nn.Module) -> list[torch.Tensor]:

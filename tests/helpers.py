@@ -7,6 +7,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -157,3 +159,35 @@ def _launch(
 def torchrun(nproc: int, scenario: str, out: Path, *args: str, nodes: int = 1) -> float:
     """Run a scenario of tests/dist_worker.py; each rank writes out/rank{r}.pt."""
     return launch(nproc, [str(HERE / "dist_worker.py"), scenario, str(out), *args], nodes=nodes)[0]
+
+
+# torch.distributed's collectives, as the integration tests count them
+COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_object", "broadcast",
+               "broadcast_object_list", "gather", "gather_object", "reduce", "reduce_scatter",
+               "reduce_scatter_tensor", "all_to_all_single", "barrier")  # fmt: skip
+ENGINE_MUTATIONS = ("no_average", "ddp_on")
+
+
+@contextmanager
+def broken_engine(name: str | None) -> Iterator[None]:
+    """Break the engine on purpose for an integration test to notice: ``no_average`` leaves the
+    averaging out, ``ddp_on`` leaves DDP's gradient all-reduce on in every step (local ones too);
+    any other name leaves it whole."""
+    from localsgd.ddp import DDPArming
+    from localsgd.engine import Engine
+
+    saved = Engine._average_model, DDPArming.arm
+    if name == "no_average":
+        Engine._average_model = lambda self, *a, **k: None  # type: ignore[method-assign]
+    elif name == "ddp_on":
+
+        def always_on(self: DDPArming, level: object) -> None:
+            for ddp in self.wrappers:
+                if ddp is not None:
+                    ddp.require_backward_grad_sync = True
+
+        DDPArming.arm = always_on  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        Engine._average_model, DDPArming.arm = saved  # type: ignore[method-assign]

@@ -31,10 +31,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, TensorDataset
 
 from localsgd import LocalSGD, Schedule, diloco
-from localsgd.ddp import DDPArming
 from localsgd.engine import Engine
 from localsgd.integrations.lightning import LocalSGDStrategy
-from tests.helpers import mlp
+from tests.helpers import COLLECTIVES, ENGINE_MUTATIONS, broken_engine, mlp
 
 EPOCHS = 4
 BATCHES_PER_EPOCH = 10
@@ -147,18 +146,10 @@ class Kill(pl.Callback):
 
 @contextmanager
 def mutation(name: str | None):
-    """Break the engine on purpose: leave averaging out, or leave DDP's all-reduce always on."""
-    saved = Engine._average_model, DDPArming.arm, LocalSGDStrategy.load_optimizer_state_dict
-    if name == "no_average":
-        Engine._average_model = lambda self, *a, **k: None  # type: ignore[method-assign]
-    elif name == "ddp_on":
-
-        def always_on(self: DDPArming, level: Any) -> None:
-            for ddp in self.wrappers:
-                if ddp is not None:
-                    ddp.require_backward_grad_sync = True
-
-        DDPArming.arm = always_on  # type: ignore[method-assign]
+    """``no_average``, ``ddp_on`` (tests.helpers.broken_engine), or a resume with less state."""
+    saved = LocalSGDStrategy.load_optimizer_state_dict
+    if name in (None, *ENGINE_MUTATIONS):
+        pass
     elif name == "rank0_state":
         load = LocalSGDStrategy.load_optimizer_state_dict
 
@@ -180,18 +171,14 @@ def mutation(name: str | None):
     elif name is not None:
         raise ValueError(f"unknown mutation {name!r}")
     try:
-        yield
+        with broken_engine(name):
+            yield
     finally:
-        Engine._average_model, DDPArming.arm, LocalSGDStrategy.load_optimizer_state_dict = saved  # type: ignore[method-assign]
+        LocalSGDStrategy.load_optimizer_state_dict = saved  # type: ignore[method-assign]
 
 
 def state(module: torch.nn.Module) -> list[torch.Tensor]:
     return [t.detach().clone() for t in (*module.parameters(), *module.buffers())]
-
-
-COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_object", "broadcast",
-               "broadcast_object_list", "gather", "gather_object", "reduce", "reduce_scatter_tensor",
-               "all_to_all_single", "barrier")  # fmt: skip
 
 
 class Communication(pl.Callback):

@@ -36,10 +36,10 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from localsgd import LocalSGD, Schedule, diloco
-from localsgd.ddp import DDPArming
 from localsgd.engine import Engine
 from localsgd.integrations import transformers as integration
 from localsgd.integrations.transformers import LocalSGDTrainer
+from tests.helpers import COLLECTIVES, ENGINE_MUTATIONS, broken_engine
 
 EPOCHS = 2
 BATCH = 4  # per device
@@ -141,11 +141,6 @@ class Kill(TrainerCallback):
             os._exit(0)  # no teardown: as if the job were killed
 
 
-COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_object", "broadcast",
-               "broadcast_object_list", "gather", "gather_object", "reduce", "reduce_scatter_tensor",
-               "all_to_all_single", "barrier")  # fmt: skip
-
-
 @contextmanager
 def counting(trainer_of: dict[str, Any]):
     """Record (localsgd step counter, collective) for each collective issued outside localsgd's own
@@ -184,28 +179,18 @@ def counting(trainer_of: dict[str, Any]):
 
 @contextmanager
 def mutation(name: str | None):
-    saved = Engine._average_model, DDPArming.arm, LocalSGDTrainer._load_optimizer_and_scheduler
-    if name == "no_average":
-        Engine._average_model = lambda self, *a, **k: None  # type: ignore[method-assign]
-    elif name == "ddp_on":
-
-        def always_on(self: DDPArming, level: Any) -> None:
-            for ddp in self.wrappers:
-                if ddp is not None:
-                    ddp.require_backward_grad_sync = True
-
-        DDPArming.arm = always_on  # type: ignore[method-assign]
-    elif name == "rank0_state":
-        worker_file = integration.worker_file
+    """``no_average``, ``ddp_on`` (tests.helpers.broken_engine); ``rank0_state`` loads rank 0's
+    localsgd state on every rank; ``tokens`` is applied in ``trainer_run``."""
+    worker_file = integration.worker_file
+    if name == "rank0_state":
         integration.worker_file = lambda checkpoint, rank: worker_file(checkpoint, 0)  # type: ignore[assignment]
-    elif name not in (None, "tokens"):
+    elif name not in (None, "tokens", *ENGINE_MUTATIONS):
         raise ValueError(f"unknown mutation {name!r}")
     try:
-        yield
+        with broken_engine(name):
+            yield
     finally:
-        Engine._average_model, DDPArming.arm, LocalSGDTrainer._load_optimizer_and_scheduler = saved  # type: ignore[method-assign]
-        if name == "rank0_state":
-            integration.worker_file = worker_file  # type: ignore[assignment]
+        integration.worker_file = worker_file  # type: ignore[assignment]
 
 
 def state(model: torch.nn.Module) -> list[torch.Tensor]:

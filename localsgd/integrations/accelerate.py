@@ -65,22 +65,12 @@ except ImportError as e:  # pragma: no cover - depends on the environment
         "pip install 'localsgd[hf]'"
     ) from e
 
+from localsgd.integrations._common import copy_to
 from localsgd.policy import Policy, PolicyKeywords, as_policy
 from localsgd.schedule import Schedule
 from localsgd.wrapper import LocalSGD
 
 __all__ = ["WorkerStates", "prepare"]
-
-
-def _to_device(obj: Any, device: torch.device | None) -> Any:
-    """A copy of a nested state with every tensor on ``device`` (the CPU if None)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to(device or "cpu", copy=True)
-    if isinstance(obj, Mapping):
-        return {k: _to_device(v, device) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_device(v, device) for v in obj)
-    return obj
 
 
 class WorkerStates:
@@ -104,7 +94,7 @@ class WorkerStates:
         self.model, self.optimizer, self.everywhere = model, optimizer, everywhere
 
     def state_dict(self) -> dict[str, Any]:
-        mine = _to_device({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}, None)
+        mine = copy_to({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()})
         if not (dist.is_available() and dist.is_initialized()):
             return {"workers": [mine]}
         world = dist.get_world_size()
@@ -127,7 +117,7 @@ class WorkerStates:
                 "local SGD's workers differ and cannot be resharded"
             )
         device = next(self.model.parameters()).device
-        mine = _to_device(workers[dist.get_rank() if world > 1 else 0], device)
+        mine = copy_to(workers[dist.get_rank() if world > 1 else 0], device)
         self.model.load_state_dict(mine["model"])
         self.optimizer.load_state_dict(mine["optimizer"])
 

@@ -62,7 +62,8 @@ except ImportError as e:  # pragma: no cover - depends on the environment
         "pip install 'localsgd[lightning]'"
     ) from e
 
-from localsgd.policy import POLICY_FIELDS, Policy, as_policy
+from localsgd.integrations._common import copy_to, take_policy
+from localsgd.policy import Policy
 from localsgd.schedule import Level, Schedule
 from localsgd.wrapper import LocalSGD
 
@@ -70,17 +71,6 @@ __all__ = ["LocalSGDStrategy"]
 
 _WORKERS_KEY = "localsgd_workers"
 _REFUSED = ("ddp_comm_state", "ddp_comm_hook", "ddp_comm_wrapper", "model_averaging_period")
-
-
-def _to_cpu(obj: Any) -> Any:
-    """A copy of a nested state with every tensor on the CPU (to gather it as an object)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, Mapping):
-        return {k: _to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_cpu(v) for v in obj)
-    return obj
 
 
 class _KeepArming(_DDPForwardRedirection):
@@ -131,17 +121,14 @@ class LocalSGDStrategy(DDPStrategy):
         workers_per_block: int | None = None,
         **kwargs: Any,
     ) -> None:
-        if not isinstance(schedule, Schedule):
-            raise TypeError(f"schedule must be a localsgd.Schedule, got {type(schedule).__name__}")
+        self.policy = take_policy(schedule, policy, kwargs)
         for name in _REFUSED:
             if kwargs.get(name) is not None:
                 raise ValueError(
                     f"LocalSGDStrategy does the averaging itself; {name} (DDPStrategy's post-local SGD "
                     "through DDP communication hooks) cannot be combined with it"
                 )
-        policy_keywords = {name: kwargs.pop(name) for name in list(kwargs) if name in POLICY_FIELDS}
         self.schedule = schedule
-        self.policy = as_policy(policy, policy_keywords)
         self._workers_per_block = workers_per_block
         if "broadcast_buffers" not in kwargs and "forward_sync_buffers" not in kwargs:
             # torch 2.13 renamed broadcast_buffers (now a deprecated alias) to forward_sync_buffers
@@ -227,7 +214,7 @@ class LocalSGDStrategy(DDPStrategy):
         if not isinstance(optimizer, LocalSGD):
             return super().optimizer_state(optimizer)
         assert self.lightning_module is not None
-        mine = _to_cpu({"model": self.lightning_module.state_dict(), "optimizer": optimizer.state_dict()})
+        mine = copy_to({"model": self.lightning_module.state_dict(), "optimizer": optimizer.state_dict()})
         gathered: list[Any] | None = [None] * self.world_size if self.is_global_zero else None
         dist.gather_object(mine, gathered, dst=0)
         return {_WORKERS_KEY: gathered} if self.is_global_zero else {}

@@ -60,7 +60,8 @@ except ImportError as e:  # pragma: no cover - depends on the environment
         "pip install 'localsgd[hf]'"
     ) from e
 
-from localsgd.policy import POLICY_FIELDS, Policy, as_policy
+from localsgd.integrations._common import take_policy
+from localsgd.policy import Policy
 from localsgd.schedule import Schedule
 from localsgd.wrapper import LocalSGD
 
@@ -111,10 +112,7 @@ class LocalSGDMixin:
         workers_per_block: int | None = None,
         **kwargs: Any,
     ) -> None:
-        if not isinstance(schedule, Schedule):
-            raise TypeError(f"schedule must be a localsgd.Schedule, got {type(schedule).__name__}")
-        keywords = {name: kwargs.pop(name) for name in list(kwargs) if name in POLICY_FIELDS}
-        policy = as_policy(policy, keywords)
+        policy = take_policy(schedule, policy, kwargs)
         if policy.max_grad_norm is not None:
             raise ValueError(
                 f"clip with TrainingArguments(max_grad_norm={policy.max_grad_norm}), not the policy's "
