@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from localsgd import LocalSGD, Schedule, diloco
 from localsgd.integrations import accelerate as integration
-from tests.helpers import COLLECTIVES, ENGINE_MUTATIONS, broken_engine, mlp
+from tests.helpers import ENGINE_MUTATIONS, broken_engine, mlp, recording_collectives
 
 EPOCHS = 4
 BATCHES_PER_EPOCH = 10  # per rank
@@ -98,28 +98,19 @@ class Traffic:
 
     @contextmanager
     def counting(self, ddp: DistributedDataParallel):
-        saved = {name: getattr(dist, name) for name in COLLECTIVES}
-
-        def counted(name: str, fn: Any) -> Any:
-            def wrapper(*args: Any, **kwargs: Any) -> Any:
-                self.calls[name] = self.calls.get(name, 0) + 1
-                return fn(*args, **kwargs)
-
-            return wrapper
-
         def before_forward(module: DistributedDataParallel, args: Any) -> None:
             if torch.is_grad_enabled() and module.require_backward_grad_sync:
                 self.ddp_syncs += 1
 
-        for name, fn in saved.items():
-            setattr(dist, name, counted(name, fn))
         hook = ddp.register_forward_pre_hook(before_forward)
         try:
-            yield self
+            with recording_collectives(self.count):
+                yield self
         finally:
             hook.remove()
-            for name, fn in saved.items():
-                setattr(dist, name, fn)
+
+    def count(self, name: str) -> None:
+        self.calls[name] = self.calls.get(name, 0) + 1
 
     def step_done(self, step: int) -> None:
         total = self.ddp_syncs + sum(self.calls.values())

@@ -7,9 +7,10 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -166,6 +167,65 @@ COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather
                "broadcast_object_list", "gather", "gather_object", "reduce", "reduce_scatter",
                "reduce_scatter_tensor", "all_to_all_single", "barrier")  # fmt: skip
 ENGINE_MUTATIONS = ("no_average", "ddp_on")
+
+
+@contextmanager
+def recording_collectives(record: Callable[[str], None], outside_step: bool = False) -> Iterator[None]:
+    """Call ``record(name)`` before each torch.distributed collective Python issues (DDP's own
+    all-reduce runs in C++ and is not seen). With ``outside_step``, only those issued outside
+    localsgd's step; a closure the step runs (the caller's forward and backward) counts as outside."""
+    import torch.distributed as dist
+
+    from localsgd.engine import Engine
+
+    saved = {name: getattr(dist, name) for name in COLLECTIVES}
+    engine_step = Engine.step
+    inside = [False]
+
+    def counted(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if not inside[0]:
+                record(name)
+            return fn(*args, **kwargs)
+
+        return call
+
+    def as_caller(closure: Callable[[], Any]) -> Callable[[], Any]:
+        def run() -> Any:
+            inside[0] = False
+            try:
+                return closure()
+            finally:
+                inside[0] = True
+
+        return run
+
+    def step(engine: Engine, closure: Callable[[], Any] | None = None) -> Any:
+        inside[0] = True
+        try:
+            return engine_step(engine, None if closure is None else as_caller(closure))
+        finally:
+            inside[0] = False
+
+    for name, fn in saved.items():
+        setattr(dist, name, counted(name, fn))
+    if outside_step:
+        Engine.step = step  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(dist, name, fn)
+        Engine.step = engine_step  # type: ignore[method-assign]
+
+
+def max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    return max((x.double() - y.double()).abs().max().item() for x, y in zip(a, b, strict=True))
+
+
+def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    """Equal to the last bit, tensor by tensor."""
+    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
 
 @contextmanager

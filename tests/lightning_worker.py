@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import sys
 import warnings
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +31,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, TensorDataset
 
 from localsgd import LocalSGD, Schedule, diloco
-from localsgd.engine import Engine
 from localsgd.integrations.lightning import LocalSGDStrategy
-from tests.helpers import COLLECTIVES, ENGINE_MUTATIONS, broken_engine, mlp
+from tests.helpers import ENGINE_MUTATIONS, broken_engine, mlp, recording_collectives
 
 EPOCHS = 4
 BATCHES_PER_EPOCH = 10
@@ -188,55 +187,21 @@ class Communication(pl.Callback):
 
     def __init__(self, strategy: LocalSGDStrategy) -> None:
         self.strategy, self.outside, self.ddp_synced = strategy, [], []
-        self.training = self.inside = False
-        self.saved = {name: getattr(dist, name) for name in COLLECTIVES}
-        self.engine_step = Engine.step
+        self.recording = ExitStack()
 
     def on_train_start(self, trainer: pl.Trainer, module: Any) -> None:
-        me = self
-
-        def counted(name: str) -> Any:
-            def call(*args: Any, **kwargs: Any) -> Any:
-                if me.training and not me.inside:
-                    me.outside.append((me.strategy.engine.t, name))
-                return me.saved[name](*args, **kwargs)
-
-            return call
-
-        def step(engine: Engine, closure: Any = None) -> Any:
-            if closure is not None:  # Lightning's closure (forward, backward) runs inside the step
-                closure = self.outside_of_step(closure)
-            me.inside = True
-            try:
-                return me.engine_step(engine, closure)
-            finally:
-                me.inside = False
-
-        for name in COLLECTIVES:
-            setattr(dist, name, counted(name))
-        Engine.step = step  # type: ignore[method-assign]
+        self.recording.enter_context(recording_collectives(self.record, outside_step=True))
         trainer.strategy.model.register_forward_pre_hook(self.forward)
-        self.training = True
 
-    def outside_of_step(self, closure: Any) -> Any:
-        def run() -> Any:
-            self.inside = False
-            try:
-                return closure()
-            finally:
-                self.inside = True
-
-        return run
+    def record(self, name: str) -> None:
+        self.outside.append((self.strategy.engine.t, name))
 
     def forward(self, ddp: DistributedDataParallel, args: Any) -> None:
         if ddp.require_backward_grad_sync:
             self.ddp_synced.append(self.strategy.engine.t)
 
     def on_train_end(self, trainer: pl.Trainer, module: Any) -> None:
-        self.training = False
-        for name, fn in self.saved.items():
-            setattr(dist, name, fn)
-        Engine.step = self.engine_step  # type: ignore[method-assign]
+        self.recording.close()
 
 
 def lightning_run(

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import HERE, launch
+from tests.helpers import HERE, launch, max_diff, same
 
 needs_accelerate = pytest.mark.skipif(
     importlib.util.find_spec("accelerate") is None,
@@ -82,14 +82,6 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str, str], tuple
         return done[mode, config]
 
     return get
-
-
-def max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
-    return max((x.double() - y.double()).abs().max().item() for x, y in zip(a, b, strict=True))
-
-
-def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
-    return all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
 
 def test_importing_localsgd_does_not_import_accelerate() -> None:

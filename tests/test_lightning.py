@@ -23,7 +23,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tests.helpers import HERE, launch
+from tests.helpers import HERE, launch, max_diff
 
 needs_lightning = pytest.mark.skipif(
     importlib.util.find_spec("lightning") is None,
@@ -75,10 +75,6 @@ def worker(
     nodes = NODES.get(config, 1)
     launch(2, [str(HERE / "lightning_worker.py"), mode, str(out), config, *mutation], nodes=nodes, env=env)
     return [torch.load(out / f"{mode}_rank{r}.pt", weights_only=True) for r in range(2 * nodes)]
-
-
-def max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
-    return max((x.double() - y.double()).abs().max().item() for x, y in zip(a, b, strict=True))
 
 
 def test_importing_localsgd_does_not_import_lightning() -> None:

@@ -12,7 +12,7 @@ from torch.nn import functional as F
 
 from localsgd import LocalSGD, Policy, Schedule, Simulator, diloco
 from localsgd.policy import PolicyKeywords
-from tests.helpers import batch, mlp, sgd
+from tests.helpers import batch, mlp, same, sgd
 
 
 @pytest.mark.parametrize(
@@ -66,10 +66,6 @@ def run(sim: Simulator, steps: int = 6) -> list[torch.Tensor]:
         sim.zero_grad()
     sim.flush()
     return [t.detach().clone() for m in sim.models for t in (*m.parameters(), *m.buffers())]
-
-
-def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
-    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
 
 @pytest.mark.parametrize(

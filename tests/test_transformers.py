@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import torch
 
-from tests.helpers import HERE, launch
+from tests.helpers import HERE, launch, max_diff, same
 
 needs_hf = pytest.mark.skipif(
     importlib.util.find_spec("transformers") is None or importlib.util.find_spec("accelerate") is None,
@@ -46,14 +46,6 @@ def worker(mode: str, out: Path, config: str, *mutation: str) -> list[dict]:
     nodes = NODES.get(config, 1)
     launch(2, [str(HERE / "transformers_worker.py"), mode, str(out), config, *mutation], nodes=nodes)
     return [torch.load(out / f"{mode}_rank{r}.pt", weights_only=True) for r in range(2 * nodes)]
-
-
-def max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
-    return max((x.double() - y.double()).abs().max().item() for x, y in zip(a, b, strict=True))
-
-
-def equal(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
-    return all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
 
 def test_importing_localsgd_does_not_import_transformers() -> None:
@@ -89,7 +81,7 @@ def test_trainer_equals_the_plain_loop(tmp_path: Path, config: str) -> None:
         assert trainer["ddp"] == "DistributedDataParallel"
         assert torch.equal(trainer["fed"], plain["fed"])
         assert trainer["t"] == plain["t"] == steps
-        assert equal(trainer["state"], plain["state"])
+        assert same(trainer["state"], plain["state"])
         for run in (trainer, plain):
             assert {level: s["rounds"] for level, s in run["stats"].items()} == ROUNDS[config]
         assert [t for t, _ in trainer["outside"]] == [steps]
@@ -140,7 +132,7 @@ def test_kill_and_resume_from_the_trainers_checkpoint_is_bitwise(tmp_path: Path,
     for f, r in zip(full, resumed, strict=True):
         f, r = f["full"], r["resumed"]
         assert r["t"] == 40 and len(r["fed"]) == 40 - 13
-        assert equal(f["state"], r["state"])
+        assert same(f["state"], r["state"])
         for run in (f, r):
             assert {level: s["rounds"] for level, s in run["stats"].items()} == ROUNDS[config]
     if config == "diloco":

@@ -36,10 +36,9 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from localsgd import LocalSGD, Schedule, diloco
-from localsgd.engine import Engine
 from localsgd.integrations import transformers as integration
 from localsgd.integrations.transformers import LocalSGDTrainer
-from tests.helpers import COLLECTIVES, ENGINE_MUTATIONS, broken_engine
+from tests.helpers import ENGINE_MUTATIONS, broken_engine, recording_collectives
 
 EPOCHS = 2
 BATCH = 4  # per device
@@ -142,42 +141,6 @@ class Kill(TrainerCallback):
 
 
 @contextmanager
-def counting(trainer_of: dict[str, Any]):
-    """Record (localsgd step counter, collective) for each collective issued outside localsgd's own
-    step, once the Trainer has set up its LocalSGD (``trainer_of["trainer"]``)."""
-    calls: list[tuple[int, str]] = []
-    inside = [False]
-    saved = {name: getattr(dist, name) for name in COLLECTIVES}
-    engine_step = Engine.step
-
-    def counted(name: str) -> Any:
-        def call(*args: Any, **kwargs: Any) -> Any:
-            trainer = trainer_of.get("trainer")
-            if not inside[0] and trainer is not None and isinstance(trainer.optimizer.optimizer, LocalSGD):
-                calls.append((trainer.localsgd.t, name))
-            return saved[name](*args, **kwargs)
-
-        return call
-
-    def step(self: Engine, closure: Any = None) -> Any:
-        inside[0] = True
-        try:
-            return engine_step(self, closure)
-        finally:
-            inside[0] = False
-
-    for name in COLLECTIVES:
-        setattr(dist, name, counted(name))
-    Engine.step = step  # type: ignore[method-assign]
-    try:
-        yield calls
-    finally:
-        for name, fn in saved.items():
-            setattr(dist, name, fn)
-        Engine.step = engine_step  # type: ignore[method-assign]
-
-
-@contextmanager
 def mutation(name: str | None):
     """``no_average``, ``ddp_on`` (tests.helpers.broken_engine); ``rank0_state`` loads rank 0's
     localsgd state on every rank; ``tokens`` is applied in ``trainer_run``."""
@@ -229,8 +192,14 @@ def trainer_run(
     )
     if mutate == "tokens":
         trainer.args.average_tokens_across_devices = True
-    holder = {"trainer": trainer}
-    with counting(holder) as calls:
+    calls: list[tuple[int, str]] = []  # (localsgd's step counter, collective) outside its step
+
+    def record(name: str) -> None:
+        engine = getattr(trainer.optimizer, "optimizer", None)
+        if isinstance(engine, LocalSGD):  # once the Trainer has set up its LocalSGD
+            calls.append((engine.t, name))
+
+    with recording_collectives(record, outside_step=True):
         trainer.train(resume_from_checkpoint=resume)
     engine = trainer.localsgd
     return {
