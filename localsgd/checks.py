@@ -14,13 +14,14 @@ from typing import Any
 from torch import nn
 
 from localsgd.comm import Communicator
+from localsgd.sharding import local
 
 
 def describe(model: nn.Module, settings: dict[str, Any]) -> dict[str, Any]:
     """What must agree across workers: tensor names, shapes and dtypes, and the settings."""
 
-    def rows(named) -> list[list[Any]]:
-        return [[name, list(t.shape), str(t.dtype).removeprefix("torch.")] for name, t in named]
+    def rows(named) -> list[list[Any]]:  # a sharded model's: this rank's shards
+        return [[name, list(local(t).shape), str(t.dtype).removeprefix("torch.")] for name, t in named]
 
     return {
         "settings": settings,

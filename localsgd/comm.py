@@ -147,7 +147,7 @@ class DistCommunicator(Communicator):
     Args:
         group: the process group of all K workers (default: the whole world).
         workers_per_block: K'. Blocks are consecutive ranks of ``group``. Default: torchrun's
-            ``LOCAL_WORLD_SIZE`` (the workers of one node), if set.
+            ``LOCAL_WORLD_SIZE`` (the workers of one node), if set and ``group`` is the world.
         ordered: average by all-gather and a sum in worker order, as the simulator does, instead
             of the backend's all-reduce: bitwise the simulator's result, for n/2 times the
             traffic of a ring all-reduce. Training amplifies rounding differences quickly, so this
@@ -169,7 +169,7 @@ class DistCommunicator(Communicator):
         self.workers = dist.get_world_size(self.group)
         self.rank = dist.get_rank(self.group)
         self.local_workers = [self.rank]
-        if workers_per_block is None and "LOCAL_WORLD_SIZE" in os.environ:
+        if workers_per_block is None and group is None and "LOCAL_WORLD_SIZE" in os.environ:
             workers_per_block = int(os.environ["LOCAL_WORLD_SIZE"])
         _check_blocks(self.workers, workers_per_block)
         self.workers_per_block = workers_per_block

@@ -28,6 +28,7 @@ from localsgd.outer import OuterStep
 from localsgd.policy import Policy, PolicyKeywords, as_policy
 from localsgd.rounds import DelayedAverage, GradientAverage, ParameterAverage, Round, float_buffers
 from localsgd.schedule import Level, Schedule
+from localsgd.sharding import FSDPArming, check_sharded, shards
 
 
 class CommunicationError(RuntimeError):
@@ -124,6 +125,9 @@ class Engine:
         self.optimizers = list(optimizers)
         self.grad_scalers = _one_per_optimizer(grad_scalers, self.optimizers)
         _check_owned(self.models, self.optimizers)
+        self._sharded = check_sharded(self.models, comm)
+        if self._sharded and Level.BLOCK in schedule.levels():
+            raise ValueError("hierarchical schedules are not supported with sharded (fully_shard) models")
         comm.prepare(schedule.levels(), collective=False)  # raises if the block size K' is unknown
         self._assemble(models)
         self.t = 0
@@ -133,18 +137,23 @@ class Engine:
         )
         comm.prepare(schedule.levels(), collective=True)
         if sync_initial:
-            self._averager.broadcast_([[*m.parameters(), *m.buffers()] for m in self.models])
+            self._averager.broadcast_([[*shards(m), *m.buffers()] for m in self.models])
         self._ddp.arm(self.schedule.sync_at(self.t).gradients)
 
     def _assemble(self, models: Sequence[nn.Module]) -> None:
         """The collaborators, in this order: packing the parameters lays out the buffers."""
         policy = self.policy
-        self._ddp = DDPArming(models, self.comm, policy.buffers)
+        self._ddp = (
+            FSDPArming(self.models[0], self.comm, policy.buffers)
+            if self._sharded
+            else DDPArming(models, self.comm, policy.buffers)
+        )
         self._averager = FlatAverager(self.comm, policy.bucket_bytes)
         # Parameters become views into the averager's flat buffers: model averages copy nothing.
         # Whether that worked is part of the settings every worker must agree on (the packed and
-        # the copied path lay the buffers out differently).
-        self._packed = self._averager.pack_([list(m.parameters()) for m in self.models])
+        # the copied path lay the buffers out differently). FSDP owns a sharded model's storage:
+        # its shards are averaged by copying.
+        self._packed = not self._sharded and self._averager.pack_([list(m.parameters()) for m in self.models])
         # Gradients, once averaged, live in flat buffers too (made at the first gradient average;
         # DistributedDataParallel keeps its own buckets).
         self._pack_gradients = self._packed and not self._ddp.any
@@ -152,16 +161,21 @@ class Engine:
             self.models, self.optimizers, self._averager, self._ddp, self._pack_gradients, policy.buffers
         )
         DelayedAverage.check(policy.overlap_steps, self.schedule)
-        self._compressed = CompressedMean.of(policy.compression, self._packed)
+        self._compressed = CompressedMean.of(policy.compression, self._packed or self._sharded)
         self._outer = self._outer_step()
+        # Unpacked (sharded) parameters send their compressed pseudo-gradients from the overlapped
+        # average's own flat buffers, with τ = 0 (applied at once) if there is no overlap.
+        delayed = policy.overlap_steps or (self._compressed is not None and not self._packed)
+        if delayed and not policy.overlap_steps and policy.optimizer_state != "local":
+            raise ValueError("compression of sharded models needs optimizer_state='local'")
         self._delayed = (
             DelayedAverage(self.models, self._averager, self._outer, policy.overlap_steps, self._compressed)
-            if policy.overlap_steps and self._outer is not None
+            if delayed and self._outer is not None
             else None
         )
         self._parameter_average = ParameterAverage(
             self.models, self.optimizers, self._averager, policy.buffers, policy.optimizer_state,
-            self._outer, self._compressed,
+            self._outer, self._compressed if self._packed else None,
         )  # fmt: skip
 
     def _outer_step(self) -> OuterStep | None:
@@ -171,7 +185,7 @@ class Engine:
             make = _plain_outer
         if make is None:
             return None
-        return OuterStep(list(self.models[0].parameters()), make, self.policy.anchor_device)
+        return OuterStep(shards(self.models[0]), make, self.policy.anchor_device)
 
     # --- configuration -----------------------------------------------------------------------
 
@@ -218,7 +232,7 @@ class Engine:
             if sync.gradients is Level.GLOBAL:  # mini-batch SGD: the anchor follows at the switch
                 self._outer.current = False
             elif not self._outer.current:  # the first local step: every worker holds the same model
-                self._outer.reset_(list(self.models[0].parameters()))
+                self._outer.reset_(shards(self.models[0]))
         if self.policy.max_grad_norm is not None:  # after any gradient average: the average is clipped
             for k, (model, opt) in enumerate(zip(self.models, self.optimizers, strict=True)):
                 if self.grad_scalers is not None:
@@ -236,6 +250,8 @@ class Engine:
             self._apply_delayed()
         if sync.parameters is Level.GLOBAL and self._delayed is not None:
             self._timed(Level.GLOBAL, self._delayed.start(Level.GLOBAL, self.t - 1))
+            if self._delayed.due(self.t - 1):  # τ = 0: the blocking average
+                self._apply_delayed()
         elif sync.parameters is not None:
             self._average_model(sync.parameters, outer=True)
         self._ddp.arm(self.schedule.sync_at(self.t).gradients)
@@ -291,6 +307,11 @@ class Engine:
 
     @torch.no_grad()
     def _averaged_model(self) -> nn.Module:
+        if self._sharded:
+            raise ValueError(
+                "averaged_model() is not available for sharded models: call average_now() and use "
+                "the model itself"
+            )
         clones = [
             [t.detach().clone() for t in (*m.parameters(), *float_buffers(m, True))] for m in self.models
         ]

@@ -17,6 +17,7 @@ from localsgd.ddp import DDPArming
 from localsgd.gradients import CopiedGradients, PackedGradients
 from localsgd.outer import OuterStep
 from localsgd.schedule import Level, Schedule
+from localsgd.sharding import local, shards
 
 Round = Callable[[], int]  # runs the round's communication; returns the bytes each worker sent
 
@@ -80,7 +81,7 @@ class GradientAverage:
         def run() -> int:
             nbytes = averager.average_(level, per_worker)
             if ddp_syncs:  # DDP averaged the gradients inside backward(); count its payload too
-                nbytes += sum(p.numel() * p.element_size() for p in params[0])
+                nbytes += sum(local(p).numel() * p.element_size() for p in params[0])
             if packed is not None:
                 for k in range(len(self.models)):
                     packed.scatter(k)
@@ -121,7 +122,7 @@ class ParameterAverage:
                 for key in sorted(state):
                     value = state[key]
                     if key != "step" and torch.is_tensor(value) and value.is_floating_point():
-                        tensors.append(value)
+                        tensors.append(local(value))
         return tensors
 
     def prepare(self, level: Level, buffers: bool | None, outer: bool, lone: bool) -> Round:
@@ -129,7 +130,7 @@ class ParameterAverage:
         outer step (scheduled global averages), ``lone`` says there is nobody to average with (the
         outer step still runs: with one worker it is Lookahead)."""
         average_buffers = self.buffers == "average" if buffers is None else buffers
-        params = [list(m.parameters()) for m in self.models]
+        params = [shards(m) for m in self.models]
         per_worker = [
             [*ps, *float_buffers(m, average_buffers), *self._optimizer_tensors(o)]
             for ps, m, o in zip(params, self.models, self.optimizers, strict=True)
@@ -203,7 +204,7 @@ class DelayedAverage:
         """The round that starts the average after step ``t`` (applied after step t + τ)."""
 
         def run() -> int:
-            snapshots = [[p.detach().clone() for p in m.parameters()] for m in self.models]
+            snapshots = [[p.detach().clone() for p in shards(m)] for m in self.models]
             return self._send(level, t + self.delay, snapshots)
 
         return run
@@ -235,7 +236,7 @@ class DelayedAverage:
         pending.wait()
         self.outer.advance_(pending.sent[0], inner_lr)
         for m, snapshot in zip(self.models, pending.snapshots, strict=True):
-            for p, s, a in zip(m.parameters(), snapshot, self.outer.anchor, strict=True):
+            for p, s, a in zip(shards(m), snapshot, self.outer.anchor, strict=True):
                 p.sub_(s).add_(a.to(p.device))
 
     def state_dict(self) -> dict[str, Any] | None:

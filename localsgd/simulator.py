@@ -16,6 +16,7 @@ from localsgd.comm import SimCommunicator
 from localsgd.engine import Engine
 from localsgd.policy import Policy, PolicyKeywords, as_policy
 from localsgd.schedule import Schedule
+from localsgd.sharding import is_sharded
 
 
 class Replica(NamedTuple):
@@ -55,6 +56,8 @@ class Simulator(Engine):
         policy: Policy | None = None,
         **policy_kwargs: Unpack[PolicyKeywords],
     ) -> None:
+        if is_sharded(model):
+            raise ValueError("sharded (fully_shard) models need torch.distributed, not the simulator")
         comm = SimCommunicator(workers, workers_per_block)
         models = [model] + [copy.deepcopy(model) for _ in range(workers - 1)]
         optimizers = [optimizer_fn(m) for m in models]

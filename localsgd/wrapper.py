@@ -4,7 +4,7 @@ process, under torchrun)."""
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -15,6 +15,10 @@ from localsgd.comm import Communicator, DistCommunicator, SimCommunicator
 from localsgd.engine import Engine
 from localsgd.policy import Policy, PolicyKeywords, as_policy
 from localsgd.schedule import Schedule
+from localsgd.sharding import is_sharded, replica_communicator
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
 
 
 def default_communicator(workers_per_block: int | None = None) -> Communicator:
@@ -42,10 +46,15 @@ class LocalSGD(Engine, torch.optim.Optimizer):
 
     Args:
         optimizer: the local optimizer of this worker.
-        model: this worker's model (plain or ``DistributedDataParallel``); all of its parameters
+        model: this worker's model (plain, ``DistributedDataParallel``, or sharded over its
+            group's ranks with FSDP2's ``fully_shard``: then pass ``mesh``); all of its parameters
             are averaged, whether or not they have a gradient.
         schedule: when to average (``Schedule.local``, ``.post_local``, ``.hierarchical``).
         comm: default: all ranks of torch.distributed's world, or a single worker if there is none.
+        mesh: for a sharded model, the 2-D device mesh ("replicate", "shard") = (K, S) whose
+            ``mesh["shard"]`` the model is sharded over: a worker is a group of S ranks, and
+            this rank averages its shards with the K − 1 ranks holding them in the other groups
+            (``localsgd.sharding``).
         workers_per_block: K' for hierarchical schedules (default: torchrun's LOCAL_WORLD_SIZE).
         grad_scaler: with mixed precision, pass the ``GradScaler`` here and call ``opt.step()``
             (not ``scaler.step(opt)``): a step the scaler skips on one worker must still count,
@@ -66,6 +75,7 @@ class LocalSGD(Engine, torch.optim.Optimizer):
         schedule: Schedule,
         *,
         comm: Communicator | None = None,
+        mesh: DeviceMesh | None = None,
         workers_per_block: int | None = None,
         sync_initial: bool = True,
         grad_scaler: torch.amp.GradScaler | None = None,
@@ -74,6 +84,15 @@ class LocalSGD(Engine, torch.optim.Optimizer):
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if mesh is not None:
+            if comm is not None or workers_per_block is not None:
+                raise ValueError("pass mesh= alone: it defines the workers (comm, workers_per_block)")
+            comm = replica_communicator(mesh)
+            if mesh["shard"].size() > 1 and not is_sharded(model):
+                raise ValueError(
+                    f"mesh has S = {mesh['shard'].size()} ranks per worker, but the model is not sharded: "
+                    "apply fully_shard(module, mesh=mesh['shard']) to its blocks and to the model first"
+                )
         if comm is None:
             comm = default_communicator(workers_per_block)
         elif workers_per_block is not None:
