@@ -161,12 +161,19 @@ class FlatAverager:
     reused. All buckets are started before the first is waited for, so copying back overlaps with
     communication. Tensors packed with ``pack_`` are averaged where they live, without copies, in
     one buffer per (dtype, device) (``bucket_bytes`` applies to copied tensors).
+
+    With ``keep_buffers=False`` the copied tensors' flat buffers are freed after each average and
+    allocated again at the next (for sharded models, whose memory is the point: between averages
+    nothing is held; during one, a copy of this rank's shards).
     """
 
-    def __init__(self, comm: Communicator, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> None:
+    def __init__(
+        self, comm: Communicator, bucket_bytes: int = DEFAULT_BUCKET_BYTES, keep_buffers: bool = True
+    ) -> None:
         check_bucket_bytes(bucket_bytes)
         self.comm = comm
         self.bucket_bytes = bucket_bytes
+        self.keep_buffers = keep_buffers
         self._plans: dict[tuple, list[_Bucket]] = {}
         self._pack: _Pack | None = None
 
@@ -212,9 +219,9 @@ class FlatAverager:
         key = tuple((t.dtype, t.device, t.shape) for t in first)
         plan = self._plans.get(key)
         if plan is None:
-            plan = _layout(first, self.bucket_bytes, 0)
+            plan = self._plans[key] = _layout(first, self.bucket_bytes, 0)
+        if not plan[0].flats:
             _allocate(plan, tensors_per_worker)
-            self._plans[key] = plan
         return plan
 
     def _run(
@@ -271,6 +278,8 @@ class FlatAverager:
                 if copy_back:
                     for views, ts in zip(b.views, tensors_per_worker, strict=True):
                         _copy_([ts[i] for i in b.indices], views)
+                    if not self.keep_buffers:
+                        b.flats, b.views = [], []
 
         return finish, compressed_bytes + sum(b.nbytes for b in [*packed, *copied])
 

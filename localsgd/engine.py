@@ -148,7 +148,7 @@ class Engine:
             if self._sharded
             else DDPArming(models, self.comm, policy.buffers)
         )
-        self._averager = FlatAverager(self.comm, policy.bucket_bytes)
+        self._averager = FlatAverager(self.comm, policy.bucket_bytes, keep_buffers=not self._sharded)
         # Parameters become views into the averager's flat buffers: model averages copy nothing.
         # Whether that worked is part of the settings every worker must agree on (the packed and
         # the copied path lay the buffers out differently). FSDP owns a sharded model's storage:
