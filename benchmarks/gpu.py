@@ -16,6 +16,9 @@ GPU. The same script runs on a CPU with small sizes.
    a timed repeat, and on CUDA a synchronisation before every clock read.
 2. Training: ``localsgd train --preset paper`` through the library for a few epochs (warm-up
    shortened to fit; the overrides are recorded), with its final test accuracy, wall time and img/s.
+3. Sharded workers, with two or more GPUs: ``benchmarks/sharded.py --device cuda`` on up to 4 of
+   them (NCCL; FSDP2 groups of S = 1, 2, 4 GPUs): per-GPU bytes held and sent per average, and
+   peak device memory. Skipped, with the reason, on one GPU or a CPU.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import json
 import math
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -494,9 +498,37 @@ def main(argv: list[str] | None = None) -> int:
         if not args.run_dir:
             shutil.rmtree(run_dir, ignore_errors=True)
     print(train_table(result["train"]))
+    result["sharded"] = sharded_case(device)
     write_result(args.out, result, **extra)
     print(f"wrote {args.out}", file=sys.stderr)
     return 0
+
+
+def sharded_case(device: torch.device) -> dict[str, Any]:
+    """``benchmarks/sharded.py`` on up to 4 GPUs (it launches torchrun itself), or why not."""
+    gpus = torch.cuda.device_count() if device.type == "cuda" else 0
+    if gpus < 2:
+        return {"status": "skipped", "reason": f"needs 2 or more GPUs, found {gpus}"}
+    world = 4 if gpus >= 4 else 2
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "sharded.json"
+        script = Path(__file__).with_name("sharded.py")
+        shards = ["1", "2", "4"][: 3 if world == 4 else 2]
+        command = [
+            sys.executable,
+            str(script),
+            "--device",
+            "cuda",
+            "--world",
+            str(world),
+            "--shards",
+            *shards,
+        ]
+        done = subprocess.run([*command, "--out", str(out)], capture_output=True, text=True)
+        if done.returncode != 0:
+            return {"status": "failed", "error": (done.stderr.strip().splitlines() or ["?"])[-1]}
+        print(done.stdout)
+        return {"status": "done", "rows": json.loads(out.read_text())["rows"]}
 
 
 if __name__ == "__main__":

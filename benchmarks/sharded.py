@@ -3,6 +3,7 @@ processes, K = W / S workers), DiLoCo (AdamW inside, Nesterov outside) on a GPT 
 
     python benchmarks/sharded.py                      # GPT d=512, 8 blocks (25.8M parameters)
     python benchmarks/sharded.py --width 128 --depth 2 --steps 4   # a quick look
+    python benchmarks/sharded.py --device cuda --world 4           # on 4 GPUs (NCCL)
 
 Per rank, counted from the tensors themselves (exact, in MB of 2^20 bytes): the parameters it holds
 (its shards), the inner optimizer's state, localsgd's state (anchor and outer momentum, for its
@@ -10,7 +11,8 @@ shards) and localsgd's averaging buffers held between averages; the flat copy of
 that a sharded average allocates while it runs, and frees (unsharded parameters are packed in
 place and averaged without one), is shown apart. Sent: the payload
 bytes of one global average, per rank (``LocalSGD.stats``). Peak RSS: the process's high-water
-mark, which also holds PyTorch itself, the activations and the gathered parameters of one block.
+mark, which also holds PyTorch itself, the activations and the gathered parameters of one block
+(on CUDA also the device's peak allocated memory, in the JSON).
 S = 1 is today's unsharded path (no mesh). Writes benchmarks/results/sharded.json.
 """
 
@@ -48,16 +50,21 @@ def worker(args: argparse.Namespace) -> None:
     from localsgd.harness.language import GPT
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo")
+    cuda = args.device == "cuda"
+    device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if cuda else "gloo")
     rank, world, (shards,) = dist.get_rank(), dist.get_world_size(), args.shards
     torch.manual_seed(0)
-    model = GPT(256, args.width, args.depth, args.heads, args.context)
+    model = GPT(256, args.width, args.depth, args.heads, args.context).to(device)
     mesh = None
     if shards > 1:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
-        mesh = init_device_mesh("cpu", (world // shards, shards), mesh_dim_names=("replicate", "shard"))
+        shape = (world // shards, shards)
+        mesh = init_device_mesh(device.type, shape, mesh_dim_names=("replicate", "shard"))
         for block in model.blocks:
             fully_shard(block, mesh=mesh["shard"])
         fully_shard(model, mesh=mesh["shard"])
@@ -65,7 +72,7 @@ def worker(args: argparse.Namespace) -> None:
     opt = LocalSGD(inner, model, Schedule.local(2), mesh=mesh, outer_optimizer=diloco())
     g = torch.Generator().manual_seed(rank)
     for _ in range(args.steps):
-        tokens = torch.randint(0, 256, (args.batch, args.context + 1), generator=g)
+        tokens = torch.randint(0, 256, (args.batch, args.context + 1), generator=g).to(device)
         loss = F.cross_entropy(model(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten())
         loss.backward()
         opt.step()
@@ -87,6 +94,7 @@ def worker(args: argparse.Namespace) -> None:
         "sent_per_average": stats.bytes // max(1, stats.rounds),
         "rounds": stats.rounds,
         "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_device": torch.cuda.max_memory_allocated(device) if cuda else None,
     }
     Path(args.out, f"S{shards}-rank{rank}.json").write_text(json.dumps(row))
     dist.destroy_process_group()
@@ -98,7 +106,7 @@ def launch(args: argparse.Namespace, shards: int, out: str) -> None:
                f"--nproc-per-node={args.world}", __file__, "--worker", "--shards", str(shards),
                "--out", out, "--width", str(args.width),
                "--depth", str(args.depth), "--heads", str(args.heads), "--context", str(args.context),
-               "--batch", str(args.batch), "--steps", str(args.steps)]  # fmt: skip
+               "--batch", str(args.batch), "--steps", str(args.steps), "--device", args.device]  # fmt: skip
     subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL)
 
 
@@ -112,6 +120,12 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=64)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--steps", type=int, default=4, help="steps per run (every 2nd averages)")
+    parser.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="cuda: NCCL, one GPU per process (--world at most the GPUs)",
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/sharded.json"))
     args = parser.parse_args()

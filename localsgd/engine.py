@@ -28,7 +28,7 @@ from localsgd.outer import OuterStep
 from localsgd.policy import Policy, PolicyKeywords, as_policy
 from localsgd.rounds import DelayedAverage, GradientAverage, ParameterAverage, Round, float_buffers
 from localsgd.schedule import Level, Schedule
-from localsgd.sharding import FSDPArming, check_sharded, shards
+from localsgd.sharding import FSDPArming, average_into, check_sharded, shards
 
 
 class CommunicationError(RuntimeError):
@@ -297,21 +297,28 @@ class Engine:
         self._average_model(Level(level), buffers)
 
     @torch.no_grad()
-    def averaged_model(self) -> nn.Module:
+    def averaged_model(self, into: nn.Module | None = None) -> nn.Module:
         """A new model holding the mean of all K workers' parameters and floating buffers; the
-        workers are left as they are (for evaluation; not counted in ``stats``)."""
+        workers are left as they are (for evaluation; not counted in ``stats``).
+
+        Sharded models: pass ``into``, the same model unsharded (e.g. built again), which receives
+        the mean whole on every rank (a whole model's memory; buffers, kept per rank by FSDP, are
+        averaged over all ranks); ``average_now()`` and evaluating the sharded model needs none.
+        """
         try:
+            if self._sharded:
+                if into is None:
+                    raise ValueError(
+                        "averaged_model() of a sharded model needs into= (the same model unsharded), "
+                        "or call average_now() and evaluate the model itself"
+                    )
+                return average_into(self._averager, self.models[0], into)
             return self._averaged_model()
         except RuntimeError as e:
             raise CommunicationError(f"averaging the models for evaluation failed ({first_line(e)})") from e
 
     @torch.no_grad()
     def _averaged_model(self) -> nn.Module:
-        if self._sharded:
-            raise ValueError(
-                "averaged_model() is not available for sharded models: call average_now() and use "
-                "the model itself"
-            )
         clones = [
             [t.detach().clone() for t in (*m.parameters(), *float_buffers(m, True))] for m in self.models
         ]

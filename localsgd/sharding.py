@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from localsgd.averaging import FlatAverager
 from localsgd.comm import Communicator, DistCommunicator
 from localsgd.schedule import Level
 
@@ -86,6 +87,18 @@ def shard_mesh(model: nn.Module) -> DeviceMesh:
             "mesh['shard'] only and pass the 2-D mesh to localsgd, which averages across mesh['replicate']"
         )
     return mesh
+
+
+def shard_model(model: nn.Module, mesh: DeviceMesh) -> nn.Module:
+    """``fully_shard`` each of ``model.blocks`` (if it has them) and then ``model`` itself over
+    ``mesh["shard"]``: what users do, and what localsgd's harness does with its models."""
+    from torch.distributed.fsdp import fully_shard
+
+    shard = check_mesh(mesh)["shard"]
+    for block in getattr(model, "blocks", ()):
+        fully_shard(block, mesh=shard)
+    fully_shard(model, mesh=shard)
+    return model
 
 
 def check_mesh(mesh: object) -> DeviceMesh:
@@ -156,3 +169,28 @@ class FSDPArming:
 
     def arm(self, level: Level | None) -> None:
         self.on = self.syncs(level)
+
+
+@torch.no_grad()
+def average_into(averager: FlatAverager, model: nn.Module, into: nn.Module) -> nn.Module:
+    """``into`` (``model`` unsharded) set to the mean of the K workers' sharded ``model``: each
+    rank averages its shards across the groups, then the group gathers them whole; floating
+    buffers are averaged over all ranks of the world."""
+    named = dict(into.named_parameters())
+    params = dict(model.named_parameters())
+    if named.keys() != params.keys():
+        missing = sorted(named.keys() ^ params.keys())[0]
+        raise ValueError(f"into= is not the same model: parameter {missing!r} is in only one of them")
+    means = [local(p).detach().clone() for p in params.values()]
+    averager.average_(Level.GLOBAL, [means])
+    for (name, p), mean in zip(params.items(), means, strict=True):
+        whole = p.__class__.from_local(
+            mean, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride()
+        )
+        named[name].copy_(whole.full_tensor())
+    floating = [(b, dict(model.named_buffers())[n]) for n, b in into.named_buffers() if b.is_floating_point()]
+    for mine, theirs in floating:
+        mean = theirs.detach().clone()
+        dist.all_reduce(mean)
+        mine.copy_(mean.div_(dist.get_world_size()))
+    return into

@@ -94,9 +94,10 @@ def launch(
     timeout: float = 180,
     options: tuple[str, ...] = (),
     env: dict[str, str] | None = None,
+    cwd: Path | None = None,
 ) -> tuple[float, str]:
     """Start ``program`` (a script path or ``-m module``, with its arguments) under torchrun with
-    real gloo processes; returns the seconds taken and the output.
+    real gloo processes (in ``cwd``, default this one); returns the seconds taken and the output.
 
     With ``nodes > 1``, starts that many torchrun agents (each with ``nproc`` workers) that meet
     through a c10d rendezvous on localhost, as separate machines would. ``options`` go to torchrun,
@@ -104,7 +105,7 @@ def launch(
     """
     for attempt in range(3):  # a rendezvous port taken between free_port() and its use: again
         try:
-            return _launch(nproc, program, nodes, timeout, options, env)
+            return _launch(nproc, program, nodes, timeout, options, env, cwd)
         except AssertionError as e:
             if nodes == 1 or attempt == 2 or not port_collision(str(e)):
                 raise
@@ -118,6 +119,7 @@ def _launch(
     timeout: float,
     options: tuple[str, ...],
     env: dict[str, str] | None,
+    cwd: Path | None = None,
 ) -> tuple[float, str]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent), **(env or {})}
     if nodes == 1:
@@ -140,6 +142,7 @@ def _launch(
                 *program,
             ],
             env=env,
+            cwd=cwd,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,

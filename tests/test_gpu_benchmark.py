@@ -97,6 +97,7 @@ def test_cpu_path_measures_throughput_and_trains(tmp_path: Path) -> None:
         "test_subset": TEST_SUBSET, "threads": 1,
     }  # fmt: skip
     assert tr["device"] == "cpu"
+    assert result["sharded"] == {"status": "skipped", "reason": "needs 2 or more GPUs, found 0"}  # part 3
     assert tr["steps"] == tr["steps_expected"] == EPOCHS * STEPS_PER_EPOCH
     assert tr["switch_step"] == STEPS_PER_EPOCH  # t' = the first decay, half of the epochs
     assert tr["images_trained"] == EPOCHS * TRAIN_SUBSET

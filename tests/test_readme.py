@@ -43,3 +43,12 @@ def test_simulator_snippet_runs_as_written(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert accuracy(done.stdout, "accuracy of the average") > 0.8, done.stdout  # about 95%
+
+
+def test_sharded_script_runs_under_torchrun_as_written(tmp_path: Path) -> None:
+    script = tmp_path / "sharded.py"
+    script.write_text(block("fully_shard(model"))
+    _, log = launch(4, [str(script)], cwd=tmp_path)  # it writes its checkpoint there
+    assert "after 256 steps: training accuracy" in log, log  # 4096 samples per worker, 64 a step, 4 epochs
+    assert (tmp_path / "checkpoint" / ".metadata").is_file()
+    assert accuracy(log, "training accuracy") > 0.8  # it learned the toy task

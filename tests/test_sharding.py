@@ -12,12 +12,16 @@ leaving the cross-group gradient all-reduce on in local steps does (7.5e-3).
 from __future__ import annotations
 
 import json
+import os
+import random
 from pathlib import Path
 
 import pytest
 import torch
 
 from tests.helpers import HERE, launch
+from tests.test_language_task import LM, needs_sotu
+from tests.test_resume import same_run
 
 TOL = 1e-6
 CONFIGS = ("local", "post_local", "diloco", "diloco_int8", "diloco_overlap")
@@ -108,7 +112,7 @@ EXPECTED_ERRORS = {
     "hierarchical": "hierarchical schedules are not supported with sharded",
     "buffers": "buffers='average' is not supported with sharded models",
     "compression_state": "compression of sharded models needs optimizer_state='local'",
-    "averaged_model": "averaged_model() is not available for sharded models",
+    "averaged_model": "averaged_model() of a sharded model needs into=",
     "simulator": "sharded (fully_shard) models need torch.distributed",
 }
 
@@ -165,3 +169,150 @@ def test_compressed_resume_is_bit_for_bit_and_refuses_another_shard_count(tmp_pa
         assert max_diff(full["params"], resumed["params"]) == 0.0, rank
     with pytest.raises(AssertionError, match="compression residuals load only at the S they were saved at"):
         launch(2, [str(HERE / "sharded_worker.py"), "resume", "diloco_int8", str(tmp_path), "1", "load", "5"])
+
+
+# The harness: the text task's tiny GPT, 39 steps (4 mini-batch steps, then H = 2), rows every 10
+LM_RUN = [*LM, "--epochs", "0.001", "--dropout", "0.0", "--checkpoint-every", "1"]
+
+
+def harness(nproc: int, out: Path, *flags: str, **kwargs) -> str:
+    return launch(nproc, ["-m", "localsgd", "train", *LM_RUN, *flags, "--out", str(out)], **kwargs)[1]
+
+
+def rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@needs_sotu
+def test_harness_sharded_run_matches_its_unsharded_twin(tmp_path: Path) -> None:
+    """``--shard-size 2`` on 4 processes against 2 unsharded workers: the same run up to reduction
+    order (measured after 39 AdamW steps: 2.5e-5 on the parameters, valid loss equal to 1e-15), with
+    half the bytes per process."""
+    harness(4, tmp_path / "sharded", "--shard-size", "2")
+    harness(2, tmp_path / "twin")
+    a, b = (torch.load(tmp_path / d / "model.pt", weights_only=True)["model"] for d in ("sharded", "twin"))
+    assert max_diff(a, b) < 1e-3
+    sharded, twin = rows(tmp_path / "sharded"), rows(tmp_path / "twin")
+    assert [r["step"] for r in sharded] == [r["step"] for r in twin]
+    for x, y in zip(sharded, twin, strict=True):
+        assert abs(x["valid_loss"] - y["valid_loss"]) < 1e-4 and abs(x["train_loss"] - y["train_loss"]) < 1e-4
+        assert x["rounds"] == y["rounds"]
+        assert 0.45 < x["bytes"]["global"] / y["bytes"]["global"] < 0.55  # rank 0 sends its shards
+    config = json.loads((tmp_path / "sharded" / "config.json").read_text())["config"]
+    assert config["shard_size"] == 2 and config["workers"] == 2
+
+
+@needs_sotu
+def test_harness_sharded_run_restarted_after_sigkill_resumes_bit_for_bit(tmp_path: Path) -> None:
+    """torchrun --max-restarts 1, one of the 4 processes SIGKILLed before a random step: the group
+    restarts from the last DCP checkpoint and ends with the uninterrupted run's model and rows."""
+    seed = int(os.environ.get("LOCALSGD_TEST_SEED", random.randrange(2**31)))
+    rng = random.Random(seed)
+    rank, step = rng.randrange(4), rng.randrange(10, 39)  # after the first checkpoint (step 10)
+    context = f"kill rank {rank} at step {step} (LOCALSGD_TEST_SEED={seed} repeats it)"
+    harness(4, tmp_path / "full", "--shard-size", "2")
+    log = launch(
+        4,
+        [
+            str(HERE / "restart_worker.py"),
+            "train",
+            *LM_RUN,
+            "--shard-size",
+            "2",
+            "--out",
+            str(tmp_path / "restarted"),
+        ],
+        options=("--max-restarts", "1"),
+        env={"KILL_RANK": str(rank), "KILL_AT_STEP": str(step)},
+    )[1]
+    assert "exitcode: -9" in log or "Connection" in log, f"no process was killed, {context}:\n{log}"
+    same_run(tmp_path / "full", tmp_path / "restarted", context)
+    assert list((tmp_path / "restarted" / "checkpoints").glob("step-*/dcp/.metadata"))  # written by DCP
+
+
+def test_shard_size_settings_are_checked_before_any_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    from localsgd.harness.config import Config, ConfigError
+    from localsgd.harness.runtime import resolve_workers
+
+    bad = {
+        "shard_size (S) = 3 must divide local_batch_size (B_loc) = 8": {"local_batch_size": 8, "shard_size": 3},
+        "shard_size (S) = 2 does not support hierarchical schedules (block_steps = 2)": {
+            "shard_size": 2, "local_steps": 2, "block_steps": 2, "workers_per_block": 2,
+        },
+        "shard_size (S) = 2 does not support buffers = 'average'": {"shard_size": 2, "buffers": "average"},
+        "shard_size (S) = 2 does not support the LSTM": {
+            "shard_size": 2, "dataset": "text", "model": "lstm", "local_batch_size": 8,
+        },
+        "shard_size (S) = 2 does not support compression with optimizer_state other than 'local'": {
+            "shard_size": 2, "local_steps": 4, "compress": "int8", "optimizer_state": "average",
+        },
+        "shard_size must be": {"shard_size": 0},
+    }  # fmt: skip
+    for message, settings in bad.items():
+        with pytest.raises(ConfigError, match="^" + message.replace("(", r"\(").replace(")", r"\)")):
+            Config(**settings).validate()
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(ConfigError, match=r"^shard_size \(S\) = 2 needs torchrun"):
+        resolve_workers(Config(shard_size=2))
+    monkeypatch.setenv("WORLD_SIZE", "6")
+    with pytest.raises(
+        ConfigError, match=r"^torchrun started 6 processes, which shard_size \(S\) = 4 does not"
+    ):
+        resolve_workers(Config(shard_size=4))
+    assert resolve_workers(Config(shard_size=2)).workers == 3  # K = W / S
+    with pytest.raises(
+        ConfigError,
+        match=r"^workers \(K\) = 6 but torchrun started 6 processes \(3 workers of S = 2\); start 12 processes",
+    ):
+        resolve_workers(Config(shard_size=2, workers=6))
+
+
+def test_dcp_load_refuses_a_folder_whose_save_did_not_finish(tmp_path: Path) -> None:
+    from localsgd import LocalSGD, Schedule, dcp
+
+    model = torch.nn.Linear(2, 2)
+    opt = LocalSGD(torch.optim.SGD(model.parameters(), lr=0.1), model, Schedule.local(2))
+    (tmp_path / "__0_0.distcp").write_bytes(b"partial")  # data written, .metadata (written last) not
+    with pytest.raises(
+        ValueError, match=r"not a complete DCP checkpoint \(no .metadata: the save did not finish\)"
+    ):
+        dcp.load(tmp_path, model, opt)
+    with pytest.raises(TypeError, match=r"optimizer must be a localsgd\.LocalSGD, got SGD"):
+        dcp.load(tmp_path, model, opt.optimizer)
+
+
+def test_the_sharded_benchmark_runs_on_cpu(tmp_path: Path) -> None:
+    """benchmarks/sharded.py at a tiny size: each process holds 1/S of what S = 1 holds."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "sharded.json"
+    script = HERE.parent / "benchmarks" / "sharded.py"
+    args = [
+        "--width",
+        "32",
+        "--depth",
+        "2",
+        "--heads",
+        "2",
+        "--context",
+        "16",
+        "--steps",
+        "2",
+        "--shards",
+        "1",
+        "2",
+    ]
+    done = subprocess.run(
+        [sys.executable, str(script), *args, "--out", str(out)], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(out.read_text())["rows"]
+    held = {
+        s: sum(r["parameters"] + r["inner_state"] + r["localsgd_state"] for r in rows if r["shards"] == s)
+        for s in (1, 2)
+    }
+    assert (
+        0.45 < held[2] / held[1] < 0.55
+    )  # summed over the 4 processes: two copies of the model instead of four
+    assert all(r["averaging_buffers"] == 0 for r in rows)

@@ -173,6 +173,10 @@ class AveragingSettings:
     blocking); see docs/design.md, Overlapped averaging"""
     ordered_averaging: bool = False
     """under torchrun, average by all-gather and a sum in worker order: bitwise the simulator's result"""
+    shard_size: int = 1
+    """S: processes per worker under torchrun (K = processes / S). Each worker's model is sharded over
+    its S processes with FSDP2 (per block and at the root), each takes B_loc/S of the worker's batch,
+    and localsgd averages across the K groups; see localsgd.sharding"""
 
     def _check_averaging(self) -> None:
         for name in ("local_batch_size", "local_steps"):
@@ -200,6 +204,31 @@ class AveragingSettings:
         self._validate_outer()
         self._validate_compress()
         self._validate_overlap()
+        self._validate_shards()
+
+    def _validate_shards(self) -> None:
+        integer(self, "shard_size", 1)
+        s = self.shard_size
+        if s == 1:
+            return
+        if self.local_batch_size % s:
+            raise ConfigError(
+                f"shard_size (S) = {s} must divide local_batch_size (B_loc) = {self.local_batch_size}: "
+                "each of a worker's S processes takes B_loc/S of its batch"
+            )
+        unsupported = {
+            "block_steps": (self.block_steps is not None, "hierarchical schedules"),
+            "buffers": (self.buffers != "local", "buffers = 'average'"),
+            "model": (self.model == "lstm", "the LSTM (its carried state is per worker)"),
+            "optimizer_state": (
+                self.compress != "none" and self.optimizer_state != "local",
+                "compression with optimizer_state other than 'local'",
+            ),
+        }
+        for name, (bad, what) in unsupported.items():
+            if bad:
+                value = getattr(self, name)
+                raise ConfigError(f"shard_size (S) = {s} does not support {what} ({name} = {value!r})")
 
     def _validate_outer(self) -> None:
         if self.outer_optimizer == "none":

@@ -15,6 +15,7 @@ from torch.nn import functional as F
 from localsgd.harness.measures import ACCURACY, Measures
 from localsgd.harness.runtime import Runtime
 from localsgd.harness.tasks import Task
+from localsgd.sharding import local
 
 
 class TrainingError(RuntimeError):
@@ -124,7 +125,7 @@ def check_finite(workers: list[tuple[int, nn.Module]], t: int, ckpt_root: Path) 
     tensors = [
         (k, name, value)
         for k, m in workers
-        for name, value in m.state_dict().items()
+        for name, value in ((n, local(v)) for n, v in m.state_dict().items())
         if value.is_floating_point()
     ]
     finite = torch.stack([torch.isfinite(v).all() for _, _, v in tensors]).tolist()

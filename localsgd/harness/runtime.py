@@ -32,6 +32,17 @@ def resolve_workers(cfg: Config) -> Config:
     (a flag, a config file or a preset that sets it), and 16 outside torchrun. An explicit K that
     differs from the number of processes is an error."""
     world = launched_processes()
+    shards = cfg.shard_size
+    if shards != 1:
+        if not is_distributed():
+            raise ConfigError(f"shard_size (S) = {shards} needs torchrun (S processes per worker)")
+        assert world is not None
+        if world % shards:
+            raise ConfigError(
+                f"torchrun started {world} processes, which shard_size (S) = {shards} does not divide: "
+                "start K * S processes"
+            )
+        world //= shards
     if cfg.block_steps is not None and cfg.workers_per_block is None and not is_distributed():
         raise ConfigError(
             f"block_steps (H_b) = {cfg.block_steps!r} needs workers_per_block (K') in the simulator "
@@ -39,10 +50,13 @@ def resolve_workers(cfg: Config) -> Config:
         )
     if cfg.workers is None:
         return dataclasses.replace(cfg, workers=world or DEFAULT_WORKERS)
-    if world is not None and world > 1 and cfg.workers != world:
+    if world is not None and world * shards > 1 and cfg.workers != world:
+        started, per = f"{world * shards} processes", ""
+        if shards > 1:
+            started, per = f"{started} ({world} workers of S = {shards})", " / S"
         raise ConfigError(
-            f"workers (K) = {cfg.workers} but torchrun started {world} processes; "
-            f"start {cfg.workers} processes or pass --workers {world} (K is the number of processes "
+            f"workers (K) = {cfg.workers} but torchrun started {started}; start {cfg.workers * shards} "
+            f"processes or pass --workers {world} (K is the number of processes{per} "
             "unless a flag, config file or preset sets it)"
         )
     return cfg
@@ -100,6 +114,16 @@ class Runtime:
             )
         self.rank = dist.get_rank() if self.distributed else 0
         self.processes = dist.get_world_size() if self.distributed else 1
+        # Sharded workers: K groups of S processes (localsgd.sharding); this process's part of its
+        # worker's batch.
+        self.shards = cfg.shard_size
+        self.part = self.rank % self.shards
+        self.mesh = None
+        if self.shards > 1:
+            from torch.distributed.device_mesh import init_device_mesh
+
+            shape = (self.processes // self.shards, self.shards)
+            self.mesh = init_device_mesh(self.device.type, shape, mesh_dim_names=("replicate", "shard"))
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         threads = cfg.threads or max(1, (os.cpu_count() or 1) // local)
         torch.set_num_threads(threads)

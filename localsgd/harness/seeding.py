@@ -15,10 +15,12 @@ class WorkerRandom:
     of torch's global generator, which dropout draws from, swapped in around its forward pass. Both
     depend on the worker's index only: the same in both runtimes, and saved in checkpoints."""
 
-    def __init__(self, seed: int, workers: list[int], device: torch.device) -> None:
+    def __init__(self, seed: int, workers: list[int], device: torch.device, part: int = 0) -> None:
         self.device = device
         self.data = {k: torch.Generator(device=device).manual_seed(seed * 100_003 + k) for k in workers}
-        self.torch = {k: self._fresh(seed * 100_003 + k + 7_919) for k in workers}
+        # part: which of a sharded worker's processes this is (its data stream is the worker's, its
+        # dropout draws its own)
+        self.torch = {k: self._fresh(seed * 100_003 + k + 7_919 + part * 15_485_863) for k in workers}
 
     def _fresh(self, seed: int) -> list[torch.Tensor]:
         with torch.random.fork_rng(devices=self._devices(), device_type=self.device.type):

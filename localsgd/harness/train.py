@@ -16,7 +16,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from localsgd import DistCommunicator, Engine, LocalSGD, Policy, Simulator
+from localsgd import Communicator, DistCommunicator, Engine, LocalSGD, Policy, Simulator, dcp
 from localsgd.compression import DEFAULT_BLOCK, make_codec
 from localsgd.engine import CommunicationError
 from localsgd.harness import checkpoint, optim, rundir
@@ -28,6 +28,7 @@ from localsgd.harness.runtime import Runtime, resolve_workers
 from localsgd.harness.seeding import WorkerRandom
 from localsgd.harness.tasks import Task, make_task, sampling
 from localsgd.schedule import Schedule
+from localsgd.sharding import replica_communicator, shard_model
 
 
 @dataclass
@@ -126,6 +127,9 @@ def build_engine(cfg: Config, plan: Plan, runtime: Runtime, model: nn.Module) ->
         return optim.sgd(m, plan.peak_lr, cfg.momentum, cfg.nesterov, cfg.weight_decay)
 
     policy = build_policy(cfg)
+    if runtime.mesh is not None:  # sharded workers: averages across the K groups
+        comm: Communicator = replica_communicator(runtime.mesh, ordered=cfg.ordered_averaging)
+        return LocalSGD(make_optimizer(model), model, plan.schedule, comm=comm, policy=policy)
     if runtime.distributed:
         comm = DistCommunicator(workers_per_block=cfg.workers_per_block, ordered=cfg.ordered_averaging)
         return LocalSGD(make_optimizer(model), model, plan.schedule, comm=comm, policy=policy)
@@ -226,8 +230,10 @@ class Run:
         (the first write: everything is checked)."""
         torch.manual_seed(cfg.seed)
         model = task.model()
+        if runtime.mesh is not None:
+            shard_model(model, runtime.mesh)
         engine = build_engine(cfg, plan, runtime, model)
-        random = WorkerRandom(cfg.seed, list(engine.comm.local_workers), runtime.device)
+        random = WorkerRandom(cfg.seed, list(engine.comm.local_workers), runtime.device, runtime.part)
         ckpt_root = out / "checkpoints"
         tally = Tally(runtime.device, plan.steps_per_epoch, ckpt_root)
         run = cls(cfg, runtime, writer, task, plan, keep, model, engine, random, tally, ckpt_root)
@@ -246,8 +252,12 @@ class Run:
         dev = runtime.device
         state = checkpoint.restore(root, runtime.rank, cfg.to_dict(), dev.type) if resuming(cfg) else None
         if state is not None:
-            engine.load_state_dict(state["engine"])
-            if runtime.distributed:
+            if runtime.mesh is not None:  # model, optimizer and localsgd state in DCP's files
+                assert isinstance(engine, LocalSGD)
+                dcp.load(checkpoint.step_dir(root, state["step"]) / "dcp", self.model, engine)
+            else:
+                engine.load_state_dict(state["engine"])
+            if runtime.distributed and runtime.mesh is None:
                 self.model.load_state_dict(state["model"])
             self.random.load(state.get("random") or {"data": state["generators"]})  # older: no dropout state
             self.task.load(state.get("task", {}))
@@ -256,7 +266,7 @@ class Run:
             if "tally" in state:  # older files: checkpoints were written at row ends only
                 self.tally.load(state["tally"])
         steps = runtime.all_sum(torch.tensor([float(engine.t)], dtype=torch.float64, device=dev))[0]
-        if steps != engine.t * (cfg.workers if runtime.distributed else 1):
+        if steps != engine.t * runtime.processes:
             raise checkpoint.CheckpointError(f"{root}: the processes found checkpoints of different steps")
 
     def start_clock(self) -> None:
@@ -277,6 +287,10 @@ class Run:
                 group["lr"] = lr
         for k, m in self.workers:
             x, y = task.batch(k, i, self.random.data[k])
+            if self.runtime.shards > 1:  # this process's part of its worker's batch
+                n = len(x) // self.runtime.shards
+                lo = self.runtime.part * n
+                x, y = x[lo : lo + n], y[lo : lo + n]
             with (
                 self.random.of(k),
                 torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"),
@@ -318,18 +332,27 @@ class Run:
         evaluated = ((t + 1) // self.period) % cfg.eval_every == 0 or last
         if evaluated:
             eval_start = time.perf_counter()
-            self.averaged = self.engine.averaged_model()
+            self.averaged = self.average()
             local = cfg.eval_local == "every" or (cfg.eval_local == "final" and last)
             row.update(evaluation(self.averaged, self.workers if local else [], self.runtime, self.task))
             self.eval_seconds += time.perf_counter() - eval_start
         if t + 1 in self.keep:  # the model this row evaluated (averaged again if it evaluated none)
-            kept = self.averaged if evaluated else self.engine.averaged_model()
+            kept = self.averaged if evaluated else self.average()
             self.writer.model_at(kept, cfg.to_dict(), self.keep[t + 1])
         row.update(self.costs())
         self.task.annotate(row, t + 1)
         self.history.append(row)
         self.writer.append(row, t + 1)
         return row
+
+    def average(self) -> nn.Module:
+        """The mean of the K workers' models (for evaluation and the saved models); of sharded
+        workers, whole and unsharded, in a model built again (torch's random state kept)."""
+        if self.runtime.mesh is None:
+            return self.engine.averaged_model()
+        with torch.random.fork_rng(devices=[]):
+            plain = self.task.model()
+        return self.engine.averaged_model(into=plain)
 
     def costs(self) -> dict[str, Any]:
         """Rounds and bytes per level, and where the seconds went, so far."""
@@ -369,11 +392,15 @@ class Run:
         runtime, engine = self.runtime, self.engine
 
         def exchange(mine: bytes) -> list[bytes]:  # checkpoint digests, every process's in rank order
+            if runtime.mesh is not None:  # the engine's communicator holds one process of each group
+                every: list[Any] = [None] * runtime.processes
+                dist.all_gather_object(every, mine)
+                return every
             return engine.comm.all_gather_bytes([mine]) if runtime.distributed else [mine]
 
         state = {
             "config": self.cfg.to_dict(),
-            "engine": engine.state_dict(),
+            "step": engine.t,
             "random": self.random.state(),
             "task": self.task.state(),
             "history": self.history,
@@ -382,8 +409,13 @@ class Run:
             "tally": self.tally.state(),
             "device": runtime.device.type,  # the random generators' states are per device type
         }
-        if runtime.distributed:
-            state["model"] = self.model.state_dict()
+        if runtime.mesh is not None:  # sharded: model, optimizer and localsgd state through DCP
+            assert isinstance(engine, LocalSGD)
+            dcp.save(checkpoint.step_dir(self.ckpt_root, engine.t) / "dcp", self.model, engine)
+        else:
+            state["engine"] = engine.state_dict()
+            if runtime.distributed:
+                state["model"] = self.model.state_dict()
         checkpoint.save(self.ckpt_root, engine.t, state, runtime.rank, exchange)
 
     def interrupted(self, signum: int, t: int) -> Interrupted:
@@ -397,7 +429,7 @@ class Run:
     def finish(self) -> Result:
         """The final model (the last row evaluated it) and the summary, written."""
         check_finite(self.workers, self.plan.total_steps - 1, self.ckpt_root)
-        final = self.averaged if self.averaged is not None else self.engine.averaged_model()
+        final = self.averaged if self.averaged is not None else self.average()
         local_every = self.cfg.eval_local == "every"
         summary = summarize(self.history, self.task.measures, str(self.plan.schedule), local_every)
         summary |= self.task.baselines()
