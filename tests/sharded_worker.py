@@ -37,6 +37,8 @@ CONFIGS = {
     # name: (schedule, steps, inner optimizer, policy)
     "local": (Schedule.local(4), 12, "sgd", {}),
     "post_local": (Schedule.post_local(4, switch_step=5), 17, "sgd", {"max_grad_norm": 0.5}),
+    "state_average": (Schedule.post_local(4, switch_step=5), 13, "sgd", {"optimizer_state": "average"}),
+    "state_reset": (Schedule.local(4), 12, "adamw", {"optimizer_state": "reset"}),
     "diloco": (Schedule.local(4), 12, "adamw", {"outer_optimizer": diloco(0.7, 0.9)}),
     "diloco_int8": (
         Schedule.local(4),

@@ -24,7 +24,7 @@ from tests.test_language_task import LM, needs_sotu
 from tests.test_resume import same_run
 
 TOL = 1e-6
-CONFIGS = ("local", "post_local", "diloco", "diloco_int8", "diloco_overlap")
+CONFIGS = ("local", "post_local", "state_average", "state_reset", "diloco", "diloco_int8", "diloco_overlap")
 
 
 def run(tmp: Path, nproc: int, shards: int, configs: str, mutation: str | None = None) -> Path:
@@ -52,7 +52,9 @@ def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
-@pytest.mark.parametrize("config", ["local", "post_local", "diloco", "diloco_overlap"])
+@pytest.mark.parametrize(
+    "config", ["local", "post_local", "state_average", "state_reset", "diloco", "diloco_overlap"]
+)
 def test_sharded_workers_equal_unsharded_twins(both: tuple[Path, Path], config: str) -> None:
     sharded, twin = (load(both[0] / config, 4), load(both[1] / config, 2))
     for rank in range(4):
@@ -61,11 +63,11 @@ def test_sharded_workers_equal_unsharded_twins(both: tuple[Path, Path], config: 
     # the ranks of a group hold one model; rounds as the twin's, each rank sending its shards only
     assert max_diff(sharded[0]["params"], sharded[1]["params"]) == 0.0
     assert sharded[0]["stats"]["global"]["rounds"] == twin[0]["stats"]["global"]["rounds"] >= 3
-    # every round (gradient or parameter average) sends this rank's shards; both make the model
+    # every round (gradients; parameters and, by policy, optimizer state) sends this rank's shards:
+    # the group's two ranks together send what one unsharded worker sends, and hold its model
     sent = [s["stats"]["global"]["bytes"] for s in sharded[:2]]
-    held = [s["held"]["parameters"] for s in sharded[:2]]
-    assert sent == [twin[0]["stats"]["global"]["rounds"] * h for h in held]
-    assert sum(held) == twin[0]["held"]["parameters"]
+    assert sum(sent) == twin[0]["stats"]["global"]["bytes"] and min(sent) > 0
+    assert sum(s["held"]["parameters"] for s in sharded[:2]) == twin[0]["held"]["parameters"]
 
 
 def test_int8_compressed_diloco_differs_only_by_quantization(both: tuple[Path, Path]) -> None:
