@@ -6,6 +6,7 @@ collective an ordered mean (as the simulator's), bit for bit."""
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 
 import pytest
@@ -284,3 +285,24 @@ def test_torchrun_processes_stream_as_the_simulator(tmp_path: Path, workers: int
     assert len(sent) == (27 + 1) // 2  # a fragment every H / N = 2 steps, sent τ = 1 early
     assert sent[:4] == sent[4:8] == sent[8:12]  # the fragments in turn, each its own bytes
     assert max(sent) < sum(sent[:4])  # no sync carries the whole model
+
+
+def test_streaming_settings_are_checked() -> None:
+    from localsgd.harness.config import Config, ConfigError
+
+    bad = {
+        "fragments (N) = 3 must divide the global period H·H_b = 16": {"fragments": 3, "local_steps": 16},
+        "overlap_steps (τ) = 4 must be less than H·H_b / N = 4: one fragment in flight at a time": {
+            "fragments": 4, "local_steps": 16, "overlap_steps": 4,
+        },
+        "fragments = 4 needs local steps": {"fragments": 4},
+        "alpha must be a number in [0, 1], got 2.0": {"merge": "mix", "alpha": 2.0, "local_steps": 4},
+        "alpha = 0.5 weighs the 'mix' rule; merge='delta' uses none": {"alpha": 0.5, "local_steps": 4},
+        "fragments > 1 and merge='mix' need buffers='local'": {"fragments": 2, "local_steps": 4, "buffers": "average"},
+    }  # fmt: skip
+    for message, settings in bad.items():
+        with pytest.raises(ConfigError, match="^" + re.escape(message)):
+            Config(**settings).validate()
+    with pytest.raises(ValueError, match=r"^fragments and merge='mix' are not supported with hierarchical"):
+        Simulator(model(), inner, Schedule.hierarchical(4, 2), 4, workers_per_block=2, fragments=2)
+    Config(fragments=4, local_steps=16, overlap_steps=3, merge="mix", alpha=0.5).validate()  # fits
