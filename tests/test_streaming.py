@@ -306,3 +306,21 @@ def test_streaming_settings_are_checked() -> None:
     with pytest.raises(ValueError, match=r"^fragments and merge='mix' are not supported with hierarchical"):
         Simulator(model(), inner, Schedule.hierarchical(4, 2), 4, workers_per_block=2, fragments=2)
     Config(fragments=4, local_steps=16, overlap_steps=3, merge="mix", alpha=0.5).validate()  # fits
+
+
+def test_cost_model_spreads_each_period_over_n_smaller_syncs() -> None:
+    """A period of H steps holds N all-reduces of S/N bytes (written out from the ring model), τ
+    steps of each hidden; the link carries S/N per sync."""
+    from localsgd.cost_model import Network, allreduce_seconds, predict
+
+    net = Network(latency=0.005, bandwidth=100e6 / 8, overhead=0.0)
+    c, s, k, n = 0.05, 13_400_000, 2, 196
+    for frags, tau in ((1, 0), (4, 0), (4, 1)):
+        rows = predict(c, s, k, net, n, local_steps=(16,), overlap_steps=tau, fragments=frags)
+        sync = max(0.0, allreduce_seconds(-(-s // frags), k, net) - tau * c)
+        assert rows[0].seconds_per_step == pytest.approx(c + frags * sync / 16, rel=1e-12)
+        assert rows[0].bytes_per_sync == -(-s // frags)
+    with pytest.raises(ValueError, match=r"fragments \(N\) = 3 must divide every H > 1, got H = 16"):
+        predict(c, s, k, net, n, local_steps=(1, 16), fragments=3)
+    with pytest.raises(ValueError, match=r"overlap_steps \(τ\) = 4 must be less than every H / N \(N = 4\)"):
+        predict(c, s, k, net, n, local_steps=(16,), fragments=4, overlap_steps=4)
