@@ -77,8 +77,7 @@ def worker(args: argparse.Namespace) -> None:
         loss.backward()
         opt.step()
         opt.zero_grad()
-    outer = opt._outer
-    assert outer is not None
+    (outer,) = opt._outer_steps()
     buckets = [b for plan in opt._averager._plans.values() for b in plan]
     stats = opt.stats["global"]
     row = {

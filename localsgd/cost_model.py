@@ -43,6 +43,11 @@ post-local SGD before t') stay fp32 all-reduces:
   all-to-all is in flight; the all-gather runs when the average is applied. The model assumes the
   communication does not slow the computation down (the CPU time of the transport is spare); the
   measurements in ``benchmarks/network.py`` show what that is worth.
+* **Fragments** (``fragments`` N, Streaming DiLoCo, ``localsgd.streaming``): each global period of H
+  steps holds N syncs of S/N bytes, one every H/N steps, each modelled as above (all-reduce or
+  compressed mean of S/N bytes, τ steps of it hidden when overlapped, the local overhead split in
+  N). The link then carries S/N per sync: ``bytes_per_sync`` of a row is the payload of its largest
+  collective (gradient averages: S).
 
 Everything here is a pure function of its arguments (no I/O, no printing); the ``localsgd plan``
 command, which reads them from the command line and prints the table, is ``localsgd.harness.planning``.
@@ -212,6 +217,7 @@ class Prediction:
     seconds_per_epoch: float
     communication_share: float
     speedup: float
+    bytes_per_sync: int = 0  # payload of one collective per worker (0: never communicates)
 
 
 def predict(
@@ -229,6 +235,7 @@ def predict(
     block_size: int = 256,
     codec_overhead: float = 0.0,
     overlap_steps: int = 0,
+    fragments: int = 1,
 ) -> list[Prediction]:
     """Predicted seconds per epoch of each schedule and its speed-up over mini-batch SGD (H = 1).
 
@@ -248,7 +255,8 @@ def predict(
         block_size: the int8 and sign codecs' block.
         codec_overhead: seconds per compressed average spent encoding and decoding.
         overlap_steps: τ; a parameter average shows only where it takes longer than τ steps.
-            Must be less than every H > 1 (and post-local's H).
+            Must be less than every H > 1 (and post-local's H) divided by ``fragments``.
+        fragments: N, Streaming DiLoCo: every H > 1 holds N syncs of S/N bytes (N must divide it).
 
     The last row is the compute-only bound (H = inf).
     """
@@ -271,36 +279,56 @@ def predict(
         raise ValueError(f"switch_epoch (t') must be at most epochs = {total_epochs:g}, got {switch:g}")
     local = check_number("average_overhead", average_overhead)
     tau = check_int("overlap_steps (τ)", overlap_steps, 0)
-    too_short = [h for h in [*hs, post_local or 1] if 1 < h <= tau]
+    frags = check_int("fragments (N)", fragments, 1)
+    periods = [h for h in [*hs, post_local or 1] if h > 1]
+    undivided = [h for h in periods if h % frags]
+    if undivided:
+        raise ValueError(f"fragments (N) = {frags} must divide every H > 1, got H = {undivided[0]}")
+    too_short = [h for h in periods if h // frags <= tau]
     if too_short:
-        raise ValueError(f"overlap_steps (τ) = {tau} must be less than every H > 1, got H = {too_short[0]}")
+        bound = "every H > 1" if frags == 1 else f"every H / N (N = {frags})"
+        raise ValueError(f"overlap_steps (τ) = {tau} must be less than {bound}, got H = {too_short[0]}")
     codec = check_number("codec_overhead", codec_overhead)
     average = allreduce_seconds(s, k, network) + local if k > 1 else 0.0  # a lone worker never averages
     # A parameter average: CPU work on the worker's own thread (copies, encoding), which shows
     # whole, and time on the network, of which τ steps' worth is hidden when overlapped. A
     # compressed average in flight has only its all-to-all in flight; the all-gather shows.
+    # With N fragments a parameter average is N syncs of S/N bytes (the same local costs, split).
+    part = math.ceil(s / frags)
     if k == 1:
         exposed = 0.0
     elif compression is None:
-        exposed = local + max(0.0, allreduce_seconds(s, k, network) - tau * c)
+        exposed = local / frags + max(0.0, allreduce_seconds(part, k, network) - tau * c)
     else:
-        exchange, gather = compressed_stages(encoded_bytes(s, k, compression, block_size), k, network)
-        exposed = local + codec + max(0.0, exchange - tau * c) + gather
+        exchange, gather = compressed_stages(encoded_bytes(part, k, compression, block_size), k, network)
+        exposed = (local + codec) / frags + max(0.0, exchange - tau * c) + gather
+    sync_bytes = part if compression is None else encoded_bytes(part, k, compression, block_size)
 
     def per_average(h: int) -> float:
-        return average if h == 1 else exposed
+        return average if h == 1 else frags * exposed
 
     def epoch(h: int) -> float:
         return n * c + n / h * per_average(h)
 
     minibatch = epoch(1)
 
-    def row(label: str, h: int | None, seconds: float, switch_epochs: float = 0.0) -> Prediction:
+    def row(
+        label: str, h: int | None, seconds: float, switch_epochs: float = 0.0, largest: int = 0
+    ) -> Prediction:
         comm = (seconds - n * c) / seconds if seconds > 0 else 0.0
         speedup = minibatch / seconds if seconds > 0 else 1.0 if minibatch == 0 else math.inf
-        return Prediction(label, h, switch_epochs, seconds / n, seconds, comm, speedup)
+        largest = largest if k > 1 else 0  # a lone worker sends nothing
+        return Prediction(label, h, switch_epochs, seconds / n, seconds, comm, speedup, largest)
 
-    rows = [row("mini-batch SGD" if h == 1 else f"local SGD H={h}", h, epoch(h)) for h in hs]
+    rows = [
+        row(
+            "mini-batch SGD" if h == 1 else f"local SGD H={h}",
+            h,
+            epoch(h),
+            largest=s if h == 1 else sync_bytes,
+        )
+        for h in hs
+    ]
     if post_local is not None:
         # Exact counts over the run: t' mini-batch steps, then one average per H local steps.
         total_steps = round(total_epochs * n)
@@ -309,6 +337,6 @@ def predict(
         seconds = total_steps * c + t_switch * average + local_rounds * per_average(post_local)
         seconds /= total_epochs
         label = f"post-local H={post_local}, t'={switch:g}/{total_epochs:g} ep"
-        rows.append(row(label, post_local, seconds, switch))
+        rows.append(row(label, post_local, seconds, switch, largest=s if t_switch else sync_bytes))
     rows.append(row("compute only (H=inf)", None, n * c))
     return rows

@@ -24,11 +24,12 @@ from localsgd.checks import check_workers, describe
 from localsgd.comm import Communicator
 from localsgd.compression import CompressedMean
 from localsgd.ddp import DDPArming
-from localsgd.outer import OuterStep
+from localsgd.outer import OuterOptimizerFactory, OuterStep
 from localsgd.policy import Policy, PolicyKeywords, as_policy
 from localsgd.rounds import DelayedAverage, GradientAverage, ParameterAverage, Round, float_buffers
 from localsgd.schedule import Level, Schedule
 from localsgd.sharding import FSDPArming, average_into, check_sharded, shards
+from localsgd.streaming import Streaming
 
 
 class CommunicationError(RuntimeError):
@@ -162,30 +163,44 @@ class Engine:
         )
         DelayedAverage.check(policy.overlap_steps, self.schedule)
         self._compressed = CompressedMean.of(policy.compression, self._packed or self._sharded)
-        self._outer = self._outer_step()
-        # Unpacked (sharded) parameters send their compressed pseudo-gradients from the overlapped
-        # average's own flat buffers, with τ = 0 (applied at once) if there is no overlap.
-        delayed = policy.overlap_steps or (self._compressed is not None and not self._packed)
-        if delayed and not policy.overlap_steps and policy.optimizer_state != "local":
-            raise ValueError("compression of sharded models needs optimizer_state='local'")
-        self._delayed = (
-            DelayedAverage(self.models, self._averager, self._outer, policy.overlap_steps, self._compressed)
-            if delayed and self._outer is not None
-            else None
+        # Scheduled global averages that do not block (overlap, fragments, the mix rule) run in
+        # flight (localsgd.streaming); so do compressed ones of unpacked (sharded) parameters, from
+        # the in-flight average's own flat buffers, with τ = 0 (applied at once).
+        streamed = (
+            policy.streams or policy.overlap_steps or (self._compressed is not None and not self._packed)
         )
+        if streamed and not policy.overlap_steps and policy.optimizer_state != "local":
+            raise ValueError("compression of sharded models needs optimizer_state='local'")
+        self._streaming = self._streams() if streamed else None
+        self._outer = None if streamed else self._outer_step()
         self._parameter_average = ParameterAverage(
             self.models, self.optimizers, self._averager, policy.buffers, policy.optimizer_state,
-            self._outer, self._compressed if self._packed else None,
+            self._outer, self._compressed if self._packed and not streamed else None,
+        )  # fmt: skip
+
+    def _outer_factory(self) -> OuterOptimizerFactory | None:
+        """The policy's outer optimizer; compression, overlap and streaming need one (plain
+        averaging by default)."""
+        make = self.policy.outer_optimizer
+        if make is None and (
+            self.policy.compression is not None or self.policy.overlap_steps or self.policy.streams
+        ):
+            make = _plain_outer
+        return make
+
+    def _streams(self) -> Streaming:
+        policy, make = self.policy, self._outer_factory()
+        assert make is not None
+        return Streaming(
+            self.models, self.comm, policy.bucket_bytes, self.schedule, make, fragments=policy.fragments,
+            delay=policy.overlap_steps, merge=policy.merge, alpha=policy.alpha,
+            compression=policy.compression, anchor_device=policy.anchor_device,
         )  # fmt: skip
 
     def _outer_step(self) -> OuterStep | None:
-        """The policy's outer step; compression and overlap need one (plain averaging by default)."""
-        make = self.policy.outer_optimizer
-        if make is None and (self.policy.compression is not None or self.policy.overlap_steps):
-            make = _plain_outer
-        if make is None:
-            return None
-        return OuterStep(shards(self.models[0]), make, self.policy.anchor_device)
+        """The outer step of blocking global averages, if the policy has one."""
+        make = self._outer_factory()
+        return None if make is None else OuterStep(shards(self.models[0]), make, self.policy.anchor_device)
 
     # --- configuration -----------------------------------------------------------------------
 
@@ -202,11 +217,20 @@ class Engine:
             "packed_gradients": self._pack_gradients,
             "optimizer": type(optimizer).__name__,
             "param_groups": [len(g["params"]) for g in optimizer.param_groups],
-            "outer": None if self._outer is None else self._outer.describe(),
+            "outer": None if self._outer_steps() == [] else self._outer_steps()[0].describe(),
             "compression": None if self._compressed is None else self._compressed.describe(),
             "overlap_steps": self.policy.overlap_steps,
             "max_grad_norm": self.policy.max_grad_norm,
+            "fragments": self.policy.fragments,
+            "merge": self.policy.merge,
+            "alpha": self.policy.alpha,
         }
+
+    def _outer_steps(self) -> list[OuterStep]:
+        """The anchors and outer optimizers: one (blocking or overlapped), one per fragment, or none."""
+        if self._streaming is not None:
+            return self._streaming.outers
+        return [] if self._outer is None else [self._outer]
 
     # --- the step ----------------------------------------------------------------------------
 
@@ -233,6 +257,8 @@ class Engine:
                 self._outer.current = False
             elif not self._outer.current:  # the first local step: every worker holds the same model
                 self._outer.reset_(shards(self.models[0]))
+        if self._streaming is not None:
+            self._streaming.track(sync, self.models)
         if self.policy.max_grad_norm is not None:  # after any gradient average: the average is clipped
             for k, (model, opt) in enumerate(zip(self.models, self.optimizers, strict=True)):
                 if self.grad_scalers is not None:
@@ -246,12 +272,10 @@ class Engine:
             else:
                 self.grad_scalers[k].step(opt)
         self.t += 1
-        if self._delayed is not None and self._delayed.due(self.t - 1):
-            self._apply_delayed()
-        if sync.parameters is Level.GLOBAL and self._delayed is not None:
-            self._timed(Level.GLOBAL, self._delayed.start(Level.GLOBAL, self.t - 1))
-            if self._delayed.due(self.t - 1):  # τ = 0: the blocking average
-                self._apply_delayed()
+        if self._streaming is not None:
+            self._stream(self.t - 1)
+            if sync.parameters is Level.BLOCK:  # (streaming has no hierarchical schedules yet)
+                self._average_model(sync.parameters, outer=True)
         elif sync.parameters is not None:
             self._average_model(sync.parameters, outer=True)
         self._ddp.arm(self.schedule.sync_at(self.t).gradients)
@@ -269,16 +293,28 @@ class Engine:
         else:
             gradients.zero_(set_to_none)
 
-    def flush(self) -> None:
-        """Apply an overlapped global average still in flight now (e.g. at the end of training)."""
-        if self._delayed is not None and self._delayed.pending is not None:
-            self._apply_delayed()
+    def _stream(self, t: int) -> None:
+        """After step ``t``: apply the in-flight averages due now, then start the one whose turn it
+        is (applied at once with τ = 0)."""
+        assert self._streaming is not None
+        for delayed in self._streaming.due(t):
+            self._apply_delayed(delayed)
+        f = self._streaming.to_start(t)
+        if f is not None:
+            self._timed(Level.GLOBAL, self._streaming.start(f, t))
+            if self._streaming.fragments[f].due(t):  # τ = 0: the blocking average of the fragment
+                self._apply_delayed(self._streaming.fragments[f])
 
-    def _apply_delayed(self) -> None:
-        assert self._delayed is not None
+    def flush(self) -> None:
+        """Apply the global averages still in flight now (e.g. at the end of training)."""
+        if self._streaming is not None:
+            for delayed in self._streaming.pending():
+                self._apply_delayed(delayed)
+
+    def _apply_delayed(self, delayed: DelayedAverage) -> None:
         start = time.perf_counter()
         try:
-            self._delayed.apply(inner_lr=self.optimizers[0].param_groups[0]["lr"])
+            delayed.apply(inner_lr=self.optimizers[0].param_groups[0]["lr"])
         except RuntimeError as e:
             raise CommunicationError(
                 f"the overlapped average applied at step {self.t} failed; a worker is gone, stuck or "
@@ -363,12 +399,13 @@ class Engine:
             "optimizer_state": self.policy.optimizer_state,
             "stats": {level: asdict(s) for level, s in self.stats.items()},
         }
+        if self._streaming is not None:
+            state.update(self._streaming.state_dict())
+            return state
         if self._outer is not None:
             state["outer"] = self._outer.state_dict()
         if self._compressed is not None:
             state["compression"] = self._compressed.state_dict()
-        if self._delayed is not None:
-            state["delayed"] = self._delayed.state_dict()
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -379,23 +416,26 @@ class Engine:
                     f"the checkpoint was written with {key}={state_dict[key]!r}, "
                     f"but this run has {key}={mine!r}"
                 )
-        if ("outer" in state_dict) != (self._outer is not None):
-            saved, mine = ("an", "no") if "outer" in state_dict else ("no", "an")
+        saved_outer = "outer" in state_dict or "streaming" in state_dict
+        if saved_outer != bool(self._outer_steps()):
+            saved, mine = ("an", "no") if saved_outer else ("no", "an")
             raise ValueError(
                 f"the checkpoint was written with {saved} outer optimizer, but this run has {mine}"
             )
-        if self._delayed is not None:
-            self._delayed.drop()  # an average in flight: before what it writes into is replaced
+        in_flight = ("delayed" in state_dict or "streaming" in state_dict) != (self._streaming is not None)
+        if in_flight:
+            raise ValueError("the checkpoint and this run differ in whether averages are overlapped")
+        if self._streaming is not None:
+            self._streaming.drop()  # averages in flight: before what they write into is replaced
         self.t = int(state_dict["t"])
         self.stats = {level: CommStats(**s) for level, s in state_dict["stats"].items()}
-        if self._outer is not None:
-            self._outer.load_state_dict(state_dict["outer"])
-        if ("compression" in state_dict) != (self._compressed is not None):
-            raise ValueError("the checkpoint and this run differ in whether averages are compressed")
-        if self._compressed is not None:
-            self._compressed.load_state_dict(state_dict["compression"])
-        if ("delayed" in state_dict) != (self._delayed is not None):
-            raise ValueError("the checkpoint and this run differ in whether averages are overlapped")
-        if self._delayed is not None:
-            self._delayed.load_state_dict(state_dict["delayed"])  # after the anchor: it resends
+        if self._streaming is not None:
+            self._streaming.load_state_dict(state_dict)
+        else:
+            if self._outer is not None:
+                self._outer.load_state_dict(state_dict["outer"])
+            if ("compression" in state_dict) != (self._compressed is not None):
+                raise ValueError("the checkpoint and this run differ in whether averages are compressed")
+            if self._compressed is not None:
+                self._compressed.load_state_dict(state_dict["compression"])
         self._ddp.arm(self.schedule.sync_at(self.t).gradients)

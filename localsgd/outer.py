@@ -117,14 +117,17 @@ class OuterStep:
     def to_pseudo_gradients_(self, params_per_worker: list[list[torch.Tensor]]) -> None:
         """θ_k ← θ̄ − θ_k in place, so that averaging them gives Δ."""
         for params in params_per_worker:
-            for p, a in zip(params, self.anchor, strict=True):
-                p.neg_().add_(a.to(p.device, non_blocking=True))
+            anchor = [a.to(p.device, non_blocking=True) for p, a in zip(params, self.anchor, strict=True)]
+            torch._foreach_neg_(params)
+            torch._foreach_add_(params, anchor)
 
     @torch.no_grad()
     def advance_(self, delta: list[torch.Tensor], inner_lr: float) -> None:
         """Step the anchor with the averaged pseudo-gradient Δ as its gradient."""
         for a, d in zip(self.anchor, delta, strict=True):
-            a.grad = d.to(a.device, copy=True)
+            # Δ itself, not a copy: the callers overwrite it afterwards (what the outer optimizer
+            # does to its gradient cannot matter)
+            a.grad = d.to(a.device)
         for group in self.optimizer.param_groups:
             if "inner_lr" in group:
                 group["inner_lr"] = inner_lr
@@ -138,8 +141,7 @@ class OuterStep:
         """Given Δ in every worker's parameters: step the anchor, then θ_k ← θ̄ for every worker."""
         self.advance_(params_per_worker[0], inner_lr)
         for params in params_per_worker:
-            for p, a in zip(params, self.anchor, strict=True):
-                p.copy_(a)
+            torch._foreach_copy_(params, [a.to(p.device) for p, a in zip(params, self.anchor, strict=True)])
 
     def state_dict(self) -> dict[str, Any]:
         return {

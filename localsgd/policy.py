@@ -19,6 +19,8 @@ BufferPolicy = Literal["local", "average"]
 OptimizerStatePolicy = Literal["local", "average", "reset"]
 BUFFER_POLICIES: tuple[str, ...] = get_args(BufferPolicy)
 OPTIMIZER_STATE_POLICIES: tuple[str, ...] = get_args(OptimizerStatePolicy)
+MergeRule = Literal["delta", "mix"]
+MERGE_RULES: tuple[str, ...] = get_args(MergeRule)
 
 
 def _check_choice(name: str, value: object, allowed: Sequence[str]) -> None:
@@ -56,6 +58,17 @@ class Policy:
             step: in local steps its own gradient, in steps that average gradients the average
             (so workers in the mini-batch phase stay identical). With gradient scalers the
             gradients are unscaled first. None: no clipping.
+        fragments: N. Streaming DiLoCo: the parameters are cut into N contiguous fragments of
+            about equal bytes (at parameter boundaries), each with its own anchor and outer
+            optimizer state; one fragment syncs every H·H_b / N steps, the N in turn, so each syncs
+            once per global period and the link carries 1/N of the model at a time
+            (``localsgd.streaming``). 1: the whole model at once.
+        merge: how an overlapped (τ > 0) or streamed sync lands on a worker. ``"delta"``: the
+            average is sent at the sync point and applied τ steps later, keeping what the worker
+            learned meanwhile, θ ← θ̄' + (θ − s). ``"mix"``: Streaming DiLoCo's rule as torchft
+            implements it: the pseudo-gradient is taken τ steps before the sync point, and at the
+            sync point θ ← lerp(θ̄', θ, alpha) (alpha = 0 discards the τ steps).
+        alpha: the ``"mix"`` rule's weight of the worker's own parameters, in [0, 1].
     """
 
     buffers: BufferPolicy = "local"
@@ -66,6 +79,9 @@ class Policy:
     compression: Codec | str | None = None
     overlap_steps: int = 0
     max_grad_norm: float | None = None
+    fragments: int = 1
+    merge: MergeRule = "delta"
+    alpha: float = 0.0
 
     def __post_init__(self) -> None:
         _check_choice("buffers", self.buffers, BUFFER_POLICIES)
@@ -87,6 +103,25 @@ class Policy:
                 "overlap_steps > 0 needs buffers='local' and optimizer_state='local' (delaying their "
                 "average is not supported)"
             )
+        self._check_streaming()
+
+    @property
+    def streams(self) -> bool:
+        """Whether global averages go through ``localsgd.streaming`` (fragments or the mix rule)."""
+        return self.fragments > 1 or self.merge == "mix"
+
+    def _check_streaming(self) -> None:
+        check_int("fragments (N)", self.fragments, 1)
+        _check_choice("merge", self.merge, MERGE_RULES)
+        if not (is_number(self.alpha) and 0 <= self.alpha <= 1):
+            raise ValueError(f"alpha must be a number in [0, 1], got {self.alpha!r}")
+        if self.alpha and self.merge != "mix":
+            raise ValueError(f"alpha = {self.alpha!r} weighs the 'mix' rule; merge={self.merge!r} uses none")
+        if self.streams and (self.buffers != "local" or self.optimizer_state != "local"):
+            raise ValueError(
+                "fragments > 1 and merge='mix' need buffers='local' and optimizer_state='local' (their "
+                "averages are not streamed)"
+            )
 
 
 class PolicyKeywords(TypedDict, total=False):
@@ -101,6 +136,9 @@ class PolicyKeywords(TypedDict, total=False):
     compression: Codec | str | None
     overlap_steps: int
     max_grad_norm: float | None
+    fragments: int
+    merge: MergeRule
+    alpha: float
 
 
 POLICY_FIELDS = tuple(f.name for f in fields(Policy))

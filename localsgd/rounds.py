@@ -170,8 +170,13 @@ class DelayedAverage:
 
     At a scheduled global average after step t, each worker sends Δ_k = θ̄ − s_k, where s_k is its
     parameters then, and keeps training. After step t + τ the mean Δ has arrived: the outer
-    optimizer steps the anchor with it, and each worker continues from the new anchor plus what it
-    learned during the delay: θ_k ← θ̄ + (θ_k − s_k). With τ = 0 this is the blocking average.
+    optimizer steps the anchor with it, and each worker continues from the new anchor θ̄' by the
+    ``merge`` rule: ``"delta"`` keeps what it learned during the delay, θ_k ← θ̄' + (θ_k − s_k);
+    ``"mix"`` (Streaming DiLoCo, as torchft) takes θ_k ← lerp(θ̄', θ_k, alpha). With τ = 0 either
+    is the blocking average (alpha = 0).
+
+    ``select`` picks the tensors of a worker's model it averages (default: all its parameters'
+    shards; a fragment's, for ``localsgd.streaming``).
 
     With ``compressed``, Δ_k is encoded and its all-to-all started after step t; the second stage
     (the mean's all-gather) runs when the average is applied.
@@ -184,8 +189,12 @@ class DelayedAverage:
         outer: OuterStep,
         delay: int,
         compressed: CompressedMean | None = None,
+        select: Callable[[nn.Module], list[torch.Tensor]] = shards,
+        merge: str = "delta",
+        alpha: float = 0.0,
     ) -> None:
         self.models, self.outer, self.delay, self.compressed = models, outer, delay, compressed
+        self.select, self.merge, self.alpha = select, merge, alpha
         self.averager = FlatAverager(averager.comm, averager.bucket_bytes)  # its own buffers: in flight
         self.deltas: list[list[torch.Tensor]] | None = None  # Δ_k, packed in the averager's buffers
         self.pending: InFlight | None = None
@@ -204,7 +213,7 @@ class DelayedAverage:
         """The round that starts the average after step ``t`` (applied after step t + τ)."""
 
         def run() -> int:
-            snapshots = [[p.detach().clone() for p in shards(m)] for m in self.models]
+            snapshots = [[p.detach().clone() for p in self.select(m)] for m in self.models]
             return self._send(level, t + self.delay, snapshots)
 
         return run
@@ -236,8 +245,11 @@ class DelayedAverage:
         pending.wait()
         self.outer.advance_(pending.sent[0], inner_lr)
         for m, snapshot in zip(self.models, pending.snapshots, strict=True):
-            for p, s, a in zip(shards(m), snapshot, self.outer.anchor, strict=True):
-                p.sub_(s).add_(a.to(p.device))
+            for p, s, a in zip(self.select(m), snapshot, self.outer.anchor, strict=True):
+                if self.merge == "mix":  # torchft: the global copy, stepped, lerped toward the local
+                    p.copy_(a.to(p.device, copy=True).lerp_(p, self.alpha))
+                else:
+                    p.sub_(s).add_(a.to(p.device))
 
     def state_dict(self) -> dict[str, Any] | None:
         """What the pending average was started from (the anchor, saved with the outer step,

@@ -106,6 +106,20 @@ class Schedule:
                 parameters = parameters or level
         return Sync(gradients=gradients, parameters=parameters)
 
+    def fragment_at(self, t: int, fragments: int) -> int | None:
+        """Streaming (N = ``fragments``): the fragment whose sync point step ``t`` (0-based) ends,
+        or None. The global period H·H_b is cut into N sub-periods of P = H·H_b / N steps; after
+        the switch, the k-th sync point (``u = (k + 1)·P`` local steps done) is fragment k mod N's,
+        so each fragment syncs once every H·H_b steps, the N in turn (N = 1: the global averages)."""
+        period = self.period(Level.GLOBAL)
+        if fragments < 1 or period % fragments:
+            raise ValueError(f"fragments (N) = {fragments} must divide the global period H·H_b = {period}")
+        u = t + 1 - self.switch_step
+        sub = period // fragments
+        if u <= 0 or u % sub:
+            return None
+        return (u // sub - 1) % fragments
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 

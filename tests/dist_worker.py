@@ -163,6 +163,27 @@ def grad_scaler(rank: int) -> dict:
     return {"trajectory": torch.stack(trajectory), "t": opt.t, "scale": scaler.get_scale()}
 
 
+def streaming(rank: int) -> dict:
+    """Streaming DiLoCo, N = 4 fragments, int8, τ = 1, mix (tests/test_streaming.py's model and
+    batches), averaged in worker order; every parameter after the last average is applied."""
+    from localsgd import DistCommunicator
+    from tests.test_streaming import STREAMING, batch, inner, model
+
+    m = model()
+    opt = LocalSGD(inner(m), m, Schedule.local(8), comm=DistCommunicator(ordered=True), **STREAMING)
+    bytes_per_sync = []
+    for t in range(27):
+        x, y = batch(rank, t)
+        F.cross_entropy(m(x), y).backward()
+        before = opt.stats["global"].bytes
+        opt.step()
+        opt.zero_grad()
+        if opt.stats["global"].bytes != before:
+            bytes_per_sync.append(opt.stats["global"].bytes - before)
+    opt.flush()
+    return {"params": [p.detach() for p in m.parameters()], "sent": bytes_per_sync}
+
+
 def outer(rank: int, name: str) -> dict:
     """The exact dyadic model of tests/test_golden.py with an outer optimizer (one per process)."""
     from tests.test_golden import Dyadic, optimizer
@@ -299,6 +320,8 @@ def main() -> None:
         result = optimizer_state(rank, *args)
     elif scenario == "mismatch":
         result = mismatch(rank)
+    elif scenario == "streaming":
+        result = streaming(rank)
     else:
         raise SystemExit(f"unknown scenario {scenario!r}")
     torch.save(result, Path(out) / f"rank{rank}.pt")

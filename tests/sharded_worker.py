@@ -132,10 +132,10 @@ def write(model: nn.Module, opt: LocalSGD, out: Path, shards: int) -> None:
     held = {
         "parameters": nbytes(model.parameters()),
         "inner": nbytes(v for s in opt.optimizer.state.values() for k, v in s.items() if k != "step"),
-        "outer": 0
-        if opt._outer is None
-        else nbytes(opt._outer.anchor)
-        + nbytes(v for s in opt._outer.optimizer.state.values() for v in s.values()),
+        "outer": sum(
+            nbytes(o.anchor) + nbytes(v for s in o.optimizer.state.values() for v in s.values())
+            for o in opt._outer_steps()
+        ),
     }
     stats = {level: vars(s) for level, s in opt.stats.items()}
     result = {"params": full_parameters(model), "stats": stats, "held": held, "t": opt.t}
@@ -161,8 +161,8 @@ def resume(config: str, out: Path, shards: int, phase: str, save_at: int) -> Non
     else:
         dcp.load(out / "ckpt", model, opt)
         loaded = {"params": full_parameters(model), "t": opt.t}
-        if opt._outer is not None:
-            loaded["anchor"] = [a.clone() for a in opt._outer.anchor]
+        if opt._outer_steps():
+            loaded["anchor"] = [a.clone() for o in opt._outer_steps() for a in o.anchor]
         torch.save(loaded, out / f"loaded-S{shards}-rank{dist.get_rank()}.pt")
         train(model, opt, worker, part, range(opt.t, steps))
         write(model, opt, out / f"resumed-S{shards}", shards)

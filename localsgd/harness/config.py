@@ -17,7 +17,7 @@ from localsgd import outer
 from localsgd._validate import check_int, check_number, is_number
 from localsgd.compression import CodecName
 from localsgd.harness.data import ImageDataset
-from localsgd.policy import BufferPolicy, OptimizerStatePolicy
+from localsgd.policy import BufferPolicy, MergeRule, OptimizerStatePolicy
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -173,6 +173,14 @@ class AveragingSettings:
     blocking); see docs/design.md, Overlapped averaging"""
     ordered_averaging: bool = False
     """under torchrun, average by all-gather and a sum in worker order: bitwise the simulator's result"""
+    fragments: int = 1
+    """N: Streaming DiLoCo. The parameters are cut into N fragments of about equal bytes that sync in
+    turn, one every H/N steps, each once per H (1: the whole model at once); see localsgd.streaming"""
+    merge: MergeRule = "delta"
+    """how an overlapped or streamed sync lands: delta (keep what was learned during the tau steps) or
+    mix (Streaming DiLoCo as torchft: lerp from the new global fragment toward the local one by alpha)"""
+    alpha: float = 0.0
+    """the mix rule's weight of the worker's own parameters, in [0, 1]"""
     shard_size: int = 1
     """S: processes per worker under torchrun (K = processes / S). Each worker's model is sharded over
     its S processes with FSDP2 (per block and at the root), each takes B_loc/S of the worker's batch,
@@ -258,16 +266,23 @@ class AveragingSettings:
         from localsgd.policy import Policy
         from localsgd.rounds import DelayedAverage
         from localsgd.schedule import Schedule
+        from localsgd.streaming import Streaming
 
         integer(self, "overlap_steps", 0)
+        integer(self, "fragments", 1)
         if self.overlap_steps:
             self._needs_local_steps("overlap_steps", str(self.overlap_steps))
+        if self.fragments > 1:
+            self._needs_local_steps("fragments", str(self.fragments))
         schedule = Schedule(local_steps=self.local_steps, block_steps=self.block_steps)
         try:  # the engine's own rules, checked before any work
-            Policy(
-                buffers=self.buffers, optimizer_state=self.optimizer_state, overlap_steps=self.overlap_steps
-            )
+            policy = Policy(
+                buffers=self.buffers, optimizer_state=self.optimizer_state, overlap_steps=self.overlap_steps,
+                fragments=self.fragments, merge=self.merge, alpha=self.alpha,
+            )  # fmt: skip
             DelayedAverage.check(self.overlap_steps, schedule)
+            if policy.streams:
+                Streaming.check(schedule, self.fragments, self.overlap_steps)
         except ValueError as e:
             raise ConfigError(str(e)) from None
 
@@ -520,6 +535,8 @@ class Config(
                 why[name] = "needs an outer_optimizer (diloco or slowmo)"
         if self.compress not in ("int8", "sign"):
             why["compress_block"] = "needs compress = int8 or sign"
+        if self.merge != "mix":
+            why["alpha"] = "weighs the mix rule; merge = 'delta' uses none"
         defaults = Config()
         return {
             name: reason

@@ -28,6 +28,7 @@ def table(rows: Sequence[Prediction]) -> str:
         Column("s/epoch", 9, lambda r: f"{r.seconds_per_epoch:.1f}"),
         Column("comm", 6, lambda r: f"{100 * r.communication_share:.1f}%"),
         Column("speed-up", 8, lambda r: f"{r.speedup:.2f}x"),
+        Column("MB/sync", 8, lambda r: f"{r.bytes_per_sync / 1e6:.3f}"),
     ]
     return render(columns, rows, rule=False)
 
@@ -65,6 +66,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="encoding and decoding time of one compressed average, ms (default 0)")  # fmt: skip
     add("--overlap-steps", type=int, default=0, metavar="TAU",
         help="apply each parameter average TAU steps after it starts (default 0: blocking)")  # fmt: skip
+    add("--fragments", type=int, default=1, metavar="N",
+        help="Streaming DiLoCo: N fragments, one synced every H/N steps (default 1)")  # fmt: skip
     add("--json", action="store_true", help="print JSON instead of a table")
 
 
@@ -116,6 +119,7 @@ def run(args: argparse.Namespace) -> int:
             block_size=args.compress_block or 256,
             codec_overhead=check_number("--codec-overhead-ms", args.codec_overhead_ms or 0.0) / 1e3,
             overlap_steps=args.overlap_steps,
+            fragments=args.fragments,
         )
     except ValueError as e:
         print(f"localsgd plan: error: {e}", file=sys.stderr)
@@ -132,6 +136,7 @@ def run(args: argparse.Namespace) -> int:
             f"S={parse_size(args.model_bytes)} B, d={args.latency_ms:g} ms, {bw}"
             + (f", {args.compress} averages" if args.compress else "")
             + (f", overlap τ={args.overlap_steps}" if args.overlap_steps else "")
+            + (f", {args.fragments} fragments" if args.fragments > 1 else "")
         )
         print(table(rows))
     return 0

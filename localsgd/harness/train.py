@@ -157,6 +157,9 @@ def build_policy(cfg: Config) -> Policy:
         compression=codec,
         overlap_steps=cfg.overlap_steps,
         max_grad_norm=cfg.max_grad_norm,
+        fragments=cfg.fragments,
+        merge=cfg.merge,
+        alpha=cfg.alpha,
     )
 
 
