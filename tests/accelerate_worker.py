@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from localsgd import LocalSGD, Schedule, diloco
 from localsgd.integrations import accelerate as integration
-from tests.helpers import ENGINE_MUTATIONS, broken_engine, mlp, recording_collectives
+from tests.helpers import ENGINE_MUTATIONS, broken_engine, exit_worker, mlp, recording_collectives
 
 EPOCHS = 4
 BATCHES_PER_EPOCH = 10  # per rank
@@ -262,3 +262,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_worker()

@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from torch import nn
@@ -72,6 +72,20 @@ class Toy(nn.Module):
 
     def values(self) -> torch.Tensor:
         return torch.cat([self.a.detach(), self.b.detach().float(), self.running, self.count.float()[None]])
+
+
+def exit_worker() -> NoReturn:
+    """End a torchrun worker once its results are written: wait for the other ranks, then leave
+    without C++ teardown (torch 2.13's gloo backend sometimes aborts in static destructors after
+    Python has finished, "terminate called without an active exception", and torchrun would report
+    the run as failed)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def free_port() -> int:

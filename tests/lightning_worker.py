@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from localsgd import LocalSGD, Schedule, diloco
 from localsgd.integrations.lightning import LocalSGDStrategy
-from tests.helpers import ENGINE_MUTATIONS, broken_engine, mlp, recording_collectives
+from tests.helpers import ENGINE_MUTATIONS, broken_engine, exit_worker, mlp, recording_collectives
 
 EPOCHS = 4
 BATCHES_PER_EPOCH = 10
@@ -294,3 +294,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_worker()

@@ -22,6 +22,7 @@ from torch.nn import functional as F
 
 from localsgd import LocalSGD, Schedule, diloco
 from localsgd.sharding import local
+from tests.helpers import exit_worker
 
 SHARDS_OF_TWIN = 2  # the micro-batches one unsharded twin worker takes per step
 MICRO = 4  # samples per rank and step
@@ -75,7 +76,6 @@ def main(configs: str, out: Path, shards: int, mutation: str | None) -> None:
     for config in configs.split(","):
         (out / config).mkdir(parents=True, exist_ok=True)
         run(config, out / config, shards, mutation)
-    dist.destroy_process_group()
 
 
 def run(config: str, out: Path, shards: int, mutation: str | None) -> None:
@@ -166,7 +166,6 @@ def resume(config: str, out: Path, shards: int, phase: str, save_at: int) -> Non
         torch.save(loaded, out / f"loaded-S{shards}-rank{dist.get_rank()}.pt")
         train(model, opt, worker, part, range(opt.t, steps))
         write(model, opt, out / f"resumed-S{shards}", shards)
-    dist.destroy_process_group()
 
 
 def bad_inputs(out: Path) -> None:
@@ -229,14 +228,13 @@ def bad_inputs(out: Path) -> None:
         except Exception as e:
             seen[name] = f"{type(e).__name__}: {e}"
     (out / f"errors{dist.get_rank()}.json").write_text(json.dumps(seen, indent=1))
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     if sys.argv[1] == "bad_inputs":
         bad_inputs(Path(sys.argv[2]))
-        sys.exit()
-    if sys.argv[1] == "resume":  # resume CONFIG OUT SHARDS save|load SAVE_AT
+    elif sys.argv[1] == "resume":  # resume CONFIG OUT SHARDS save|load SAVE_AT
         resume(sys.argv[2], Path(sys.argv[3]), int(sys.argv[4]), sys.argv[5], int(sys.argv[6]))
-        sys.exit()
-    main(sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4] if len(sys.argv) > 4 else None)
+    else:
+        main(sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4] if len(sys.argv) > 4 else None)
+    exit_worker()

@@ -501,13 +501,14 @@ def test_choices_and_flag_types_come_from_the_settings_types() -> None:
     from localsgd.compression import CODECS
     from localsgd.harness.config import CHOICES, SETTINGS, choices, kind, optional, parse_value
     from localsgd.harness.data import DATASETS
-    from localsgd.policy import BUFFER_POLICIES, OPTIMIZER_STATE_POLICIES
+    from localsgd.policy import BUFFER_POLICIES, MERGE_RULES, OPTIMIZER_STATE_POLICIES
 
     assert choices("dataset") == (*DATASETS, "text") and choices("compress") == ("none", *CODECS)
     assert choices("buffers") == BUFFER_POLICIES and choices("optimizer_state") == OPTIMIZER_STATE_POLICIES
+    assert choices("merge") == MERGE_RULES
     assert set(CHOICES) == {
         "dataset", "buffers", "optimizer_state", "outer_optimizer", "compress", "optimizer", "lr_schedule",
-        "eval_local", "precision", "device",
+        "eval_local", "precision", "device", "merge",
     }  # fmt: skip
     for name in CHOICES:
         with pytest.raises(

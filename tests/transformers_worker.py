@@ -38,7 +38,7 @@ from transformers.utils import logging as hf_logging
 from localsgd import LocalSGD, Schedule, diloco
 from localsgd.integrations import transformers as integration
 from localsgd.integrations.transformers import LocalSGDTrainer
-from tests.helpers import ENGINE_MUTATIONS, broken_engine, recording_collectives
+from tests.helpers import ENGINE_MUTATIONS, broken_engine, exit_worker, recording_collectives
 
 EPOCHS = 2
 BATCH = 4  # per device
@@ -269,3 +269,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_worker()
