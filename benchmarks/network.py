@@ -151,6 +151,8 @@ def schedules(cfg: dict) -> list[tuple[str, dict | None, dict]]:
         runs.append((f"H={h['local_steps']}, {codec}", h, {"compression": codec}))
     for outer in cfg.get("outer", []):
         runs.append((f"H={h['local_steps']}, {outer}", h, {"outer_optimizer": outer}))
+    for n, tau in cfg.get("fragments", []):  # Streaming DiLoCo's fragments (plain outer step)
+        runs.append((f"H={h['local_steps']}, N={n}, τ={tau}", h, {"fragments": n, "overlap_steps": tau}))
     for tau, codec in cfg.get("combined", []):
         runs.append(
             (f"H={h['local_steps']}, τ={tau}, {codec}", h, {"overlap_steps": tau, "compression": codec})
@@ -202,12 +204,16 @@ def measure_training(cfg: dict) -> list[dict]:
         dist.barrier()
         start = time.perf_counter()
         ends, mids = [], []
+        peak = 0  # the most bytes one step sent (one sync: a fragment's, or the whole model's)
         for _ in range(n):
             engine.zero_grad()
             F.cross_entropy(model(x), y).backward()
             mids.append(time.perf_counter())
+            sent = 0 if fields is None else engine.stats["global"].bytes
             engine.step()
             ends.append(time.perf_counter())
+            if fields is not None:
+                peak = max(peak, engine.stats["global"].bytes - sent)
         if fields is not None and n:
             engine.flush()  # an overlapped average still in flight belongs to this run
             ends[-1] = time.perf_counter()
@@ -218,13 +224,13 @@ def measure_training(cfg: dict) -> list[dict]:
             if fields is None:
                 traces.append(_every_rank([b - a for a, b in zip([start, *ends], ends, strict=False)]))
         if fields is None:
-            return elapsed, 0.0, 0
+            return elapsed, 0.0, 0, 0
         stats = engine.stats["global"]
-        return elapsed, stats.seconds, stats.rounds
+        return elapsed, stats.seconds, stats.rounds, peak
 
     run("warm-up", None, {}, 3)  # allocator, oneDNN primitives
     runs = schedules(cfg)
-    results: list[list[tuple[float, float, int]]] = [[] for _ in runs]
+    results: list[list[tuple[float, float, int, int]]] = [[] for _ in runs]
     for rep in range(cfg["repeats"]):
         for i, (label, fields, options) in enumerate(runs):
             results[i].append(run(label, fields, options, steps))
@@ -243,6 +249,7 @@ def measure_training(cfg: dict) -> list[dict]:
                 "seconds_per_step": [e / steps for e in elapsed],
                 "comm_seconds_per_step": [c / steps for c in comm],
                 "averages": res[0][2],
+                "bytes_per_sync_max": res[0][3],
                 "forward_backward_seconds_per_rank": backward[label],
             }
         )
@@ -399,13 +406,15 @@ def predict_rows(entry: dict, cal: dict, cfg: dict) -> None:
         fields, options = r["fields"], r.get("options", {})
         if fields is None:
             p = by_h[None]
-        elif options.get("overlap_steps") or options.get("compression"):
+        elif options.get("overlap_steps") or options.get("compression") or options.get("fragments"):
             codec = options.get("compression")
             p = cost_model.predict(compute, model_bytes, k, net, steps_per_epoch=steps,
                                    local_steps=[fields["local_steps"]],
                                    average_overhead=cal["average_overhead"], compression=codec,
                                    codec_overhead=cal["codec_overhead"].get(codec, 0.0),
-                                   overlap_steps=options.get("overlap_steps", 0))[0]  # fmt: skip
+                                   overlap_steps=options.get("overlap_steps", 0),
+                                   fragments=options.get("fragments", 1))[0]  # fmt: skip
+            r["model_bytes_per_sync"] = p.bytes_per_sync
         elif fields.get("block_steps"):
             seconds = cost_model.hierarchical_seconds_per_step(
                 compute, model_bytes, k, entry["workers_per_block"], model_network(UNSHAPED, cal), net,
@@ -480,22 +489,28 @@ def print_tables(entries: list[dict]) -> None:
         "max",
         "comm",
         "f+b",
+        "MB/sync",
         "s/epoch",
         "speedup",
         "model",
         "error",
     ]
     head += ["model su", "error", "m+wait", "error", "min err"]
-    widths = [">2", "<22", "<24", *[">7"] * 3, ">6", ">6", ">8", *[">7"] * 3, ">8", *[">7"] * 4]
-    specs = [*widths[:3], ">7.1f", ">7.1f", ">7.1f", ">6.1f", ">6.1f", ">8.1f", ">7.2f", ">7.1f", ">+7.1%"]
-    specs += [">8.2f", ">+7.1%", ">7.1f", ">+7.1%", ">+7.1%"]
+    widths = [">2", "<22", "<24", *[">7"] * 3, ">6", ">6", ">7", ">8", *[">7"] * 3, ">8", *[">7"] * 4]
+    specs = [*widths[:3], ">7.1f", ">7.1f", ">7.1f", ">6.1f", ">6.1f", ">7.3f", ">8.1f", ">7.2f", ">7.1f"]
+    specs += [">+7.1%", ">8.2f", ">+7.1%", ">7.1f", ">+7.1%", ">+7.1%"]
     print(_row(list(zip(head, widths, strict=True))))
     for e in trained:
         for r in e["training"]:
             ms = [1e3 * s for s in r["seconds_per_step"]]
             values = [e["workers"], e["network"], r["schedule"], min(ms), _med(ms), max(ms)]
             fb = 1e3 * _med(r.get("forward_backward_seconds_per_step", [math.nan]))
-            values += [1e3 * _med(r["comm_seconds_per_step"]), fb, r["epoch_seconds"]]
+            values += [
+                1e3 * _med(r["comm_seconds_per_step"]),
+                fb,
+                r.get("bytes_per_sync_max", math.nan) / 1e6,
+            ]
+            values += [r["epoch_seconds"]]
             if "speedup" in r:
                 values += [r["speedup"], 1e3 * r["model_seconds_per_step"], r["error"]]
                 values += [r["model_speedup"], r["speedup_error"]]
@@ -612,6 +627,14 @@ def main() -> None:
         metavar=("H", "H_B"),
         help="also hierarchical local SGD (needs --workers-per-block; default 4 4 with it)",
     )
+    p.add_argument(
+        "--fragments",
+        type=int,
+        nargs="+",
+        default=[],
+        metavar="N",
+        help="also Streaming DiLoCo at --variant-h: N fragments, with τ = 0 and every --overlap-steps TAU",
+    )
     p.add_argument("--variant-h", type=int, default=16, metavar="H", help="H of those runs (default 16)")
     p.add_argument("--steps", type=int, default=192, help="steps per training run (a multiple of every H)")
     p.add_argument("--repeats", type=int, default=3, help="repeats of each training run")
@@ -634,7 +657,10 @@ def main() -> None:
     if 1 not in args.local_steps:
         p.error("--local-steps must include 1 (mini-batch SGD, the speed-up baseline)")
     bad = [h for h in args.local_steps if args.steps % h]
-    if args.overlap_steps or args.compress or args.outer:
+    h = args.variant_h
+    if any(h % n or any(h // n <= tau for tau in args.overlap_steps) for n in args.fragments):
+        p.error(f"--fragments {args.fragments}: every N must divide H = {h}, every TAU be < H/N")
+    if args.overlap_steps or args.compress or args.outer or args.fragments:
         bad += [args.variant_h] if args.steps % args.variant_h else []
         if any(not 1 <= tau < args.variant_h for tau in args.overlap_steps):
             p.error(
@@ -659,6 +685,8 @@ def main() -> None:
     elif args.hierarchical:
         p.error("--hierarchical needs --workers-per-block (the block size K')")
     variants = {"overlap_steps": args.overlap_steps, "compress": args.compress, "outer": args.outer}
+    if args.fragments:
+        variants["fragments"] = [[n, tau] for n in args.fragments for tau in [0, *args.overlap_steps]]
     if any(variants.values()):  # (only then: a file measured without them resumes as before)
         cfg.update(variants, variant_h=args.variant_h)
         if args.combine:

@@ -225,9 +225,9 @@ class DelayedAverage:
             self.deltas = [[torch.empty_like(s) for s in snap] for snap in snapshots]
             if not self.averager.pack_(self.deltas):  # fresh dense tensors: always packable
                 raise AssertionError("could not pack the pseudo-gradient buffers")
-        for deltas, snap in zip(self.deltas, snapshots, strict=True):
-            for d, a, s in zip(deltas, anchor, snap, strict=True):
-                torch.sub(a.to(s.device), s, out=d)
+        for deltas, snap in zip(self.deltas, snapshots, strict=True):  # Δ_k = θ̄ − s_k
+            torch._foreach_copy_(deltas, [a.to(s.device) for a, s in zip(anchor, snap, strict=True)])
+            torch._foreach_sub_(deltas, snap)
         residuals = None if self.compressed is None else self.compressed.state_dict()
         wait, nbytes = self.averager.start_average_(level, self.deltas, self.compressed)
         self.pending = InFlight(level, due, snapshots, self.deltas, wait, residuals)
@@ -245,11 +245,14 @@ class DelayedAverage:
         pending.wait()
         self.outer.advance_(pending.sent[0], inner_lr)
         for m, snapshot in zip(self.models, pending.snapshots, strict=True):
-            for p, s, a in zip(self.select(m), snapshot, self.outer.anchor, strict=True):
-                if self.merge == "mix":  # torchft: the global copy, stepped, lerped toward the local
-                    p.copy_(a.to(p.device, copy=True).lerp_(p, self.alpha))
-                else:
-                    p.sub_(s).add_(a.to(p.device))
+            params = self.select(m)
+            anchor = [a.to(p.device) for p, a in zip(params, self.outer.anchor, strict=True)]
+            if self.merge == "mix":  # torchft: the global copy, stepped, lerped toward the local
+                for p, a in zip(params, anchor, strict=True):
+                    p.copy_(a.clone().lerp_(p, self.alpha))
+            else:  # θ_k ← θ̄' + (θ_k − s_k)
+                torch._foreach_sub_(params, snapshot)
+                torch._foreach_add_(params, anchor)
 
     def state_dict(self) -> dict[str, Any] | None:
         """What the pending average was started from (the anchor, saved with the outer step,
