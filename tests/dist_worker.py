@@ -167,21 +167,12 @@ def streaming(rank: int) -> dict:
     """Streaming DiLoCo, N = 4 fragments, int8, τ = 1, mix (tests/test_streaming.py's model and
     batches), averaged in worker order; every parameter after the last average is applied."""
     from localsgd import DistCommunicator
-    from tests.test_streaming import STREAMING, batch, inner, model
+    from tests.test_streaming import STREAMING, backward, inner, model, sending
 
     m = model()
     opt = LocalSGD(inner(m), m, Schedule.local(8), comm=DistCommunicator(ordered=True), **STREAMING)
-    bytes_per_sync = []
-    for t in range(27):
-        x, y = batch(rank, t)
-        F.cross_entropy(m(x), y).backward()
-        before = opt.stats["global"].bytes
-        opt.step()
-        opt.zero_grad()
-        if opt.stats["global"].bytes != before:
-            bytes_per_sync.append(opt.stats["global"].bytes - before)
-    opt.flush()
-    return {"params": [p.detach() for p in m.parameters()], "sent": bytes_per_sync}
+    sent = sending(opt, lambda t: backward([m], t, first=rank), 27)
+    return {"params": [p.detach() for p in m.parameters()], "sent": sent}
 
 
 def outer(rank: int, name: str) -> dict:

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import copy
 import re
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -40,10 +42,25 @@ def batch(k: int, t: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(5, 6, generator=g), torch.randint(0, 3, (5,), generator=g)
 
 
-def backward(models: list[nn.Module], t: int) -> None:
-    for k, m in enumerate(models):
+def backward(models: list[nn.Module], t: int, first: int = 0) -> None:
+    """Workers first, first + 1, ...'s backward pass on their batch of step ``t``."""
+    for k, m in enumerate(models, start=first):
         x, y = batch(k, t)
         F.cross_entropy(m(x), y).backward()
+
+
+def sending(engine: Any, backward_step: Callable[[int], None], steps: int) -> list[int]:
+    """Run ``steps`` steps of ``engine`` (a LocalSGD or a Simulator); the bytes each sync sent."""
+    sent = []
+    for t in range(steps):
+        backward_step(t)
+        before = engine.stats["global"].bytes
+        engine.step()
+        engine.zero_grad()
+        if engine.stats["global"].bytes != before:
+            sent.append(engine.stats["global"].bytes - before)
+    engine.flush()
+    return sent
 
 
 def local_step(models: list[nn.Module], opts: list[torch.optim.Optimizer], t: int) -> None:
@@ -267,15 +284,7 @@ def test_torchrun_processes_stream_as_the_simulator(tmp_path: Path, workers: int
 
     torchrun(workers, "streaming", tmp_path)
     sim = Simulator(model(), inner, Schedule.local(8), workers, **STREAMING)
-    sent = []
-    for t in range(27):
-        backward(sim.models, t)
-        before = sim.stats["global"].bytes
-        sim.step()
-        sim.zero_grad()
-        if sim.stats["global"].bytes != before:
-            sent.append(sim.stats["global"].bytes - before)
-    sim.flush()
+    sent = sending(sim, lambda t: backward(sim.models, t), 27)
     for r in range(workers):
         got = torch.load(tmp_path / f"rank{r}.pt", weights_only=True)
         for a, b in zip(got["params"], sim.models[r].parameters(), strict=True):
