@@ -9,7 +9,8 @@ under the parameter's name, so a checkpoint loads into another number of shards 
 as the model and the inner optimizer do (``torch.distributed.checkpoint.state_dict``). The rest of
 localsgd's state (step, schedule, counters) is small and saved per rank. The error-feedback
 residuals of compressed averages are laid out per rank (flat buffers of its shards, cut into K
-chunks) and load only at the layout they were written at.
+chunks), and so is the state of Streaming DiLoCo's fragments (``fragments`` > 1): both load only
+at the layout they were written at.
 
 A DCP checkpoint is complete once its ``.metadata`` file exists (written last); a save that died
 before leaves a folder ``load`` refuses. Write each checkpoint to a new folder.
@@ -149,10 +150,17 @@ def load(path: str | Path, model: nn.Module, optimizer: LocalSGD) -> None:
             f"{path}: written by K = {written['workers']} workers, loaded by K = {now['workers']}"
         )
     if written != now:
-        if "compression" in rest:
+        kept = (
+            "compression residuals"
+            if "compression" in rest
+            else "fragments' states"
+            if "streaming" in rest
+            else ""
+        )
+        if kept:
             raise ValueError(
                 f"{path}: written with S = {written['shards']} ranks per worker, loaded with "
-                f"S = {now['shards']}; compression residuals load only at the S they were saved at"
+                f"S = {now['shards']}; {kept} load only at the S they were saved at"
             )
         rest["stats"] = {level: {**s, "bytes": 0, "seconds": 0.0} for level, s in rest["stats"].items()}
     set_model_state_dict(model, state[worker]["model"])

@@ -47,6 +47,18 @@ CONFIGS = {
         "adamw",
         {"outer_optimizer": diloco(0.7, 0.9), "compression": "int8"},
     ),
+    "diloco_fragments": (
+        Schedule.local(4),
+        13,
+        "adamw",
+        {
+            "outer_optimizer": diloco(0.7, 0.9),
+            "fragments": 2,
+            "merge": "mix",
+            "alpha": 0.5,
+            "overlap_steps": 1,
+        },
+    ),
     "diloco_overlap": (
         Schedule.local(4),
         13,

@@ -25,7 +25,10 @@ from tests.test_language_task import LM, needs_sotu
 from tests.test_resume import same_run
 
 TOL = 1e-6
-CONFIGS = ("local", "post_local", "state_average", "state_reset", "diloco", "diloco_int8", "diloco_overlap")
+CONFIGS = (
+    "local", "post_local", "state_average", "state_reset", "diloco", "diloco_int8", "diloco_overlap",
+    "diloco_fragments",
+)  # fmt: skip
 
 
 def run(tmp: Path, nproc: int, shards: int, configs: str, mutation: str | None = None) -> Path:
@@ -54,7 +57,8 @@ def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 
 
 @pytest.mark.parametrize(
-    "config", ["local", "post_local", "state_average", "state_reset", "diloco", "diloco_overlap"]
+    "config",
+    ["local", "post_local", "state_average", "state_reset", "diloco", "diloco_overlap", "diloco_fragments"],
 )
 def test_sharded_workers_equal_unsharded_twins(both: tuple[Path, Path], config: str) -> None:
     sharded, twin = (load(both[0] / config, 4), load(both[1] / config, 2))
@@ -321,3 +325,17 @@ def test_the_sharded_benchmark_runs_on_cpu(tmp_path: Path) -> None:
         0.45 < held[2] / held[1] < 0.55
     )  # summed over the 4 processes: two copies of the model instead of four
     assert all(r["averaging_buffers"] == 0 for r in rows)
+
+
+def test_streamed_fragments_resume_bit_for_bit_and_refuse_another_shard_count(tmp_path: Path) -> None:
+    """Streaming DiLoCo on sharded workers (N = 2, mix, τ = 1), saved after step 5 with fragment 1's
+    pseudo-gradient in flight: resumed at S = 2 bit for bit; at S = 1 refused in one line."""
+    resume(tmp_path, "diloco_fragments", save_at=5)
+    for rank in range(4):
+        full, resumed = load(tmp_path / "full", 4)[rank], load(tmp_path / "resumed-S2", 4)[rank]
+        assert max_diff(full["params"], resumed["params"]) == 0.0, rank
+    with pytest.raises(AssertionError, match="fragments' states load only at the S they were saved at"):
+        launch(
+            2,
+            [str(HERE / "sharded_worker.py"), "resume", "diloco_fragments", str(tmp_path), "1", "load", "5"],
+        )
