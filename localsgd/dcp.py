@@ -109,8 +109,8 @@ def save(path: str | Path, model: nn.Module, optimizer: LocalSGD) -> None:
 
 def load(path: str | Path, model: nn.Module, optimizer: LocalSGD) -> None:
     """Restore what ``save`` wrote into ``model`` and ``optimizer`` (built as for a fresh run with
-    the same K, and any number of shards S; compression residuals need the layout they were
-    saved at). Collective: every rank calls it."""
+    the same K, and any number of shards S; compression residuals and fragments' states need the
+    S they were saved at). Collective: every rank calls it."""
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint import load as dcp_load
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
@@ -150,14 +150,9 @@ def load(path: str | Path, model: nn.Module, optimizer: LocalSGD) -> None:
             f"{path}: written by K = {written['workers']} workers, loaded by K = {now['workers']}"
         )
     if written != now:
-        kept = (
-            "compression residuals"
-            if "compression" in rest
-            else "fragments' states"
-            if "streaming" in rest
-            else ""
-        )
-        if kept:
+        per_rank = {"compression": "compression residuals", "streaming": "fragments' states"}
+        kept = next((what for key, what in per_rank.items() if key in rest), None)
+        if kept is not None:
             raise ValueError(
                 f"{path}: written with S = {written['shards']} ranks per worker, loaded with "
                 f"S = {now['shards']}; {kept} load only at the S they were saved at"

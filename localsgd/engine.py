@@ -166,11 +166,10 @@ class Engine:
         # Scheduled global averages that do not block (overlap, fragments, the mix rule) run in
         # flight (localsgd.streaming); so do compressed ones of unpacked (sharded) parameters, from
         # the in-flight average's own flat buffers, with τ = 0 (applied at once).
-        streamed = (
-            policy.streams or policy.overlap_steps or (self._compressed is not None and not self._packed)
-        )
-        if streamed and not policy.overlap_steps and policy.optimizer_state != "local":
+        unpacked_compression = self._compressed is not None and not self._packed
+        if unpacked_compression and policy.optimizer_state != "local":
             raise ValueError("compression of sharded models needs optimizer_state='local'")
+        streamed = policy.streams or policy.overlap_steps > 0 or unpacked_compression
         self._streaming = self._streams() if streamed else None
         self._outer = None if streamed else self._outer_step()
         self._parameter_average = ParameterAverage(
@@ -217,7 +216,7 @@ class Engine:
             "packed_gradients": self._pack_gradients,
             "optimizer": type(optimizer).__name__,
             "param_groups": [len(g["params"]) for g in optimizer.param_groups],
-            "outer": None if self._outer_steps() == [] else self._outer_steps()[0].describe(),
+            "outer": next((o.describe() for o in self._outer_steps()), None),
             "compression": None if self._compressed is None else self._compressed.describe(),
             "overlap_steps": self.policy.overlap_steps,
             "max_grad_norm": self.policy.max_grad_norm,
@@ -272,10 +271,8 @@ class Engine:
             else:
                 self.grad_scalers[k].step(opt)
         self.t += 1
-        if self._streaming is not None:
+        if self._streaming is not None:  # (no hierarchical schedules: every parameter average is global)
             self._stream(self.t - 1)
-            if sync.parameters is Level.BLOCK:  # (streaming has no hierarchical schedules yet)
-                self._average_model(sync.parameters, outer=True)
         elif sync.parameters is not None:
             self._average_model(sync.parameters, outer=True)
         self._ddp.arm(self.schedule.sync_at(self.t).gradients)

@@ -181,15 +181,20 @@ def average_into(averager: FlatAverager, model: nn.Module, into: nn.Module) -> n
     if named.keys() != params.keys():
         missing = sorted(named.keys() ^ params.keys())[0]
         raise ValueError(f"into= is not the same model: parameter {missing!r} is in only one of them")
+    from torch.distributed.tensor import DTensor
+
     means = [local(p).detach().clone() for p in params.values()]
     averager.average_(Level.GLOBAL, [means])
     for (name, p), mean in zip(params.items(), means, strict=True):
-        whole = p.__class__.from_local(
+        whole = DTensor.from_local(
             mean, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride()
         )
         named[name].copy_(whole.full_tensor())
-    floating = [(b, dict(model.named_buffers())[n]) for n, b in into.named_buffers() if b.is_floating_point()]
-    for mine, theirs in floating:
+    buffers = dict(model.named_buffers())
+    for name, mine in into.named_buffers():
+        if not mine.is_floating_point():
+            continue
+        theirs = buffers[name]
         mean = theirs.detach().clone()
         dist.all_reduce(mean)
         mine.copy_(mean.div_(dist.get_world_size()))
