@@ -13,7 +13,8 @@ which measure
 a. one raw all_reduce of a flat fp32 buffer for a few sizes, and one model average of ResNet-20
    with localsgd's ``FlatAverager`` over a ``DistCommunicator`` (what ``LocalSGD`` runs), each
    after a barrier;
-b. training steps of ResNet-20 (B_loc samples of random CIFAR-sized data, fp32 channels_last,
+b. training steps of ResNet-20 (or with ``--model gpt`` the sotu-gpt preset's GPT: random 64-byte
+   windows, AdamW) (B_loc samples of random CIFAR-sized data, fp32 channels_last,
    SGD with Nesterov momentum) with ``LocalSGD`` for H = 1 (mini-batch SGD), 4, 16, 64, post-local
    SGD (H = 16 from t' = half the steps), and without any averaging (compute only).
 
@@ -52,6 +53,8 @@ from common import commit, write_result  # noqa: E402
 from netem import Link, Network  # noqa: E402
 
 SAMPLES = CIFAR10_TRAIN_SAMPLES
+GPT_CONTEXT = 64  # the sotu-gpt preset's seq_len
+MODEL_NAMES = {"resnet20": "ResNet-20", "gpt": "the sotu GPT"}
 UNSHAPED = Link()
 COMPRESSED = {f"{codec} average": codec for codec in CODECS}  # all-reduce rows of compressed averages
 
@@ -80,13 +83,38 @@ def _every_rank(values: list[float]) -> list[list[float]]:
     return [o.tolist() for o in out]
 
 
-def _resnet20():
+def _model(cfg: dict):
+    """The benchmark's model: ResNet-20 (fp32 channels_last), or the sotu-gpt preset's GPT
+    (0.83M parameters, 64-byte context)."""
     import torch
 
+    torch.manual_seed(0)
+    if cfg.get("model", "resnet20") == "gpt":
+        from localsgd.harness.language import build_language_model
+
+        return build_language_model("gpt", {}, GPT_CONTEXT)
     from localsgd.harness.models import build_model
 
-    torch.manual_seed(0)
     return build_model("resnet20", 10).to(memory_format=torch.channels_last)
+
+
+def _task(cfg: dict, model):
+    """(inputs, targets, loss function, inner optimizer) of one rank: random CIFAR-sized images
+    and SGD with Nesterov momentum for ResNet-20; random byte windows and AdamW (the sotu-gpt
+    preset's) for the GPT."""
+    import torch
+    from torch.nn import functional as F
+
+    from localsgd.harness.optim import sgd
+
+    batch = cfg["local_batch_size"]
+    if cfg.get("model", "resnet20") == "gpt":
+        x = torch.randint(0, 256, (batch, GPT_CONTEXT))
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.99), weight_decay=0.1)
+        return x, torch.roll(x, -1, 1), lambda out, y: F.cross_entropy(out.flatten(0, 1), y.flatten()), opt
+    x = torch.randn(batch, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    opt = sgd(model, lr=0.01, momentum=0.9, nesterov=True, weight_decay=1e-4)
+    return x, torch.randint(0, 10, (batch,)), F.cross_entropy, opt
 
 
 def measure_allreduce(cfg: dict) -> list[dict]:
@@ -96,7 +124,7 @@ def measure_allreduce(cfg: dict) -> list[dict]:
     from localsgd import DistCommunicator, FlatAverager, Level
     from localsgd.compression import CompressedMean, make_codec
 
-    params = list(_resnet20().parameters())
+    params = list(_model(cfg).parameters())
     model_bytes = sum(p.numel() * p.element_size() for p in params)
     comm = DistCommunicator(workers_per_block=cfg.get("workers_per_block"))
     if comm.workers_per_block:
@@ -175,27 +203,22 @@ def engine_options(options: dict) -> dict:
 def measure_training(cfg: dict) -> list[dict]:
     import torch
     import torch.distributed as dist
-    from torch.nn import functional as F
 
     from localsgd import DistCommunicator, LocalSGD, Schedule
-    from localsgd.harness.optim import sgd
 
     torch.manual_seed(1000 + dist.get_rank())
-    batch, steps = cfg["local_batch_size"], cfg["steps"]
+    steps = cfg["steps"]
 
     def new_comm() -> DistCommunicator:
         return DistCommunicator(workers_per_block=cfg.get("workers_per_block"))
-
-    x = torch.randn(batch, 3, 32, 32).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 10, (batch,))
 
     traces: list[list[list[float]]] = []  # compute only: per repeat, per rank, every step's seconds
     # every run: per repeat, per rank, every step's zero_grad + forward + backward seconds
     backward: dict[str, list[list[list[float]]]] = {}
 
     def run(label: str, fields: dict | None, options: dict, n: int) -> tuple[float, float, int]:
-        model = _resnet20()
-        opt = sgd(model, lr=0.01, momentum=0.9, nesterov=True, weight_decay=1e-4)
+        model = _model(cfg)
+        x, y, loss, opt = _task(cfg, model)
         engine = (
             opt
             if fields is None
@@ -207,7 +230,7 @@ def measure_training(cfg: dict) -> list[dict]:
         peak = 0  # the most bytes one step sent (one sync: a fragment's, or the whole model's)
         for _ in range(n):
             engine.zero_grad()
-            F.cross_entropy(model(x), y).backward()
+            loss(model(x), y).backward()
             mids.append(time.perf_counter())
             sent = 0 if fields is None else engine.stats["global"].bytes
             engine.step()
@@ -456,7 +479,7 @@ def _row(cells: list[tuple[object, str]]) -> str:
     return " ".join(format(value, spec) for value, spec in cells)
 
 
-def print_tables(entries: list[dict]) -> None:
+def print_tables(entries: list[dict], model: str = "resnet20") -> None:
     print("One all-reduce / model average, ms (slowest rank; min/median/max over repeats) and the cost model")
     head = ["K", "network", "what", "bytes", "min", "median", "max", "model", "error"]
     widths = [">2", "<22", "<30", ">9", ">8", ">8", ">8", ">8", ">7"]
@@ -465,7 +488,7 @@ def print_tables(entries: list[dict]) -> None:
     for e in entries:
         for r in e["allreduce"]:
             ms = [1e3 * s for s in r["seconds"]]
-            what = r["method"] + (" (ResNet-20)" if r["model"] else "")
+            what = r["method"] + " (model)" * bool(r["model"])
             values = [e["workers"], e["network"], what, r["bytes"], min(ms), _med(ms), max(ms)]
             values += [1e3 * r["model_seconds"], r["error"]]
             print(_row(list(zip(values, specs, strict=True))))
@@ -473,7 +496,10 @@ def print_tables(entries: list[dict]) -> None:
     if not trained:
         return
     print()
-    print("Training ResNet-20 with LocalSGD: ms per step (slowest rank; min/median/max), ms per step spent")
+    print(
+        f"Training {MODEL_NAMES[model]} with LocalSGD: ms per step (slowest rank; min/median/max), "
+        "ms per step spent"
+    )
     print("averaging, ms per step in zero_grad + forward + backward (f+b: mean over ranks, median over")
     print("repeats), projected s per CIFAR-10 epoch, speed-up over H=1; the cost model's ms per step and")
     print("speed-up (from the compute-only time of the same run), and their relative errors; m+wait: the")
@@ -584,6 +610,9 @@ def main() -> None:
     p.add_argument("--delays-ms", type=float, nargs="+", default=[1.0, 5.0], help="one-way delays d")
     p.add_argument("--sizes", type=int, nargs="+", default=[2**16, 2**20, 2**22], help="all_reduce bytes")
     p.add_argument("--ar-repeats", type=int, default=11, help="repeats of each all_reduce")
+    p.add_argument(
+        "--model", choices=("resnet20", "gpt"), default="resnet20", help="gpt: the sotu-gpt preset's"
+    )
     p.add_argument("--local-batch-size", type=int, default=32)
     p.add_argument("--local-steps", type=int, nargs="+", default=[1, 4, 16, 64], metavar="H")
     p.add_argument("--post-local", type=int, default=16, metavar="H", help="H after t' (0: none)")
@@ -675,7 +704,7 @@ def main() -> None:
     cfg = {
         "sizes": args.sizes, "ar_repeats": args.ar_repeats, "local_batch_size": args.local_batch_size,
         "local_steps": args.local_steps, "post_local": args.post_local, "steps": args.steps,
-        "repeats": args.repeats,
+        "repeats": args.repeats, "model": args.model,
     }  # fmt: skip
     if args.workers_per_block is not None:
         kb = args.workers_per_block
@@ -753,7 +782,7 @@ def main() -> None:
         predict_rows(e, e["calibration"], cfg)
     if args.out and entries:
         write_json(Path(args.out), cfg, args, entries, calibrations)
-    print_tables(entries)
+    print_tables(entries, cfg["model"])
     if args.plot:
         print(f"wrote {plot(entries, args.local_batch_size, Path(args.plot))}", file=sys.stderr)
     print()

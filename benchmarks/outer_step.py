@@ -62,9 +62,8 @@ def syncs(model: nn.Module, fragments: int) -> tuple[object, object, int]:
     else:
         streaming = opt._streaming
         assert streaming is not None
-        part = streaming.parts[0]
         params = list(replica.parameters())
-        nbytes = sum(params[i].numel() * params[i].element_size() for i in part)
+        nbytes = sum((end - start) * params[i].element_size() for i, start, end in streaming.parts[0])
 
         def sync() -> None:
             opt._timed(Level.GLOBAL, streaming.start(0, opt.t))

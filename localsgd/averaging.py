@@ -256,6 +256,8 @@ class FlatAverager:
                 n = len(pack.tensors[0])
                 tensors_per_worker = [ts[n:] for ts in tensors_per_worker]
         copied = self._plan(tensors_per_worker) if tensors_per_worker[0] else []
+        # nothing to send (a rank's empty part of a fragment; the same on every rank it averages with)
+        packed, copied = [b for b in packed if b.nbytes], [b for b in copied if b.nbytes]
         compressed_bytes = 0
         started: list[tuple[_Bucket, Wait, bool]] = []
         if packed_mean is not None:  # the packed buffers go through the compressed mean

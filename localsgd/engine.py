@@ -25,6 +25,7 @@ from localsgd.comm import Communicator
 from localsgd.compression import CompressedMean
 from localsgd.ddp import DDPArming
 from localsgd.outer import OuterOptimizerFactory, OuterStep
+from localsgd.pieces import Selection, whole
 from localsgd.policy import Policy, PolicyKeywords, as_policy
 from localsgd.rounds import DelayedAverage, GradientAverage, ParameterAverage, Round, float_buffers
 from localsgd.schedule import Level, Schedule
@@ -171,10 +172,12 @@ class Engine:
             raise ValueError("compression of sharded models needs optimizer_state='local'")
         streamed = policy.streams or policy.overlap_steps > 0 or unpacked_compression
         self._streaming = self._streams() if streamed else None
+        # the blocking outer step runs on the whole model's flat buffers (one view each when packed)
+        self._whole = Selection(whole(shards(self.models[0])), join=self._packed)
         self._outer = None if streamed else self._outer_step()
         self._parameter_average = ParameterAverage(
             self.models, self.optimizers, self._averager, policy.buffers, policy.optimizer_state,
-            self._outer, self._compressed if self._packed and not streamed else None,
+            self._outer, self._compressed if self._packed and not streamed else None, self._whole,
         )  # fmt: skip
 
     def _outer_factory(self) -> OuterOptimizerFactory | None:
@@ -193,13 +196,15 @@ class Engine:
         return Streaming(
             self.models, self.comm, policy.bucket_bytes, self.schedule, make, fragments=policy.fragments,
             delay=policy.overlap_steps, merge=policy.merge, alpha=policy.alpha,
-            compression=policy.compression, anchor_device=policy.anchor_device,
+            compression=policy.compression, anchor_device=policy.anchor_device, join=self._packed,
         )  # fmt: skip
 
     def _outer_step(self) -> OuterStep | None:
         """The outer step of blocking global averages, if the policy has one."""
         make = self._outer_factory()
-        return None if make is None else OuterStep(shards(self.models[0]), make, self.policy.anchor_device)
+        if make is None:
+            return None
+        return OuterStep(self._whole(self.models[0]), make, self.policy.anchor_device, self._whole.layout)
 
     # --- configuration -----------------------------------------------------------------------
 
@@ -255,7 +260,7 @@ class Engine:
             if sync.gradients is Level.GLOBAL:  # mini-batch SGD: the anchor follows at the switch
                 self._outer.current = False
             elif not self._outer.current:  # the first local step: every worker holds the same model
-                self._outer.reset_(shards(self.models[0]))
+                self._outer.reset_(self._whole(self.models[0]))
         if self._streaming is not None:
             self._streaming.track(sync, self.models)
         if self.policy.max_grad_norm is not None:  # after any gradient average: the average is clipped

@@ -24,13 +24,19 @@ from typing import Any
 
 import torch
 
+from localsgd.pieces import Layout
+
 OuterOptimizerFactory = Callable[[list[torch.Tensor]], torch.optim.Optimizer]
 
 
 def diloco(lr: float = 0.7, momentum: float = 0.9) -> OuterOptimizerFactory:
     """DiLoCo's outer optimizer: SGD with Nesterov momentum on the pseudo-gradient."""
     _check_hyper(lr, momentum)
-    return lambda anchor: torch.optim.SGD(anchor, lr=lr, momentum=momentum, nesterov=momentum > 0)
+    # foreach: in place over all tensors at once (the default on CPU is a Python loop that allocates
+    # the Nesterov gradient anew at every step); the same arithmetic, bit for bit
+    return lambda anchor: torch.optim.SGD(
+        anchor, lr=lr, momentum=momentum, nesterov=momentum > 0, foreach=True
+    )
 
 
 def slowmo(lr: float = 1.0, momentum: float = 0.5) -> OuterOptimizerFactory:
@@ -89,7 +95,9 @@ class OuterStep:
         params: list[torch.Tensor],
         make_optimizer: OuterOptimizerFactory,
         anchor_device: torch.device | str | None = None,
+        layout: Layout | None = None,
     ) -> None:
+        self.layout = layout  # how ``params`` group the parameters' pieces (state is saved per piece)
         device = None if anchor_device is None else torch.device(anchor_device)
         self.anchor = [p.detach().to(device or p.device, copy=True) for p in params]
         self.optimizer = make_optimizer(self.anchor)
@@ -117,9 +125,8 @@ class OuterStep:
     def to_pseudo_gradients_(self, params_per_worker: list[list[torch.Tensor]]) -> None:
         """θ_k ← θ̄ − θ_k in place, so that averaging them gives Δ."""
         for params in params_per_worker:
-            anchor = [a.to(p.device, non_blocking=True) for p, a in zip(params, self.anchor, strict=True)]
-            torch._foreach_neg_(params)
-            torch._foreach_add_(params, anchor)
+            for p, a in zip(params, self.anchor, strict=True):
+                torch.sub(a.to(p.device, non_blocking=True), p, out=p)  # one pass
 
     @torch.no_grad()
     def advance_(self, delta: list[torch.Tensor], inner_lr: float) -> None:
@@ -144,15 +151,83 @@ class OuterStep:
             torch._foreach_copy_(params, [a.to(p.device) for p, a in zip(params, self.anchor, strict=True)])
 
     def state_dict(self) -> dict[str, Any]:
+        """The anchor and the outer optimizer's state, one tensor per piece of a parameter (a whole
+        parameter's shaped like it), however the anchor's tensors group them."""
+        anchor = [a.detach().clone() for a in self._split(self.anchor)]
         return {
-            "anchor": [a.detach().clone() for a in self.anchor],
-            "optimizer": self.optimizer.state_dict(),
+            "anchor": anchor,
+            "optimizer": self._split_optimizer(self.optimizer.state_dict()),
             "current": self.current,
         }
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for a, saved in zip(self.anchor, state["anchor"], strict=True):
+        for a, saved in zip(self.anchor, self._join(state["anchor"]), strict=True):
             a.copy_(saved)
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.optimizer.load_state_dict(self._join_optimizer(state["optimizer"]))
         self.current = bool(state["current"])
+
+    def _split(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        return tensors if self.layout is None else self.layout.split(tensors)
+
+    def _join(self, pieces: list[torch.Tensor]) -> list[torch.Tensor]:
+        if self.layout is not None:
+            return self.layout.join(pieces)
+        mine, saved = [tuple(a.shape) for a in self.anchor], [tuple(p.shape) for p in pieces]
+        if mine != saved:
+            raise ValueError(f"the checkpoint's anchor has tensors of shapes {saved}, this run's {mine}")
+        return pieces
+
+    def _split_optimizer(self, saved: dict[str, Any]) -> dict[str, Any]:
+        """The outer optimizer's state dict, per piece: a tensor the size of anchor j is cut like
+        it, anything else (a step count) repeated for each of its pieces."""
+        layout = self.layout
+        if layout is None:
+            return saved
+        state, cut_keys = {}, {}
+        for j, per_anchor in saved["state"].items():
+            shape, first = self.anchor[j].shape, layout.first_piece(j)
+            cut = {
+                k: layout.split_one(j, v)
+                for k, v in per_anchor.items()
+                if torch.is_tensor(v) and v.shape == shape
+            }
+            for q in range(len(layout.shapes[j])):
+                state[first + q] = {k: cut[k][q].clone() if k in cut else v for k, v in per_anchor.items()}
+                cut_keys[first + q] = sorted(cut)
+        groups = [
+            {
+                **g,
+                "params": [
+                    layout.first_piece(j) + q for j in g["params"] for q in range(len(layout.shapes[j]))
+                ],
+            }
+            for g in saved["param_groups"]
+        ]
+        return {"state": state, "param_groups": groups, "cut": cut_keys}
+
+    def _join_optimizer(self, saved: dict[str, Any]) -> dict[str, Any]:
+        """``_split_optimizer`` undone."""
+        layout = self.layout
+        if layout is None:
+            return saved
+        state = {}
+        for j in range(len(self.anchor)):
+            first, count = layout.first_piece(j), len(layout.shapes[j])
+            pieces = [saved["state"].get(first + q) for q in range(count)]
+            if pieces[0] is None:
+                continue
+            if "cut" in saved:
+                cut = saved["cut"][first]
+            else:  # saved before states were kept per piece: each anchor tensor was one parameter
+                cut = [
+                    k for k, v in pieces[0].items() if torch.is_tensor(v) and v.shape == layout.shapes[j][0]
+                ]
+            state[j] = {
+                k: layout.join_one(j, [p[k] for p in pieces]) if k in cut else v for k, v in pieces[0].items()
+            }
+        owner = {layout.first_piece(j): j for j in range(len(self.anchor))}
+        groups = [
+            {**g, "params": [owner[i] for i in g["params"] if i in owner]} for g in saved["param_groups"]
+        ]
+        return {"state": state, "param_groups": groups}

@@ -59,10 +59,14 @@ class Policy:
             (so workers in the mini-batch phase stay identical). With gradient scalers the
             gradients are unscaled first. None: no clipping.
         fragments: N. Streaming DiLoCo: the parameters are cut into N contiguous fragments of
-            about equal bytes (at parameter boundaries), each with its own anchor and outer
-            optimizer state; one fragment syncs every H·H_b / N steps, the N in turn, so each syncs
-            once per global period and the link carries 1/N of the model at a time
-            (``localsgd.streaming``). 1: the whole model at once.
+            equal bytes (to the element: a cut may fall inside a parameter), each with its own
+            anchor and outer optimizer state; one fragment syncs every H·H_b / N steps, the N in
+            turn, so each syncs once per global period and the link carries 1/N of the model at a
+            time (``localsgd.streaming``). 1: the whole model at once. Or the fragments by name, in
+            the order they sync: one module or parameter name (as in ``named_parameters()``; a
+            module's name holds all its parameters) or a list of them per fragment, e.g.
+            ``[["embed", "position"], "blocks.0", "blocks.1", ["ln", "decoder"]]``; every
+            parameter must be in exactly one.
         merge: how an overlapped (τ > 0) or streamed sync lands on a worker. ``"delta"``: the
             average is sent at the sync point and applied τ steps later, keeping what the worker
             learned meanwhile, θ ← θ̄' + (θ − s). ``"mix"``: Streaming DiLoCo's rule as torchft
@@ -79,7 +83,7 @@ class Policy:
     compression: Codec | str | None = None
     overlap_steps: int = 0
     max_grad_norm: float | None = None
-    fragments: int = 1
+    fragments: int | Sequence[str | Sequence[str]] = 1
     merge: MergeRule = "delta"
     alpha: float = 0.0
 
@@ -106,12 +110,29 @@ class Policy:
         self._check_streaming()
 
     @property
+    def fragment_count(self) -> int:
+        """N: the number of fragments (given, or named)."""
+        return self.fragments if isinstance(self.fragments, int) else len(self.fragments)
+
+    @property
     def streams(self) -> bool:
-        """Whether global averages go through ``localsgd.streaming`` (fragments or the mix rule)."""
-        return self.fragments > 1 or self.merge == "mix"
+        """Whether global averages go through ``localsgd.streaming`` (fragments, named or more
+        than one, or the mix rule)."""
+        return not isinstance(self.fragments, int) or self.fragment_count > 1 or self.merge == "mix"
 
     def _check_streaming(self) -> None:
-        check_int("fragments (N)", self.fragments, 1)
+        given = self.fragments
+        if isinstance(given, int | str) or not isinstance(given, Sequence):
+            check_int("fragments (N)", given, 1)
+        else:  # named: a tuple of tuples of module or parameter names, one per fragment
+            named = tuple((f,) if isinstance(f, str) else tuple(f) for f in given)
+            ok = all(group and all(isinstance(n, str) and n for n in group) for group in named)
+            if not named or not ok:
+                raise ValueError(
+                    f"fragments must be a number N or a list of module or parameter names (or lists of "
+                    f"them) per fragment, none empty, got {given!r}"
+                )
+            object.__setattr__(self, "fragments", named)
         _check_choice("merge", self.merge, MERGE_RULES)
         if not (is_number(self.alpha) and 0 <= self.alpha <= 1):
             raise ValueError(f"alpha must be a number in [0, 1], got {self.alpha!r}")
@@ -136,7 +157,7 @@ class PolicyKeywords(TypedDict, total=False):
     compression: Codec | str | None
     overlap_steps: int
     max_grad_norm: float | None
-    fragments: int
+    fragments: int | Sequence[str | Sequence[str]]
     merge: MergeRule
     alpha: float
 

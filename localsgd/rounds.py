@@ -16,6 +16,7 @@ from localsgd.compression import CompressedMean
 from localsgd.ddp import DDPArming
 from localsgd.gradients import CopiedGradients, PackedGradients
 from localsgd.outer import OuterStep
+from localsgd.pieces import Selection
 from localsgd.schedule import Level, Schedule
 from localsgd.sharding import local, shards
 
@@ -107,10 +108,11 @@ class ParameterAverage:
         optimizer_state: str,
         outer: OuterStep | None,
         compressed: CompressedMean | None = None,
+        select: Callable[[nn.Module], list[torch.Tensor]] = shards,
     ) -> None:
         self.models, self.optimizers, self.averager = models, optimizers, averager
         self.buffers, self.optimizer_state, self.outer = buffers, optimizer_state, outer
-        self.compressed = compressed
+        self.compressed, self.select = compressed, select
 
     def _optimizer_tensors(self, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
         if self.optimizer_state != "average":
@@ -136,14 +138,16 @@ class ParameterAverage:
             for ps, m, o in zip(params, self.models, self.optimizers, strict=True)
         ]
         outer_step = self.outer if outer and level is Level.GLOBAL else None
+        # the outer step's views of the same elements (flat views of the packed buffers)
+        selected = [self.select(m) for m in self.models] if outer_step is not None else []
 
         def run() -> int:
             if outer_step is not None:
-                outer_step.to_pseudo_gradients_(params)
+                outer_step.to_pseudo_gradients_(selected)
             compressed = self.compressed if outer_step is not None else None  # only pseudo-gradients
             nbytes = 0 if lone else self.averager.average_(level, per_worker, compressed)
             if outer_step is not None:
-                outer_step.step_(params, inner_lr=self.optimizers[0].param_groups[0]["lr"])
+                outer_step.step_(selected, inner_lr=self.optimizers[0].param_groups[0]["lr"])
             if self.optimizer_state == "reset":
                 for opt in self.optimizers:
                     opt.state.clear()
@@ -175,8 +179,8 @@ class DelayedAverage:
     ``"mix"`` (Streaming DiLoCo, as torchft) takes θ_k ← lerp(θ̄', θ_k, alpha). With τ = 0 either
     is the blocking average (alpha = 0).
 
-    ``select`` picks the tensors of a worker's model it averages (default: all its parameters'
-    shards; a fragment's, for ``localsgd.streaming``).
+    ``select`` picks the tensors of a worker's model it averages (a fragment's, or all the
+    parameters' as one fragment).
 
     With ``compressed``, Δ_k is encoded and its all-to-all started after step t; the second stage
     (the mean's all-gather) runs when the average is applied.
@@ -188,8 +192,8 @@ class DelayedAverage:
         averager: FlatAverager,
         outer: OuterStep,
         delay: int,
-        compressed: CompressedMean | None = None,
-        select: Callable[[nn.Module], list[torch.Tensor]] = shards,
+        compressed: CompressedMean | None,
+        select: Selection,
         merge: str = "delta",
         alpha: float = 0.0,
     ) -> None:
@@ -226,8 +230,8 @@ class DelayedAverage:
             if not self.averager.pack_(self.deltas):  # fresh dense tensors: always packable
                 raise AssertionError("could not pack the pseudo-gradient buffers")
         for deltas, snap in zip(self.deltas, snapshots, strict=True):  # Δ_k = θ̄ − s_k
-            torch._foreach_copy_(deltas, [a.to(s.device) for a, s in zip(anchor, snap, strict=True)])
-            torch._foreach_sub_(deltas, snap)
+            for d, a, s in zip(deltas, anchor, snap, strict=True):
+                torch.sub(a.to(s.device), s, out=d)
         residuals = None if self.compressed is None else self.compressed.state_dict()
         wait, nbytes = self.averager.start_average_(level, self.deltas, self.compressed)
         self.pending = InFlight(level, due, snapshots, self.deltas, wait, residuals)
@@ -249,7 +253,7 @@ class DelayedAverage:
             anchor = [a.to(p.device) for p, a in zip(params, self.outer.anchor, strict=True)]
             if self.merge == "mix":  # torchft: the global copy, stepped, lerped toward the local
                 for p, a in zip(params, anchor, strict=True):
-                    p.copy_(a.clone().lerp_(p, self.alpha))
+                    torch.lerp(a, p, self.alpha, out=p)  # = a.clone().lerp_(p, alpha), in one pass
             else:  # θ_k ← θ̄' + (θ_k − s_k)
                 torch._foreach_sub_(params, snapshot)
                 torch._foreach_add_(params, anchor)
@@ -260,7 +264,10 @@ class DelayedAverage:
         pending = self.pending
         if pending is None:
             return None
-        state = {"level": pending.level.value, "due": pending.due, "snapshots": pending.snapshots}
+        layout = self.select.layout
+        assert layout is not None  # (set when the snapshots were taken)
+        snapshots = [layout.split(snapshot) for snapshot in pending.snapshots]  # per piece, as the anchor
+        state = {"level": pending.level.value, "due": pending.due, "snapshots": snapshots}
         if pending.residuals is not None:  # sending again must start from the same error feedback
             state["residuals"] = pending.residuals
         return state
@@ -279,4 +286,7 @@ class DelayedAverage:
         if state is not None:
             if self.compressed is not None:
                 self.compressed.load_state_dict(state["residuals"])
-            self._send(Level(state["level"]), int(state["due"]), state["snapshots"])
+            layout = self.select.layout
+            assert layout is not None  # (set when the anchor was made)
+            snapshots = [layout.join(snapshot) for snapshot in state["snapshots"]]
+            self._send(Level(state["level"]), int(state["due"]), snapshots)

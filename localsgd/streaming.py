@@ -2,8 +2,9 @@
 carries the whole model at once (Douillard et al., 2025; torchft's ``DiLoCo(model_fragments,
 sync_every, fragment_sync_delay, fragment_update_alpha)``).
 
-Each fragment is a contiguous run of the model's parameters (in ``model.parameters()`` order, about
-1/N of the bytes each, cut at parameter boundaries) with its own anchor, outer optimizer state,
+Each fragment is a contiguous run of the model's parameters (in ``model.parameters()`` order, 1/N
+of the bytes each to the element: a cut may fall inside a parameter, ``localsgd.pieces``; on packed
+parameters a fragment is one or two flat views of the buffer) with its own anchor, outer optimizer state,
 error-feedback residuals and in-flight average (``rounds.DelayedAverage``). The schedule's global
 period H·H_b is cut into N sub-periods; at the end of each, one fragment syncs, the N in turn
 (``Schedule.fragment_at``), so every fragment syncs once per period. What a sync does with the τ
@@ -17,11 +18,13 @@ steps it overlaps is the merge rule (``Policy.merge``):
   fragment becomes lerp(θ̄', θ, alpha) (alpha = 0 keeps nothing of the τ steps).
 
 With τ = 0 both are the blocking average of one fragment; N = 1 with τ = 0 is DiLoCo.
+
+Fragments may also be named (``fragments=[["embed", "position"], "blocks.0", ...]``, modules or
+parameters, as torchft's list of modules): each then holds whole parameters, in the order given.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -31,31 +34,9 @@ from localsgd.averaging import FlatAverager
 from localsgd.comm import Communicator
 from localsgd.compression import CompressedMean
 from localsgd.outer import OuterOptimizerFactory, OuterStep
+from localsgd.pieces import Selection, by_name, cut, localize
 from localsgd.rounds import DelayedAverage, Round
 from localsgd.schedule import Level, Schedule, Sync
-from localsgd.sharding import shards
-
-
-def partition(sizes: list[int], fragments: int) -> list[list[int]]:
-    """Indices 0..len(sizes)-1 cut into ``fragments`` contiguous runs of about equal total size:
-    run f ends where the running total first reaches (f + 1)/N of the whole. ValueError if a run
-    would be empty (more fragments than the parameters allow)."""
-    total = sum(sizes)
-    runs: list[list[int]] = [[] for _ in range(fragments)]
-    done, f = 0, 0
-    for i, size in enumerate(sizes):
-        runs[f].append(i)
-        done += size
-        left = len(sizes) - i - 1
-        # move on once this run holds its share, keeping a parameter for every run still to come
-        if f < fragments - 1 and (done * fragments >= total * (f + 1) or left == fragments - 1 - f):
-            f += 1
-    if any(not run for run in runs):
-        raise ValueError(
-            f"fragments (N) = {fragments} is more than the model's {len(sizes)} parameters allow "
-            "(a fragment holds whole parameters)"
-        )
-    return runs
 
 
 class Streaming:
@@ -69,20 +50,26 @@ class Streaming:
         schedule: Schedule,
         make_outer: OuterOptimizerFactory,
         *,
-        fragments: int,
+        fragments: int | tuple[tuple[str, ...], ...],
         delay: int,
         merge: str,
         alpha: float,
         compression: Any,
         anchor_device: torch.device | str | None,
+        join: bool,
     ) -> None:
-        self.check(schedule, fragments, delay)
-        self.schedule, self.n, self.delay, self.merge = schedule, fragments, delay, merge
-        params = shards(models[0])
-        # by whole parameters (not a sharded model's local shards): the same cut on every rank
-        sizes = [p.numel() * p.element_size() for p in models[0].parameters()]
-        self.parts = partition(sizes, fragments)
-        self.outers = [OuterStep([params[i] for i in part], make_outer, anchor_device) for part in self.parts]
+        n = fragments if isinstance(fragments, int) else len(fragments)
+        self.check(schedule, n, delay)
+        self.schedule, self.n, self.delay, self.merge = schedule, n, delay, merge
+        # cut to the element, as whole parameters (sharded: the same cut on every rank, each
+        # rank averaging its part of every fragment)
+        params = list(models[0].parameters())
+        self.parts = cut(params, n) if isinstance(fragments, int) else by_name(models[0], fragments)
+        self.selections = [Selection(part, join) for part in localize(self.parts, params)]
+        self.outers = [
+            OuterStep(select(models[0]), make_outer, anchor_device, select.layout)
+            for select in self.selections
+        ]
         self.fragments = [
             DelayedAverage(
                 models,
@@ -90,11 +77,11 @@ class Streaming:
                 outer,
                 delay,
                 CompressedMean.of(compression, packed=True),
-                _selector(part),
+                select,
                 merge,
                 alpha,
             )
-            for part, outer in zip(self.parts, self.outers, strict=True)
+            for select, outer in zip(self.selections, self.outers, strict=True)
         ]
 
     @staticmethod
@@ -121,9 +108,8 @@ class Streaming:
             for outer in self.outers:
                 outer.current = False
         elif not self.outers[0].current:
-            params = shards(models[0])
-            for outer, part in zip(self.outers, self.parts, strict=True):
-                outer.reset_([params[i] for i in part])
+            for outer, select in zip(self.outers, self.selections, strict=True):
+                outer.reset_(select(models[0]))
 
     def to_start(self, t: int) -> int | None:
         """The fragment whose average is sent after step ``t``: at its sync point (``"delta"``), or
@@ -174,10 +160,11 @@ class Streaming:
             if "streaming" not in state:
                 raise ValueError(f"the checkpoint was written without fragments; this run has N = {self.n}")
             streaming = state["streaming"]
-            if streaming["parts"] != self.parts or streaming["merge"] != self.merge:
+            parts = [[tuple(piece) for piece in part] for part in streaming["parts"]]
+            if parts != self.parts or streaming["merge"] != self.merge:
                 raise ValueError(
-                    f"the checkpoint's fragments hold parameters {streaming['parts']} (merge "
-                    f"{streaming['merge']!r}); this run's {self.parts} (merge {self.merge!r})"
+                    f"the checkpoint's {len(parts)} fragments (merge {streaming['merge']!r}) are cut "
+                    f"differently from this run's {self.n} (merge {self.merge!r}): another model or N"
                 )
             saved = streaming["fragments"]
         for outer, d, mine in zip(self.outers, self.fragments, saved, strict=True):
@@ -187,11 +174,3 @@ class Streaming:
             if d.compressed is not None:
                 d.compressed.load_state_dict(mine["compression"])
             d.load_state_dict(mine["delayed"])  # after the anchor and residuals: it resends
-
-
-def _selector(part: list[int]) -> Callable[[nn.Module], list[torch.Tensor]]:
-    def select(model: nn.Module) -> list[torch.Tensor]:
-        tensors = shards(model)
-        return [tensors[i] for i in part]
-
-    return select

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from localsgd import Schedule
 from localsgd.harness import checkpoint
 from localsgd.harness.cli import main
 from localsgd.harness.rundir import TIMING_FIELDS
@@ -99,6 +100,34 @@ def test_torchrun_restart_after_sigkill_at_a_random_step_resumes_bit_for_bit(tmp
     # the victim (exit -9) or its survivor (a one-line error) is what torchrun reports first
     killed = "exitcode: -9" in log or "a worker is gone, stuck or unreachable" in log
     assert killed, f"no worker was killed, {context}:\n{log}"
+    same_run(tmp_path / "full", tmp_path / "restarted", context)
+
+
+@needs_cifar10
+def test_torchrun_restart_with_a_fragment_in_flight_resumes_bit_for_bit(tmp_path: Path) -> None:
+    """Post-local into Streaming DiLoCo (N = 2, H = 4, delta, τ = 1, int8): a fragment's average is
+    in flight at the checkpoints of epochs 2 and 3 (sent after the epoch's last step, applied after
+    the next). One worker is SIGKILLed at a random step past the first of them; the restarted group
+    resends the fragment from the checkpoint (snapshots, anchor, residuals) and ends with an
+    uninterrupted run's model."""
+    seed = int(os.environ.get("LOCALSGD_TEST_SEED", random.randrange(2**31)))
+    step = random.Random(seed).randrange(17, 32)  # after the checkpoint of step 16
+    context = f"kill step {step} (LOCALSGD_TEST_SEED={seed} repeats it)"
+    streaming = ["--outer-optimizer", "diloco", "--local-steps", "4", "--fragments", "2", "--merge", "delta",
+                 "--overlap-steps", "1", "--compress", "int8"]  # fmt: skip
+    cmd = ["-m", "localsgd", "train", *FLAGS, *streaming]
+    launch(2, [*cmd, "--out", str(tmp_path / "full")])
+    _, log = launch(
+        2,
+        [str(HERE / "restart_worker.py"), "train", *FLAGS, *streaming, "--out", str(tmp_path / "restarted")],
+        options=("--max-restarts", "1"),
+        env={"KILL_RANK": "0", "KILL_AT_STEP": str(step)},
+    )
+    killed = "exitcode: -9" in log or "a worker is gone, stuck or unreachable" in log
+    assert killed, f"no worker was killed, {context}:\n{log}"
+    # post-local from t' = 8 (epoch 1): a fragment is sent after the last step of epochs 2 and 3
+    # (0-based steps 15 and 23) and applied after the next step
+    assert all(Schedule.post_local(4, switch_step=8).fragment_at(t, 2) is not None for t in (15, 23))
     same_run(tmp_path / "full", tmp_path / "restarted", context)
 
 

@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from localsgd import Schedule, Simulator, diloco
-from localsgd.streaming import partition
+from localsgd.pieces import cut
 
 K = 3
 OUTER_LR, OUTER_MOMENTUM = 0.7, 0.9
@@ -78,21 +78,31 @@ def ordered_mean(rows: list[torch.Tensor]) -> torch.Tensor:
     return out.div_(len(rows))
 
 
-def expected_parts(sizes: list[int], n: int) -> list[list[int]]:
-    """Contiguous runs of about 1/N of the bytes: a parameter opens the next run if the bytes
-    before it reached that run's start, (f + 1)/N of the whole; runs open one at a time."""
-    total, runs, done, f = sum(sizes), [[] for _ in range(n)], 0, 0
-    for i, size in enumerate(sizes):
-        if i and f < n - 1 and done * n >= total * (f + 1):
-            f += 1
-        runs[f].append(i)
-        done += size
-    assert all(runs), runs  # (the models here leave no run empty)
+def expected_parts(params: list[torch.Tensor], n: int) -> list[list[tuple[int, int, int]]]:
+    """Fragment f holds the elements whose first byte lies in [f/N, (f + 1)/N) of the parameters'
+    bytes (in order): per parameter, the run of its elements there, as (index, start, end)."""
+    total = sum(p.numel() * p.element_size() for p in params)
+    runs: list[list[tuple[int, int, int]]] = [[] for _ in range(n)]
+    base = 0
+    for i, p in enumerate(params):
+        fragment_of = (base + p.element_size() * torch.arange(p.numel())) * n // total
+        for f in range(n):
+            where = (fragment_of == f).nonzero().flatten()
+            if len(where):
+                runs[f].append((i, int(where[0]), int(where[-1]) + 1))
+        base += p.numel() * p.element_size()
     return runs
 
 
 def reference(
-    h: int, n: int, tau: int, merge: str, alpha: float, steps: int, start: tuple | None = None
+    h: int,
+    n: int,
+    tau: int,
+    merge: str,
+    alpha: float,
+    steps: int,
+    start: tuple | None = None,
+    parts: list[list[tuple[int, int, int]]] | None = None,
 ) -> list[list[torch.Tensor]]:
     """Streaming DiLoCo as torchft runs it (merge "mix"), or localsgd's delta rule: returns each
     worker's parameters after ``steps`` steps (from ``start``: models, optimizers and the step
@@ -100,15 +110,16 @@ def reference(
     models, opts, first = start or ([copy.deepcopy(model()) for _ in range(K)], None, 0)
     opts = opts or [inner(m) for m in models]
     params = [list(m.parameters()) for m in models]
-    parts = expected_parts([p.numel() * 4 for p in params[0]], n)
+    parts = parts or expected_parts(params[0], n)
+
+    def fragment_params(k: int, f: int) -> list[torch.Tensor]:  # views of worker k's parameters
+        return [params[k][i].detach().view(-1)[start:end] for i, start, end in parts[f]]
+
     # the global copy of each fragment, which its outer optimizer steps (torchft's original_parameters)
-    global_copy = [[params[0][i].detach().clone() for i in part] for part in parts]
+    global_copy = [[p.clone() for p in fragment_params(0, f)] for f in range(n)]
     outers = [torch.optim.SGD(g, lr=OUTER_LR, momentum=OUTER_MOMENTUM, nesterov=True) for g in global_copy]
     sub = h // n
     count, syncs, mean, sent_from = 0, 0, None, None
-
-    def fragment_params(k: int, f: int) -> list[torch.Tensor]:
-        return [params[k][i] for i in parts[f]]
 
     def send(f: int) -> None:  # the fragment's pseudo-gradient, global copy minus local, averaged
         nonlocal mean, sent_from
@@ -178,7 +189,7 @@ def test_streaming_equals_the_second_implementation(n: int, tau: int, merge: str
     ours, sim = streamed(h, n, tau, merge, alpha, steps)
     theirs = reference(h, n, tau, merge, alpha, steps)
     assert sim._streaming is not None and sim._streaming.parts == expected_parts(
-        [p.numel() * 4 for p in sim.models[0].parameters()], n
+        list(sim.models[0].parameters()), n
     )
     for k in range(K):
         for a, b in zip(ours[k], theirs[k], strict=True):
@@ -200,13 +211,113 @@ def test_one_fragment_mix_without_delay_is_diloco() -> None:
         assert torch.equal(a, b)
 
 
-def test_partition_cuts_contiguous_runs_of_about_equal_bytes() -> None:
-    assert partition([4, 4, 4, 4], 2) == [[0, 1], [2, 3]]
-    assert partition([10, 1, 1, 1], 2) == [[0], [1, 2, 3]]
-    assert partition([1, 1, 1, 10], 2) == [[0, 1, 2], [3]]
-    assert partition([1, 1, 1, 10], 4) == [[0], [1], [2], [3]]
-    with pytest.raises(ValueError, match=r"fragments \(N\) = 3 is more than the model's 2 parameters allow"):
-        partition([5, 5], 3)
+def test_fragments_are_cut_to_the_element() -> None:
+    """Each fragment holds 1/N of the bytes to within an element, whatever the tensors' sizes and
+    dtypes; a tensor that is not contiguous stays whole; too many fragments is one line."""
+    sizes = [
+        (10, torch.float32),
+        (3, torch.float32),
+        (7, torch.float64),
+        (1, torch.float16),
+        (64, torch.float32),
+    ]
+    tensors = [torch.zeros(n, dtype=dtype) for n, dtype in sizes]
+    total = sum(t.numel() * t.element_size() for t in tensors)
+    for n in (1, 2, 3, 4, 7, 16):
+        parts = cut(tensors, n)
+        assert parts == expected_parts(tensors, n)
+        held = [sum((end - start) * tensors[i].element_size() for i, start, end in part) for part in parts]
+        assert sum(held) == total and max(abs(b - total / n) for b in held) <= 8, (n, held)
+    strided = [torch.zeros(4), torch.zeros(6, 4).t(), torch.zeros(4)]  # the middle one is not contiguous
+    assert cut(strided, 2) == [[(0, 0, 4), (1, 0, 24)], [(2, 0, 4)]]
+    with pytest.raises(
+        ValueError, match=r"fragments \(N\) = 3: the model's 8 bytes of parameters cannot be cut"
+    ):
+        cut([torch.zeros(2)], 3)
+
+
+def test_named_fragments_sync_whole_parameters_in_the_order_given() -> None:
+    """Fragments named by module or parameter (torchft's list of modules): the last layer first,
+    then the first layer with the middle one's bias, then the middle weight; against the second
+    implementation with those parameters as the fragments, bit for bit."""
+    h, steps, names = 6, 6 * 3 + 2, [["4"], ["0", "2.bias"], "2.weight"]
+    sim = Simulator(
+        model(), inner, Schedule.local(h), K, outer_optimizer=diloco(OUTER_LR, OUTER_MOMENTUM),
+        fragments=names, merge="mix", alpha=0.5, overlap_steps=1,
+    )  # fmt: skip
+    for t in range(steps):
+        backward(sim.models, t)
+        sim.step()
+        sim.zero_grad()
+    sizes = [p.numel() for p in sim.models[0].parameters()]  # 0.weight, 0.bias, 2.weight, 2.bias, 4.*
+    parts = [[(4, 0, sizes[4]), (5, 0, sizes[5])], [(0, 0, sizes[0]), (1, 0, sizes[1]), (3, 0, sizes[3])],
+             [(2, 0, sizes[2])]]  # fmt: skip
+    assert sim._streaming is not None and sim._streaming.parts == parts
+    theirs = reference(h, 3, 1, "mix", 0.5, steps, parts=parts)
+    for k in range(K):
+        for a, b in zip(sim.models[k].parameters(), theirs[k], strict=True):
+            assert torch.equal(a, b)
+    for bad, message in [
+        ([["0", "2"]], "parameter '4.weight' is in no fragment (2 are not)"),
+        ([["0", "2"], ["4", "0.bias"]], "parameter '0.bias' is in fragments 0 and 1"),
+        ([["0", "2"], ["4", "6"]], "fragment 1's name '6' is no module or parameter of the model"),
+        ([["0"], []], "fragments must be a number N or a list of module or parameter names"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            Simulator(model(), inner, Schedule.local(4), K, outer_optimizer=diloco(), fragments=bad)
+
+
+def aligned_model() -> nn.Module:
+    """Parameters of 16 floats' multiples: packed, they touch (no alignment gaps)."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 16))
+
+
+def test_the_outer_step_runs_on_flat_views_and_saves_its_state_per_piece() -> None:
+    """On packed parameters a fragment's outer step holds one flat tensor (not one per parameter),
+    and its state is saved per piece of a parameter (whole ones shaped like it), so it loads into
+    an outer step that holds the parameters separately: the same anchor, momentum and next step."""
+    sim = Simulator(aligned_model(), inner, Schedule.local(4), 2, outer_optimizer=diloco(), fragments=4)
+    assert sim._streaming is not None and sim._streaming.parts == [
+        [(0, 0, 136)],
+        [(0, 136, 256), (1, 0, 16)],
+        [(2, 0, 136)],
+        [(2, 136, 256), (3, 0, 16)],
+    ]
+    assert [[tuple(a.shape) for a in o.anchor] for o in sim._streaming.outers] == [[(136,)]] * 4
+    blocking = Simulator(aligned_model(), inner, Schedule.local(4), 2, outer_optimizer=diloco())
+    assert blocking._outer is not None and [tuple(a.shape) for a in blocking._outer.anchor] == [(544,)]
+
+    for t in range(9):  # two outer steps: momentum
+        x = torch.randn(4, 16, generator=torch.Generator().manual_seed(t))
+        for m in blocking.models:
+            m(x).square().mean().backward()
+        blocking.step()
+        blocking.zero_grad()
+    saved = blocking.state_dict()["outer"]
+    assert [tuple(a.shape) for a in saved["anchor"]] == [(16, 16), (16,), (16, 16), (16,)]
+    momentum = saved["optimizer"]["state"][0]["momentum_buffer"]
+    assert momentum.shape == (16, 16) and momentum.abs().sum() > 0
+
+    from localsgd.outer import OuterStep
+    from localsgd.pieces import Selection, whole
+
+    plain = aligned_model()
+    separate = Selection(whole(list(plain.parameters())), join=False)
+    other = OuterStep(separate(plain), diloco(), layout=separate.layout)
+    other.load_state_dict(saved)
+    joined = blocking._outer
+    assert [tuple(a.shape) for a in other.anchor] == [(16, 16), (16,), (16, 16), (16,)]
+    assert torch.equal(torch.cat([a.flatten() for a in other.anchor]), joined.anchor[0])
+    delta = torch.randn(544, generator=torch.Generator().manual_seed(99))
+    joined.advance_([delta.clone()], inner_lr=0.1)
+    other.advance_(
+        [d.clone().view(a.shape) for d, a in zip(delta.split([256, 16, 256, 16]), other.anchor, strict=True)],
+        0.1,
+    )
+    assert torch.equal(torch.cat([a.flatten() for a in other.anchor]), joined.anchor[0])
+    with pytest.raises(ValueError, match="does not fit this run's 4 pieces of parameters"):
+        joined.load_state_dict({**saved, "anchor": saved["anchor"][:3]})
 
 
 def test_post_local_streaming_starts_its_fragments_at_the_switch() -> None:

@@ -1026,6 +1026,11 @@ def test_paired_comparison_confidence_interval() -> None:
     assert (
         compare(rows, "missing", ("final_test_acc",)) == [] and compare(rows, None, ("final_test_acc",)) == []
     )
+    # a method compared with another method than the baseline (a study's ``versus``)
+    rows.append(row("newer", {1: 0.83, 2: 0.72, 3: 0.81}))
+    by = {c["method"]: c for c in compare(rows, "base", ("final_test_acc",), {"newer": "new"})}
+    assert by["newer"]["baseline"] == "new" and by["new"]["baseline"] == "base"
+    assert by["newer"]["differences"] == pytest.approx([0.01, 0.001, 0.01])
 
 
 HOST_READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__")

@@ -174,7 +174,7 @@ class AveragingSettings:
     ordered_averaging: bool = False
     """under torchrun, average by all-gather and a sum in worker order: bitwise the simulator's result"""
     fragments: int = 1
-    """N: Streaming DiLoCo. The parameters are cut into N fragments of about equal bytes that sync in
+    """N: Streaming DiLoCo. The parameters are cut into N fragments of equal bytes that sync in
     turn, one every H/N steps, each once per H (1: the whole model at once); see localsgd.streaming"""
     merge: MergeRule = "delta"
     """how an overlapped or streamed sync lands: delta (keep what was learned during the tau steps) or

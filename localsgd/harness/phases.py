@@ -85,7 +85,7 @@ def phase_rows(name: str, root: Path, window: float = WINDOW) -> list[dict[str, 
             row.update({key: mean_std([r[key] for r in runs]) for key in METRICS})
             methods.append(row)
         epoch = next(p["epoch"] for _, p in points if p["phase"] == phase)
-        comparisons = compare(methods, study.baseline, COMPARED)
+        comparisons = compare(methods, study.baseline, COMPARED, study.versus)
         out.append(
             {"phase": phase, "epoch": epoch, "window": window, "methods": methods, "comparisons": comparisons}
         )

@@ -212,9 +212,10 @@ def plot_study(
         _dots(diff_ax, diffs, floor, colors)
         diff_ax.axhline(0, color="gray", lw=1)
         final_name = f"final {measures.split_label} {measures.headline.label}"
+        baselines = " or ".join(dict.fromkeys(c["baseline"] for c in paired))
         diff_ax.set(
             ylabel="points" if percent else measures.headline.label,
-            title=f"{final_name} minus {paired[0]['baseline']}, same seed; mean ± 95% CI",
+            title=f"{final_name} minus {baselines}, same seed; mean ± 95% CI",
         )
     by_x.set(xlabel=xlabel, ylabel=label, title="averaged model: mean over seeds, band min-max")
     by_rounds.set(xlabel="global communication rounds", ylabel=label, title=f"{label} vs communication")

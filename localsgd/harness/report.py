@@ -106,7 +106,7 @@ def summarize(name: str, root: Path) -> list[dict[str, Any]]:
     result = {
         "study": name,
         "rows": rows,
-        "comparisons": compare(rows, study.baseline, study.measures.compared),
+        "comparisons": compare(rows, study.baseline, study.measures.compared, study.versus),
     }
     (root / "study.json").write_text(json.dumps(result, indent=1) + "\n")
     return rows
@@ -164,8 +164,13 @@ def comparison_table(comparisons: list[dict[str, Any]], measures: Measures) -> s
     def verdict(c: dict[str, Any]) -> str:
         return "-" if c["ci_excludes_zero"] is None else ("yes" if c["ci_excludes_zero"] else "no")
 
+    first = comparisons[0]["baseline"]
+
+    def method(c: dict[str, Any]) -> str:  # a method compared with another than the first's says so
+        return c["method"] if c["baseline"] == first else f"{c['method']} vs {c['baseline']}"
+
     columns = [
-        Column(f"vs {comparisons[0]['baseline']} (paired by seed)", 32, lambda c: c["method"], left=True),
+        Column(f"vs {first} (paired by seed)", 32, method, left=True),
         Column("metric", 15, lambda c: c["metric"], left=True),
         Column("seeds", 5, lambda c: str(len(c["seeds"]))),
         Column("mean diff ± std", 17, diff),
@@ -180,7 +185,7 @@ def study_report(name: str, root: Path, rows: list[dict[str, Any]], plot: bool =
     one) and, for a study that keeps models along the way, a row per phase length; with ``plot``,
     the figures are written to ``root`` and their paths listed."""
     study = get(name)
-    comparisons = compare(rows, study.baseline, study.measures.compared)
+    comparisons = compare(rows, study.baseline, study.measures.compared, study.versus)
     parts = [study_table(rows, study.measures)]
     if comparisons:
         parts.append("\n" + comparison_table(comparisons, study.measures))

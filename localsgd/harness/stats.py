@@ -35,27 +35,29 @@ def paired(differences: list[float]) -> dict[str, Any]:
 
 
 def compare(
-    rows: list[dict[str, Any]], baseline: str | None, compared: tuple[str, ...]
+    rows: list[dict[str, Any]],
+    baseline: str | None,
+    compared: tuple[str, ...],
+    versus: dict[str, str] | None = None,
 ) -> list[dict[str, Any]]:
-    """Every method's ``rows`` entry against ``baseline``'s, paired by seed (the same seed gives the
-    same initial model and, with the same K, the same data order): per metric in ``compared``, the
-    per-seed differences and ``paired`` of them. A row holds ``method`` and ``runs`` (one record per
-    finished seed, with ``seed`` and the metrics)."""
+    """Every method's ``rows`` entry against ``baseline``'s (or the method ``versus`` names for
+    it), paired by seed (the same seed gives the same initial model and, with the same K, the same
+    data order): per metric in ``compared``, the per-seed differences and ``paired`` of them. A row
+    holds ``method`` and ``runs`` (one record per finished seed, with ``seed`` and the metrics)."""
     by_method = {r["method"]: r for r in rows}
-    if baseline is None or baseline not in by_method:
-        return []
     out = []
     for row in rows:
-        if row["method"] == baseline:
+        against = (versus or {}).get(row["method"], baseline)
+        if against is None or against not in by_method or row["method"] == against:
             continue
         for key in compared:
-            base = {d["seed"]: d[key] for d in by_method[baseline]["runs"] if d.get(key) is not None}
+            base = {d["seed"]: d[key] for d in by_method[against]["runs"] if d.get(key) is not None}
             runs = sorted(
                 (d for d in row["runs"] if d.get(key) is not None and d["seed"] in base),
                 key=lambda d: d["seed"],
             )
             diffs = [d[key] - base[d["seed"]] for d in runs]
             if diffs:
-                head = {"method": row["method"], "baseline": baseline, "metric": key}
+                head = {"method": row["method"], "baseline": against, "metric": key}
                 out.append(head | {"seeds": [d["seed"] for d in runs], "differences": diffs} | paired(diffs))
     return out

@@ -4,7 +4,7 @@ were chosen; the results pages in docs/results/ say what they showed."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ class Study:
     seeds: tuple[int, ...] = (1, 2, 3)
     notes: str = ""
     baseline: str | None = None  # the method every other one is compared with, seed by seed
+    versus: dict[str, str] = field(default_factory=dict)  # methods compared with another one instead
     sharpness_samples: int | None = None  # measure every run's models on this many training images
 
     @property
@@ -199,12 +200,24 @@ STUDIES: dict[str, Study] = {
             "slowmo": {"outer_optimizer": "slowmo"},
             "int8": {"compress": "int8"},
             "sign": {"compress": "sign"},
+            # Streaming DiLoCo: 4 fragments, one synced every H/N = 4 steps, overlapped by τ = 1
+            "diloco N=4 mix": {
+                "outer_optimizer": "diloco",
+                "fragments": 4,
+                "overlap_steps": 1,
+                "merge": "mix",
+                "alpha": 0.5,
+            },
+            "diloco N=4 delta": {"outer_optimizer": "diloco", "fragments": 4, "overlap_steps": 1},
         },
         seeds=(1, 2, 3),
         notes="cifar10-resnet8's post-local H=16 (ResNet-8, K=16, B_loc=32, 16 epochs, t' at the first "
         "decay) with an outer optimizer (DiLoCo: Nesterov SGD lr 0.7, momentum 0.9; SlowMo: alpha 1, "
-        "beta 0.5) or compressed pseudo-gradients (int8 and sign, blocks of 256, error feedback).",
+        "beta 0.5) or compressed pseudo-gradients (int8 and sign, blocks of 256, error feedback); "
+        "Streaming DiLoCo (N = 4 fragments, tau = 1; mix with alpha 0.5 as the paper, or delta), "
+        "compared with DiLoCo (N = 1).",
         baseline="post-local H=16",
+        versus={"diloco N=4 mix": "diloco", "diloco N=4 delta": "diloco"},
     ),
 }
 
