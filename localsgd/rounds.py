@@ -201,6 +201,7 @@ class DelayedAverage:
         self.select, self.merge, self.alpha = select, merge, alpha
         self.averager = FlatAverager(averager.comm, averager.bucket_bytes)  # its own buffers: in flight
         self.deltas: list[list[torch.Tensor]] | None = None  # Δ_k, packed in the averager's buffers
+        self.snapshots: list[list[torch.Tensor]] | None = None  # s_k (τ > 0)
         self.pending: InFlight | None = None
 
     @staticmethod
@@ -217,8 +218,14 @@ class DelayedAverage:
         """The round that starts the average after step ``t`` (applied after step t + τ)."""
 
         def run() -> int:
-            snapshots = [[p.detach().clone() for p in self.select(m)] for m in self.models]
-            return self._send(level, t + self.delay, snapshots)
+            params = [self.select(m) for m in self.models]
+            if not self.delay:  # applied at once: the parameters are the snapshot
+                return self._send(level, t, params)
+            if self.snapshots is None:  # allocated once, reused at every send
+                self.snapshots = [[torch.empty_like(p) for p in ps] for ps in params]
+            for snapshot, ps in zip(self.snapshots, params, strict=True):
+                torch._foreach_copy_(snapshot, ps)
+            return self._send(level, t + self.delay, self.snapshots)
 
         return run
 
@@ -254,6 +261,8 @@ class DelayedAverage:
             if self.merge == "mix":  # torchft: the global copy, stepped, lerped toward the local
                 for p, a in zip(params, anchor, strict=True):
                     torch.lerp(a, p, self.alpha, out=p)  # = a.clone().lerp_(p, alpha), in one pass
+            elif not self.delay:  # θ_k = s_k: θ_k ← θ̄'
+                torch._foreach_copy_(params, anchor)
             else:  # θ_k ← θ̄' + (θ_k − s_k)
                 torch._foreach_sub_(params, snapshot)
                 torch._foreach_add_(params, anchor)
@@ -266,7 +275,8 @@ class DelayedAverage:
             return None
         layout = self.select.layout
         assert layout is not None  # (set when the snapshots were taken)
-        snapshots = [layout.split(snapshot) for snapshot in pending.snapshots]  # per piece, as the anchor
+        # per piece, as the anchor; copies (the buffers are reused at the next send)
+        snapshots = [[p.clone() for p in layout.split(snapshot)] for snapshot in pending.snapshots]
         state = {"level": pending.level.value, "due": pending.due, "snapshots": snapshots}
         if pending.residuals is not None:  # sending again must start from the same error feedback
             state["residuals"] = pending.residuals
