@@ -1,9 +1,10 @@
 """Which elements of a model's parameters a global average's outer step holds (the whole model, or
 one fragment of Streaming DiLoCo), and their views in as few tensors as the memory layout allows.
 
-A piece ``(i, start, end)`` is elements ``start:end`` of the i-th parameter shard (``shards(model)``
-order, each flattened row-major). ``cut`` gives each of N fragments a contiguous run of pieces of
-1/N of the bytes, to the element. ``Selection`` turns pieces into tensors: when the engine has
+A piece ``(i, start, end)`` is elements ``start:end`` of the i-th parameter (``model.parameters()``
+order, flattened row-major; of a sharded parameter, its rank's shard once ``localize``d). ``cut``
+gives each of N fragments a contiguous run of pieces of 1/N of the bytes, to the element;
+``by_name`` takes fragments named by module. ``Selection`` turns pieces into tensors: when the engine has
 packed the parameters into flat buffers (``FlatAverager.pack_``), the pieces of consecutive
 parameters that touch in memory become one view of the buffer, so that the outer step of a
 fragment (pseudo-gradients, the outer optimizer, the copy back) runs a few ops on one or two flat
