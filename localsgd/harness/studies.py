@@ -153,13 +153,24 @@ STUDIES: dict[str, Study] = {
             "local H=64": {"local_steps": 64},
             "post-local H=16": {"local_steps": 16, "switch_epoch": 0.375},
             "diloco H=64": {"local_steps": 64, "outer_optimizer": "diloco"},
+            # Streaming DiLoCo: 4 fragments, one synced every 16 steps, overlapped by τ = 1, mixed α = 0.5
+            "diloco H=64 N=4 mix": {
+                "local_steps": 64,
+                "outer_optimizer": "diloco",
+                "fragments": 4,
+                "overlap_steps": 1,
+                "merge": "mix",
+                "alpha": 0.5,
+            },
         },
         seeds=(1, 2, 3),
         notes="GPT 4 x 128 (0.84M parameters) on windows of 128 bytes of the SOTU split, K=8, B_loc=8, "
         "AdamW (peak 3e-3, betas 0.9/0.95, weight decay 0.1 off norms, biases and embeddings), warm-up "
         "0.05 epochs then cosine to 10%, 1.5 epochs; post-local: H=16 from 25% of training; DiLoCo: "
-        "outer Nesterov SGD lr 0.7, momentum 0.9.",
+        "outer Nesterov SGD lr 0.7, momentum 0.9; Streaming DiLoCo: the same in N=4 fragments (tau=1, "
+        "mix alpha 0.5), compared with DiLoCo H=64.",
         baseline="H=1",
+        versus={"diloco H=64 N=4 mix": "diloco H=64"},
     ),
     # Does post-local SGD's gain need a long phase at the small LR (Gu et al., ICLR 2023)? The
     # cifar10-resnet8 protocol's first 8 epochs, then 48 epochs at the decayed LR with no second
