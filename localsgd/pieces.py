@@ -34,8 +34,8 @@ def cut(tensors: list[torch.Tensor], fragments: int) -> list[list[Piece]]:
     element whose first byte is at offset o of the T bytes of all tensors (in order) goes to
     fragment ⌊o·N/T⌋, so every fragment holds T/N bytes to within an element. A tensor that is not
     contiguous cannot be cut and goes whole to the fragment of its first byte. ValueError if a
-    fragment would be empty. Sharded parameters (DTensors) are cut as whole parameters, the same
-    on every rank (``localize`` gives a rank its part)."""
+    fragment would be empty. Sharded parameters (DTensors) are cut in their unsharded element
+    order, the same on every rank (``localize`` gives a rank its part)."""
     total = sum(t.numel() * t.element_size() for t in tensors)
     parts: list[list[Piece]] = [[] for _ in range(fragments)]
     offset = 0

@@ -61,7 +61,7 @@ class Streaming:
         n = fragments if isinstance(fragments, int) else len(fragments)
         self.check(schedule, n, delay)
         self.schedule, self.n, self.delay, self.merge = schedule, n, delay, merge
-        # cut to the element, as whole parameters (sharded: the same cut on every rank, each
+        # cut to the element, in the unsharded parameters (sharded: the same cut on every rank, each
         # rank averaging its part of every fragment)
         params = list(models[0].parameters())
         self.parts = cut(params, n) if isinstance(fragments, int) else by_name(models[0], fragments)
