@@ -1031,6 +1031,11 @@ def test_paired_comparison_confidence_interval() -> None:
     by = {c["method"]: c for c in compare(rows, "base", ("final_test_acc",), {"newer": "new"})}
     assert by["newer"]["baseline"] == "new" and by["new"]["baseline"] == "base"
     assert by["newer"]["differences"] == pytest.approx([0.01, 0.001, 0.01])
+    from localsgd.harness.report import comparison_table
+    from localsgd.harness.tasks import measures_of
+
+    table = comparison_table(list(by.values()), measures_of("cifar10"))
+    assert "vs base (paired by seed)" in table and "newer vs new" in table  # the other baseline is named
 
 
 HOST_READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__")
