@@ -545,9 +545,10 @@ def print_tables(entries: list[dict], model: str = "resnet20") -> None:
             print(_row(list(zip(values, specs[: len(values)], strict=True))))
 
 
-def plot(entries: list[dict], local_batch_size: int, out: Path) -> Path:
-    """Seconds per CIFAR-10 epoch per schedule, measured (bars: median, whiskers: min-max) and
-    predicted by the cost model (dots), one panel per K and shaped network."""
+def plot(entries: list[dict], local_batch_size: int, out: Path, model: str = "resnet20") -> Path:
+    """Seconds per CIFAR-10 epoch (ResNet-20) or milliseconds per step (the GPT) per schedule,
+    measured (bars: median, whiskers: min-max) and predicted by the cost model (dots), one panel
+    per K and shaped network."""
     from localsgd.harness.plot import pyplot, save
 
     plt = pyplot()
@@ -558,8 +559,9 @@ def plot(entries: list[dict], local_batch_size: int, out: Path) -> Path:
     for e in trained:
         ax = axes[ks.index(e["workers"]), nets.index(e["network"])]
         rows = [r for r in e["training"] if r["schedule"] != "compute only"]
-        n = cost_model.steps_per_epoch(SAMPLES, e["workers"], local_batch_size)
-        med = [r["epoch_seconds"] for r in rows]
+        epochs = model == "resnet20"
+        n = cost_model.steps_per_epoch(SAMPLES, e["workers"], local_batch_size) if epochs else 1000
+        med = [n * _med(r["seconds_per_step"]) for r in rows]
         lo = [m - n * min(r["seconds_per_step"]) for m, r in zip(med, rows, strict=True)]
         hi = [n * max(r["seconds_per_step"]) - m for m, r in zip(med, rows, strict=True)]
         xs = range(len(rows))
@@ -575,7 +577,7 @@ def plot(entries: list[dict], local_batch_size: int, out: Path) -> Path:
         ]
         ax.set_xticks(list(xs), [lb.split(", t'")[0] for lb in labels], rotation=45, ha="right", fontsize=8)
         ax.set_title(f"K={e['workers']}, {e['network']}", fontsize=9)
-        ax.set_ylabel("s per epoch")
+        ax.set_ylabel("s per CIFAR-10 epoch" if epochs else "ms per step")
     return save(fig, axes, axes[0, 0], out)
 
 
@@ -784,7 +786,7 @@ def main() -> None:
         write_json(Path(args.out), cfg, args, entries, calibrations)
     print_tables(entries, cfg["model"])
     if args.plot:
-        print(f"wrote {plot(entries, args.local_batch_size, Path(args.plot))}", file=sys.stderr)
+        print(f"wrote {plot(entries, args.local_batch_size, Path(args.plot), cfg['model'])}", file=sys.stderr)
     print()
     for k, cal in sorted(calibrations.items()):
         used = " (used, scaled by max(1, K/CPUs))" if k == min(calibrations) else " (not used)"
