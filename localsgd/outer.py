@@ -186,22 +186,17 @@ class OuterStep:
             return saved
         state, cut_keys = {}, {}
         for j, per_anchor in saved["state"].items():
-            shape, first = self.anchor[j].shape, layout.first_piece(j)
+            shape = self.anchor[j].shape
             cut = {
                 k: layout.split_one(j, v)
                 for k, v in per_anchor.items()
                 if torch.is_tensor(v) and v.shape == shape
             }
-            for q in range(len(layout.shapes[j])):
-                state[first + q] = {k: cut[k][q].clone() if k in cut else v for k, v in per_anchor.items()}
-                cut_keys[first + q] = sorted(cut)
+            for q, piece in enumerate(layout.pieces_of(j)):
+                state[piece] = {k: cut[k][q].clone() if k in cut else v for k, v in per_anchor.items()}
+                cut_keys[piece] = sorted(cut)
         groups = [
-            {
-                **g,
-                "params": [
-                    layout.first_piece(j) + q for j in g["params"] for q in range(len(layout.shapes[j]))
-                ],
-            }
+            {**g, "params": [piece for j in g["params"] for piece in layout.pieces_of(j)]}
             for g in saved["param_groups"]
         ]
         return {"state": state, "param_groups": groups, "cut": cut_keys}
@@ -213,8 +208,8 @@ class OuterStep:
             return saved
         state = {}
         for j in range(len(self.anchor)):
-            first, count = layout.first_piece(j), len(layout.shapes[j])
-            pieces = [saved["state"].get(first + q) for q in range(count)]
+            first = layout.pieces_of(j)[0]
+            pieces = [saved["state"].get(piece) for piece in layout.pieces_of(j)]
             if pieces[0] is None:
                 continue
             if "cut" in saved:
@@ -226,7 +221,7 @@ class OuterStep:
             state[j] = {
                 k: layout.join_one(j, [p[k] for p in pieces]) if k in cut else v for k, v in pieces[0].items()
             }
-        owner = {layout.first_piece(j): j for j in range(len(self.anchor))}
+        owner = {layout.pieces_of(j)[0]: j for j in range(len(self.anchor))}
         groups = [
             {**g, "params": [owner[i] for i in g["params"] if i in owner]} for g in saved["param_groups"]
         ]

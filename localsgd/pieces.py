@@ -14,6 +14,7 @@ does not change a bit of the result.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -148,10 +149,11 @@ class Layout:
     def __init__(self, views: list[torch.Tensor], shapes: list[list[torch.Size]]) -> None:
         self.view_shapes = [v.shape for v in views]
         self.shapes = shapes
+        self._starts = list(itertools.accumulate(map(len, shapes), initial=0))
 
-    def first_piece(self, j: int) -> int:
-        """The index of view j's first piece."""
-        return sum(map(len, self.shapes[:j]))
+    def pieces_of(self, j: int) -> range:
+        """The indices of view j's pieces."""
+        return range(self._starts[j], self._starts[j + 1])
 
     def split_one(self, j: int, t: torch.Tensor) -> list[torch.Tensor]:
         """A tensor laid out like view j -> its pieces (views of it)."""
@@ -173,10 +175,7 @@ class Layout:
                 f"saved state of {len(pieces)} tensors ({sum(p.numel() for p in pieces)} elements) does not "
                 f"fit this run's {sum(map(len, self.shapes))} pieces of parameters (another model or N)"
             )
-        return [
-            self.join_one(j, pieces[self.first_piece(j) : self.first_piece(j + 1)])
-            for j in range(len(self.shapes))
-        ]
+        return [self.join_one(j, [pieces[q] for q in self.pieces_of(j)]) for j in range(len(self.shapes))]
 
 
 class Selection:
