@@ -61,6 +61,19 @@ class Communicator(ABC):
         for level in levels:
             self.group_size(level)
 
+    # --- rounds of a fault-tolerant global level (localsgd.ft; replayed by ReplayCommunicator) ---
+
+    fault_tolerant: bool = False  # global rounds go through begin_round / end_round
+
+    def begin_round(self, kind: str, t: int) -> list[tuple[int, int]]:
+        """Before a global round of ``kind`` ("gradients" or "parameters") at step ``t``: who takes
+        part. Returns (healer, source) pairs of local workers whose state the engine copies first."""
+        return []
+
+    def end_round(self) -> bool:
+        """After the round: whether this worker keeps its result (else the engine undoes it)."""
+        return True
+
     @abstractmethod
     def all_reduce_mean_(self, level: Level, flats: list[torch.Tensor]) -> Wait:
         """Start replacing each worker's buffer by the mean over its group; the result is ready

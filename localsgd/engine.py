@@ -8,6 +8,7 @@ communicator.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 from collections.abc import Callable, Sequence
@@ -28,7 +29,7 @@ from localsgd.outer import OuterOptimizerFactory, OuterStep
 from localsgd.pieces import Selection, whole
 from localsgd.policy import Policy, PolicyKeywords, as_policy
 from localsgd.rounds import DelayedAverage, GradientAverage, ParameterAverage, Round, float_buffers
-from localsgd.schedule import Level, Schedule
+from localsgd.schedule import Level, Schedule, Sync
 from localsgd.sharding import FSDPArming, average_into, check_sharded, shards
 from localsgd.streaming import Streaming
 
@@ -84,6 +85,17 @@ def _check_owned(models: list[nn.Module], optimizers: list[torch.optim.Optimizer
                     )
 
 
+def _cloned(state: Any) -> Any:
+    """A copy of a state dict's tensors (other values shared)."""
+    if torch.is_tensor(state):
+        return state.detach().clone()
+    if isinstance(state, dict):
+        return {k: _cloned(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(_cloned(v) for v in state)
+    return state
+
+
 class Engine:
     """Drives K' local workers (1 under torch.distributed, K in the simulator) through a schedule.
 
@@ -134,12 +146,17 @@ class Engine:
         self._assemble(models)
         self.t = 0
         self.stats = {level.value: CommStats() for level in schedule.levels()}
-        check_workers(
-            comm, [describe(m, self._settings(o)) for m, o in zip(self.models, self.optimizers, strict=True)]
-        )
-        comm.prepare(schedule.levels(), collective=True)
-        if sync_initial:
-            self._averager.broadcast_([[*shards(m), *m.buffers()] for m in self.models])
+        descriptions = [
+            describe(m, self._settings(o)) for m, o in zip(self.models, self.optimizers, strict=True)
+        ]
+        if comm.fault_tolerant:
+            self._check_fault_tolerant()
+            self._join(descriptions)
+        else:
+            check_workers(comm, descriptions)
+            comm.prepare(schedule.levels(), collective=True)
+            if sync_initial:
+                self._averager.broadcast_([[*shards(m), *m.buffers()] for m in self.models])
         self._ddp.arm(self.schedule.sync_at(self.t).gradients)
 
     def _assemble(self, models: Sequence[nn.Module]) -> None:
@@ -254,8 +271,14 @@ class Engine:
         gradients = self._gradient_average.packed
         if gradients is not None:
             gradients.unbind_unreached()
+        stepped = True  # False if a fault-tolerant gradient round was discarded: no update
         if sync.gradients is not None and self.comm.group_size(sync.gradients) > 1:
-            self._timed(sync.gradients, self._gradient_average.prepare(sync.gradients))
+            stepped = self._round(sync.gradients, "gradients")
+        self._finish_step(sync, stepped)
+        return loss
+
+    def _finish_step(self, sync: Sync, stepped: bool) -> None:
+        """The rest of a step after its gradient average: the optimizer step, then the model average."""
         if self._outer is not None:
             if sync.gradients is Level.GLOBAL:  # mini-batch SGD: the anchor follows at the switch
                 self._outer.current = False
@@ -263,7 +286,7 @@ class Engine:
                 self._outer.reset_(self._whole(self.models[0]))
         if self._streaming is not None:
             self._streaming.track(sync, self.models)
-        if self.policy.max_grad_norm is not None:  # after any gradient average: the average is clipped
+        if stepped and self.policy.max_grad_norm is not None:  # after any gradient average: clipped
             for k, (model, opt) in enumerate(zip(self.models, self.optimizers, strict=True)):
                 if self.grad_scalers is not None:
                     self.grad_scalers[k].unscale_(opt)
@@ -271,6 +294,8 @@ class Engine:
         # Every worker counts the step even if its GradScaler skips the update (inf/NaN gradients):
         # the schedule, and so every collective, stays in lockstep across workers.
         for k, opt in enumerate(self.optimizers):
+            if not stepped:
+                break
             if self.grad_scalers is None:
                 opt.step()
             else:
@@ -281,7 +306,6 @@ class Engine:
         elif sync.parameters is not None:
             self._average_model(sync.parameters, outer=True)
         self._ddp.arm(self.schedule.sync_at(self.t).gradients)
-        return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """The optimizers' ``zero_grad``. Once gradients have been averaged, they stay in flat
@@ -387,7 +411,109 @@ class Engine:
         lone = self.comm.group_size(level) == 1
         if lone and (self._outer is None or not outer) and self.policy.optimizer_state != "reset":
             return  # nothing to average with, no outer step, no state to clear
-        self._timed(level, self._parameter_average.prepare(level, buffers, outer, lone))
+        if outer and level is Level.GLOBAL:
+            self._round(level, "parameters")
+        else:
+            self._timed(level, self._parameter_average.prepare(level, buffers, outer, lone))
+
+    # --- fault-tolerant global rounds (localsgd.ft; replayed by localsgd.membership) ----------
+
+    def _prepare(self, level: Level, kind: str) -> Round:
+        if kind == "gradients":
+            return self._gradient_average.prepare(level)
+        return self._parameter_average.prepare(level, None, True, self.comm.group_size(level) == 1)
+
+    def _round(self, level: Level, kind: str) -> bool:
+        """A scheduled round; with a fault-tolerant communicator at the global level, among the
+        workers present, and undone if this worker does not commit it. Returns whether it was kept."""
+        if not (self.comm.fault_tolerant and level is Level.GLOBAL):
+            self._timed(level, self._prepare(level, kind))
+            return True
+        return self._kept_round(kind, self.comm.begin_round(kind, self.t))
+
+    def _kept_round(self, kind: str, heals: list[tuple[int, int]]) -> bool:
+        for healer, source in heals:  # (the simulator's replay; a real worker heals inside begin_round)
+            self._copy_worker(source, healer)
+        saved = self._snapshot() if kind == "parameters" else None  # a gradient round changes no state
+        with contextlib.suppress(CommunicationError):  # the communicator knows: it does not commit
+            self._timed(Level.GLOBAL, self._prepare(Level.GLOBAL, kind))
+        if self.comm.end_round():
+            return True
+        if saved is not None:
+            self._restore(saved)
+        return False
+
+    def _copy_worker(self, source: int, healer: int) -> None:
+        self.models[healer].load_state_dict(self.models[source].state_dict())
+        self.optimizers[healer].load_state_dict(copy.deepcopy(self.optimizers[source].state_dict()))
+
+    def _snapshot(self) -> dict[str, Any]:
+        """What a parameter round changes, to undo it: the models, the engine's state (step,
+        anchor, outer optimizer) and the optimizers' state if the policy averages or resets it."""
+        return _cloned(
+            {
+                "engine": Engine.state_dict(self),
+                "models": [m.state_dict() for m in self.models],
+                "optimizers": (
+                    [o.state_dict() for o in self.optimizers]
+                    if self.policy.optimizer_state != "local"
+                    else None
+                ),
+            }
+        )
+
+    def _restore(self, saved: dict[str, Any]) -> None:
+        Engine.load_state_dict(self, saved["engine"])
+        for m, s in zip(self.models, saved["models"], strict=True):
+            m.load_state_dict(s)
+        if saved["optimizers"] is not None:
+            for o, s in zip(self.optimizers, saved["optimizers"], strict=True):
+                o.load_state_dict(s)
+
+    def _check_fault_tolerant(self) -> None:
+        unsupported = {
+            "hierarchical schedules": Level.BLOCK in self.schedule.levels(),
+            "sharded models": self._sharded,
+            "compression": self.policy.compression is not None,
+            "overlapped or streamed averages": self._streaming is not None,
+            "DistributedDataParallel": self._ddp.any,
+        }
+        named = [name for name, used in unsupported.items() if used]
+        if named:
+            raise ValueError(f"a fault-tolerant communicator does not support {', '.join(named)} yet")
+
+    def heal_state(self) -> dict[str, Any]:
+        """What a (re)joining worker receives from a live one: the engine's state and every local
+        worker's model and optimizer state."""
+        return {
+            "engine": Engine.state_dict(self),
+            "models": [m.state_dict() for m in self.models],
+            "optimizers": [o.state_dict() for o in self.optimizers],
+        }
+
+    def load_heal_state(self, state: dict[str, Any]) -> None:
+        self._restore(state)
+
+    def _join(self, descriptions: list[dict[str, Any]]) -> None:
+        """Enter a fault-tolerant run: at the start, with the others; later, by healing from a live
+        worker inside its current round, which this worker then completes as they do."""
+        while True:
+            kind = self.comm.join(self, descriptions)  # type: ignore[attr-defined]
+            if kind is None:
+                return
+            if kind == "parameters":
+                kept = self._kept_round(kind, [])
+            else:
+                sync = self.schedule.sync_at(self.t)
+                for m in self.models:  # a healer adds nothing to the mean, but the round needs gradients
+                    for p in m.parameters():
+                        if p.requires_grad and p.grad is None:
+                            p.grad = torch.zeros_like(p)
+                kept = self._kept_round(kind, [])
+                self._finish_step(sync, kept)
+                self.zero_grad()
+            if kept:
+                return
 
     # --- state -------------------------------------------------------------------------------
 

@@ -14,6 +14,7 @@ from typing_extensions import Unpack
 
 from localsgd.comm import SimCommunicator
 from localsgd.engine import Engine
+from localsgd.membership import ReplayCommunicator, RoundRecord
 from localsgd.policy import Policy, PolicyKeywords, as_policy
 from localsgd.schedule import Schedule
 from localsgd.sharding import is_sharded
@@ -41,6 +42,8 @@ class Simulator(Engine):
         schedule: when to average.
         workers: K.
         workers_per_block: K', for hierarchical schedules.
+        membership: replay a fault-tolerant run: its global rounds' records, merged
+            (``localsgd.membership.merge`` of every worker's records).
         policy, **policy_kwargs: how to average (``localsgd.Policy``), as a record or as its
             fields' keywords (``buffers="average"``, ``outer_optimizer=diloco()``, ...).
     """
@@ -53,12 +56,20 @@ class Simulator(Engine):
         workers: int,
         *,
         workers_per_block: int | None = None,
+        membership: dict[tuple[int, str], RoundRecord] | None = None,
         policy: Policy | None = None,
         **policy_kwargs: Unpack[PolicyKeywords],
     ) -> None:
         if is_sharded(model):
             raise ValueError("sharded (fully_shard) models need torch.distributed, not the simulator")
-        comm = SimCommunicator(workers, workers_per_block)
+        if membership is None:
+            comm = SimCommunicator(workers, workers_per_block)
+        elif workers_per_block is not None:
+            raise ValueError(
+                "a fault-tolerant run's membership is replayed without blocks (workers_per_block)"
+            )
+        else:
+            comm = ReplayCommunicator(workers, membership)
         models = [model] + [copy.deepcopy(model) for _ in range(workers - 1)]
         optimizers = [optimizer_fn(m) for m in models]
         super().__init__(models, optimizers, comm, schedule, policy=as_policy(policy, policy_kwargs))

@@ -1,0 +1,139 @@
+"""One fault-tolerant worker for tests/test_ft.py: a small MLP trained by LocalSGD over
+``localsgd.ft``; its batches are a function of (worker, step) only, so a healed worker and the
+simulator's replay read the same data.
+
+    python -m tests.ft_worker OUT WORKER WORKERS LIGHTHOUSE METHOD STEPS [KILL_AT]
+
+Writes OUT/rounds-WORKER.jsonl (the membership records), OUT/steps-WORKER.jsonl (wall time per
+step) and, at the end, OUT/final-WORKER.pt (the model). With KILL_AT, the worker SIGKILLs itself
+after that step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from localsgd import LocalSGD, Schedule, diloco
+from localsgd.ft import FaultTolerantCommunicator
+
+
+def make_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+
+
+def batch(worker: int, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 * worker + t)
+    x = torch.randn(16, 8, generator=g)
+    return x, (x[:, :4] * 0.5 + 0.1 * torch.randn(16, 4, generator=g)).tanh()
+
+
+def setup(method: str) -> tuple[Schedule, dict]:
+    if method == "local":
+        return Schedule.local(4), {}
+    if method == "post-local":
+        return Schedule.post_local(4, switch_step=12), {}
+    if method == "post-local-late":  # the mini-batch phase long enough to heal in it
+        return Schedule.post_local(4, switch_step=100), {}
+    if method == "diloco":
+        return Schedule.local(4), {"outer_optimizer": diloco()}
+    raise ValueError(method)
+
+
+def make_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+
+
+def step(model: torch.nn.Module, opt: torch.optim.Optimizer, worker: int, t: int) -> None:
+    x, y = batch(worker, t)
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    opt.step()
+    opt.zero_grad()
+
+
+def _die() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def plant(comm: FaultTolerantCommunicator, fault: str, after: int) -> None:
+    """SIGKILL this worker at a chosen point of its first round after step ``after``:
+    "collective" (a model average launched, not finished), "serving" (while its state is read for
+    a healing worker) or "healing" (its healed state received, before the round)."""
+    if fault == "collective":
+        allgather = comm.pg.allgather
+
+        def dying_allgather(output, input, opts):
+            work = allgather(output, input, opts)
+            if comm._engine is not None and comm._engine.t > after and input[0].numel() > 7:
+                _die()
+            return work
+
+        comm.pg.allgather = dying_allgather
+    elif fault == "serving":
+        save = comm._save
+
+        def dying_save():
+            if comm._engine.t > after:
+                _die()
+            return save()
+
+        comm._save = dying_save
+    elif fault == "healing":
+        load = comm._load
+
+        def dying_load(state):
+            load(state)
+            _die()
+
+        comm._load = dying_load
+    else:
+        raise ValueError(fault)
+
+
+def main() -> None:
+    out, worker, workers, lighthouse, method, steps = sys.argv[1:7]
+    kill_at = int(sys.argv[7]) if len(sys.argv) > 7 else None
+    worker, workers, steps = int(worker), int(workers), int(steps)
+    out_dir = Path(out)
+    torch.set_num_threads(1)
+    rounds = (out_dir / f"rounds-{worker}.jsonl").open("a")
+
+    def on_round(record: dict) -> None:
+        rounds.write(json.dumps(record) + "\n")
+        rounds.flush()
+
+    comm = FaultTolerantCommunicator(
+        worker, workers, lighthouse=lighthouse, on_round=on_round, startup_timeout=30.0
+    )
+    fault = os.environ.get("FT_FAULT", "")
+    if kill_at is not None and fault:
+        plant(comm, fault, kill_at)
+    schedule, policy = setup(method)
+    model = make_model()
+    opt = LocalSGD(make_optimizer(model), model, schedule, comm=comm, **policy)
+    times = (out_dir / f"steps-{worker}.jsonl").open("a")
+    times.write(json.dumps({"event": "joined", "t": opt.t, "time": time.time(), "pid": os.getpid()}) + "\n")
+    while opt.t < steps:
+        t = opt.t
+        step(model, opt, worker, t)
+        times.write(json.dumps({"t": t, "time": time.time()}) + "\n")
+        times.flush()
+        if kill_at is not None and t == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(float(os.environ.get("FT_STEP_SECONDS", "0.02")))
+    torch.save(model.state_dict(), out_dir / f"final-{worker}.pt")
+    comm.shutdown()
+    rounds.close()
+    times.close()
+    os._exit(0)  # (gloo's static destructors can abort at exit)
+
+
+if __name__ == "__main__":
+    main()
