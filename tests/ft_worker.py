@@ -2,11 +2,13 @@
 ``localsgd.ft``; its batches are a function of (worker, step) only, so a healed worker and the
 simulator's replay read the same data.
 
-    python -m tests.ft_worker OUT WORKER WORKERS LIGHTHOUSE METHOD STEPS [KILL_AT]
+    python -m tests.ft_worker OUT WORKER WORKERS LIGHTHOUSE METHOD STEPS
 
 Writes OUT/rounds-WORKER.jsonl (the membership records), OUT/steps-WORKER.jsonl (wall time per
-step) and, at the end, OUT/final-WORKER.pt (the model). With KILL_AT, the worker SIGKILLs itself
-after that step.
+step) and, at the end, OUT/final-WORKER.pt (the model). With FT_KILL_AT=s the worker SIGKILLs
+itself after step s, or, with FT_FAULT, at a chosen point of its first round after step s (see
+``plant``). With FT_UNTIL_READY, STEPS is ignored: the worker trains until OUT/ready exists and
+stops at the step written in it (the test's driver chooses it once every worker is back).
 """
 
 from __future__ import annotations
@@ -62,25 +64,33 @@ def _die() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+def once(name: str) -> bool:
+    """True for the first worker of the run to ask (a marker file in OUT)."""
+    try:
+        os.close(os.open(Path(sys.argv[1]) / f"fault-{name}", os.O_CREAT | os.O_EXCL))
+    except FileExistsError:
+        return False
+    return True
+
+
 def plant(comm: FaultTolerantCommunicator, fault: str, after: int) -> None:
     """SIGKILL this worker at a chosen point of its first round after step ``after``:
-    "collective" (a model average launched, not finished), "serving" (while its state is read for
+    "collective" (the others inside the model average, this worker's data not sent), "serving" (while its state is read for
     a healing worker) or "healing" (its healed state received, before the round)."""
     if fault == "collective":
         allgather = comm.pg.allgather
 
-        def dying_allgather(output, input, opts):
-            work = allgather(output, input, opts)
+        def dying_allgather(output, input, opts):  # the others are in the model average already
             if comm._engine is not None and comm._engine.t > after and input[0].numel() > 7:
                 _die()
-            return work
+            return allgather(output, input, opts)
 
         comm.pg.allgather = dying_allgather
     elif fault == "serving":
         save = comm._save
 
-        def dying_save():
-            if comm._engine.t > after:
+        def dying_save():  # (the first worker asked to serve dies, not a second one)
+            if comm._engine.t > after and once("serving"):
                 _die()
             return save()
 
@@ -99,7 +109,7 @@ def plant(comm: FaultTolerantCommunicator, fault: str, after: int) -> None:
 
 def main() -> None:
     out, worker, workers, lighthouse, method, steps = sys.argv[1:7]
-    kill_at = int(sys.argv[7]) if len(sys.argv) > 7 else None
+    kill_at = int(os.environ["FT_KILL_AT"]) if "FT_KILL_AT" in os.environ else None
     worker, workers, steps = int(worker), int(workers), int(steps)
     out_dir = Path(out)
     torch.set_num_threads(1)
@@ -115,13 +125,22 @@ def main() -> None:
     fault = os.environ.get("FT_FAULT", "")
     if kill_at is not None and fault:
         plant(comm, fault, kill_at)
+        kill_at = None
     schedule, policy = setup(method)
     model = make_model()
     opt = LocalSGD(make_optimizer(model), model, schedule, comm=comm, **policy)
     times = (out_dir / f"steps-{worker}.jsonl").open("a")
     times.write(json.dumps({"event": "joined", "t": opt.t, "time": time.time(), "pid": os.getpid()}) + "\n")
-    while opt.t < steps:
+    (out_dir / f"joined-{worker}-{os.getpid()}").touch()
+    stop = steps if "FT_UNTIL_READY" not in os.environ else None  # else: the driver says when
+    while stop is None or opt.t < stop:
         t = opt.t
+        if stop is None and t % 4 == 0 and (out_dir / "ready").exists():
+            stop = int((out_dir / "ready").read_text())
+            if stop <= t:
+                raise SystemExit(f"worker {worker} is at step {t}, past the stop the driver chose ({stop})")
+        if t > 100_000:
+            raise SystemExit(f"worker {worker}: no stop by step {t}")
         step(model, opt, worker, t)
         times.write(json.dumps({"t": t, "time": time.time()}) + "\n")
         times.flush()

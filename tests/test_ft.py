@@ -1,0 +1,203 @@
+"""Fault tolerance on torchft (``localsgd.ft``): a lighthouse and three worker processes
+(``tests/ft_worker.py``) on this CPU; workers are SIGKILLed at chosen points and restarted.
+
+Every test compares the workers' final models with the simulator: without faults the plain
+simulator (which equals torchrun/gloo runs, ``test_dist``), with faults its replay of the
+membership the workers recorded (``localsgd.membership``). The models are compared bit for bit:
+the same process computes both sides' arithmetic on the same CPU (the ordered mean).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("torchft")
+
+from localsgd import Simulator
+from localsgd.membership import ReplayCommunicator, merge
+from tests import ft_worker as W
+
+ROOT = Path(__file__).resolve().parents[1]
+K = 3
+
+
+def launch(
+    out: Path,
+    method: str,
+    steps: int,
+    incarnations: dict[int, list[dict[str, str]]] | None = None,
+    kills: int | None = None,
+    step_seconds: float = 0.03,
+    timeout: float = 240.0,
+) -> tuple[int, dict[int, int]]:
+    """Run K workers against a fresh lighthouse. ``incarnations[k]`` lists the environments of
+    worker k's successive processes (FT_KILL_AT, FT_FAULT); a worker killed by SIGKILL is started
+    again with the next (or a plain one). With ``kills``, the workers train until that many have
+    died, every worker's newest process has joined and all have passed ``steps``; they then stop
+    together a few rounds later. Returns the number of steps and how often each worker started."""
+    incarnations = incarnations or {}
+    port = free_port()
+    lighthouse = subprocess.Popen(
+        [str(Path(sys.executable).parent / "torchft_lighthouse"), "--bind", f"127.0.0.1:{port}",
+         "--min_replicas", "1", "--join_timeout_ms", "1000", "--quorum_tick_ms", "10",
+         "--heartbeat_timeout_ms", "1000"],
+        stdout=(out / "lighthouse.txt").open("w"), stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    address = f"http://127.0.0.1:{port}"
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
+    env.update(PYTHONPATH=str(ROOT), FT_STEP_SECONDS=str(step_seconds), OMP_NUM_THREADS="1")
+    if kills is not None:
+        env["FT_UNTIL_READY"] = "1"
+    stop = steps
+    started = dict.fromkeys(range(K), 0)
+
+    def start(k: int) -> subprocess.Popen:
+        plan = incarnations.get(k, [])
+        extra = plan[started[k]] if started[k] < len(plan) else {}
+        started[k] += 1
+        log = (out / f"log-{k}-{started[k]}.txt").open("w")
+        args = [sys.executable, "-m", "tests.ft_worker", str(out), str(k), str(K), address]
+        return subprocess.Popen([*args, method, str(steps)], env={**env, **extra}, stdout=log, stderr=log)
+
+    try:
+        procs = {k: start(k) for k in range(K)}
+        deadline, last_death = time.monotonic() + timeout, time.monotonic()
+        while procs:
+            assert time.monotonic() < deadline, f"the run did not finish in {timeout} s"
+            for k, p in list(procs.items()):
+                rc = p.poll()
+                if rc is None:
+                    continue
+                del procs[k]
+                if rc == -9:
+                    procs[k], last_death = start(k), time.monotonic()
+                elif rc != 0:
+                    tail = (out / f"log-{k}-{started[k]}.txt").read_text()[-3000:]
+                    raise AssertionError(f"worker {k} exited with {rc}:\n{tail}")
+            back = {int(f.name.split("-")[2]) for f in out.glob("joined-*")} >= {
+                p.pid for p in procs.values()
+            }
+            ready = out / "ready"
+            deaths = sum(started.values()) - K
+            if kills is not None and deaths >= kills and back and time.monotonic() - last_death > 1:
+                at = [latest_step(out, k) for k in procs]
+                if not ready.exists() and min(at) >= steps:
+                    stop = (max(at) // 4 + 3) * 4  # two or three rounds on
+                    ready.write_text(str(stop))
+            time.sleep(0.05)
+    finally:
+        for p in procs.values():
+            p.kill()
+        lighthouse.kill()
+        lighthouse.wait()
+    return stop, started
+
+
+def latest_step(out: Path, k: int) -> int:
+    lines = (out / f"steps-{k}.jsonl").read_text().splitlines()
+    return json.loads(lines[-1]).get("t", -1) if lines else -1
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def records(out: Path) -> list[dict]:
+    return [
+        json.loads(line) for f in sorted(out.glob("rounds-*.jsonl")) for line in f.read_text().splitlines()
+    ]
+
+
+def simulate(method: str, steps: int, membership=None) -> Simulator:
+    torch.set_num_threads(1)
+    schedule, policy = W.setup(method)
+    sim = Simulator(W.make_model(), W.make_optimizer, schedule, K, membership=membership, **policy)
+    for t in range(steps):
+        for k, (model, _) in enumerate(sim.replicas):
+            x, y = W.batch(k, t)
+            torch.nn.functional.mse_loss(model(x), y).backward()
+        sim.step()
+        sim.zero_grad()
+    return sim
+
+
+def assert_models_equal(out: Path, sim: Simulator) -> None:
+    for k in range(K):
+        final = torch.load(out / f"final-{k}.pt")
+        for name, p in sim.models[k].state_dict().items():
+            assert torch.equal(final[name], p), f"worker {k}: {name} differs from the simulator"
+
+
+@pytest.mark.parametrize("method", ["post-local", "diloco"])
+def test_no_faults_equals_the_plain_run(tmp_path: Path, method: str) -> None:
+    """Post-local SGD (gradient rounds, then model rounds) and DiLoCo: all K in every round, the
+    models bit for bit the simulator's (so torchrun's with ordered averaging)."""
+    steps, _ = launch(tmp_path, method, 40)
+    rows = records(tmp_path)
+    assert rows and all(r["members"] == r["contributors"] == [0, 1, 2] and r["committed"] for r in rows)
+    kinds = {(r["kind"]) for r in rows}
+    assert kinds == ({"gradients", "parameters"} if method == "post-local" else {"parameters"})
+    assert_models_equal(tmp_path, simulate(method, steps))
+
+
+@pytest.mark.parametrize(("method", "seed"), [("diloco", 1), ("post-local-late", 2)])
+def test_a_killed_worker_heals_and_the_replay_matches(tmp_path: Path, method: str, seed: int) -> None:
+    """Worker 1 is SIGKILLed at a seeded step and restarted: the survivors never stop, it heals from
+    a live worker (in a model round for DiLoCo, in a gradient round of the mini-batch phase for the
+    late post-local schedule), all end equal, and the simulator's replay gives the same models."""
+    kill_at = random.Random(seed).randint(5, 40)
+    steps, started = launch(tmp_path, method, 60, {1: [{"FT_KILL_AT": str(kill_at)}]}, kills=1)
+    assert started == {0: 1, 1: 2, 2: 1}
+    trace = merge(records(tmp_path))
+    absent = [key for key, r in trace.items() if r.members == [0, 2]]
+    healed = [key for key, r in trace.items() if r.heals]
+    assert absent and all(t > kill_at for t, _ in absent), "the survivors went on without worker 1"
+    assert len(healed) == 1 and trace[healed[0]].heals[0][0] == 1 and trace[healed[0]].contributors == [0, 2]
+    if method == "post-local-late":
+        assert healed[0][1] == "gradients"
+    for w in (0, 2):  # the survivors: one process each, every step
+        times = [json.loads(line) for line in (tmp_path / f"steps-{w}.jsonl").read_text().splitlines()]
+        assert [r["t"] for r in times if "t" in r and "event" not in r] == list(range(steps))
+    sim = simulate(method, steps, trace)
+    assert_models_equal(tmp_path, sim)
+    final = [torch.load(tmp_path / f"final-{k}.pt") for k in range(K)]
+    assert all(torch.equal(final[0][n], final[k][n]) for k in (1, 2) for n in final[0])
+    assert isinstance(sim.comm, ReplayCommunicator)
+
+
+@pytest.mark.parametrize(
+    ("fault", "incarnations", "kills"),
+    [
+        ("collective", {1: [{"FT_KILL_AT": "20", "FT_FAULT": "collective"}]}, 1),
+        ("healing", {1: [{"FT_KILL_AT": "20"}, {"FT_KILL_AT": "0", "FT_FAULT": "healing"}]}, 2),
+        (
+            "serving",
+            {1: [{"FT_KILL_AT": "20"}], **{w: [{"FT_KILL_AT": "20", "FT_FAULT": "serving"}] for w in (0, 2)}},
+            2,
+        ),
+    ],
+)
+def test_faults_in_a_round(tmp_path: Path, fault: str, incarnations: dict, kills: int) -> None:
+    """A worker killed inside a model average (the others discard the round and go on), a
+    restarted worker killed once its healing state arrived, and the worker serving the heal
+    killed: the run finishes, every worker ends equal, and the replay gives the same models."""
+    steps, _ = launch(tmp_path, "diloco", 60, incarnations, kills=kills)
+    rows = records(tmp_path)
+    if fault == "collective":  # the round worker 1 died in: the survivors did not commit it
+        assert any(not r["committed"] and r["worker"] in (0, 2) for r in rows)
+    trace = merge(rows)
+    assert_models_equal(tmp_path, simulate("diloco", steps, trace))
+    final = [torch.load(tmp_path / f"final-{k}.pt") for k in range(K)]
+    assert all(torch.equal(final[0][n], final[k][n]) for k in (1, 2) for n in final[0])
