@@ -137,6 +137,7 @@ class FaultTolerantCommunicator(Communicator):
         self._round: dict[str, Any] | None = None  # the open round's membership
         self._rank: dict[int, int] = {}  # worker id -> rank in the round's process group
         self._failure: BaseException | None = None
+        self._open = False  # inside a round (between begin_round and end_round)
 
     # --- joining and healing -------------------------------------------------------------------
 
@@ -190,6 +191,7 @@ class FaultTolerantCommunicator(Communicator):
     def begin_round(self, kind: str, t: int) -> list[tuple[int, int]]:
         """The quorum (a worker behind heals here), then the exchange of membership rows."""
         self._kind, self._round, self._failure, self._healed = kind, None, None, None
+        self._open = True
         self.manager.start_quorum()  # raises TimeoutError after quorum_timeout without a quorum
         assert self._engine is not None
         status, source, code = CONTRIBUTES, -1, _CODES[kind]
@@ -237,6 +239,7 @@ class FaultTolerantCommunicator(Communicator):
         if self._round is not None and self._status == STATELESS:
             self._fail(RuntimeError("this worker has no state yet"))
         committed = self.manager.should_commit()  # False after any error reported in the round
+        self._open = False
         if self._round is not None and self._round["kind"] != JOIN:
             record = {k: v for k, v in self._round.items() if k != "ready"}
             record.update(worker=self.worker, committed=committed)
@@ -266,6 +269,11 @@ class FaultTolerantCommunicator(Communicator):
         if level is not Level.GLOBAL:
             raise ValueError("a fault-tolerant communicator has only the global level")
         (flat,) = flats
+        if not self._open:
+            raise RuntimeError(
+                "a fault-tolerant run averages only in its scheduled global rounds (no averaged_model() "
+                "or average_now()): right after a global round, every worker holds the same model"
+            )
         if not self._live():
             return _done
         assert self._round is not None

@@ -1,0 +1,132 @@
+"""The simulator's replay of a fault-tolerant run's membership (``localsgd.membership``), against
+a hand-written loop; no torchft needed (tests/test_ft.py runs the real thing)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from localsgd import Schedule, Simulator, diloco
+from localsgd.membership import merge
+
+K, LR = 3, 0.1
+
+
+def batch(k: int, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(100 * k + t)
+    return torch.randn(4, 3, generator=g), torch.randn(4, 2, generator=g)
+
+
+def model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Linear(3, 2)
+
+
+def record(t: int, members: list[int], contributors: list[int], heals=(), committed=(0, 1, 2)) -> list[dict]:
+    return [
+        {"t": t, "kind": "parameters", "members": members, "contributors": contributors,
+         "heals": [list(h) for h in heals], "worker": w, "committed": w in committed}
+        for w in members
+    ]  # fmt: skip
+
+
+TRACE = [
+    *record(2, [0, 1, 2], [0, 1, 2]),
+    *record(4, [0, 2], [0, 2]),  # worker 1 is gone
+    *record(6, [0, 1, 2], [0, 2], heals=[(1, 0)]),  # it is back, healed from worker 0
+    *record(8, [0, 1, 2], [0, 1, 2], committed=()),  # nobody committed: undone
+    *record(10, [0, 1, 2], [0, 1, 2]),
+]
+
+
+def by_hand(steps: int, reset: bool) -> list[torch.nn.Module]:
+    """The trace above, written out: SGD with momentum, means summed in worker order; with
+    ``reset``, every kept round clears the momentum."""
+    models = [model() for _ in range(K)]
+    opts = [torch.optim.SGD(m.parameters(), lr=LR, momentum=0.9) for m in models]
+
+    def mean_into(members: list[int], contributors: list[int]) -> None:
+        with torch.no_grad():
+            for ps in zip(*(m.parameters() for m in models), strict=True):
+                mean = ps[contributors[0]].clone()
+                for w in contributors[1:]:
+                    mean.add_(ps[w])
+                mean.div_(len(contributors))
+                for w in range(K):  # (the dead worker too: the replay's rule, state not used again)
+                    ps[w].copy_(mean)
+        if reset:
+            for opt in opts:
+                opt.state.clear()
+
+    for t in range(steps):
+        for k in range(K):
+            x, y = batch(k, t)
+            torch.nn.functional.mse_loss(models[k](x), y).backward()
+            opts[k].step()
+            opts[k].zero_grad()
+        if t + 1 == 2 or t + 1 == 10:
+            mean_into([0, 1, 2], [0, 1, 2])
+        elif t + 1 == 4:
+            mean_into([0, 2], [0, 2])
+        elif t + 1 == 6:
+            models[1].load_state_dict(models[0].state_dict())
+            opts[1].load_state_dict(copy.deepcopy(opts[0].state_dict()))
+            mean_into([0, 1, 2], [0, 2])
+    return models
+
+
+def replay(steps: int, trace: list[dict], **policy) -> Simulator:
+    make = lambda m: torch.optim.SGD(m.parameters(), lr=LR, momentum=0.9)  # noqa: E731
+    sim = Simulator(model(), make, Schedule.local(2), K, membership=merge(trace), **policy)
+    for t in range(steps):
+        for k, (m, _) in enumerate(sim.replicas):
+            x, y = batch(k, t)
+            torch.nn.functional.mse_loss(m(x), y).backward()
+        sim.step()
+        sim.zero_grad()
+    return sim
+
+
+@pytest.mark.parametrize("optimizer_state", ["local", "reset"])
+def test_replay_follows_the_trace(optimizer_state: str) -> None:
+    """Absence, a heal (model and momentum copied from the source, which alone counts), an undone
+    round: bit for bit the hand-written loop. Fails if the healer is counted, the heal copies no
+    optimizer state, or the undone round is kept (its momentum reset)."""
+    sim = replay(10, TRACE, optimizer_state=optimizer_state)
+    for m, ref in zip(sim.models, by_hand(10, optimizer_state == "reset"), strict=True):
+        for p, q in zip(m.parameters(), ref.parameters(), strict=True):
+            assert torch.equal(p, q)
+    assert sim.comm.replayed == [(t, "parameters") for t in (2, 4, 6, 8, 10)]
+
+
+def test_full_membership_is_the_plain_simulator() -> None:
+    full = [r for t in (2, 4, 6) for r in record(t, [0, 1, 2], [0, 1, 2])]
+    for policy in ({}, {"outer_optimizer": diloco()}):
+        sim = replay(6, full, **policy)
+        make = lambda m: torch.optim.SGD(m.parameters(), lr=LR, momentum=0.9)  # noqa: E731
+        plain = Simulator(model(), make, Schedule.local(2), K, **policy)
+        for t in range(6):
+            for k, (m, _) in enumerate(plain.replicas):
+                x, y = batch(k, t)
+                torch.nn.functional.mse_loss(m(x), y).backward()
+            plain.step()
+            plain.zero_grad()
+        for a, b in zip(sim.models, plain.models, strict=True):
+            assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+
+
+def test_records_that_disagree_are_refused() -> None:
+    bad = [*record(2, [0, 1, 2], [0, 1, 2])[:1], *record(2, [0, 2], [0, 2])[:1]]
+    with pytest.raises(ValueError, match=r"t=2 \(parameters\) disagree on who took part"):
+        merge(bad)
+
+
+@pytest.mark.parametrize(
+    ("policy", "named"),
+    [({"compression": "int8"}, "compression"), ({"overlap_steps": 1}, "overlapped or streamed averages")],
+)
+def test_unsupported_with_fault_tolerance_is_one_line(policy: dict, named: str) -> None:
+    with pytest.raises(ValueError, match=f"does not support {named} yet"):
+        replay(2, record(2, [0, 1, 2], [0, 1, 2]), outer_optimizer=diloco(), **policy)
