@@ -192,7 +192,13 @@ class FaultTolerantCommunicator(Communicator):
         """The quorum (a worker behind heals here), then the exchange of membership rows."""
         self._kind, self._round, self._failure, self._healed = kind, None, None, None
         self._open = True
-        self.manager.start_quorum()  # raises TimeoutError after quorum_timeout without a quorum
+        try:
+            self.manager.start_quorum()
+        except TimeoutError as e:
+            raise TimeoutError(
+                f"worker {self.worker}: no quorum within quorum_timeout at step {t} (is the lighthouse "
+                "reachable, and are at least its min_replicas workers alive?)"
+            ) from e
         assert self._engine is not None
         status, source, code = CONTRIBUTES, -1, _CODES[kind]
         if self._healed is not None:
@@ -214,6 +220,9 @@ class FaultTolerantCommunicator(Communicator):
                 "schedule or policy differ); every worker of a run must be started alike"
             )
         self._rank = {w: rank for rank, (w, *_) in enumerate(table)}
+        if len(self._rank) < len(table):
+            twice = sorted({w for w, *_ in table if sum(r[0] == w for r in table) > 1})
+            raise ValueError(f"two processes run as worker {twice[0]}: every worker needs its own id")
         self._status = status
         rounds = {(row_t, c) for _, st, _, row_t, c, *_ in table if st != STATELESS and c != _CODES[JOIN]}
         if len(rounds) > 1:

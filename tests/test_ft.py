@@ -201,3 +201,11 @@ def test_faults_in_a_round(tmp_path: Path, fault: str, incarnations: dict, kills
     assert_models_equal(tmp_path, simulate("diloco", steps, trace))
     final = [torch.load(tmp_path / f"final-{k}.pt") for k in range(K)]
     assert all(torch.equal(final[0][n], final[k][n]) for k in (1, 2) for n in final[0])
+
+
+@pytest.mark.parametrize("worker", [3, -1, 1.0])
+def test_a_bad_worker_id_is_one_line(worker: object) -> None:
+    from localsgd.ft import FaultTolerantCommunicator
+
+    with pytest.raises(ValueError, match=r"a worker id must be an integer in \[0, K\) = \[0, 3\)"):
+        FaultTolerantCommunicator(worker, 3)  # type: ignore[arg-type]
