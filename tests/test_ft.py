@@ -209,3 +209,35 @@ def test_a_bad_worker_id_is_one_line(worker: object) -> None:
 
     with pytest.raises(ValueError, match=r"a worker id must be an integer in \[0, K\) = \[0, 3\)"):
         FaultTolerantCommunicator(worker, 3)  # type: ignore[arg-type]
+
+
+def test_a_lone_worker_runs_and_refuses_averages_outside_rounds(tmp_path: Path) -> None:
+    """K = 2, one worker started, in this process: after the start-up wait, its rounds have one
+    member; averaged_model() is one line."""
+    from localsgd import LocalSGD, Schedule
+    from localsgd.ft import FaultTolerantCommunicator
+
+    port = free_port()
+    lighthouse = subprocess.Popen(
+        [str(Path(sys.executable).parent / "torchft_lighthouse"), "--bind", f"127.0.0.1:{port}", "--min_replicas", "1"],
+        stdout=(tmp_path / "lighthouse.txt").open("w"), stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        seen: list[dict] = []
+        comm = FaultTolerantCommunicator(
+            0, 2, lighthouse=f"http://127.0.0.1:{port}", on_round=seen.append, startup_timeout=1.0
+        )
+        model = W.make_model()
+        opt = LocalSGD(W.make_optimizer(model), model, Schedule.local(2), comm=comm)
+        for t in range(4):
+            W.step(model, opt, 0, t)
+        assert [(r["t"], r["members"], r["contributors"], r["committed"]) for r in seen] == [
+            (2, [0], [0], True),
+            (4, [0], [0], True),
+        ]
+        with pytest.raises(RuntimeError, match="averages only in its scheduled global rounds"):
+            opt.averaged_model()
+        comm.shutdown()
+    finally:
+        lighthouse.kill()
+        lighthouse.wait()
