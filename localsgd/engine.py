@@ -355,6 +355,7 @@ class Engine:
         average even with an outer optimizer: it takes no outer step and leaves the anchor as it
         is (the next scheduled global average's pseudo-gradient still covers the whole period).
         An overlapped average in flight is applied first."""
+        self._only_in_rounds()
         self.flush()
         self._average_model(Level(level), buffers)
 
@@ -367,6 +368,7 @@ class Engine:
         the mean whole on every rank (a whole model's memory; buffers, kept per rank by FSDP, are
         averaged over all ranks); ``average_now()`` and evaluating the sharded model needs none.
         """
+        self._only_in_rounds()
         try:
             if self._sharded:
                 if into is None:
@@ -469,6 +471,13 @@ class Engine:
         if saved["optimizers"] is not None:
             for o, s in zip(self.optimizers, saved["optimizers"], strict=True):
                 o.load_state_dict(s)
+
+    def _only_in_rounds(self) -> None:
+        if self.comm.fault_tolerant:
+            raise RuntimeError(
+                "a fault-tolerant run averages only in its scheduled global rounds (no averaged_model() "
+                "or average_now()): right after a global round, every worker holds the same model"
+            )
 
     def _check_fault_tolerant(self) -> None:
         unsupported = {

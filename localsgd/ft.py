@@ -279,10 +279,7 @@ class FaultTolerantCommunicator(Communicator):
             raise ValueError("a fault-tolerant communicator has only the global level")
         (flat,) = flats
         if not self._open:
-            raise RuntimeError(
-                "a fault-tolerant run averages only in its scheduled global rounds (no averaged_model() "
-                "or average_now()): right after a global round, every worker holds the same model"
-            )
+            raise RuntimeError("a fault-tolerant communicator averages only inside a round (begin_round)")
         if not self._live():
             return _done
         assert self._round is not None
