@@ -11,6 +11,7 @@ import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -64,6 +65,11 @@ class Communicator(ABC):
     # --- rounds of a fault-tolerant global level (localsgd.ft; replayed by ReplayCommunicator) ---
 
     fault_tolerant: bool = False  # global rounds go through begin_round / end_round
+
+    def join(self, engine: Any, descriptions: list[dict[str, Any]]) -> str | None:
+        """Enter the run at the engine's construction (fault-tolerant communicators): ``None`` at
+        its start, else the kind of round under way, which the engine then completes."""
+        raise NotImplementedError(f"{type(self).__name__} has no fault-tolerant rounds")
 
     def begin_round(self, kind: str, t: int) -> list[tuple[int, int]]:
         """Before a global round of ``kind`` ("gradients" or "parameters") at step ``t``: who takes

@@ -449,20 +449,19 @@ class Engine:
         self.models[healer].load_state_dict(self.models[source].state_dict())
         self.optimizers[healer].load_state_dict(copy.deepcopy(self.optimizers[source].state_dict()))
 
+    def _state(self, optimizers: bool) -> dict[str, Any]:
+        """The engine's state (step, anchor, outer optimizer), every local worker's model and, with
+        ``optimizers``, its optimizer's state; ``_restore`` loads it."""
+        return {
+            "engine": Engine.state_dict(self),
+            "models": [m.state_dict() for m in self.models],
+            "optimizers": [o.state_dict() for o in self.optimizers] if optimizers else None,
+        }
+
     def _snapshot(self) -> dict[str, Any]:
-        """What a parameter round changes, to undo it: the models, the engine's state (step,
-        anchor, outer optimizer) and the optimizers' state if the policy averages or resets it."""
-        return _cloned(
-            {
-                "engine": Engine.state_dict(self),
-                "models": [m.state_dict() for m in self.models],
-                "optimizers": (
-                    [o.state_dict() for o in self.optimizers]
-                    if self.policy.optimizer_state != "local"
-                    else None
-                ),
-            }
-        )
+        """What a parameter round changes, to undo it (the optimizers' state only if the policy
+        averages or resets it)."""
+        return _cloned(self._state(optimizers=self.policy.optimizer_state != "local"))
 
     def _restore(self, saved: dict[str, Any]) -> None:
         Engine.load_state_dict(self, saved["engine"])
@@ -492,13 +491,8 @@ class Engine:
             raise ValueError(f"a fault-tolerant communicator does not support {', '.join(named)} yet")
 
     def heal_state(self) -> dict[str, Any]:
-        """What a (re)joining worker receives from a live one: the engine's state and every local
-        worker's model and optimizer state."""
-        return {
-            "engine": Engine.state_dict(self),
-            "models": [m.state_dict() for m in self.models],
-            "optimizers": [o.state_dict() for o in self.optimizers],
-        }
+        """What a (re)joining worker receives from a live one (``load_heal_state`` on its side)."""
+        return self._state(optimizers=True)
 
     def load_heal_state(self, state: dict[str, Any]) -> None:
         self._restore(state)
@@ -507,7 +501,7 @@ class Engine:
         """Enter a fault-tolerant run: at the start, with the others; later, by healing from a live
         worker inside its current round, which this worker then completes as they do."""
         while True:
-            kind = self.comm.join(self, descriptions)  # type: ignore[attr-defined]
+            kind = self.comm.join(self, descriptions)
             if kind is None:
                 return
             if kind == "parameters":

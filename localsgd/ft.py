@@ -114,7 +114,6 @@ class FaultTolerantCommunicator(Communicator):
         self.ordered = ordered
         self.startup_timeout = startup_timeout
         self.on_round = on_round
-        self.records: list[dict[str, Any]] = []
         self._store = None
         if store_addr is None and "MASTER_PORT" not in os.environ:
             self._store = dist.TCPStore("localhost", 0, is_master=True, wait_for_workers=False)
@@ -252,7 +251,6 @@ class FaultTolerantCommunicator(Communicator):
         if self._round is not None and self._round["kind"] != JOIN:
             record = {k: v for k, v in self._round.items() if k != "ready"}
             record.update(worker=self.worker, committed=committed)
-            self.records.append(record)
             if self.on_round is not None:
                 self.on_round(record)
         return committed

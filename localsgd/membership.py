@@ -85,7 +85,7 @@ class ReplayCommunicator(SimCommunicator):
         self.replayed: list[tuple[int, str]] = []
         self._round: RoundRecord | None = None
 
-    def join(self, engine: object, descriptions: object) -> None:
+    def join(self, engine: Any, descriptions: list[dict[str, Any]]) -> str | None:
         """The start of the run: the simulator's workers start from copies of worker 0's model."""
         return None
 
