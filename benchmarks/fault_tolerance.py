@@ -32,6 +32,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -166,6 +167,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def scratch(work: str, name: str) -> Path:
+    """A new folder for one run under ``work`` (never one an earlier invocation left there)."""
+    Path(work).mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f"{name}-", dir=work)) / "run"
+
+
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
@@ -175,7 +182,7 @@ def run_once(
 ) -> int:
     """Start a lighthouse and the workers, kill worker 1 after step ``kill_at`` and restart it; once
     it is back and everyone passed ``steps``, stop all a few rounds on. Returns the last step."""
-    out.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True)  # (always a new folder: a run's files are appended to and read back)
     port = free_port()
     lighthouse = subprocess.Popen(
         ["torchft_lighthouse", "--bind", f"127.0.0.1:{port}", "--min_replicas", "1",
@@ -285,7 +292,7 @@ def trials(args: argparse.Namespace) -> None:
     rows = []
     for trial in range(args.trials):
         kill_at = random.Random(1000 + trial).randint(5, 60)
-        out = Path(args.work) / f"{args.method}-{trial}"
+        out = scratch(args.work, f"{args.method}-{trial}")
         stop = run_once(out, "mlp", args.method, 3, kill_at, args.steps, args.step_ms)
         row = {"trial": trial, "steps": stop, **analyse(out, 3, kill_at)}
         row["replay_bit_for_bit"] = replayed_equal(out, args.method, stop, 3)
@@ -309,7 +316,7 @@ def heals(args: argparse.Namespace) -> None:
     rows = []
     for name in args.models:
         for repeat in range(args.repeats):
-            out = Path(args.work) / f"heal-{name}-{repeat}"
+            out = scratch(args.work, f"heal-{name}-{repeat}")
             run_once(out, name, "diloco", 2, 3 * H + 2, 4 * H, 0.0)
             heal = [json.loads(f.read_text()) for f in out.glob("heal-1-*.json")]
             params = sum(p.numel() for p in make_model(name).parameters())
@@ -335,7 +342,7 @@ def main() -> None:
     h.add_argument("--models", nargs="+", default=["resnet20", "gpt", "gpt-25m"])
     h.add_argument("--repeats", type=int, default=3)
     for p in (t, h):
-        p.add_argument("--work", default="/tmp/localsgd-ft-bench", help="scratch folder for the runs")
+        p.add_argument("--work", default="/tmp/localsgd-ft-bench", help="where runs' folders go")
         p.add_argument("--json", help="where to write the results")
     w = sub.add_parser("worker")  # (started by the driver)
     for name in ("--worker", "--workers", "--kill-at"):
