@@ -368,7 +368,8 @@ class Engine:
         the mean whole on every rank (a whole model's memory; buffers, kept per rank by FSDP, are
         averaged over all ranks); ``average_now()`` and evaluating the sharded model needs none.
         """
-        self._only_in_rounds()
+        if self.comm.fault_tolerant:
+            return self._averaged_in_round()
         try:
             if self._sharded:
                 if into is None:
@@ -380,6 +381,22 @@ class Engine:
             return self._averaged_model()
         except RuntimeError as e:
             raise CommunicationError(f"averaging the models for evaluation failed ({first_line(e)})") from e
+
+    @torch.no_grad()
+    def _averaged_in_round(self) -> nn.Module:
+        """``averaged_model()`` of a fault-tolerant run: a round of kind ``average`` among the
+        workers present (every worker calls it at the same step), the mean over its contributors.
+        The workers are left as they are; a worker joining the run heals in it like in any round."""
+        heals = self.comm.begin_round("average", self.t)
+        for healer, source in heals:  # (the simulator's replay)
+            self._copy_worker(source, healer)
+        model = self._averaged_model()
+        if not self.comm.end_round():
+            raise CommunicationError(
+                f"the average at step {self.t} was not committed (a worker left during it); this "
+                "worker's model is its own until its next round"
+            )
+        return model
 
     @torch.no_grad()
     def _averaged_model(self) -> nn.Module:
@@ -474,8 +491,8 @@ class Engine:
     def _only_in_rounds(self) -> None:
         if self.comm.fault_tolerant:
             raise RuntimeError(
-                "a fault-tolerant run averages only in its scheduled global rounds (no averaged_model() "
-                "or average_now()): right after a global round, every worker holds the same model"
+                "a fault-tolerant run changes its workers' models only in its scheduled global rounds (no "
+                "average_now()); averaged_model() gives the mean without changing them"
             )
 
     def _check_fault_tolerant(self) -> None:
@@ -504,7 +521,10 @@ class Engine:
             kind = self.comm.join(self, descriptions)
             if kind is None:
                 return
-            if kind == "parameters":
+            if kind == "average":  # the healed worker is in the others' evaluation: it adds nothing
+                self._averaged_model()
+                kept = self.comm.end_round()
+            elif kind == "parameters":
                 kept = self._kept_round(kind, [])
             else:
                 sync = self.schedule.sync_at(self.t)

@@ -137,6 +137,17 @@ class FaultTolerantCommunicator(Communicator):
         self._rank: dict[int, int] = {}  # worker id -> rank in the round's process group
         self._failure: BaseException | None = None
         self._open = False  # inside a round (between begin_round and end_round)
+        self._heal_started = 0.0
+        self.run_id: int | None = None  # the same in every worker of a run, once it joined
+        self.heal_seconds: float | None = None  # the last heal's transfer and load
+        transport = self.manager._checkpoint_transport  # (torchft 0.2.0's; timed from the transfer's start)
+        receive = transport.recv_checkpoint
+
+        def timed_receive(*args: Any, **kwargs: Any) -> Any:
+            self._heal_started = time.monotonic()
+            return receive(*args, **kwargs)
+
+        transport.recv_checkpoint = timed_receive
 
     # --- joining and healing -------------------------------------------------------------------
 
@@ -146,12 +157,15 @@ class FaultTolerantCommunicator(Communicator):
 
     def _save(self) -> dict[str, Any]:
         assert self._engine is not None
-        return {"worker": self.worker, "kind": self._kind, "engine": self._engine.heal_state()}
+        state = {"worker": self.worker, "kind": self._kind, "run": self.run_id}
+        return state | {"engine": self._engine.heal_state()}
 
     def _load(self, state: dict[str, Any]) -> None:
         assert self._engine is not None
         self._engine.load_heal_state(state["engine"])
         self._healed = (int(state["worker"]), str(state["kind"]))
+        self.run_id = int(state["run"])
+        self.heal_seconds = time.monotonic() - self._heal_started
 
     def join(self, engine: Engine, descriptions: list[dict[str, Any]]) -> str | None:
         """Enter the run (called by the engine at construction, again until it returns ``None`` or
@@ -176,13 +190,15 @@ class FaultTolerantCommunicator(Communicator):
                 break
         members = self._round["members"]
         root = self._rank[min(members)]
+        run = torch.tensor([_digest(os.urandom(8))], dtype=torch.int64)  # the root's names the run
         try:
-            for t in [t.detach() for m in engine.models for t in (*m.parameters(), *m.buffers())]:
+            for t in [run, *(t.detach() for m in engine.models for t in (*m.parameters(), *m.buffers()))]:
                 self._wait(self.pg.broadcast([t], _broadcast_options(root)))
         except RoundFailed:
             pass
         if not self.end_round():
             raise RuntimeError(f"worker {self.worker}: the start of the run failed ({self._failure})")
+        self.run_id = int(run)
         return None
 
     # --- rounds ----------------------------------------------------------------------------------
@@ -251,6 +267,8 @@ class FaultTolerantCommunicator(Communicator):
         if self._round is not None and self._round["kind"] != JOIN:
             record = {k: v for k, v in self._round.items() if k != "ready"}
             record.update(worker=self.worker, committed=committed)
+            if self._status == HEALED:
+                record["heal_seconds"] = self.heal_seconds
             if self.on_round is not None:
                 self.on_round(record)
         return committed

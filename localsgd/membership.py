@@ -23,7 +23,7 @@ import torch
 from localsgd.comm import SimCommunicator, Wait, _done, _mean_in_order_
 from localsgd.schedule import Level
 
-KINDS = ("gradients", "parameters")
+KINDS = ("gradients", "parameters", "average")  # average: averaged_model(), which changes no worker
 
 
 @dataclass

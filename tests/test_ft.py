@@ -211,9 +211,9 @@ def test_a_bad_worker_id_is_one_line(worker: object) -> None:
         FaultTolerantCommunicator(worker, 3)  # type: ignore[arg-type]
 
 
-def test_a_lone_worker_runs_and_refuses_averages_outside_rounds(tmp_path: Path) -> None:
+def test_a_lone_worker_runs_and_averages_alone(tmp_path: Path) -> None:
     """K = 2, one worker started, in this process: after the start-up wait, its rounds have one
-    member; averaged_model() is one line."""
+    member; averaged_model() is a round of its own (its model, alone), average_now() one line."""
     from localsgd import LocalSGD, Schedule
     from localsgd.ft import FaultTolerantCommunicator
 
@@ -231,13 +231,15 @@ def test_a_lone_worker_runs_and_refuses_averages_outside_rounds(tmp_path: Path) 
         opt = LocalSGD(W.make_optimizer(model), model, Schedule.local(2), comm=comm)
         for t in range(4):
             W.step(model, opt, 0, t)
-        assert [(r["t"], r["members"], r["contributors"], r["committed"]) for r in seen] == [
-            (2, [0], [0], True),
-            (4, [0], [0], True),
+        mean = opt.averaged_model()
+        assert all(torch.equal(p, q) for p, q in zip(mean.parameters(), model.parameters(), strict=True))
+        assert [(r["t"], r["kind"], r["members"], r["contributors"], r["committed"]) for r in seen] == [
+            (2, "parameters", [0], [0], True),
+            (4, "parameters", [0], [0], True),
+            (4, "average", [0], [0], True),
         ]
-        for refused in (opt.averaged_model, opt.average_now):
-            with pytest.raises(RuntimeError, match=r"^a fault-tolerant run averages only in its scheduled"):
-                refused()
+        with pytest.raises(RuntimeError, match=r"^a fault-tolerant run changes its workers' models only in"):
+            opt.average_now()
         comm.shutdown()
     finally:
         lighthouse.kill()

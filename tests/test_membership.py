@@ -130,3 +130,26 @@ def test_records_that_disagree_are_refused() -> None:
 def test_unsupported_with_fault_tolerance_is_one_line(policy: dict, named: str) -> None:
     with pytest.raises(ValueError, match=f"does not support {named} yet"):
         replay(2, record(2, [0, 1, 2], [0, 1, 2]), outer_optimizer=diloco(), **policy)
+
+
+def test_an_evaluation_average_is_a_round_of_its_own() -> None:
+    """averaged_model() of a fault-tolerant run is a round of kind ``average``: the mean over its
+    contributors (a worker healed in it copies its source first and adds nothing), the workers left
+    as they are; not committed, it is one line and changes nothing. Fails if the healer is counted,
+    if the heal is not applied, or if the mean is over every worker."""
+    from localsgd.engine import CommunicationError
+
+    trace = [*record(2, [0, 1, 2], [0, 1, 2]), *record(4, [0, 2], [0, 2])]
+    trace += [{**r, "kind": "average"} for r in record(5, [0, 1, 2], [0, 2], heals=[(1, 0)])]
+    trace += [{**r, "kind": "average"} for r in record(6, [0, 1, 2], [0, 1, 2], committed=())]
+    sim = replay(5, trace)
+    before = [[p.detach().clone() for p in m.parameters()] for m in sim.models]
+    mean = sim.averaged_model()
+    assert sim.comm.replayed[-1] == (5, "average")
+    for p, p0, p2 in zip(mean.parameters(), before[0], before[2], strict=True):
+        assert torch.equal(p, (p0.clone().add_(p2)).div_(2))
+    for k, source in ((0, 0), (1, 0), (2, 2)):  # worker 1 healed from worker 0; nobody averaged
+        assert all(torch.equal(p, q) for p, q in zip(sim.models[k].parameters(), before[source], strict=True))
+    sim.step()  # (no gradients: the step changes nothing) to t = 6
+    with pytest.raises(CommunicationError, match=r"^the average at step 6 was not committed"):
+        sim.averaged_model()

@@ -115,6 +115,8 @@ RUN_CONTROL = {
     "overwrite",
     "checkpoint_every",
     "timeout",
+    "lighthouse",  # a restarted fault-tolerant worker may find the lighthouse at another address
+    "startup_timeout",
     "device",  # auto and cuda may name the same device; the device type is checked on its own
 }
 

@@ -222,7 +222,7 @@ def run_train(args: argparse.Namespace) -> int:
             measures = measures_of(cfg.dataset)
             print(report.rows_table(result.history, measures))
             print("\n".join(report.result_lines(result.summary, measures)))
-            print(f"run directory: {out}")
+            print(f"run directory: {out / f'worker-{cfg.worker}' if cfg.fault_tolerant else out}")
         if dist.is_initialized():
             dist.barrier()  # no rank tears its connections down while a peer still uses them
     finally:

@@ -442,6 +442,11 @@ class RunSettings:
     """auto (CUDA if available), cpu or cuda: where the workers, the data and the evaluation live
     (under torchrun each process takes GPU LOCAL_RANK)"""
 
+    random_per_step: bool = False
+    """draw each worker's augmentation and dropout at step t from (seed, k, t) rather than from one
+    stream per worker (always so with fault_tolerant, where a healed worker must draw what it would
+    have, and with membership; give it to a plain run that is to equal a fault-tolerant one)"""
+
     def _check_run(self) -> None:
         integer(self, "seed", 0)
         number(self, "timeout", 0, strict=True)
@@ -454,13 +459,76 @@ class RunSettings:
 
 
 @dataclass
+class FaultToleranceSettings:
+    """Workers that may die and rejoin without stopping the others (torchft; docs/design.md, Fault
+    tolerance), and the replay of such a run in the simulator."""
+
+    fault_tolerant: bool = False
+    """run as one worker of a fault-tolerant run (pip install 'localsgd[ft]'): start a torchft
+    lighthouse, then the same command once per worker with --worker k; a worker that dies is
+    restarted with its command and heals from a live one. Worker k writes <out>/worker-k"""
+    worker: int | None = None
+    """k: this worker's id in [0, K) (fault_tolerant; default: the REPLICA_GROUP_ID environment variable)"""
+    lighthouse: str | None = None
+    """the torchft lighthouse's address, e.g. http://host:29510 (fault_tolerant; default: the
+    TORCHFT_LIGHTHOUSE environment variable)"""
+    min_workers: int = 1
+    """a global round with fewer workers present is not committed (fault_tolerant)"""
+    startup_timeout: float = 60
+    """seconds the first round waits for all K workers before starting with those present (fault_tolerant)"""
+    membership: str | None = None
+    """replay a fault-tolerant run in the simulator: its run directory (the rounds.jsonl of each
+    worker-k in it); the same settings give the same models, bit for bit with ordered_averaging"""
+
+    def _check_fault_tolerance(self) -> None:
+        integer(self, "min_workers", 1)
+        number(self, "startup_timeout", 0)
+        if self.membership is not None:
+            if self.fault_tolerant:
+                raise ConfigError("membership replays a fault-tolerant run in the simulator; drop one")
+            self._fault_tolerant_only("membership")
+        if not self.fault_tolerant:
+            return
+        if self.workers is None:
+            raise ConfigError("fault_tolerant needs workers (K), the most workers the run has")
+        if self.worker is None or not (isinstance(self.worker, int) and 0 <= self.worker < self.workers):
+            raise ConfigError(
+                f"worker (k) = {self.worker!r}: fault_tolerant needs this worker's id in [0, K) = "
+                f"[0, {self.workers}) (--worker k, or REPLICA_GROUP_ID)"
+            )
+        if self.min_workers > self.workers:
+            raise ConfigError(f"min_workers = {self.min_workers} exceeds workers (K) = {self.workers}")
+        if not self.lighthouse:
+            raise ConfigError(
+                "fault_tolerant needs the lighthouse's address (--lighthouse URL, or TORCHFT_LIGHTHOUSE)"
+            )
+        self._fault_tolerant_only("fault_tolerant")
+
+    def _fault_tolerant_only(self, setting: str) -> None:
+        """What a fault-tolerant run (and its replay) does not support yet."""
+        unsupported = {
+            "compress": (self.compress != "none", "compression"),
+            "overlap_steps": (self.overlap_steps > 0, "overlapped averages"),
+            "fragments": (self.fragments > 1, "Streaming DiLoCo's fragments"),
+            "block_steps": (self.block_steps is not None, "hierarchical schedules"),
+            "shard_size": (self.shard_size > 1, "sharded workers"),
+            "model": (self.model == "lstm", "the LSTM (its carried state cannot be healed)"),
+            "resume": (self.resume, "--resume (a restarted worker heals from a live one)"),
+        }
+        for name, (bad, what) in unsupported.items():
+            if bad and not (name == "resume" and setting == "membership"):
+                value = getattr(self, name)
+                raise ConfigError(f"{setting} does not support {what} yet ({name} = {value!r})")
+
+
+@dataclass
 class Config(
-    RunSettings, OutputSettings, ScheduleSettings, OptimizerSettings, AveragingSettings, ModelSettings,
-    TaskSettings,
+    FaultToleranceSettings, RunSettings, OutputSettings, ScheduleSettings, OptimizerSettings,
+    AveragingSettings, ModelSettings, TaskSettings,
 ):  # fmt: skip
-    """Every setting of a run, in sections (task, model, averaging, optimizer, schedule, output, run:
-    the order of ``--help``); each section checks its own settings and ``validate`` checks them all,
-    in that order, with the rules between sections. The names are flat (``cfg.local_steps``,
+    """Every setting of a run, in sections (task, model, averaging, optimizer, schedule, output, run,
+    fault tolerance: the order of ``--help``); each section checks its own settings and ``validate``
+    checks them all, in that order, with the rules between sections. The names are flat (``cfg.local_steps``,
     ``--local-steps``, the keys of TOML files and ``config.json``)."""
 
     # Not a setting: the settings given on purpose, each with where ("flag", a file's path, "preset
@@ -495,6 +563,7 @@ class Config(
         self._check_output()
         self._check_run()
         self._check_averaging()
+        self._check_fault_tolerance()
         for name, reason in self.unused().items():  # a setting given on purpose that nothing reads
             where = self.given.get(name, "")
             where = f" (set by {where})" if where not in ("", "flag") else ""
@@ -537,12 +606,22 @@ class Config(
             why["compress_block"] = "needs compress = int8 or sign"
         if self.merge != "mix":
             why["alpha"] = "weighs the mix rule; merge = 'delta' uses none"
+        if not self.fault_tolerant:
+            for name in ("worker", "lighthouse", "min_workers", "startup_timeout"):
+                why[name] = "needs fault_tolerant"
+        else:
+            why["checkpoint_every"] = "is not used: a fault-tolerant worker heals from a live one"
         defaults = Config()
         return {
             name: reason
             for name, reason in why.items()
             if name in self.given or (getattr(defaults, name) is None and getattr(self, name) is not None)
         }
+
+    def per_step_random(self) -> bool:
+        """Whether the random streams start again at every step (``random_per_step``; always in a
+        fault-tolerant run and its replay)."""
+        return self.random_per_step or self.fault_tolerant or self.membership is not None
 
     def to_dict(self) -> dict[str, Any]:
         """The settings (without ``given``)."""

@@ -16,14 +16,19 @@ class Interrupted(Exception):
     (None: from the start); ``how``: what continues it."""
 
     def __init__(
-        self, signum: int, step: int, checkpoint_step: int | None, how: str = "with --resume"
+        self,
+        signum: int,
+        step: int,
+        checkpoint_step: int | None,
+        how: str = "with --resume",
+        where: str | None = None,
     ) -> None:
         self.signum, self.step, self.checkpoint_step = signum, step, checkpoint_step
-        if checkpoint_step == step:
+        if where is None and checkpoint_step == step:
             where = "from there"
-        elif checkpoint_step is not None:
+        elif where is None and checkpoint_step is not None:
             where = f"from the checkpoint of step {checkpoint_step}"
-        else:
+        elif where is None:
             where = "from the start: no checkpoint was written yet"
         name = signal.Signals(signum).name
         super().__init__(f"interrupted ({name}) at step {step}; continue {how} ({where})")

@@ -201,6 +201,7 @@ RUN_FILES = (
     "checkpoints",
     "models",
     "tensorboard",
+    "rounds.jsonl",
 )
 LOCK = ".lock"
 

@@ -30,8 +30,21 @@ def is_distributed() -> bool:
 def resolve_workers(cfg: Config) -> Config:
     """``cfg`` with K decided: the number of torchrun processes unless the user set ``workers``
     (a flag, a config file or a preset that sets it), and 16 outside torchrun. An explicit K that
-    differs from the number of processes is an error."""
+    differs from the number of processes is an error. A fault-tolerant worker (one process) takes
+    its id and the lighthouse from the environment unless set."""
     world = launched_processes()
+    if cfg.fault_tolerant:
+        if world is not None and world > 1:
+            raise ConfigError(
+                f"fault_tolerant runs one worker per job, but torchrun started {world} processes: start "
+                "each worker on its own (python -m localsgd train ..., or torchrun --nproc-per-node 1)"
+            )
+        replica = os.environ.get("REPLICA_GROUP_ID")
+        worker = cfg.worker
+        if worker is None and replica is not None:
+            worker = int(replica) if replica.isdigit() else replica
+        lighthouse = cfg.lighthouse or os.environ.get("TORCHFT_LIGHTHOUSE")
+        return dataclasses.replace(cfg, worker=worker, lighthouse=lighthouse)
     shards = cfg.shard_size
     if shards != 1:
         if not is_distributed():
@@ -95,11 +108,13 @@ def bf16_supported(device: torch.device) -> bool:
 
 
 class Runtime:
-    """This process's place among the K workers (simulator: all K here; torchrun: one rank) and
-    its device. ``cfg.workers`` must be resolved (``resolve_workers``)."""
+    """This process's place among the K workers (simulator: all K here; torchrun: one rank;
+    fault-tolerant: one worker, its own job) and its device. ``cfg.workers`` must be resolved
+    (``resolve_workers``)."""
 
     def __init__(self, cfg: Config) -> None:
         self.distributed = is_distributed()
+        self.fault_tolerant = cfg.fault_tolerant  # one worker of several, each its own job
         self.device = pick_device(cfg.device, self.distributed)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
@@ -124,9 +139,22 @@ class Runtime:
 
             shape = (self.processes // self.shards, self.shards)
             self.mesh = init_device_mesh(self.device.type, shape, mesh_dim_names=("replicate", "shard"))
+        # --membership: the simulator replays a fault-tolerant run's rounds (read and checked now)
+        from localsgd.harness.fault_tolerance import membership
+
+        self.membership = membership(cfg)
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         threads = cfg.threads or max(1, (os.cpu_count() or 1) // local)
         torch.set_num_threads(threads)
+
+    @property
+    def name(self) -> str:
+        """Where the workers live, as config.json records it."""
+        if self.fault_tolerant:
+            return "fault-tolerant"
+        if self.distributed:
+            return "torchrun"
+        return "simulator" if self.membership is None else "simulator (replay)"
 
     def all_sum(self, values: torch.Tensor) -> list[float]:
         """Sums of a float64 vector over all processes (identity in the simulator), read to the

@@ -1,5 +1,5 @@
 """Each worker's own random streams, the same in the simulator (K workers in one process) and under
-torchrun (one per process), and saved in checkpoints."""
+torchrun (one per process), and saved in checkpoints; or, per step, from (seed, worker, step)."""
 
 from __future__ import annotations
 
@@ -15,12 +15,25 @@ class WorkerRandom:
     of torch's global generator, which dropout draws from, swapped in around its forward pass. Both
     depend on the worker's index only: the same in both runtimes, and saved in checkpoints."""
 
-    def __init__(self, seed: int, workers: list[int], device: torch.device, part: int = 0) -> None:
-        self.device = device
+    def __init__(
+        self, seed: int, workers: list[int], device: torch.device, part: int = 0, per_step: bool = False
+    ) -> None:
+        self.device, self.seed, self.part, self.per_step = device, seed, part, per_step
         self.data = {k: torch.Generator(device=device).manual_seed(seed * 100_003 + k) for k in workers}
         # part: which of a sharded worker's processes this is (its data stream is the worker's, its
         # dropout draws its own)
         self.torch = {k: self._fresh(seed * 100_003 + k + 7_919 + part * 15_485_863) for k in workers}
+
+    def at(self, t: int) -> None:
+        """Before step ``t``: with ``per_step``, every stream starts again from (seed, k, t), so that
+        what step t draws does not depend on the steps before it (a healed worker draws what it
+        would have); otherwise nothing."""
+        if not self.per_step:
+            return
+        for k, generator in self.data.items():
+            base = (self.seed * 1_000_003 + k) * 1_000_000_007 + t
+            generator.manual_seed(base % 2**63)
+            self.torch[k] = self._fresh((base + 7_919 + self.part * 15_485_863) % 2**63)
 
     def _fresh(self, seed: int) -> list[torch.Tensor]:
         with torch.random.fork_rng(devices=self._devices(), device_type=self.device.type):

@@ -230,6 +230,25 @@ STUDIES: dict[str, Study] = {
         baseline="post-local H=16",
         versus={"diloco N=4 mix": "diloco", "diloco N=4 delta": "diloco"},
     ),
+    # The fault-tolerance accuracy comparison's arm without failures: cifar10-outer's post-local
+    # H=16 and DiLoCo with per-step random streams, in the simulator (which equals fault-tolerant
+    # workers without faults, tests/test_ft_train.py). The arm with one worker killed and restarted:
+    # benchmarks/fault_tolerance_accuracy.py, the same settings as 16 fault-tolerant processes.
+    "cifar10-ft": Study(
+        base={
+            **RESNET8_PROTOCOL,
+            "local_steps": 16,
+            "switch_epoch": "first-decay",
+            "random_per_step": True,
+            "ordered_averaging": True,
+        },
+        methods={"post-local H=16": {}, "diloco": {"outer_optimizer": "diloco"}},
+        seeds=(1, 2, 3),
+        notes="cifar10-outer's post-local H=16 and DiLoCo (ResNet-8, K=16, B_loc=32, 16 epochs, t' at "
+        "the first decay) with per-step random streams: the runs without a failure, beside the same "
+        "runs with one worker killed and restarted (benchmarks/fault_tolerance_accuracy.py).",
+        baseline="post-local H=16",
+    ),
 }
 
 

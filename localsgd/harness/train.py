@@ -4,6 +4,7 @@ top to bottom."""
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
 import time
@@ -20,6 +21,7 @@ from localsgd import Communicator, DistCommunicator, Engine, LocalSGD, Policy, S
 from localsgd.compression import DEFAULT_BLOCK, make_codec
 from localsgd.engine import CommunicationError
 from localsgd.harness import checkpoint, optim, rundir
+from localsgd.harness import fault_tolerance as ft
 from localsgd.harness.config import OUTER_OPTIMIZERS, Config, ConfigError
 from localsgd.harness.interrupt import Interrupted, Signals
 from localsgd.harness.rows import Tally, check_finite, cross_entropy, evaluation, summarize
@@ -110,15 +112,19 @@ def resolved_config(cfg: Config, plan: Plan, runtime: Runtime, task: Task) -> di
             "peak_lr": plan.peak_lr,
             "decay_epochs": plan.decay_epochs,
             **task.sizes(),
-            "runtime": "torchrun" if runtime.distributed else "simulator",
+            "runtime": runtime.name,
+            "random": "per step" if cfg.per_step_random() else "per worker",
             "device": str(runtime.device),
         },
     }
 
 
-def build_engine(cfg: Config, plan: Plan, runtime: Runtime, model: nn.Module) -> Engine:
+def build_engine(
+    cfg: Config, plan: Plan, runtime: Runtime, model: nn.Module, rounds: ft.RoundLog | None = None
+) -> Engine:
     """This process's workers: the model (and K - 1 copies in the simulator), their optimizers and
-    the averaging policies the config asks for."""
+    the averaging policies the config asks for. A fault-tolerant worker joins its run here (and
+    logs its rounds to ``rounds``)."""
 
     def make_optimizer(m: nn.Module) -> torch.optim.Optimizer:
         if cfg.optimizer == "adamw":
@@ -130,8 +136,12 @@ def build_engine(cfg: Config, plan: Plan, runtime: Runtime, model: nn.Module) ->
     if runtime.mesh is not None:  # sharded workers: averages across the K groups
         comm: Communicator = replica_communicator(runtime.mesh, ordered=cfg.ordered_averaging)
         return LocalSGD(make_optimizer(model), model, plan.schedule, comm=comm, policy=policy)
-    if runtime.distributed:
-        comm = DistCommunicator(workers_per_block=cfg.workers_per_block, ordered=cfg.ordered_averaging)
+    if runtime.distributed or runtime.fault_tolerant:
+        if runtime.fault_tolerant:
+            assert rounds is not None
+            comm = ft.communicator(cfg, rounds)
+        else:
+            comm = DistCommunicator(workers_per_block=cfg.workers_per_block, ordered=cfg.ordered_averaging)
         return LocalSGD(make_optimizer(model), model, plan.schedule, comm=comm, policy=policy)
     return Simulator(
         model,
@@ -140,6 +150,7 @@ def build_engine(cfg: Config, plan: Plan, runtime: Runtime, model: nn.Module) ->
         cfg.workers,
         workers_per_block=cfg.workers_per_block,
         policy=policy,
+        membership=runtime.membership,
     )
 
 
@@ -210,6 +221,7 @@ class Run:
     first_step: int = 0  # this sitting's
     saved: int | None = None  # the step --resume would continue from
     averaged: nn.Module | None = None  # the last evaluated average of the workers' models
+    rounds: ft.RoundLog | None = None  # a fault-tolerant worker's round records
 
     @property
     def workers(self) -> list[tuple[int, nn.Module]]:
@@ -235,16 +247,25 @@ class Run:
         model = task.model()
         if runtime.mesh is not None:
             shard_model(model, runtime.mesh)
-        engine = build_engine(cfg, plan, runtime, model)
-        random = WorkerRandom(cfg.seed, list(engine.comm.local_workers), runtime.device, runtime.part)
+        rounds = ft.RoundLog() if runtime.fault_tolerant else None
+        engine = build_engine(cfg, plan, runtime, model, rounds)
+        workers = list(engine.comm.local_workers)
+        random = WorkerRandom(cfg.seed, workers, runtime.device, runtime.part, cfg.per_step_random())
         ckpt_root = out / "checkpoints"
         tally = Tally(runtime.device, plan.steps_per_epoch, ckpt_root)
         run = cls(cfg, runtime, writer, task, plan, keep, model, engine, random, tally, ckpt_root)
+        resolved = resolved_config(cfg, plan, runtime, task)
+        if rounds is not None:  # joined: the run's id says whether out holds this run's rows
+            run_id = engine.comm.run_id  # type: ignore[attr-defined]
+            run.history, run.rounds = ft.adopt(out, run_id, cfg.overwrite), rounds
+            resolved["derived"]["run_id"] = run_id
         run.resume()
         run.first_step = engine.t
         run.saved = engine.t if (ckpt_root / "latest").exists() else None
-        writer.config(resolved_config(cfg, plan, runtime, task))
+        writer.config(resolved)
         writer.history(run.history)
+        if rounds is not None:
+            rounds.open(out / ft.ROUNDS)
         return run
 
     def resume(self) -> None:
@@ -285,6 +306,7 @@ class Run:
         if i == 0 or t == self.first_step:  # fresh disjoint data per worker every epoch
             task.start_epoch(epoch, i)
         lr = lr_at(cfg, plan, t)
+        self.random.at(t)
         for opt in engine.optimizers:
             for group in opt.param_groups:
                 group["lr"] = lr
@@ -343,6 +365,8 @@ class Run:
             kept = self.averaged if evaluated else self.average()
             self.writer.model_at(kept, cfg.to_dict(), self.keep[t + 1])
         row.update(self.costs())
+        if self.rounds is not None:
+            row.update(self.rounds.take(self.cfg.worker or 0))
         self.task.annotate(row, t + 1)
         self.history.append(row)
         self.writer.append(row, t + 1)
@@ -350,7 +374,15 @@ class Run:
 
     def average(self) -> nn.Module:
         """The mean of the K workers' models (for evaluation and the saved models); of sharded
-        workers, whole and unsharded, in a model built again (torch's random state kept)."""
+        workers, whole and unsharded, in a model built again (torch's random state kept). In a
+        fault-tolerant run, of the workers present; this worker's own if that average was not
+        committed (a worker left during it)."""
+        if self.engine.comm.fault_tolerant:
+            try:
+                return self.engine.averaged_model()
+            except CommunicationError as e:
+                print(f"localsgd: {e}; evaluating this worker's own model", file=sys.stderr)
+                return copy.deepcopy(self.engine.models[0])
         if self.runtime.mesh is None:
             return self.engine.averaged_model()
         with torch.random.fork_rng(devices=[]):
@@ -382,6 +414,8 @@ class Run:
 
     def checkpoint_due(self, t: int) -> bool:
         """A checkpoint after the row step ``t`` ends, every ``checkpoint_every`` rows (not at the end)."""
+        if self.runtime.fault_tolerant:  # a restarted worker heals from a live one
+            return False
         return ((t + 1) // self.period) % self.cfg.checkpoint_every == 0 and t + 1 < self.plan.total_steps
 
     def checkpoint(self, steps: int) -> None:
@@ -423,7 +457,10 @@ class Run:
 
     def interrupted(self, signum: int, t: int) -> Interrupted:
         """Stop before step ``t`` on a signal: the simulator checkpoints this step (under torchrun
-        the workers could not agree on one without another collective: the last checkpoint stays)."""
+        the workers could not agree on one without another collective: the last checkpoint stays;
+        a fault-tolerant worker leaves, and the others go on)."""
+        if self.runtime.fault_tolerant:
+            return Interrupted(signum, t, None, "by starting this worker again", "it heals from a live one")
         if not self.runtime.distributed and self.saved != t:
             self.tally.check()
             self.checkpoint(t)
@@ -436,6 +473,8 @@ class Run:
         local_every = self.cfg.eval_local == "every"
         summary = summarize(self.history, self.task.measures, str(self.plan.schedule), local_every)
         summary |= self.task.baselines()
+        if self.rounds is not None:  # whom the final model averaged (this worker alone: its own)
+            summary |= {"worker": self.cfg.worker, "averaged_over": self.history[-1].get("averaged_over")}
         self.writer.final(final, self.cfg.to_dict(), summary)
         return Result(summary, self.history, final, self.engine, self.runtime.rank == 0)
 
@@ -446,12 +485,15 @@ def train(cfg: Config, out: Path) -> Result:
     cfg = resolve_workers(cfg)
     cfg.validate()
     runtime = Runtime(cfg)
+    if cfg.fault_tolerant:
+        out = ft.worker_dir(cfg, out)
     writer = RunWriter(out, runtime.rank == 0, cfg.tensorboard)
     task = make_task(cfg, runtime.device)
     plan = make_plan(cfg, task.steps_per_epoch)
     keep = kept_models(cfg, plan, cfg.row_steps or plan.steps_per_epoch)
     check_compress_block(cfg, task)
-    lock = claim(cfg, out, runtime)  # the run directory is this run's until it returns
+    # the run directory is this run's until it returns
+    lock = ft.claim(cfg, out) if cfg.fault_tolerant else claim(cfg, out, runtime)
     try:
         return run_training(cfg, out, runtime, writer, task, plan, keep)
     finally:
@@ -471,6 +513,16 @@ def run_training(
     """The run itself, once ``train`` has checked everything and holds the run directory: setup,
     then a step at a time, a row at each row's end."""
     run = Run.setup(cfg, out, runtime, writer, task, plan, keep)
+    try:
+        return run_steps(run)
+    finally:
+        if runtime.fault_tolerant:
+            run.engine.comm.shutdown()  # type: ignore[attr-defined]
+
+
+def run_steps(run: Run) -> Result:
+    """Every step from the run's first, a row at each row's end, then the final model."""
+    cfg, runtime, plan = run.cfg, run.runtime, run.plan
     progress = tqdm(
         total=plan.total_steps, initial=run.first_step, desc="train", unit="step", dynamic_ncols=True,
         disable=not (runtime.rank == 0 and cfg.progress), mininterval=0.2 if sys.stderr.isatty() else 30.0,
