@@ -87,7 +87,7 @@ def run_piece(method: str, seed: int, data_dir: str, work: Path, workers: int) -
     port = free_port()
     lighthouse = subprocess.Popen(
         [str(Path(sys.executable).parent / "torchft_lighthouse"), "--bind", f"127.0.0.1:{port}",
-         "--min_replicas", "1", "--join_timeout_ms", "5000", "--quorum_tick_ms", "10",
+         "--min_replicas", "1", "--join_timeout_ms", "120000", "--quorum_tick_ms", "10",
          "--heartbeat_timeout_ms", "5000"],
         stdout=(out / "lighthouse.txt").open("w"), stderr=subprocess.STDOUT,
     )  # fmt: skip

@@ -71,9 +71,13 @@ class Communicator(ABC):
         its start, else the kind of round under way, which the engine then completes."""
         raise NotImplementedError(f"{type(self).__name__} has no fault-tolerant rounds")
 
+    def shutdown(self) -> None:  # noqa: B027 (most communicators have nothing to stop)
+        """Leave the run (a fault-tolerant worker stops its servers); nothing for the others."""
+
     def begin_round(self, kind: str, t: int) -> list[tuple[int, int]]:
-        """Before a global round of ``kind`` ("gradients" or "parameters") at step ``t``: who takes
-        part. Returns (healer, source) pairs of local workers whose state the engine copies first."""
+        """Before a global round of ``kind`` ("gradients", "parameters" or "average") at step ``t``:
+        who takes part. Returns (healer, source) pairs of local workers whose state the engine
+        copies first."""
         return []
 
     def end_round(self) -> bool:

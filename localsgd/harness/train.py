@@ -249,23 +249,27 @@ class Run:
             shard_model(model, runtime.mesh)
         rounds = ft.RoundLog() if runtime.fault_tolerant else None
         engine = build_engine(cfg, plan, runtime, model, rounds)
-        workers = list(engine.comm.local_workers)
-        random = WorkerRandom(cfg.seed, workers, runtime.device, runtime.part, cfg.per_step_random())
-        ckpt_root = out / "checkpoints"
-        tally = Tally(runtime.device, plan.steps_per_epoch, ckpt_root)
-        run = cls(cfg, runtime, writer, task, plan, keep, model, engine, random, tally, ckpt_root)
-        resolved = resolved_config(cfg, plan, runtime, task)
-        if rounds is not None:  # joined: the run's id says whether out holds this run's rows
-            run_id = engine.comm.run_id  # type: ignore[attr-defined]
-            run.history, run.rounds = ft.adopt(out, run_id, cfg.overwrite), rounds
-            resolved["derived"]["run_id"] = run_id
-        run.resume()
-        run.first_step = engine.t
-        run.saved = engine.t if (ckpt_root / "latest").exists() else None
-        writer.config(resolved)
-        writer.history(run.history)
-        if rounds is not None:
-            rounds.open(out / ft.ROUNDS)
+        try:
+            workers = list(engine.comm.local_workers)
+            random = WorkerRandom(cfg.seed, workers, runtime.device, runtime.part, cfg.per_step_random())
+            ckpt_root = out / "checkpoints"
+            tally = Tally(runtime.device, plan.steps_per_epoch, ckpt_root)
+            run = cls(cfg, runtime, writer, task, plan, keep, model, engine, random, tally, ckpt_root)
+            resolved = resolved_config(cfg, plan, runtime, task)
+            if rounds is not None:  # joined: the run's id says whether out holds this run's rows
+                run_id = getattr(engine.comm, "run_id")  # noqa: B009 (a FaultTolerantCommunicator's)
+                run.history, run.rounds = ft.adopt(out, run_id, cfg.overwrite), rounds
+                resolved["derived"]["run_id"] = run_id
+            run.resume()
+            run.first_step = engine.t
+            run.saved = engine.t if (ckpt_root / "latest").exists() else None
+            writer.config(resolved)
+            writer.history(run.history)
+            if rounds is not None:
+                rounds.open(out / ft.ROUNDS)
+        except BaseException:
+            engine.comm.shutdown()
+            raise
         return run
 
     def resume(self) -> None:
@@ -516,8 +520,7 @@ def run_training(
     try:
         return run_steps(run)
     finally:
-        if runtime.fault_tolerant:
-            run.engine.comm.shutdown()  # type: ignore[attr-defined]
+        run.engine.comm.shutdown()
 
 
 def run_steps(run: Run) -> Result:
