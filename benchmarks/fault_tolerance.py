@@ -167,6 +167,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def start_lighthouse(
+    out: Path, join_timeout_ms: int = 1000, heartbeat_timeout_ms: int = 1000
+) -> tuple[subprocess.Popen, str]:
+    """A torchft lighthouse (its own CLI) on a free port, logging to ``out/lighthouse.txt``, and its
+    address."""
+    port = free_port()
+    process = subprocess.Popen(
+        [str(Path(sys.executable).parent / "torchft_lighthouse"), "--bind", f"127.0.0.1:{port}",
+         "--min_replicas", "1", "--join_timeout_ms", str(join_timeout_ms), "--quorum_tick_ms", "10",
+         "--heartbeat_timeout_ms", str(heartbeat_timeout_ms)],
+        stdout=(out / "lighthouse.txt").open("w"), stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    return process, f"http://127.0.0.1:{port}"
+
+
 def scratch(work: str, name: str) -> Path:
     """A new folder for one run under ``work`` (never one an earlier invocation left there)."""
     Path(work).mkdir(parents=True, exist_ok=True)
@@ -183,20 +198,14 @@ def run_once(
     """Start a lighthouse and the workers, kill worker 1 after step ``kill_at`` and restart it; once
     it is back and everyone passed ``steps``, stop all a few rounds on. Returns the last step."""
     out.mkdir(parents=True)  # (always a new folder: a run's files are appended to and read back)
-    port = free_port()
-    lighthouse = subprocess.Popen(
-        ["torchft_lighthouse", "--bind", f"127.0.0.1:{port}", "--min_replicas", "1",
-         "--join_timeout_ms", "1000", "--quorum_tick_ms", "10", "--heartbeat_timeout_ms", "1000"],
-        stdout=(out / "lighthouse.txt").open("w"), stderr=subprocess.STDOUT,
-        env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"},
-    )  # fmt: skip
+    lighthouse, address = start_lighthouse(out)
     env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
     env["OMP_NUM_THREADS"] = "1"
     restarts = 0
 
     def start(k: int, kill: int | None) -> subprocess.Popen:
         args = [sys.executable, __file__, "worker", "--worker", str(k), "--workers", str(workers),
-                "--out", str(out), "--lighthouse", f"http://127.0.0.1:{port}", "--model", model,
+                "--out", str(out), "--lighthouse", address, "--model", model,
                 "--method", method, "--step-ms", str(step_ms),
                 "--kill-at", str(-1 if kill is None else kill)]  # fmt: skip
         log = (out / f"log-{k}-{restarts}.txt").open("w")

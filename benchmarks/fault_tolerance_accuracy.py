@@ -35,7 +35,7 @@ from common import ROOT, write_result
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from fault_tolerance import free_port, read_jsonl
+from fault_tolerance import read_jsonl, start_lighthouse
 
 from localsgd.harness import studies
 from localsgd.harness.config import Config
@@ -84,13 +84,9 @@ def run_piece(method: str, seed: int, data_dir: str, work: Path, workers: int) -
     out = studies.run_dir(work, method, seed)
     out.mkdir(parents=True, exist_ok=False)
     settings_file(method, seed, data_dir, out / "settings.toml")
-    port = free_port()
-    lighthouse = subprocess.Popen(
-        [str(Path(sys.executable).parent / "torchft_lighthouse"), "--bind", f"127.0.0.1:{port}",
-         "--min_replicas", "1", "--join_timeout_ms", "120000", "--quorum_tick_ms", "10",
-         "--heartbeat_timeout_ms", "5000"],
-        stdout=(out / "lighthouse.txt").open("w"), stderr=subprocess.STDOUT,
-    )  # fmt: skip
+    # a round waits up to 120 s for a live worker (16 evaluations on 2 cores lag by seconds); a dead
+    # one is dropped 5 s after its last heartbeat
+    lighthouse, address = start_lighthouse(out, join_timeout_ms=120_000, heartbeat_timeout_ms=5000)
     env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE")}
     env["OMP_NUM_THREADS"] = "1"
     starts = dict.fromkeys(range(workers), 0)
@@ -99,7 +95,7 @@ def run_piece(method: str, seed: int, data_dir: str, work: Path, workers: int) -
         starts[k] += 1
         log = (out / f"log-{k}-{starts[k]}.txt").open("w")
         args = ["--config", str(out / "settings.toml"), "--fault-tolerant", "--worker", str(k),
-                "--lighthouse", f"http://127.0.0.1:{port}", "--out", str(out / "ft"),
+                "--lighthouse", address, "--out", str(out / "ft"),
                 "--startup-timeout", "600"]  # fmt: skip
         return subprocess.Popen(
             [sys.executable, "-m", "localsgd", "train", *args], env=env, stdout=log, stderr=log
