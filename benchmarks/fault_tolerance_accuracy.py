@@ -135,8 +135,13 @@ def analyse(ft: Path, method: str, seed: int, workers: int, killed: dict, second
     discarded = sorted({(r["t"], r["kind"]) for r in records if not r["committed"]})
     models = [torch.load(ft / f"worker-{k}" / "model.pt")["model"] for k in range(workers)]
     equal = all(torch.equal(models[0][n], m[n]) for m in models[1:] for n in models[0])
-    rows = read_jsonl(ft / "worker-0" / "metrics.jsonl")
-    summary = json.loads((ft / "worker-0" / "summary.json").read_text())
+    survivor = next(k for k in range(workers) if k != killed["worker"])  # (its rows span the run)
+    rows = read_jsonl(ft / f"worker-{survivor}" / "metrics.jsonl")
+    summary = json.loads((ft / f"worker-{survivor}" / "summary.json").read_text())
+    survivors = [k for k in range(workers) if k != killed["worker"]]
+    finals = {
+        json.loads((ft / f"worker-{k}" / "summary.json").read_text())["final_test_acc"] for k in survivors
+    }
     return {
         "method": method,
         "seed": seed,
@@ -152,10 +157,23 @@ def analyse(ft: Path, method: str, seed: int, workers: int, killed: dict, second
         "fewest_members": min(len(r["members"]) for r in records),
         "final_models_equal": equal,
         "final_test_acc": summary["final_test_acc"],
+        "survivors_agree": len(finals) == 1,  # (every survivor evaluated the same final average)
         "averaged_over": summary["averaged_over"],
         "test_acc": [r.get("test_acc") for r in rows],
         "wall_seconds": seconds,
     }
+
+
+def reanalyse(args: argparse.Namespace) -> None:
+    """Recompute the rows of finished runs from their folders (the kill's record is kept)."""
+    result = json.loads(RESULT.read_text())
+    for i, row in enumerate(result["runs"]):
+        ft = studies.run_dir(Path(args.work), row["method"], row["seed"]) / "ft"
+        victim = row["killed"]["worker"]
+        heal = next(r for r in read_jsonl(ft / f"worker-{victim}" / "rounds.jsonl") if r["heals"])
+        killed = {**row["killed"], "time": heal["time"] - row["healed"]["after_kill_s"]}
+        result["runs"][i] = analyse(ft, row["method"], row["seed"], 16, killed, row["wall_seconds"])
+    write_result(RESULT, {"runs": result["runs"]}, threads_per_process=1, processes=16)
 
 
 def run(args: argparse.Namespace) -> None:
@@ -202,10 +220,12 @@ def main() -> None:
     r.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     r.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data" / "cifar-10-batches-py"))
     r.add_argument("--work", default="runs/ft-accuracy", help="where the runs' folders go")
+    a = sub.add_parser("reanalyse", help="recompute the rows of finished runs from their folders")
+    a.add_argument("--work", default="runs/ft-accuracy")
     s = sub.add_parser("summary", help="pair them with the study's runs without a failure")
     s.add_argument("--study", default="runs/study-cifar10-ft")
     args = parser.parse_args()
-    run(args) if args.mode == "run" else summary(args)
+    {"run": run, "reanalyse": reanalyse, "summary": summary}[args.mode](args)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ def rows_table(history: list[dict[str, Any]], measures: Measures) -> str:
     columns = [
         Column("epoch", 6, lambda r: f"{r['epoch']:g}"),
         Column("lr", 8, lambda r: f"{r['lr']:.4f}"),
-        Column("train loss", 10, lambda r: f"{r['train_loss']:.4f}"),
+        Column("train loss", 10, lambda r: f"{r['train_loss']:.4f}" if "train_loss" in r else "-"),
         Column(f"train {name}", 9, value(f"train_{name}")),
         Column(f"{split} {name}", 9, value(measures.curve)),
         Column(f"local {name}", 9, value(f"local_{measures.curve}")),

@@ -154,7 +154,7 @@ def summarize(
         "schedule": schedule,
         "epochs": last["epoch"],
         "steps": last["step"],
-        "final_train_loss": last["train_loss"],
+        "final_train_loss": last.get("train_loss"),
         f"final_{split}_acc": evals[-1][f"{split}_acc"],
         f"best_{split}_acc": max(r[f"{split}_acc"] for r in evals),
     }

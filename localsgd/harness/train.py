@@ -355,9 +355,9 @@ class Run:
             "epoch": round((t + 1) / self.plan.steps_per_epoch, 4),
             "step": t + 1,
             "lr": lr,
-            "train_loss": loss_sum / seen,
-            "train_acc": correct / seen,
         }
+        if seen:  # (none: a fault-tolerant worker that joined at the run's last round took no step)
+            row.update(train_loss=loss_sum / seen, train_acc=correct / seen)
         evaluated = ((t + 1) // self.period) % cfg.eval_every == 0 or last
         if evaluated:
             eval_start = time.perf_counter()
@@ -543,6 +543,9 @@ def run_steps(run: Run) -> Result:
                 progress.set_postfix_str(run.shown(run.row(t, lr)))
                 if run.checkpoint_due(t):
                     run.checkpoint(t + 1)
+        if not run.history or run.history[-1]["step"] != plan.total_steps:  # joined after the last step
+            last = plan.total_steps - 1
+            run.row(last, lr_at(cfg, plan, last))
     except CommunicationError as e:  # a peer that stopped on the signal first
         if signals.received is None:
             raise
