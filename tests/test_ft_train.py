@@ -212,3 +212,35 @@ def test_a_directory_of_another_run_is_kept(tmp_path: Path) -> None:
         adopt(out, 8, overwrite=False)
     assert (out / "metrics.jsonl").exists()
     assert adopt(out, 8, overwrite=True) == [] and not (out / "metrics.jsonl").exists()
+
+
+@needs_cifar
+def test_a_worker_that_joins_at_the_last_round_writes_the_final_row(tmp_path: Path) -> None:
+    """A fault-tolerant worker healed in the run's last round takes no step in its new life: its
+    directory still gets the final row (the evaluation of the last average, no training sums), and
+    the summary reports that evaluation, not the last row of its first life. Staged in the
+    simulator: the run set up, then started at its last step with the first life's rows."""
+    from localsgd.harness import train as T
+    from localsgd.harness.config import from_mapping
+    from localsgd.harness.rundir import RunWriter
+    from localsgd.harness.runtime import Runtime
+    from localsgd.harness.tasks import make_task
+
+    cfg = from_mapping(
+        {"dataset": "cifar10", "data_dir": str(CIFAR10), "model": "resnet8", "train_subset": 64,
+         "test_subset": 50, "workers": 2, "local_batch_size": 16, "epochs": 2, "warmup_epochs": 0.5,
+         "local_steps": 2, "progress": False, "threads": 1},
+        "test",
+    )  # fmt: skip
+    cfg.validate()
+    runtime, task = Runtime(cfg), make_task(cfg, torch.device("cpu"))
+    plan = T.make_plan(cfg, task.steps_per_epoch)
+    out = tmp_path / "run"
+    run = T.Run.setup(cfg, out, runtime, RunWriter(out, True, False), task, plan, {})
+    first_life = {"epoch": 1.0, "step": plan.steps_per_epoch, "lr": 0.1, "train_loss": 2.0, "test_acc": 0.5}
+    run.history, run.first_step = [first_life], plan.total_steps
+    run.engine.t = plan.total_steps
+    result = T.run_steps(run)
+    last = result.history[-1]
+    assert last["step"] == plan.total_steps and "train_loss" not in last and "test_acc" in last
+    assert result.summary["final_test_acc"] == last["test_acc"] and result.summary["final_train_loss"] is None
