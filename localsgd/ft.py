@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 import time
 from collections.abc import Callable
 from datetime import timedelta
@@ -77,8 +78,10 @@ class FaultTolerantCommunicator(Communicator):
             for the others' next round).
         startup_timeout: how long the first quorum waits for all K workers.
         on_round: called with each round's record (``localsgd.membership``) after its commit.
-        store_addr, store_port: the worker's TCPStore (default: torchrun's ``MASTER_ADDR`` and
-            ``MASTER_PORT``; without them the communicator starts its own).
+        store_addr, store_port: the worker's TCPStore, which the other workers reach too (default:
+            torchrun's ``MASTER_ADDR`` and ``MASTER_PORT``, so on several hosts start torchrun with
+            ``--master-addr`` set to this host's name; without them the communicator starts its
+            own, advertised by this host's name).
     """
 
     fault_tolerant = True
@@ -116,8 +119,11 @@ class FaultTolerantCommunicator(Communicator):
         self.on_round = on_round
         self._store = None
         if store_addr is None and "MASTER_PORT" not in os.environ:
-            self._store = dist.TCPStore("localhost", 0, is_master=True, wait_for_workers=False)
-            store_addr, store_port = "localhost", self._store.port
+            # the other workers connect to it (torchft meets a round's process group at one member's
+            # store): advertised by the host's name, not localhost
+            host = socket.gethostname()
+            self._store = dist.TCPStore(host, 0, is_master=True, wait_for_workers=False)
+            store_addr, store_port = host, self._store.port
         self.pg = (
             ProcessGroupNCCL(timeout=timeout) if torch.cuda.is_available() else ProcessGroupGloo(timeout)
         )
