@@ -149,6 +149,7 @@ class Engine:
         descriptions = [
             describe(m, self._settings(o)) for m, o in zip(self.models, self.optimizers, strict=True)
         ]
+        self._joined_average: tuple[int, nn.Module] | None = None  # (step, mean) of a join in an average
         if comm.fault_tolerant:
             self._check_fault_tolerant()
             self._join(descriptions)
@@ -387,6 +388,9 @@ class Engine:
         """``averaged_model()`` of a fault-tolerant run: a round of kind ``average`` among the
         workers present (every worker calls it at the same step), the mean over its contributors.
         The workers are left as they are; a worker joining the run heals in it like in any round."""
+        joined, self._joined_average = self._joined_average, None
+        if joined is not None and joined[0] == self.t:  # this worker joined the run in this very round
+            return joined[1]
         heals = self.comm.begin_round("average", self.t)
         for healer, source in heals:  # (the simulator's replay)
             self._copy_worker(source, healer)
@@ -522,8 +526,10 @@ class Engine:
             if kind is None:
                 return
             if kind == "average":  # the healed worker is in the others' evaluation: it adds nothing
-                self._averaged_model()
+                model = self._averaged_model()
                 kept = self.comm.end_round()
+                if kept:  # this step's averaged_model(): the others' round, not a second one alone
+                    self._joined_average = (self.t, model)
             elif kind == "parameters":
                 kept = self._kept_round(kind, [])
             else:
