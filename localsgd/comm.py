@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -20,6 +21,15 @@ from localsgd._validate import check_int
 from localsgd.schedule import Level
 
 Wait = Callable[[], None]
+
+
+@dataclass(frozen=True)
+class RoundGroup:
+    """Who takes part in a fault-tolerant global round: the ``members`` exchange buffers (worker
+    ids, in worker order), the ``contributors`` (a subset) are those whose buffers make the mean."""
+
+    members: tuple[int, ...]
+    contributors: tuple[int, ...]
 
 
 def _check_blocks(workers: int, workers_per_block: int | None) -> None:
@@ -83,6 +93,12 @@ class Communicator(ABC):
     def end_round(self) -> bool:
         """After the round: whether this worker keeps its result (else the engine undoes it)."""
         return True
+
+    def round_group(self, level: Level) -> RoundGroup | None:
+        """The open fault-tolerant round's members and contributors at ``level``; ``None``: every
+        worker of its group takes part (and the exchanges of ``start_exchange`` and ``gather``
+        are among the members only, each passing the local workers that are members)."""
+        return None
 
     @abstractmethod
     def all_reduce_mean_(self, level: Level, flats: list[torch.Tensor]) -> Wait:

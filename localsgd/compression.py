@@ -156,6 +156,7 @@ class CompressedMean:
         self.codec = codec
         self.sent: dict[Any, list[torch.Tensor]] = {}  # stage 1: per worker, its whole buffer
         self.owned: dict[Any, list[torch.Tensor]] = {}  # stage 2: per worker, the chunk it owns
+        self.members: dict[Any, tuple[int, ...]] = {}  # fault-tolerant: the members ``owned`` is of
 
     @classmethod
     def of(cls, compression: Codec | str | None, packed: bool) -> CompressedMean | None:
@@ -182,37 +183,81 @@ class CompressedMean:
     ) -> tuple[Callable[[], None], int]:
         """``mean_`` in two parts: encode and start the all-to-all now; the returned function
         waits for it, runs the second stage and writes the means (meanwhile the buffers must not
-        be touched). Also returns the bytes."""
-        n = comm.group_size(level)
+        be touched). Also returns the bytes.
+
+        In a fault-tolerant round (``comm.round_group``) the chunks go among the round's members
+        and the mean is over its contributors. A member that adds nothing (it healed in this round,
+        or has no state) sends zeros and starts its chunk's residual from zero; every member's
+        second-stage residuals start from zero when the members differ from its last such round
+        (its chunk is another one); the first-stage ones are a worker's own and carry on."""
+        group = comm.round_group(level)
         numel = flats[0].numel()
+        if group is None:
+            n, taking, adds, summed = comm.group_size(level), range(len(flats)), [True] * len(flats), None
+        else:
+            n = len(group.members)
+            taking = [i for i, w in enumerate(comm.local_workers) if w in group.members]
+            adds = [comm.local_workers[i] in group.contributors for i in taking]
+            summed = [group.members.index(w) for w in group.contributors]
         c = math.ceil(numel / n)  # chunk length; the buffer is zero-padded to n * c
-        sent = self.sent.setdefault(key, [torch.zeros(n * c, device=f.device) for f in flats])
+        sent = self._residuals(self.sent, key, flats, n * c)
+        owned = self._residuals(self.owned, key, flats, c)
+        if group is not None and self.members.get(key) != group.members:
+            owned[:] = [torch.zeros_like(r) for r in owned]
+            self.members[key] = group.members
         encoded = []
-        for k, flat in enumerate(flats):
-            v = torch.nn.functional.pad(flat.detach().float(), (0, n * c - numel)).add_(sent[k])
+        for k, contributes in zip(taking, adds, strict=True):
+            v = torch.nn.functional.pad(flats[k].detach().float(), (0, n * c - numel))
+            if contributes:
+                v.add_(sent[k])
+            else:  # it adds nothing: zeros, and no residual of its own in this round
+                v.zero_()
+                owned[k] = torch.zeros_like(owned[k])
             chunks = [self.codec.encode(chunk) for chunk in v.view(n, c)]
-            decoded = torch.cat([self.codec.decode(e, c) for e in chunks])
-            sent[k] = v.sub_(decoded)  # what the encoding lost, sent next time
+            if contributes:
+                decoded = torch.cat([self.codec.decode(e, c) for e in chunks])
+                sent[k] = v.sub_(decoded)  # what the encoding lost, sent next time
             encoded.append(chunks)
         receive = comm.start_exchange(level, encoded)
 
         @torch.no_grad()
         def finish() -> None:
-            owned = self.owned.setdefault(key, [torch.zeros(c, device=f.device) for f in flats])
             means = []
-            for k, mine in enumerate(receive()):
-                total = self.codec.decode(mine[0], c).clone()
-                for e in mine[1:]:
+            for k, mine in zip(taking, receive(), strict=True):
+                parts = mine if summed is None else [mine[j] for j in summed]
+                total = self.codec.decode(parts[0], c).clone()
+                for e in parts[1:]:
                     total.add_(self.codec.decode(e, c))
-                v2 = total.div_(n).add_(owned[k])
+                v2 = total.div_(len(parts)).add_(owned[k])
                 e2 = self.codec.encode(v2)
                 owned[k] = v2.sub_(self.codec.decode(e2, c))
                 means.append(e2)
-            for flat, chunks in zip(flats, comm.gather(level, means), strict=True):
+            for k, chunks in zip(taking, comm.gather(level, means), strict=True):
                 mean = torch.cat([self.codec.decode(e, c) for e in chunks])[:numel]
-                flat.copy_(mean.view_as(flat))
+                flats[k].copy_(mean.view_as(flats[k]))
+            for k in range(len(flats)):  # (a simulated worker outside the round: it gets the mean)
+                if k not in taking:
+                    flats[k].copy_(flats[taking[0]])
 
         return finish, n * self.codec.nbytes(c)
+
+    def _residuals(
+        self, residuals: dict[Any, list[torch.Tensor]], key: Any, flats: list[torch.Tensor], size: int
+    ) -> list[torch.Tensor]:
+        """The residuals of ``key``, each ``size`` long (zeros at first; cut or zero-padded when the
+        number of members, and so the padding, changed)."""
+        kept = residuals.setdefault(key, [torch.zeros(size, device=f.device) for f in flats])
+        for k, r in enumerate(kept):
+            if r.numel() != size:
+                kept[k] = torch.nn.functional.pad(r[:size], (0, max(0, size - r.numel())))
+        return kept
+
+    def reset(self, worker: int) -> None:
+        """Forget local worker ``worker``'s residuals (a worker healed with another's state: what
+        that one's encodings lost is carried by that one)."""
+        for residuals in (self.sent, self.owned):
+            for kept in residuals.values():
+                kept[worker] = torch.zeros_like(kept[worker])
 
     def describe(self) -> dict[str, Any]:
         """What every worker must agree on."""
@@ -221,11 +266,15 @@ class CompressedMean:
     def state_dict(self) -> dict[str, Any]:
         """The residuals (new tensors replace them at every average, so lists of them are a
         snapshot that later averages do not change)."""
-        return {
+        state: dict[str, Any] = {
             "sent": {k: list(v) for k, v in self.sent.items()},
             "owned": {k: list(v) for k, v in self.owned.items()},
         }
+        if self.members:
+            state["members"] = dict(self.members)
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.sent = {k: [t.clone() for t in v] for k, v in state["sent"].items()}
         self.owned = {k: [t.clone() for t in v] for k, v in state["owned"].items()}
+        self.members = dict(state.get("members", {}))

@@ -327,7 +327,9 @@ class Engine:
         for delayed in self._streaming.due(t):
             self._apply_delayed(delayed)
         f = self._streaming.to_start(t)
-        if f is not None:
+        if f is not None and self.comm.fault_tolerant:  # (τ = 0) a round among the workers present
+            self._round(Level.GLOBAL, "parameters")
+        elif f is not None:
             self._timed(Level.GLOBAL, self._streaming.start(f, t))
             if self._streaming.fragments[f].due(t):  # τ = 0: the blocking average of the fragment
                 self._apply_delayed(self._streaming.fragments[f])
@@ -444,7 +446,24 @@ class Engine:
     def _prepare(self, level: Level, kind: str) -> Round:
         if kind == "gradients":
             return self._gradient_average.prepare(level)
+        if self._streaming is not None:
+            return self._fragment_round(self.t - 1)
         return self._parameter_average.prepare(level, None, True, self.comm.group_size(level) == 1)
+
+    def _fragment_round(self, t: int) -> Round:
+        """The blocking (τ = 0) average of the fragment whose turn is after step ``t``, as one
+        round: sent and applied (a fault-tolerant run's streamed rounds)."""
+        assert self._streaming is not None
+        f = self._streaming.to_start(t)
+        assert f is not None, f"no fragment syncs after step {t}"
+        start, fragment = self._streaming.start(f, t), self._streaming.fragments[f]
+
+        def run() -> int:
+            nbytes = start()
+            fragment.apply(inner_lr=self.optimizers[0].param_groups[0]["lr"])
+            return nbytes
+
+        return run
 
     def _round(self, level: Level, kind: str) -> bool:
         """A scheduled round; with a fault-tolerant communicator at the global level, among the
@@ -469,6 +488,8 @@ class Engine:
     def _copy_worker(self, source: int, healer: int) -> None:
         self.models[healer].load_state_dict(self.models[source].state_dict())
         self.optimizers[healer].load_state_dict(copy.deepcopy(self.optimizers[source].state_dict()))
+        if self._compressed is not None:  # the source's error feedback stays the source's
+            self._compressed.reset(healer)
 
     def _state(self, optimizers: bool) -> dict[str, Any]:
         """The engine's state (step, anchor, outer optimizer), every local worker's model and, with
@@ -503,8 +524,7 @@ class Engine:
         unsupported = {
             "hierarchical schedules": Level.BLOCK in self.schedule.levels(),
             "sharded models": self._sharded,
-            "compression": self.policy.compression is not None,
-            "overlapped or streamed averages": self._streaming is not None,
+            "overlapped averages (overlap_steps > 0)": self.policy.overlap_steps > 0,
             "DistributedDataParallel": self._ddp.any,
         }
         named = [name for name, used in unsupported.items() if used]
@@ -517,6 +537,8 @@ class Engine:
 
     def load_heal_state(self, state: dict[str, Any]) -> None:
         self._restore(state)
+        if self._compressed is not None:  # the source's error feedback stays the source's
+            self._compressed.reset(0)
 
     def _join(self, descriptions: list[dict[str, Any]]) -> None:
         """Enter a fault-tolerant run: at the start, with the others; later, by healing from a live

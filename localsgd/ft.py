@@ -9,8 +9,9 @@ live worker's state over torchft's checkpoint transport. localsgd adds, per roun
   was healed from, step, kind of round, a digest of the settings). Every member thus knows the
   same list of members and contributors; it is the round's record (``localsgd.membership``).
 - **The mean over the contributors**, summed in worker order (``ordered``, the simulator's
-  arithmetic; an all-gather) or by the backend's all-reduce. A worker healed at this round adds
-  nothing: its state is a copy of its source's, which would count twice.
+  arithmetic; an all-gather) or by the backend's all-reduce; compressed, the two-stage mean of
+  ``localsgd.compression`` among the members. A worker healed at this round adds nothing: its
+  state is a copy of its source's, which would count twice.
 - **Commit or undo.** ``Manager.should_commit`` is this worker's verdict (no error in the round,
   at least ``min_workers`` members). A worker that does not commit undoes the round (the engine
   restores what it saved) and keeps its local work; the next round averages it. A worker that
@@ -33,10 +34,15 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
-from torch.distributed.distributed_c10d import AllgatherOptions, AllreduceOptions, BroadcastOptions
+from torch.distributed.distributed_c10d import (
+    AllgatherOptions,
+    AllreduceOptions,
+    AllToAllOptions,
+    BroadcastOptions,
+)
 
 from localsgd._validate import check_int
-from localsgd.comm import Communicator, Wait, _done, _mean_in_order_
+from localsgd.comm import Communicator, RoundGroup, Wait, _done, _mean_in_order_
 from localsgd.membership import KINDS
 from localsgd.schedule import Level
 
@@ -338,13 +344,58 @@ class FaultTolerantCommunicator(Communicator):
     def all_gather_bytes(self, data: list[bytes]) -> list[bytes]:
         raise NotImplementedError("a fault-tolerant communicator has no collectives outside its rounds")
 
+    def round_group(self, level: Level) -> RoundGroup | None:
+        if level is not Level.GLOBAL or self._round is None:
+            return None
+        return RoundGroup(tuple(self._round["members"]), tuple(self._round["contributors"]))
+
+    def _ranks(self) -> list[int]:
+        """The process group's rank of each member, in worker order."""
+        assert self._round is not None
+        return [self._rank[w] for w in self._round["members"]]
+
     def start_exchange(
         self, level: Level, chunks: list[list[torch.Tensor]]
     ) -> Callable[[], list[list[torch.Tensor]]]:
-        raise NotImplementedError("compression is not supported with fault tolerance yet")
+        """The all-to-all of a compressed mean among the round's members (``chunks[0][j]`` goes to
+        the j-th member in worker order); a failed round gets this worker's own chunks back (it is
+        not committed)."""
+        (mine,) = chunks
+        if not self._live():
+            return lambda: [list(mine)]
+        ranks = self._ranks()
+        by_rank = [0] * len(ranks)
+        for j, r in enumerate(ranks):
+            by_rank[r] = j
+        send = torch.cat([mine[j] for j in by_rank])
+        received = torch.empty_like(send)
+        try:
+            work = self.pg.alltoall_base(received, send, [], [], AllToAllOptions())
+        except Exception as e:
+            self._fail(e)
+            return lambda: [list(mine)]
+
+        def wait() -> list[list[torch.Tensor]]:
+            try:
+                self._wait(work)
+            except RoundFailed:
+                return [list(mine)]
+            rows = received.view(len(mine), -1).unbind(0)
+            return [[rows[r] for r in ranks]]
+
+        return wait
 
     def gather(self, level: Level, items: list[torch.Tensor]) -> list[list[torch.Tensor]]:
-        raise NotImplementedError("compression is not supported with fault tolerance yet")
+        """The all-gather of a compressed mean among the round's members, in worker order."""
+        (mine,) = items
+        if not self._live():  # as many as the mean was cut into (it is not committed)
+            return [[mine] * (self.workers if self._round is None else len(self._round["members"]))]
+        out = [torch.empty_like(mine) for _ in self._rank]
+        try:
+            self._wait(self.pg.allgather([out], [mine], AllgatherOptions()))
+        except RoundFailed:
+            return [[mine] * len(out)]
+        return [[out[r] for r in self._ranks()]]
 
     def shutdown(self) -> None:
         """Leave the run: stop this worker's torchft servers."""

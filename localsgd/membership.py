@@ -14,13 +14,13 @@ worker kept the round's result. ``merge`` joins every worker's records into one 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from localsgd.comm import SimCommunicator, Wait, _done, _mean_in_order_
+from localsgd.comm import RoundGroup, SimCommunicator, Wait, _done, _mean_in_order_
 from localsgd.schedule import Level
 
 KINDS = ("gradients", "parameters", "average")  # average: averaged_model(), which changes no worker
@@ -108,3 +108,24 @@ class ReplayCommunicator(SimCommunicator):
 
     def end_round(self) -> bool:
         return self._round is not None and bool(self._round.applied)
+
+    def round_group(self, level: Level) -> RoundGroup | None:
+        """The round's members and contributors (compressed means run among them); ``None`` for a
+        round no worker committed (undone after it)."""
+        if level is not Level.GLOBAL or self._round is None or not self._round.applied:
+            return None
+        return RoundGroup(tuple(self._round.members), tuple(self._round.contributors))
+
+    def start_exchange(
+        self, level: Level, chunks: list[list[torch.Tensor]]
+    ) -> Callable[[], list[list[torch.Tensor]]]:
+        """Among the round's members (``chunks``: one list per member, in worker order)."""
+        if self.round_group(level) is None:
+            return super().start_exchange(level, chunks)
+        received = [[mine[j] for mine in chunks] for j in range(len(chunks))]
+        return lambda: received
+
+    def gather(self, level: Level, items: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+        if self.round_group(level) is None:
+            return super().gather(level, items)
+        return [list(items) for _ in items]

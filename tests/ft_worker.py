@@ -46,6 +46,10 @@ def setup(method: str) -> tuple[Schedule, dict]:
         return Schedule.post_local(4, switch_step=100), {}
     if method == "diloco":
         return Schedule.local(4), {"outer_optimizer": diloco()}
+    if method == "diloco-int8":  # its pseudo-gradients int8-encoded, with error feedback
+        return Schedule.local(4), {"outer_optimizer": diloco(), "compression": "int8"}
+    if method == "streaming":  # Streaming DiLoCo: two fragments, one syncing every 2 steps
+        return Schedule.local(4), {"outer_optimizer": diloco(), "fragments": 2}
     raise ValueError(method)
 
 
@@ -75,8 +79,9 @@ def once(name: str) -> bool:
 
 def plant(comm: FaultTolerantCommunicator, fault: str, after: int) -> None:
     """SIGKILL this worker at a chosen point of its first round after step ``after``:
-    "collective" (the others inside the model average, this worker's data not sent), "serving" (while its state is read for
-    a healing worker) or "healing" (its healed state received, before the round)."""
+    "collective" (the others inside the model average, this worker's data not sent; with
+    compression, in its second stage), "serving" (while its state is read for a healing worker) or
+    "healing" (its healed state received, before the round)."""
     if fault == "collective":
         allgather = comm.pg.allgather
 

@@ -140,10 +140,11 @@ def assert_models_equal(out: Path, sim: Simulator) -> None:
             assert torch.equal(final[name], p), f"worker {k}: {name} differs from the simulator"
 
 
-@pytest.mark.parametrize("method", ["post-local", "diloco"])
+@pytest.mark.parametrize("method", ["post-local", "diloco", "diloco-int8", "streaming"])
 def test_no_faults_equals_the_plain_run(tmp_path: Path, method: str) -> None:
-    """Post-local SGD (gradient rounds, then model rounds) and DiLoCo: all K in every round, the
-    models bit for bit the simulator's (so torchrun's with ordered averaging)."""
+    """Post-local SGD (gradient rounds, then model rounds), DiLoCo, DiLoCo with int8-compressed
+    pseudo-gradients, Streaming DiLoCo (two fragments, each sync a round): all K in every round,
+    the models bit for bit the simulator's (so torchrun's with ordered averaging)."""
     steps, _ = launch(tmp_path, method, 40)
     rows = records(tmp_path)
     assert rows and all(r["members"] == r["contributors"] == [0, 1, 2] and r["committed"] for r in rows)
@@ -152,11 +153,16 @@ def test_no_faults_equals_the_plain_run(tmp_path: Path, method: str) -> None:
     assert_models_equal(tmp_path, simulate(method, steps))
 
 
-@pytest.mark.parametrize(("method", "seed"), [("diloco", 1), ("post-local-late", 2)])
+@pytest.mark.parametrize(
+    ("method", "seed"), [("diloco", 1), ("post-local-late", 2), ("diloco-int8", 3), ("streaming", 4)]
+)
 def test_a_killed_worker_heals_and_the_replay_matches(tmp_path: Path, method: str, seed: int) -> None:
     """Worker 1 is SIGKILLed at a seeded step and restarted: the survivors never stop, it heals from
     a live worker (in a model round for DiLoCo, in a gradient round of the mini-batch phase for the
-    late post-local schedule), all end equal, and the simulator's replay gives the same models."""
+    late post-local schedule), all end equal, and the simulator's replay gives the same models.
+    Compressed: the compressed means of two members, then of three with the healed one adding
+    nothing, and the error-feedback residuals across them, as the replay computes them. Streaming:
+    the healed worker receives every fragment's anchor and outer state."""
     kill_at = random.Random(seed).randint(5, 40)
     steps, started = launch(tmp_path, method, 60, {1: [{"FT_KILL_AT": str(kill_at)}]}, kills=1)
     assert started == {0: 1, 1: 2, 2: 1}
@@ -173,32 +179,37 @@ def test_a_killed_worker_heals_and_the_replay_matches(tmp_path: Path, method: st
     sim = simulate(method, steps, trace)
     assert_models_equal(tmp_path, sim)
     final = [torch.load(tmp_path / f"final-{k}.pt") for k in range(K)]
-    assert all(torch.equal(final[0][n], final[k][n]) for k in (1, 2) for n in final[0])
+    # (streaming: the fragment synced two steps before the end has moved apart again since)
+    synced = ["2.weight", "2.bias"] if method == "streaming" else list(final[0])
+    assert all(torch.equal(final[0][n], final[k][n]) for k in (1, 2) for n in synced)
     assert isinstance(sim.comm, ReplayCommunicator)
 
 
 @pytest.mark.parametrize(
-    ("fault", "incarnations", "kills"),
+    ("fault", "method", "incarnations", "kills"),
     [
-        ("collective", {1: [{"FT_KILL_AT": "20", "FT_FAULT": "collective"}]}, 1),
-        ("healing", {1: [{"FT_KILL_AT": "20"}, {"FT_KILL_AT": "0", "FT_FAULT": "healing"}]}, 2),
+        ("collective", "diloco", {1: [{"FT_KILL_AT": "20", "FT_FAULT": "collective"}]}, 1),
+        ("collective", "diloco-int8", {1: [{"FT_KILL_AT": "20", "FT_FAULT": "collective"}]}, 1),
+        ("healing", "diloco", {1: [{"FT_KILL_AT": "20"}, {"FT_KILL_AT": "0", "FT_FAULT": "healing"}]}, 2),
         (
             "serving",
+            "diloco",
             {1: [{"FT_KILL_AT": "20"}], **{w: [{"FT_KILL_AT": "20", "FT_FAULT": "serving"}] for w in (0, 2)}},
             2,
         ),
     ],
 )
-def test_faults_in_a_round(tmp_path: Path, fault: str, incarnations: dict, kills: int) -> None:
-    """A worker killed inside a model average (the others discard the round and go on), a
-    restarted worker killed once its healing state arrived, and the worker serving the heal
-    killed: the run finishes, every worker ends equal, and the replay gives the same models."""
-    steps, _ = launch(tmp_path, "diloco", 60, incarnations, kills=kills)
+def test_faults_in_a_round(tmp_path: Path, fault: str, method: str, incarnations: dict, kills: int) -> None:
+    """A worker killed inside a model average (the others discard the round and go on; compressed,
+    between its two stages, the residuals of the first then restored), a restarted worker killed
+    once its healing state arrived, and the worker serving the heal killed: the run finishes, every
+    worker ends equal, and the replay gives the same models."""
+    steps, _ = launch(tmp_path, method, 60, incarnations, kills=kills)
     rows = records(tmp_path)
     if fault == "collective":  # the round worker 1 died in: the survivors did not commit it
         assert any(not r["committed"] and r["worker"] in (0, 2) for r in rows)
     trace = merge(rows)
-    assert_models_equal(tmp_path, simulate("diloco", steps, trace))
+    assert_models_equal(tmp_path, simulate(method, steps, trace))
     final = [torch.load(tmp_path / f"final-{k}.pt") for k in range(K)]
     assert all(torch.equal(final[0][n], final[k][n]) for k in (1, 2) for n in final[0])
 
@@ -244,3 +255,66 @@ def test_a_lone_worker_runs_and_averages_alone(tmp_path: Path) -> None:
     finally:
         lighthouse.kill()
         lighthouse.wait()
+
+
+class _Network:
+    """Three ranks' all-to-alls and all-gathers, done once every rank has sent (a stand-in for the
+    process group, to route a round among members whose ranks are not in worker order)."""
+
+    def __init__(self) -> None:
+        self.sent: dict[int, torch.Tensor] = {}
+
+    def group(self, rank: int) -> object:
+        net = self
+
+        class Work:
+            def __init__(self, done) -> None:
+                self.wait = done
+
+        class Group:
+            def alltoall_base(self, out, send, out_splits, in_splits, opts):
+                net.sent[rank] = send
+
+                def done() -> None:
+                    n = len(net.sent)
+                    out.copy_(torch.cat([net.sent[r].view(n, -1)[rank] for r in range(n)]))
+
+                return Work(done)
+
+            def allgather(self, outs, ins, opts):
+                net.sent[rank] = ins[0]
+
+                def done() -> None:
+                    for r, o in enumerate(outs[0]):
+                        o.copy_(net.sent[r])
+
+                return Work(done)
+
+        return Group()
+
+
+def test_a_compressed_round_routes_by_rank() -> None:
+    """torchft ranks a round's members by their replica ids as strings ("localsgd_10" before
+    "localsgd_2"); the exchange routes chunks by rank and hands them back in worker order. Members
+    2, 10, 11 of K = 12 at ranks 2, 0, 1: each receives chunk j of member j, in worker order, and
+    gathers the members' items in worker order. Fails if the chunks are routed by worker order."""
+    from localsgd.ft import FaultTolerantCommunicator
+    from localsgd.schedule import Level
+
+    members, rank = [2, 10, 11], {10: 0, 11: 1, 2: 2}
+    net, comms = _Network(), {}
+    for w in members:
+        comm = FaultTolerantCommunicator.__new__(FaultTolerantCommunicator)
+        comm.worker, comm.workers, comm.pg, comm._failure = w, 12, net.group(rank[w]), None
+        comm._round, comm._rank = {"members": members, "contributors": members}, rank
+        comms[w] = comm
+    chunk = lambda src, dst: torch.full((3,), 100.0 * src + dst)  # noqa: E731
+    waits = {w: comms[w].start_exchange(Level.GLOBAL, [[chunk(w, d) for d in members]]) for w in members}
+    for w in members:
+        (received,) = waits[w]()
+        assert [r.tolist() for r in received] == [chunk(src, w).tolist() for src in members]
+    net.sent.clear()
+    for w in members:  # (gather waits inside: every rank's item is registered first)
+        net.sent[rank[w]] = torch.tensor([float(w)])
+    for w in members:
+        assert [x.item() for x in comms[w].gather(Level.GLOBAL, [torch.tensor([float(w)])])[0]] == members

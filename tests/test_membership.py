@@ -102,8 +102,11 @@ def test_replay_follows_the_trace(optimizer_state: str) -> None:
 
 
 def test_full_membership_is_the_plain_simulator() -> None:
-    full = [r for t in (2, 4, 6) for r in record(t, [0, 1, 2], [0, 1, 2])]
-    for policy in ({}, {"outer_optimizer": diloco()}):
+    """Fails if a compressed round routes chunks among its members otherwise than the plain
+    two-stage mean does."""
+    full = [r for t in range(1, 7) for r in record(t, [0, 1, 2], [0, 1, 2])]  # (two fragments: every step)
+    streaming = {"outer_optimizer": diloco(), "fragments": 2, "compression": "int8"}
+    for policy in ({}, {"outer_optimizer": diloco()}, {"compression": "int8"}, streaming):
         sim = replay(6, full, **policy)
         make = lambda m: torch.optim.SGD(m.parameters(), lr=LR, momentum=0.9)  # noqa: E731
         plain = Simulator(model(), make, Schedule.local(2), K, **policy)
@@ -125,7 +128,10 @@ def test_records_that_disagree_are_refused() -> None:
 
 @pytest.mark.parametrize(
     ("policy", "named"),
-    [({"compression": "int8"}, "compression"), ({"overlap_steps": 1}, "overlapped or streamed averages")],
+    [
+        ({"overlap_steps": 1}, r"overlapped averages \(overlap_steps > 0\)"),
+        ({"overlap_steps": 1, "merge": "mix"}, r"overlapped averages \(overlap_steps > 0\)"),
+    ],
 )
 def test_unsupported_with_fault_tolerance_is_one_line(policy: dict, named: str) -> None:
     with pytest.raises(ValueError, match=f"does not support {named} yet"):
@@ -153,3 +159,68 @@ def test_an_evaluation_average_is_a_round_of_its_own() -> None:
     sim.step()  # (no gradients: the step changes nothing) to t = 6
     with pytest.raises(CommunicationError, match=r"^the average at step 6 was not committed"):
         sim.averaged_model()
+
+
+def compressed_by_hand(steps: int) -> list[torch.nn.Module]:
+    """TRACE with bf16-compressed averages and the plain outer step, written out element by element
+    (a cast is elementwise, so the chunks the two stages cut do not matter): each contributor sends
+    bf16(θ̄ − θ_k + e_k) and keeps what the cast lost in e_k; the mean over the contributors, plus
+    the residual r of the second stage, is cast again and r keeps what that lost; r starts from zero
+    when the members change. A healed worker copies its source's model and momentum, not e."""
+    models = [model() for _ in range(K)]
+    opts = [torch.optim.SGD(m.parameters(), lr=LR, momentum=0.9) for m in models]
+    anchor = [p.detach().clone() for p in models[0].parameters()]
+    e = [[torch.zeros_like(p) for p in anchor] for _ in range(K)]
+    state: dict = {"r": [torch.zeros_like(p) for p in anchor], "members": None}
+
+    def bf16(x: torch.Tensor) -> torch.Tensor:
+        return x.bfloat16().float()
+
+    def compressed_round(members: list[int], contributors: list[int]) -> None:
+        if members != state["members"]:
+            state["r"], state["members"] = [torch.zeros_like(p) for p in anchor], members
+        sent = []
+        for k in contributors:
+            v = [a - p.detach() + ek for a, p, ek in zip(anchor, models[k].parameters(), e[k], strict=True)]
+            sent.append([bf16(x) for x in v])
+            e[k] = [x - y for x, y in zip(v, sent[-1], strict=True)]
+        mean = [x.clone() for x in sent[0]]
+        for s in sent[1:]:
+            for m, x in zip(mean, s, strict=True):
+                m.add_(x)
+        v2 = [m.div_(len(sent)).add_(r) for m, r in zip(mean, state["r"], strict=True)]
+        state["r"] = [x - bf16(x) for x in v2]
+        with torch.no_grad():
+            for a, x in zip(anchor, v2, strict=True):
+                a.sub_(bf16(x))
+            for m in models:  # (the dead worker too: the replay's rule)
+                for p, a in zip(m.parameters(), anchor, strict=True):
+                    p.copy_(a)
+
+    for t in range(steps):
+        for k in range(K):
+            x, y = batch(k, t)
+            torch.nn.functional.mse_loss(models[k](x), y).backward()
+            opts[k].step()
+            opts[k].zero_grad()
+        if t + 1 in (2, 10):
+            compressed_round([0, 1, 2], [0, 1, 2])
+        elif t + 1 == 4:
+            compressed_round([0, 2], [0, 2])
+        elif t + 1 == 6:
+            models[1].load_state_dict(models[0].state_dict())
+            opts[1].load_state_dict(copy.deepcopy(opts[0].state_dict()))
+            e[1] = [torch.zeros_like(p) for p in anchor]
+            compressed_round([0, 1, 2], [0, 2])
+    return models
+
+
+def test_a_compressed_round_is_over_its_members() -> None:
+    """The replay of TRACE with compressed averages: bit for bit the elementwise loop above. Fails
+    if the mean divides by the members rather than the contributors, if a healed worker keeps an
+    error-feedback residual, if the second stage's residual is not reset when the members change,
+    or if the undone round at t = 8 leaves its residuals behind."""
+    sim = replay(10, TRACE, compression="bf16")
+    for k, (m, ref) in enumerate(zip(sim.models, compressed_by_hand(10), strict=True)):
+        for p, q in zip(m.parameters(), ref.parameters(), strict=True):
+            assert torch.equal(p, q), f"worker {k}"

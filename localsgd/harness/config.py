@@ -507,9 +507,7 @@ class FaultToleranceSettings:
     def _fault_tolerant_only(self, setting: str) -> None:
         """What a fault-tolerant run (and its replay) does not support yet."""
         unsupported = {
-            "compress": (self.compress != "none", "compression"),
             "overlap_steps": (self.overlap_steps > 0, "overlapped averages"),
-            "fragments": (self.fragments > 1, "Streaming DiLoCo's fragments"),
             "block_steps": (self.block_steps is not None, "hierarchical schedules"),
             "shard_size": (self.shard_size > 1, "sharded workers"),
             "model": (self.model == "lstm", "the LSTM (its carried state cannot be healed)"),
