@@ -124,11 +124,13 @@ def rounds(run: Path) -> list[dict]:
 
 
 @needs_cifar
-@pytest.mark.parametrize("extra", [(), ("--compress", "int8")], ids=["plain", "int8"])
+@pytest.mark.parametrize(
+    "extra", [(), ("--compress", "int8", "--fragments", "2")], ids=["plain", "int8-fragments"]
+)
 def test_fault_tolerant_workers_equal_the_plain_run(tmp_path: Path, extra: tuple[str, ...]) -> None:
     """Without faults: every worker's final model and every row's evaluation (the average of the
     three) equal the simulator's run with per-step random streams, bit for bit; also with the
-    DiLoCo phase's pseudo-gradients int8-compressed."""
+    DiLoCo phase streamed in two fragments and its pseudo-gradients int8-compressed."""
     assert run_workers(tmp_path / "ft", extra=extra) == dict.fromkeys(range(K), 1)
     simulate(tmp_path / "plain", "--random-per-step", *extra)
     plain = rows(tmp_path / "plain")
