@@ -327,12 +327,28 @@ class Engine:
         for delayed in self._streaming.due(t):
             self._apply_delayed(delayed)
         f = self._streaming.to_start(t)
-        if f is not None and self.comm.fault_tolerant:  # (τ = 0) a round among the workers present
+        if f is None:
+            return
+        if self.comm.fault_tolerant and not self.policy.overlap_steps:  # a round among those present
             self._round(Level.GLOBAL, "parameters")
-        elif f is not None:
+        elif self.comm.fault_tolerant:  # its round stays open until the average is applied
+            self._open_round(f, t, self.comm.begin_round("parameters", self.t))
+        else:
             self._timed(Level.GLOBAL, self._streaming.start(f, t))
             if self._streaming.fragments[f].due(t):  # τ = 0: the blocking average of the fragment
                 self._apply_delayed(self._streaming.fragments[f])
+
+    def _open_round(self, f: int, t: int, heals: list[tuple[int, int]]) -> None:
+        """A fault-tolerant overlapped average (τ > 0): its round opens when it is sent after step
+        ``t`` and ends when it is applied τ steps later (``_apply_delayed``), kept if committed."""
+        assert self._streaming is not None
+        for healer, source in heals:  # (the simulator's replay; a real worker heals inside begin_round)
+            self._copy_worker(source, healer)
+        try:
+            self._timed(Level.GLOBAL, self._streaming.start(f, t))
+        except CommunicationError:
+            if self._streaming.fragments[f].pending is None:  # nothing in flight: the round ends now
+                self.comm.end_round()
 
     def flush(self) -> None:
         """Apply the global averages still in flight now (e.g. at the end of training)."""
@@ -341,6 +357,12 @@ class Engine:
                 self._apply_delayed(delayed)
 
     def _apply_delayed(self, delayed: DelayedAverage) -> None:
+        if self.comm.fault_tolerant:  # the end of its round: applied if committed, else forgotten
+            assert delayed.pending is not None
+            delayed.pending.receive()  # (a failed collective is the round's: it is not committed)
+            if not self.comm.end_round():
+                delayed.discard()
+                return
         start = time.perf_counter()
         try:
             delayed.apply(inner_lr=self.optimizers[0].param_groups[0]["lr"])
@@ -393,6 +415,9 @@ class Engine:
         joined, self._joined_average = self._joined_average, None
         if joined is not None and joined[0] == self.t:  # this worker joined the run in this very round
             return joined[1]
+        if self._streaming is not None and self._streaming.pending():
+            # inside an overlapped average's open round: the mean over its contributors, in it
+            return self._averaged_model()
         heals = self.comm.begin_round("average", self.t)
         for healer, source in heals:  # (the simulator's replay)
             self._copy_worker(source, healer)
@@ -488,8 +513,7 @@ class Engine:
     def _copy_worker(self, source: int, healer: int) -> None:
         self.models[healer].load_state_dict(self.models[source].state_dict())
         self.optimizers[healer].load_state_dict(copy.deepcopy(self.optimizers[source].state_dict()))
-        if self._compressed is not None:  # the source's error feedback stays the source's
-            self._compressed.reset(healer)
+        self._forget_residuals(healer)
 
     def _state(self, optimizers: bool) -> dict[str, Any]:
         """The engine's state (step, anchor, outer optimizer), every local worker's model and, with
@@ -524,7 +548,6 @@ class Engine:
         unsupported = {
             "hierarchical schedules": Level.BLOCK in self.schedule.levels(),
             "sharded models": self._sharded,
-            "overlapped averages (overlap_steps > 0)": self.policy.overlap_steps > 0,
             "DistributedDataParallel": self._ddp.any,
         }
         named = [name for name, used in unsupported.items() if used]
@@ -537,8 +560,18 @@ class Engine:
 
     def load_heal_state(self, state: dict[str, Any]) -> None:
         self._restore(state)
-        if self._compressed is not None:  # the source's error feedback stays the source's
-            self._compressed.reset(0)
+        self._forget_residuals(0)
+
+    def _forget_residuals(self, healer: int) -> None:
+        """A healed worker's error feedback starts from zero: what its source's encodings lost is
+        carried by the source (the blocking average's, or every fragment's)."""
+        if self._streaming is not None:
+            means = [d.compressed for d in self._streaming.fragments]
+        else:
+            means = [self._compressed]
+        for mean in means:
+            if mean is not None:
+                mean.reset(healer)
 
     def _join(self, descriptions: list[dict[str, Any]]) -> None:
         """Enter a fault-tolerant run: at the start, with the others; later, by healing from a live
@@ -552,6 +585,12 @@ class Engine:
                 kept = self.comm.end_round()
                 if kept:  # this step's averaged_model(): the others' round, not a second one alone
                     self._joined_average = (self.t, model)
+            elif kind == "parameters" and self.policy.overlap_steps:  # an overlapped average's round
+                assert self._streaming is not None
+                f = self._streaming.to_start(self.t - 1)
+                assert f is not None, f"no average is sent after step {self.t - 1}"
+                self._open_round(f, self.t - 1, [])
+                return  # (its round ends when the average is applied)
             elif kind == "parameters":
                 kept = self._kept_round(kind, [])
             else:

@@ -166,6 +166,13 @@ class InFlight:
     sent: list[list[torch.Tensor]]  # per worker: θ̄ − s_k, replaced by the mean once waited for
     wait: Callable[[], None]
     residuals: dict[str, Any] | None  # the compression's error feedback before this average
+    arrived: bool = False  # waited for (the mean is in ``sent``)
+
+    def receive(self) -> None:
+        """Wait for the mean (once)."""
+        if not self.arrived:
+            self.wait()
+            self.arrived = True
 
 
 class DelayedAverage:
@@ -253,7 +260,7 @@ class DelayedAverage:
         """Wait for the pending mean Δ, step the anchor, and move every worker onto it."""
         pending, self.pending = self.pending, None
         assert pending is not None
-        pending.wait()
+        pending.receive()
         self.outer.advance_(pending.sent[0], inner_lr)
         for m, snapshot in zip(self.models, pending.snapshots, strict=True):
             params = self.select(m)
@@ -286,8 +293,17 @@ class DelayedAverage:
         """Wait for an average still in flight and forget it: call before a state is loaded over
         it (an engine loaded twice), since it writes into the buffers a resent average uses."""
         if self.pending is not None:
-            self.pending.wait()
+            self.pending.receive()
             self.pending = None
+
+    def discard(self) -> None:
+        """Forget the pending average without applying it (its round was not committed): the
+        workers keep their parameters, the anchor stays, the error feedback is as before it."""
+        pending, self.pending = self.pending, None
+        assert pending is not None
+        pending.receive()
+        if pending.residuals is not None and self.compressed is not None:
+            self.compressed.load_state_dict(pending.residuals)
 
     def load_state_dict(self, state: dict[str, Any] | None) -> None:
         """Call after the outer step's and the compression's states are loaded (the anchor, the

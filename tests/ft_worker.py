@@ -50,6 +50,8 @@ def setup(method: str) -> tuple[Schedule, dict]:
         return Schedule.local(4), {"outer_optimizer": diloco(), "compression": "int8"}
     if method == "streaming":  # Streaming DiLoCo: two fragments, one syncing every 2 steps
         return Schedule.local(4), {"outer_optimizer": diloco(), "fragments": 2}
+    if method == "overlap":  # DiLoCo, each average applied one step after it was sent, int8
+        return Schedule.local(4), {"outer_optimizer": diloco(), "overlap_steps": 1, "compression": "int8"}
     raise ValueError(method)
 
 
@@ -152,6 +154,7 @@ def main() -> None:
         if kill_at is not None and t == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
         time.sleep(float(os.environ.get("FT_STEP_SECONDS", "0.02")))
+    opt.flush()  # (an overlapped average sent after the last step)
     torch.save(model.state_dict(), out_dir / f"final-{worker}.pt")
     comm.shutdown()
     rounds.close()

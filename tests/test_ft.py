@@ -130,6 +130,7 @@ def simulate(method: str, steps: int, membership=None) -> Simulator:
             torch.nn.functional.mse_loss(model(x), y).backward()
         sim.step()
         sim.zero_grad()
+    sim.flush()  # (an overlapped average sent after the last step, as the workers do)
     return sim
 
 
@@ -140,11 +141,12 @@ def assert_models_equal(out: Path, sim: Simulator) -> None:
             assert torch.equal(final[name], p), f"worker {k}: {name} differs from the simulator"
 
 
-@pytest.mark.parametrize("method", ["post-local", "diloco", "diloco-int8", "streaming"])
+@pytest.mark.parametrize("method", ["post-local", "diloco", "diloco-int8", "streaming", "overlap"])
 def test_no_faults_equals_the_plain_run(tmp_path: Path, method: str) -> None:
     """Post-local SGD (gradient rounds, then model rounds), DiLoCo, DiLoCo with int8-compressed
-    pseudo-gradients, Streaming DiLoCo (two fragments, each sync a round): all K in every round,
-    the models bit for bit the simulator's (so torchrun's with ordered averaging)."""
+    pseudo-gradients, Streaming DiLoCo (two fragments, each sync a round), overlapped DiLoCo (each
+    round open from the send to the average's arrival a step later): all K in every round, the
+    models bit for bit the simulator's (so torchrun's with ordered averaging)."""
     steps, _ = launch(tmp_path, method, 40)
     rows = records(tmp_path)
     assert rows and all(r["members"] == r["contributors"] == [0, 1, 2] and r["committed"] for r in rows)
@@ -154,7 +156,8 @@ def test_no_faults_equals_the_plain_run(tmp_path: Path, method: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("method", "seed"), [("diloco", 1), ("post-local-late", 2), ("diloco-int8", 3), ("streaming", 4)]
+    ("method", "seed"),
+    [("diloco", 1), ("post-local-late", 2), ("diloco-int8", 3), ("streaming", 4), ("overlap", 5)],
 )
 def test_a_killed_worker_heals_and_the_replay_matches(tmp_path: Path, method: str, seed: int) -> None:
     """Worker 1 is SIGKILLed at a seeded step and restarted: the survivors never stop, it heals from
@@ -162,7 +165,8 @@ def test_a_killed_worker_heals_and_the_replay_matches(tmp_path: Path, method: st
     late post-local schedule), all end equal, and the simulator's replay gives the same models.
     Compressed: the compressed means of two members, then of three with the healed one adding
     nothing, and the error-feedback residuals across them, as the replay computes them. Streaming:
-    the healed worker receives every fragment's anchor and outer state."""
+    the healed worker receives every fragment's anchor and outer state. Overlapped: it heals when
+    an average is sent and applies it a step later with the others."""
     kill_at = random.Random(seed).randint(5, 40)
     steps, started = launch(tmp_path, method, 60, {1: [{"FT_KILL_AT": str(kill_at)}]}, kills=1)
     assert started == {0: 1, 1: 2, 2: 1}
@@ -190,6 +194,7 @@ def test_a_killed_worker_heals_and_the_replay_matches(tmp_path: Path, method: st
     [
         ("collective", "diloco", {1: [{"FT_KILL_AT": "20", "FT_FAULT": "collective"}]}, 1),
         ("collective", "diloco-int8", {1: [{"FT_KILL_AT": "20", "FT_FAULT": "collective"}]}, 1),
+        ("collective", "overlap", {1: [{"FT_KILL_AT": "20", "FT_FAULT": "collective"}]}, 1),
         ("healing", "diloco", {1: [{"FT_KILL_AT": "20"}, {"FT_KILL_AT": "0", "FT_FAULT": "healing"}]}, 2),
         (
             "serving",

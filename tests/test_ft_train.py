@@ -125,12 +125,15 @@ def rounds(run: Path) -> list[dict]:
 
 @needs_cifar
 @pytest.mark.parametrize(
-    "extra", [(), ("--compress", "int8", "--fragments", "2")], ids=["plain", "int8-fragments"]
+    "extra",
+    [(), ("--compress", "int8", "--fragments", "2", "--overlap-steps", "1")],
+    ids=["plain", "int8-fragments-overlap"],
 )
 def test_fault_tolerant_workers_equal_the_plain_run(tmp_path: Path, extra: tuple[str, ...]) -> None:
     """Without faults: every worker's final model and every row's evaluation (the average of the
     three) equal the simulator's run with per-step random streams, bit for bit; also with the
-    DiLoCo phase streamed in two fragments and its pseudo-gradients int8-compressed."""
+    DiLoCo phase streamed in two fragments, each applied a step after it was sent (the epochs'
+    evaluations fall inside those open rounds), its pseudo-gradients int8-compressed."""
     assert run_workers(tmp_path / "ft", extra=extra) == dict.fromkeys(range(K), 1)
     simulate(tmp_path / "plain", "--random-per-step", *extra)
     plain = rows(tmp_path / "plain")
@@ -182,7 +185,7 @@ def test_a_killed_worker_rejoins_and_the_replay_matches(tmp_path: Path) -> None:
         (["--fault-tolerant", "--workers", "3", "--worker", "3", "--lighthouse", "x"], r"^worker \(k\) = 3: .* \[0, 3\)"),
         (["--fault-tolerant", "--workers", "3", "--worker", "0"], r"needs the lighthouse's address"),
         (["--fault-tolerant", "--workers", "3", "--worker", "0", "--lighthouse", "x", "--local-steps", "4",
-          "--overlap-steps", "1"], r"^fault_tolerant does not support overlapped averages yet \(overlap_steps = 1\)"),
+          "--block-steps", "2"], r"^fault_tolerant does not support hierarchical schedules yet \(block_steps = 2\)"),
         (["--fault-tolerant", "--workers", "3", "--worker", "0", "--lighthouse", "x", "--min-workers", "4"],
          r"^min_workers = 4 exceeds workers \(K\) = 3"),
         (["--worker", "1"], r"^worker = 1 needs fault_tolerant"),

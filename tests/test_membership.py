@@ -126,16 +126,10 @@ def test_records_that_disagree_are_refused() -> None:
         merge(bad)
 
 
-@pytest.mark.parametrize(
-    ("policy", "named"),
-    [
-        ({"overlap_steps": 1}, r"overlapped averages \(overlap_steps > 0\)"),
-        ({"overlap_steps": 1, "merge": "mix"}, r"overlapped averages \(overlap_steps > 0\)"),
-    ],
-)
-def test_unsupported_with_fault_tolerance_is_one_line(policy: dict, named: str) -> None:
-    with pytest.raises(ValueError, match=f"does not support {named} yet"):
-        replay(2, record(2, [0, 1, 2], [0, 1, 2]), outer_optimizer=diloco(), **policy)
+def test_a_replay_with_blocks_is_one_line() -> None:
+    make = lambda m: torch.optim.SGD(m.parameters(), lr=LR)  # noqa: E731
+    with pytest.raises(ValueError, match=r"^a fault-tolerant run's membership is replayed without blocks"):
+        Simulator(model(), make, Schedule.local(2), K, workers_per_block=1, membership=merge(TRACE))
 
 
 def test_an_evaluation_average_is_a_round_of_its_own() -> None:
@@ -224,3 +218,34 @@ def test_a_compressed_round_is_over_its_members() -> None:
     for k, (m, ref) in enumerate(zip(sim.models, compressed_by_hand(10), strict=True)):
         for p, q in zip(m.parameters(), ref.parameters(), strict=True):
             assert torch.equal(p, q), f"worker {k}"
+
+
+def test_a_discarded_overlapped_round_restores_its_residuals() -> None:
+    """Overlapped (τ = 1), int8: the round sent after step 3 is committed by nobody; when it
+    arrives after step 4 it is forgotten: the error-feedback residuals are those before its send
+    and the anchor is unchanged. Fails if the discarded send's residuals are kept (the
+    fault-tolerant run and its replay share that code, so tests/test_ft.py cannot see it)."""
+    trace = [*record(2, [0, 1, 2], [0, 1, 2]), *record(4, [0, 1, 2], [0, 1, 2], committed=())]
+    make = lambda m: torch.optim.SGD(m.parameters(), lr=LR, momentum=0.9)  # noqa: E731
+    policy = {"outer_optimizer": diloco(), "overlap_steps": 1, "compression": "int8"}
+    sim = Simulator(model(), make, Schedule.local(2), K, membership=merge(trace), **policy)
+    (fragment,) = sim._streaming.fragments
+
+    def residuals() -> list[torch.Tensor]:
+        state = fragment.compressed.state_dict()
+        return [r.clone() for key in ("sent", "owned") for rs in state[key].values() for r in rs]
+
+    for t in range(5):
+        if t == 3:  # after the first average arrived, before the second is sent
+            before, anchor = residuals(), [a.clone() for a in fragment.outer.anchor]
+        for k, (m, _) in enumerate(sim.replicas):
+            x, y = batch(k, t)
+            torch.nn.functional.mse_loss(m(x), y).backward()
+        sim.step()
+        sim.zero_grad()
+        if t == 3:  # sent: the residuals moved
+            assert fragment.pending is not None
+            assert not all(torch.equal(a, b) for a, b in zip(before, residuals(), strict=True))
+    assert fragment.pending is None and sim.comm.replayed[-1] == (4, "parameters")
+    assert all(torch.equal(a, b) for a, b in zip(before, residuals(), strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(anchor, fragment.outer.anchor, strict=True))

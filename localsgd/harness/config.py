@@ -507,7 +507,6 @@ class FaultToleranceSettings:
     def _fault_tolerant_only(self, setting: str) -> None:
         """What a fault-tolerant run (and its replay) does not support yet."""
         unsupported = {
-            "overlap_steps": (self.overlap_steps > 0, "overlapped averages"),
             "block_steps": (self.block_steps is not None, "hierarchical schedules"),
             "shard_size": (self.shard_size > 1, "sharded workers"),
             "model": (self.model == "lstm", "the LSTM (its carried state cannot be healed)"),

@@ -111,7 +111,7 @@ class RoundLog:
 
     def take(self, worker: int) -> dict[str, Any]:
         """The row's fields: its rounds committed and discarded, the fewest workers present in one,
-        the heals (with this worker's own heal time) and whom the row's evaluation averaged."""
+        the heals (with this worker's own heal time)."""
         records, self.row = self.row, []
         committed = [r for r in records if r["committed"]]
         heals = [
@@ -120,13 +120,11 @@ class RoundLog:
             for r in records
             for w, s in r["heals"]
         ]
-        averages = [r for r in committed if r["kind"] == "average"]
         return {
             "rounds_committed": len(committed),
             "rounds_discarded": len(records) - len(committed),
             "fewest_members": min((len(r["members"]) for r in records), default=None),
             "heals": heals,
-            "averaged_over": averages[-1]["contributors"] if averages else None,
         }
 
 

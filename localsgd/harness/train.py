@@ -29,7 +29,7 @@ from localsgd.harness.rundir import RunWriter
 from localsgd.harness.runtime import Runtime, resolve_workers
 from localsgd.harness.seeding import WorkerRandom
 from localsgd.harness.tasks import Task, make_task, sampling
-from localsgd.schedule import Schedule
+from localsgd.schedule import Level, Schedule
 from localsgd.sharding import replica_communicator, shard_model
 
 
@@ -221,6 +221,7 @@ class Run:
     first_step: int = 0  # this sitting's
     saved: int | None = None  # the step --resume would continue from
     averaged: nn.Module | None = None  # the last evaluated average of the workers' models
+    averaged_over: list[int] | None = None  # fault-tolerant: whom the last average was over
     rounds: ft.RoundLog | None = None  # a fault-tolerant worker's round records
 
     @property
@@ -370,7 +371,10 @@ class Run:
             self.writer.model_at(kept, cfg.to_dict(), self.keep[t + 1])
         row.update(self.costs())
         if self.rounds is not None:
-            row.update(self.rounds.take(self.cfg.worker or 0))
+            row.update(
+                self.rounds.take(self.cfg.worker or 0),
+                averaged_over=self.averaged_over if evaluated else None,
+            )
         self.task.annotate(row, t + 1)
         self.history.append(row)
         self.writer.append(row, t + 1)
@@ -382,11 +386,15 @@ class Run:
         fault-tolerant run, of the workers present; this worker's own if that average was not
         committed (a worker left during it)."""
         if self.engine.comm.fault_tolerant:
+            self.averaged_over = None  # (this worker alone: its own model)
             try:
-                return self.engine.averaged_model()
+                model = self.engine.averaged_model()
             except CommunicationError as e:
                 print(f"localsgd: {e}; evaluating this worker's own model", file=sys.stderr)
                 return copy.deepcopy(self.engine.models[0])
+            group = self.engine.comm.round_group(Level.GLOBAL)  # its round's (or the open round's)
+            self.averaged_over = None if group is None else list(group.contributors)
+            return model
         if self.runtime.mesh is None:
             return self.engine.averaged_model()
         with torch.random.fork_rng(devices=[]):
