@@ -4,6 +4,7 @@ a hand-written loop; no torchft needed (tests/test_ft.py runs the real thing).""
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -60,20 +61,33 @@ def by_hand(steps: int, reset: bool) -> list[torch.nn.Module]:
             for opt in opts:
                 opt.state.clear()
 
+    return through_trace(steps, models, opts, mean_into)
+
+
+def through_trace(
+    steps: int,
+    models: list[torch.nn.Module],
+    opts: list[torch.optim.Optimizer],
+    average: Callable[[list[int], list[int]], None],
+    healed: Callable[[], None] = lambda: None,
+) -> list[torch.nn.Module]:
+    """TRACE's steps and rounds: ``average(members, contributors)`` at each kept round; at t = 6
+    worker 1 first copies worker 0's model and momentum (then ``healed()``)."""
     for t in range(steps):
         for k in range(K):
             x, y = batch(k, t)
             torch.nn.functional.mse_loss(models[k](x), y).backward()
             opts[k].step()
             opts[k].zero_grad()
-        if t + 1 == 2 or t + 1 == 10:
-            mean_into([0, 1, 2], [0, 1, 2])
+        if t + 1 in (2, 10):
+            average([0, 1, 2], [0, 1, 2])
         elif t + 1 == 4:
-            mean_into([0, 2], [0, 2])
+            average([0, 2], [0, 2])
         elif t + 1 == 6:
             models[1].load_state_dict(models[0].state_dict())
             opts[1].load_state_dict(copy.deepcopy(opts[0].state_dict()))
-            mean_into([0, 1, 2], [0, 2])
+            healed()
+            average([0, 1, 2], [0, 2])
     return models
 
 
@@ -191,22 +205,10 @@ def compressed_by_hand(steps: int) -> list[torch.nn.Module]:
                 for p, a in zip(m.parameters(), anchor, strict=True):
                     p.copy_(a)
 
-    for t in range(steps):
-        for k in range(K):
-            x, y = batch(k, t)
-            torch.nn.functional.mse_loss(models[k](x), y).backward()
-            opts[k].step()
-            opts[k].zero_grad()
-        if t + 1 in (2, 10):
-            compressed_round([0, 1, 2], [0, 1, 2])
-        elif t + 1 == 4:
-            compressed_round([0, 2], [0, 2])
-        elif t + 1 == 6:
-            models[1].load_state_dict(models[0].state_dict())
-            opts[1].load_state_dict(copy.deepcopy(opts[0].state_dict()))
-            e[1] = [torch.zeros_like(p) for p in anchor]
-            compressed_round([0, 1, 2], [0, 2])
-    return models
+    def healed() -> None:
+        e[1] = [torch.zeros_like(p) for p in anchor]
+
+    return through_trace(steps, models, opts, compressed_round, healed)
 
 
 def test_a_compressed_round_is_over_its_members() -> None:
