@@ -189,6 +189,26 @@ def test_a_killed_worker_heals_and_the_replay_matches(tmp_path: Path, method: st
     assert isinstance(sim.comm, ReplayCommunicator)
 
 
+def test_a_worker_added_later_joins_the_running_job(tmp_path: Path) -> None:
+    """K = 3, but workers 0 and 1 start alone (after a 2 s wait for the third); worker 2 is started
+    once they passed step 20: it heals at their next round, adds nothing to it, and trains with
+    them from there; all end equal, and the replay (worker 2 present from the start, healed at
+    that round) gives the same models."""
+    alone = {"FT_STARTUP_TIMEOUT": "2"}
+    steps, started = launch(tmp_path, "diloco", 60, {0: [alone], 1: [alone], 2: [{"FT_JOIN_AFTER": "20"}]})
+    assert started == {0: 1, 1: 1, 2: 1}
+    trace = merge(records(tmp_path))
+    first = min(trace)
+    assert trace[first].members == [0, 1], "the run started without worker 2"
+    healed = [key for key, r in trace.items() if r.heals]
+    assert len(healed) == 1 and healed[0][0] > 20 and trace[healed[0]].heals[0][0] == 2
+    assert trace[healed[0]].contributors == [0, 1]
+    assert all(r.members == [0, 1, 2] for key, r in trace.items() if key > healed[0])
+    assert_models_equal(tmp_path, simulate("diloco", steps, trace))
+    final = [torch.load(tmp_path / f"final-{k}.pt") for k in range(K)]
+    assert all(torch.equal(final[0][n], final[k][n]) for k in (1, 2) for n in final[0])
+
+
 @pytest.mark.parametrize(
     ("fault", "method", "incarnations", "kills"),
     [
