@@ -7,8 +7,8 @@ simulator's replay read the same data.
 Writes OUT/rounds-WORKER.jsonl (the membership records), OUT/steps-WORKER.jsonl (wall time per
 step) and, at the end, OUT/final-WORKER.pt (the model). With FT_KILL_AT=s the worker SIGKILLs
 itself after step s, or, with FT_FAULT, at a chosen point of its first round after step s (see
-``plant``). FT_STARTUP_TIMEOUT: how long the start waits for all K (30 s); FT_JOIN_AFTER=s: the
-worker starts once worker 0 passed step s (a worker added to a running job). With FT_UNTIL_READY, STEPS is ignored: the worker trains until OUT/ready exists and
+``plant``). FT_STARTUP_TIMEOUT: how long the start waits for all K (30 s); FT_JOIN_AFTER=n: the
+worker starts once worker 0 logged n rounds (a worker added to a running job). With FT_UNTIL_READY, STEPS is ignored: the worker trains until OUT/ready exists and
 stops at the step written in it (the test's driver chooses it once every worker is back).
 """
 
@@ -115,20 +115,6 @@ def plant(comm: FaultTolerantCommunicator, fault: str, after: int) -> None:
         raise ValueError(fault)
 
 
-def latest(steps: Path) -> int:
-    """The last step a worker logged (-1 before its first)."""
-    try:
-        lines = steps.read_text().splitlines()
-    except FileNotFoundError:
-        return -1
-    for line in reversed(lines):
-        try:
-            return int(json.loads(line)["t"])
-        except (ValueError, KeyError):
-            continue  # a line being written
-    return -1
-
-
 def main() -> None:
     out, worker, workers, lighthouse, method, steps = sys.argv[1:7]
     kill_at = int(os.environ["FT_KILL_AT"]) if "FT_KILL_AT" in os.environ else None
@@ -141,8 +127,9 @@ def main() -> None:
         rounds.write(json.dumps(record) + "\n")
         rounds.flush()
 
-    if "FT_JOIN_AFTER" in os.environ:  # a worker added to the running job once it passed that step
-        while latest(out_dir / "steps-0.jsonl") < int(os.environ["FT_JOIN_AFTER"]):
+    if "FT_JOIN_AFTER" in os.environ:  # a worker added to the running job after that many rounds
+        rounds_0 = out_dir / "rounds-0.jsonl"
+        while not rounds_0.exists() or rounds_0.read_text().count("\n") < int(os.environ["FT_JOIN_AFTER"]):
             time.sleep(0.05)
     startup = float(os.environ.get("FT_STARTUP_TIMEOUT", "30"))
     comm = FaultTolerantCommunicator(

@@ -191,11 +191,11 @@ def test_a_killed_worker_heals_and_the_replay_matches(tmp_path: Path, method: st
 
 def test_a_worker_added_later_joins_the_running_job(tmp_path: Path) -> None:
     """K = 3, but workers 0 and 1 start alone (after a 2 s wait for the third); worker 2 is started
-    once they passed step 20: it heals at their next round, adds nothing to it, and trains with
-    them from there; all end equal, and the replay (worker 2 present from the start, healed at
-    that round) gives the same models."""
+    once they had 5 rounds (to step 20): it heals at their next round, adds nothing to it, and
+    trains with them from there; all end equal, and the replay (worker 2 present from the start,
+    healed at that round) gives the same models."""
     alone = {"FT_STARTUP_TIMEOUT": "2"}
-    steps, started = launch(tmp_path, "diloco", 60, {0: [alone], 1: [alone], 2: [{"FT_JOIN_AFTER": "20"}]})
+    steps, started = launch(tmp_path, "diloco", 60, {0: [alone], 1: [alone], 2: [{"FT_JOIN_AFTER": "5"}]})
     assert started == {0: 1, 1: 1, 2: 1}
     trace = merge(records(tmp_path))
     first = min(trace)
