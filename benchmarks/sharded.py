@@ -97,6 +97,7 @@ def worker(args: argparse.Namespace) -> None:
     }
     Path(args.out, f"S{shards}-rank{rank}.json").write_text(json.dumps(row))
     dist.destroy_process_group()
+    os._exit(0)  # skip gloo's C++ teardown, which can abort at exit (see localsgd/harness/cli.py: finish)
 
 
 def launch(args: argparse.Namespace, shards: int, out: str) -> None:
